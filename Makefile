@@ -1,0 +1,27 @@
+# Every target creates .venv first when it is missing (SPEC §2).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	@echo "make demo: not available yet — the training stages land with issue #4."
+
+bench: setup
+	@echo "make bench: not available yet — the face pipeline benchmarks land with issue #3."
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

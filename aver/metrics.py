@@ -1,0 +1,52 @@
+"""Evaluation metrics of the paper: CCC (Eq. 1), FEC triplet accuracy, balanced AffectNet accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def ccc(y_true, y_pred) -> float:
+    """Concordance correlation coefficient, Eq. (1) with population statistics (1-D inputs)."""
+    t, p = _to_numpy(y_true).ravel(), _to_numpy(y_pred).ravel()
+    if t.shape != p.shape or t.size == 0:
+        raise ValueError(f"ccc needs two non-empty arrays of one length, got {t.size} and {p.size}")
+    mt, mp = t.mean(), p.mean()
+    denom = t.var() + p.var() + (mt - mp) ** 2
+    if denom == 0:
+        return 1.0 if np.array_equal(t, p) else 0.0
+    return float(2 * ((t - mt) * (p - mp)).mean() / denom)
+
+
+def triplet_accuracy(e_i, e_j, e_k) -> float:
+    """Share of triplets whose annotated pair ``(i,j)`` is the closest of the three pairs.
+
+    Distances are squared L2 between L2-normalised embeddings, as in the triplet loss.
+    """
+    def unit(e):
+        e = _to_numpy(e)
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+    a, b, c = unit(e_i), unit(e_j), unit(e_k)
+    d_ij, d_ik, d_jk = (((x - y) ** 2).sum(1) for x, y in ((a, b), (a, c), (b, c)))
+    return float(np.mean((d_ij < d_ik) & (d_ij < d_jk)))
+
+
+def balanced_logreg_accuracy(train_features, train_labels, test_features, test_labels, *,
+                             C: float = 1.0, max_iter: int = 2000) -> float:
+    """AffectNet protocol (paper Table 1, footnote 3): logistic regression on frozen features,
+    classes re-weighted to equal representation, accuracy on the test split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=max_iter))
+    clf.fit(_to_numpy(train_features), np.asarray(train_labels).astype(int))
+    pred = clf.predict(_to_numpy(test_features))
+    return float(np.mean(pred == np.asarray(test_labels).astype(int)))

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from aver.weights import load_state_dict
+
+
+@dataclass
+class StudentConfig:
+    fec_dim: int = 32
+    """Output size of the FEC triplet head."""
+    num_classes: int = 8
+    """AffectNet classes (0-7)."""
+    distill_dim: int = 80
+    """Size of the distillation head: [t1.fec, t1.affectnet, t2.fec, t2.affectnet]."""
+
+    def __post_init__(self) -> None:
+        for name in ("fec_dim", "num_classes", "distill_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"StudentConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+
+
+class StudentOutput(NamedTuple):
+    embedding: torch.Tensor
+    fec: torch.Tensor
+    affectnet: torch.Tensor
+    distill: torch.Tensor
+
+
+# torchvision's ImageNet DenseNet checkpoints still use 'norm.1'-style keys.
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+class Student(nn.Module):
+    """The distilled student (paper §3.1.2): torchvision DenseNet201 with three heads.
+
+    Input: float ``[B,3,H,W]`` RGB with ImageNet normalisation (140 px crops in the paper).
+    Returns ``StudentOutput(embedding [B,1920], fec [B,32], affectnet [B,8], distill [B,80])``.
+    """
+
+    embedding_dim = 1920
+
+    def __init__(self, *, fec_dim: int = 32, num_classes: int = 8, distill_dim: int = 80) -> None:
+        super().__init__()
+        from torchvision.models import densenet201
+
+        self.config = StudentConfig(fec_dim, num_classes, distill_dim)
+        self.backbone = densenet201(weights=None)
+        self.backbone.classifier = nn.Identity()  # backbone(x) is the pooled 1920-d feature
+        self.fec_head = nn.Linear(self.embedding_dim, fec_dim)
+        self.affectnet_head = nn.Linear(self.embedding_dim, num_classes)
+        self.distill_head = nn.Linear(self.embedding_dim, distill_dim)
+
+    def forward(self, x: torch.Tensor) -> StudentOutput:
+        emb = self.backbone(x)
+        return StudentOutput(emb, self.fec_head(emb), self.affectnet_head(emb), self.distill_head(emb))
+
+    @classmethod
+    def from_imagenet(cls, uri: str = "densenet201-imagenet", *, sha256: str | None = None,
+                      storage_options: dict | None = None, **kwargs) -> "Student":
+        """A student whose backbone holds torchvision's ImageNet DenseNet201 weights."""
+        model = cls(**kwargs)
+        state = load_state_dict(uri, sha256=sha256, storage_options=storage_options)
+        renamed = {}
+        for key, value in state.items():
+            m = _LEGACY_KEY.match(key)
+            renamed[m.group(1) + m.group(2) if m else key] = value
+        renamed = {k: v for k, v in renamed.items() if not k.startswith("classifier.")}
+        missing, unexpected = model.backbone.load_state_dict(renamed, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"not a torchvision DenseNet201 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        return model

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+import torch
+
+from aver.metrics import balanced_logreg_accuracy, ccc, triplet_accuracy
+
+
+def test_ccc_against_eq1_numpy_and_torch():
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal(200)
+    p = 0.5 * t + 0.4 * rng.standard_normal(200) - 0.3
+    corr = np.corrcoef(t, p)[0, 1]
+    expected = 2 * corr * t.std() * p.std() / (t.var() + p.var() + (t.mean() - p.mean()) ** 2)
+    assert ccc(t, p) == pytest.approx(expected, rel=1e-9)
+    assert ccc(torch.tensor(t), torch.tensor(p)) == pytest.approx(expected, rel=1e-6)
+    assert ccc(t, t) == pytest.approx(1.0)
+    assert ccc(t - t.mean(), t.mean() - t) == pytest.approx(-1.0)
+    assert ccc(t, t + 1.0) < 1.0  # bias is penalised, unlike Pearson's r
+    with pytest.raises(ValueError):
+        ccc([1.0, 2.0], [1.0])
+
+
+def test_triplet_accuracy_counts_closest_pairs():
+    i = np.array([[1, 0], [1, 0], [1, 0]], dtype=float)
+    j = np.array([[1, 0.1], [0, 1], [-1, 0]], dtype=float)
+    k = np.array([[0, 1], [1, 0.1], [0, 1]], dtype=float)
+    # triplet 0: (i,j) closest; 1: (i,k) closest; 2: (i,k)/(j,k) closer than (i,j)
+    assert triplet_accuracy(i, j, k) == pytest.approx(1 / 3)
+    # Scale does not matter: embeddings are normalised as in the loss.
+    assert triplet_accuracy(10 * i, j, 0.1 * k) == pytest.approx(1 / 3)
+
+
+def test_balanced_logreg_accuracy_on_imbalanced_blobs():
+    rng = np.random.default_rng(1)
+    counts = [300, 40, 40, 20, 20, 20, 20, 10]
+    centers = rng.standard_normal((8, 16)) * 4
+    x = np.concatenate([centers[c] + rng.standard_normal((n, 16)) for c, n in enumerate(counts)])
+    y = np.concatenate([[c] * n for c, n in enumerate(counts)])
+    xt = np.concatenate([centers[c] + rng.standard_normal((25, 16)) for c in range(8)])
+    yt = np.repeat(np.arange(8), 25)
+    assert balanced_logreg_accuracy(x, y, xt, yt) > 0.95
+    # Random features give chance-level accuracy: the metric is not trivially high.
+    assert balanced_logreg_accuracy(rng.standard_normal(x.shape), y, rng.standard_normal(xt.shape), yt) < 0.3

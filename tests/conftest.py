@@ -33,9 +33,10 @@ def s3(tmp_path_factory):
         proc.kill()
         raise RuntimeError("moto_server did not start")
     options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    import s3fs
+    import boto3
 
-    s3fs.S3FileSystem(**options).mkdir("aver-test")
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket="aver-test")
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
     os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_ENDPOINT_URL=endpoint)
     yield {"options": options, "endpoint": endpoint, "bucket": "aver-test"}

@@ -1,0 +1,39 @@
+import re
+
+import pytest
+import torch
+from torchvision.models import densenet201
+
+from aver.models import Student
+
+
+def _legacy_keys(state):
+    # The real ImageNet file uses 'norm.1'-style keys; write the test file the same way.
+    pat = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    return {(f"{m.group(1)}.{m.group(2)}" if (m := pat.match(k)) else k): v for k, v in state.items()}
+
+
+def test_backbone_reproduces_torchvision(tmp_path):
+    torch.manual_seed(0)
+    tv = densenet201(weights=None).eval()
+    path = tmp_path / "densenet201.pth"
+    state = _legacy_keys(tv.state_dict())
+    assert any(".norm.1." in k for k in state)
+    torch.save(state, path)
+    captured = {}
+    tv.classifier.register_forward_pre_hook(lambda m, args: captured.setdefault("feat", args[0]))
+    x = torch.randn(2, 3, 140, 140)
+    with torch.no_grad():
+        tv(x)
+        model = Student.from_imagenet(str(path)).eval()
+        out = model(x)
+    assert torch.allclose(out.embedding, captured["feat"], atol=1e-5)
+    assert out.embedding.shape == (2, 1920)
+    assert out.fec.shape == (2, 32) and out.affectnet.shape == (2, 8) and out.distill.shape == (2, 80)
+
+
+def test_from_imagenet_checks_hash(tmp_path):
+    path = tmp_path / "d.pth"
+    torch.save(densenet201(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        Student.from_imagenet(str(path), sha256="00000000")

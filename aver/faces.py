@@ -1,0 +1,174 @@
+"""Face detection (batched MTCNN), primary-track selection and 140x140 crops."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class FaceDetectorConfig:
+    image_size: int = 140
+    """Side of the square face crop (the paper's 140 px)."""
+    margin: float = 0.2
+    """Extra context around the detected box, as a fraction of its larger side."""
+    min_face_size: int = 20
+    """Smallest face MTCNN looks for, in pixels of the detection image."""
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    """P-, R-, O-net score thresholds (facenet-pytorch defaults)."""
+    min_prob: float = 0.9
+    """Detections below this final probability are dropped."""
+    detect_max_side: int = 640
+    """Frames whose longer side exceeds this are downscaled for detection; boxes are mapped back."""
+    batch_size: int = 32
+    """Frames per MTCNN call."""
+    jpeg_quality: int = 90
+    """Quality of the stored JPEG crops."""
+
+    def __post_init__(self) -> None:
+        self.thresholds = tuple(float(t) for t in self.thresholds)
+        if self.image_size < 16 or self.min_face_size < 12 or self.detect_max_side < 64 or self.batch_size < 1:
+            raise ValueError("FaceDetectorConfig: image_size >= 16, min_face_size >= 12, detect_max_side >= 64, "
+                             "batch_size >= 1")
+        if not 0 <= self.margin <= 2 or not 0 <= self.min_prob <= 1 or len(self.thresholds) != 3:
+            raise ValueError("FaceDetectorConfig: margin in [0, 2], min_prob in [0, 1], three thresholds")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("FaceDetectorConfig.jpeg_quality must be in [1, 100]")
+
+
+@dataclass
+class Detection:
+    box: np.ndarray
+    """x1, y1, x2, y2 in source-frame pixels."""
+    prob: float
+
+
+class FaceDetector:
+    """Batched MTCNN (facenet-pytorch, weights shipped in the package) that survives what the
+    upstream wrapper does not: frames without faces inside a batch, frames of different sizes,
+    large frames (detected on a downscaled copy). Input frames are HxWx3 uint8 RGB."""
+
+    def __init__(self, config: FaceDetectorConfig | None = None, device: str | torch.device | None = None) -> None:
+        from facenet_pytorch import MTCNN
+
+        self.config = config or FaceDetectorConfig()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        mtcnn = MTCNN(device=self.device)
+        self._nets = (mtcnn.pnet, mtcnn.rnet, mtcnn.onet)
+        self._factor = mtcnn.factor
+
+    def detect(self, frames: list[np.ndarray]) -> list[list[Detection]]:
+        """Detections for each frame (possibly empty), best first."""
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        results: list[list[Detection]] = [[] for _ in frames]
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        scaled = []
+        for i, frame in enumerate(frames):
+            small, scale = self._downscale(frame)
+            scaled.append((small, scale))
+            by_shape.setdefault(small.shape[:2], []).append(i)
+        cfg = self.config
+        for indices in by_shape.values():
+            for start in range(0, len(indices), cfg.batch_size):
+                chunk = indices[start:start + cfg.batch_size]
+                batch = np.stack([scaled[i][0] for i in chunk])
+                with torch.no_grad():
+                    boxes, _ = detect_face(batch, cfg.min_face_size, *self._nets, list(cfg.thresholds),
+                                           self._factor, self.device)
+                for i, found in zip(chunk, boxes):
+                    found = np.asarray(found, dtype=np.float64).reshape(-1, 5)
+                    scale = scaled[i][1]
+                    dets = [Detection(row[:4] / scale, float(row[4])) for row in found if row[4] >= cfg.min_prob]
+                    results[i] = sorted(dets, key=lambda d: -d.prob)
+        return results
+
+    def _downscale(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
+        h, w = frame.shape[:2]
+        side = max(h, w)
+        if side <= self.config.detect_max_side:
+            return np.ascontiguousarray(frame), 1.0
+        from PIL import Image
+
+        scale = self.config.detect_max_side / side
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR)), size[0] / w
+
+    def crop(self, frame: np.ndarray, box: np.ndarray) -> bytes:
+        """A square ``image_size`` JPEG around ``box`` with the configured margin; parts outside
+        the frame are black (never stretched, so non-square frames keep face proportions)."""
+        from PIL import Image
+
+        x1, y1, x2, y2 = (float(v) for v in box)
+        side = max(x2 - x1, y2 - y1) * (1.0 + self.config.margin)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        region = tuple(int(round(v)) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+        face = Image.fromarray(frame).crop(region).resize((self.config.image_size,) * 2, Image.BILINEAR)
+        buf = io.BytesIO()
+        face.save(buf, format="JPEG", quality=self.config.jpeg_quality)
+        return buf.getvalue()
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@dataclass
+class _Track:
+    track_id: int
+    box: np.ndarray
+    last_frame: int
+    score: float = 0.0
+    frames: list[int] = field(default_factory=list)
+
+
+class FaceTracker:
+    """Links detections across sampled frames into tracks by IoU and centre continuity.
+
+    A detection joins the live track it overlaps most (IoU >= ``min_iou``, or centre within half a
+    box side) if that track was seen within ``max_gap`` sampled frames; otherwise it starts a new
+    track. The primary track is the one with the largest sum of prob x box area over the video: the
+    face that is on screen longest and largest, not just the largest face of each frame.
+    """
+
+    def __init__(self, min_iou: float = 0.3, max_gap: int = 10) -> None:
+        self.min_iou = min_iou
+        self.max_gap = max_gap
+        self.tracks: list[_Track] = []
+
+    def update(self, step: int, detections: list[Detection]) -> list[int]:
+        """Track ids for ``detections`` seen at sampled-frame number ``step``."""
+        live = [t for t in self.tracks if step - t.last_frame <= self.max_gap]
+        ids: list[int] = []
+        taken: set[int] = set()
+        for det in detections:
+            best, best_score = None, 0.0
+            for t in live:
+                if t.track_id in taken:
+                    continue
+                score = iou(det.box, t.box)
+                if score < self.min_iou:
+                    side = max(t.box[2] - t.box[0], t.box[3] - t.box[1])
+                    dist = np.hypot(*((det.box[:2] + det.box[2:]) / 2 - (t.box[:2] + t.box[2:]) / 2))
+                    score = 0.5 * self.min_iou * (1 - dist / (0.5 * side)) if dist < 0.5 * side else 0.0
+                if score > best_score:
+                    best, best_score = t, score
+            if best is None:
+                best = _Track(len(self.tracks), det.box, step)
+                self.tracks.append(best)
+            best.box, best.last_frame = det.box, step
+            best.score += det.prob * float((det.box[2] - det.box[0]) * (det.box[3] - det.box[1]))
+            best.frames.append(step)
+            taken.add(best.track_id)
+            ids.append(best.track_id)
+        return ids
+
+    def primary(self) -> int | None:
+        return max(self.tracks, key=lambda t: t.score).track_id if self.tracks else None

@@ -1,0 +1,307 @@
+"""Finding inputs and decoding them: videos with PyAV (presentation timestamps), audio at 16 kHz,
+still images normalised to 8-bit RGB. Everything streams; nothing holds a whole video."""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from aver.storage import redact, url_to_fs
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp")
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS + IMAGE_EXTENSIONS
+STATUSES = ("ok", "no_face", "no_audio", "no_video", "corrupt", "unsupported", "too_short", "too_large")
+
+
+class MediaError(Exception):
+    """An input that cannot be processed; ``status`` is one of :data:`STATUSES`."""
+
+    def __init__(self, status: str, message: str) -> None:
+        assert status in STATUSES
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InputItem:
+    source: str
+    """URI of the input as listed (local path or fsspec URI)."""
+    item_id: str
+    """Stable id derived from the source path (same on every rerun)."""
+    kind: str
+    """'video', 'audio' or 'image' (by extension; decoding decides what it really holds)."""
+
+
+def item_id_for(source: str) -> str:
+    """``<stem>-<10 hex of sha1(source)>``: readable, stable across reruns, unique per path."""
+    canonical = source if "://" in source else os.path.abspath(source)
+    stem = os.path.splitext(os.path.basename(canonical.rstrip("/")))[0]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:40] or "item"
+    return f"{safe}-{hashlib.sha1(canonical.encode()).hexdigest()[:10]}"
+
+
+def _kind(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in AUDIO_EXTENSIONS:
+        return "audio"
+    return "video"
+
+
+def _join(uri: str, fs, path: str) -> str:
+    if "://" not in uri:
+        return path
+    protocol = uri.split("://", 1)[0]
+    return f"{protocol}://{path}"
+
+
+def _manifest_sources(uri: str, storage_options: dict | None) -> list[str]:
+    fs, path = url_to_fs(uri, storage_options)
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["source"])
+        return [s for s in table.column("source").to_pylist() if s]
+    with fs.open(path, "rt") as f:
+        text = f.read()
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if path.endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+        if rows and "source" not in rows[0]:
+            raise ValueError(f"manifest {redact(uri)} has no 'source' column")
+        sources = [r["source"].strip() for r in rows if r.get("source")]
+    else:
+        sources = [ln.strip() for ln in lines]
+    base = os.path.dirname(path)
+    # Relative entries are relative to the manifest; they may not climb out of it.
+    out = []
+    for s in sources:
+        if "://" in s or os.path.isabs(s):
+            out.append(s)
+        else:
+            out.append(_join(uri, fs, os.path.normpath(os.path.join(base, s))))
+    return out
+
+
+def list_inputs(uri: str, storage_options: dict | None = None,
+                extensions: tuple[str, ...] = MEDIA_EXTENSIONS) -> list[InputItem]:
+    """Inputs named by a folder (recursive), a glob, a manifest (.txt/.lst one URI per line,
+    .csv or .parquet with a ``source`` column) or a single file; sorted, duplicates removed."""
+    fs, path = url_to_fs(uri, storage_options)
+    fs.invalidate_cache()
+    lower = path.lower()
+    if any(ch in path for ch in "*?["):
+        paths = [p for p in fs.glob(path) if not fs.isdir(p)]
+        sources = [_join(uri, fs, p) for p in paths]
+    elif lower.endswith((".txt", ".lst", ".csv", ".parquet")) and fs.isfile(path):
+        sources = _manifest_sources(uri, storage_options)
+        extensions = ()  # a manifest names its files: take them all, decoding decides
+    elif fs.isdir(path):
+        paths = [p for p in fs.find(path) if not os.path.basename(p).startswith(".")]
+        sources = [_join(uri, fs, p) for p in paths]
+    elif fs.exists(path):
+        sources = [uri]
+        extensions = ()
+    else:
+        raise FileNotFoundError(f"input not found: {redact(uri)}")
+    if extensions:
+        sources = [s for s in sources if s.lower().endswith(extensions)]
+    unique = sorted(set(sources))
+    return [InputItem(s, item_id_for(s), _kind(s)) for s in unique]
+
+
+def _open(source: str, storage_options: dict | None):
+    if "://" not in source or source.startswith("file://"):
+        path = source[len("file://"):] if source.startswith("file://") else source
+        return open(path, "rb"), os.path.getsize(path)
+    fs, path = url_to_fs(source, storage_options)
+    return fs.open(path, "rb"), fs.size(path)
+
+
+@dataclass
+class VideoFrame:
+    index: int
+    """Index of the frame in the decoded stream (0-based)."""
+    timestamp_s: float
+    """Presentation time in seconds from the stream's start."""
+    image: np.ndarray
+    """HxWx3 uint8 RGB."""
+
+
+@dataclass
+class VideoInfo:
+    width: int
+    height: int
+    duration_s: float | None
+    has_audio: bool
+
+
+def _av_error(source: str, e: Exception) -> MediaError:
+    return MediaError("corrupt", f"cannot decode {redact(source)}: {type(e).__name__}: {e}")
+
+
+class VideoReader:
+    """Streams frames of one video sampled at ``fps`` by presentation timestamp.
+
+    ``max_bytes`` and ``max_pixels`` guard against inputs too large to be sane (``too_large``).
+    Opening raises :class:`MediaError` with ``corrupt`` / ``no_video`` / ``too_large``.
+    """
+
+    def __init__(self, source: str, *, storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
+                 max_pixels: int = 7680 * 4320) -> None:
+        import av
+
+        self.source = source
+        f, size = _open(source, storage_options)
+        if size == 0:
+            f.close()
+            raise MediaError("corrupt", f"{redact(source)} is empty (0 bytes)")
+        if size > max_bytes:
+            f.close()
+            raise MediaError("too_large", f"{redact(source)} is {size} bytes, over the {max_bytes}-byte limit")
+        self._file = f
+        try:
+            self._container = av.open(f, mode="r", metadata_errors="ignore")
+        except Exception as e:  # noqa: BLE001 - any demuxer failure is a corrupt input
+            f.close()
+            raise _av_error(source, e) from None
+        if not self._container.streams.video:
+            self.close()
+            kind = "audio only" if self._container.streams.audio else "no streams"
+            raise MediaError("no_video", f"{redact(source)} has no video stream ({kind})")
+        vs = self._container.streams.video[0]
+        w, h = vs.codec_context.width, vs.codec_context.height
+        if w and h and w * h > max_pixels:
+            self.close()
+            raise MediaError("too_large", f"{redact(source)} is {w}x{h}, over {max_pixels} pixels")
+        duration = None
+        if vs.duration is not None and vs.time_base is not None:
+            duration = float(vs.duration * vs.time_base)
+        elif self._container.duration is not None:
+            duration = self._container.duration / 1e6
+        self.info = VideoInfo(w, h, duration, bool(self._container.streams.audio))
+
+    def frames(self, fps: float) -> Iterator[VideoFrame]:
+        """Frames at ``fps``: the first frame whose PTS reaches each multiple of 1/fps."""
+        if fps <= 0:
+            raise ValueError("fps must be positive")
+        vs = self._container.streams.video[0]
+        vs.thread_type = "AUTO"
+        start = None
+        next_t = 0.0
+        period = 1.0 / fps
+        index = -1
+        try:
+            for frame in self._container.decode(vs):
+                index += 1
+                if frame.pts is None:
+                    continue
+                t = float(frame.pts * frame.time_base)
+                start = t if start is None else start
+                t -= start
+                if t + 1e-6 < next_t:
+                    continue
+                next_t = (int((t + 1e-6) / period) + 1) * period
+                yield VideoFrame(index, round(t, 6), frame.to_ndarray(format="rgb24"))
+        except MediaError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken packet midway: report, keep what decoded
+            raise _av_error(self.source, e) from None
+
+    def close(self) -> None:
+        try:
+            self._container.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._file.close()
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_audio(source: str, *, storage_options: dict | None = None, sample_rate: int = 16000) -> np.ndarray:
+    """The first audio stream as mono float32 at ``sample_rate``; raises ``MediaError('no_audio')``."""
+    import av
+
+    f, size = _open(source, storage_options)
+    with f:
+        if size == 0:
+            raise MediaError("corrupt", f"{redact(source)} is empty (0 bytes)")
+        try:
+            container = av.open(f, mode="r", metadata_errors="ignore")
+        except Exception as e:  # noqa: BLE001
+            raise _av_error(source, e) from None
+        with container:
+            if not container.streams.audio:
+                raise MediaError("no_audio", f"{redact(source)} has no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            chunks = []
+            try:
+                for frame in container.decode(container.streams.audio[0]):
+                    for out in resampler.resample(frame):
+                        chunks.append(out.to_ndarray().reshape(-1))
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            except Exception as e:  # noqa: BLE001
+                raise _av_error(source, e) from None
+    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+
+
+def load_image(source: str, *, storage_options: dict | None = None, max_pixels: int = 100_000_000,
+               min_side: int = 20) -> np.ndarray:
+    """An image as HxWx3 uint8 RGB: grayscale/palette/RGBA/16-bit are normalised; huge, tiny or
+    undecodable images raise :class:`MediaError`."""
+    from PIL import Image
+
+    f, size = _open(source, storage_options)
+    with f:
+        if size == 0:
+            raise MediaError("corrupt", f"{redact(source)} is empty (0 bytes)")
+        try:
+            img = Image.open(f)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise MediaError("too_large", f"{redact(source)} is {w}x{h}, over {max_pixels} pixels")
+            if min(w, h) < min_side:
+                raise MediaError("unsupported", f"{redact(source)} is {w}x{h}, smaller than {min_side} px")
+            img.load()
+        except MediaError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise MediaError("too_large", f"{redact(source)}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise MediaError("corrupt", f"cannot decode image {redact(source)}: {e}") from None
+    return to_rgb8(img)
+
+
+def to_rgb8(img) -> np.ndarray:
+    """PIL image of any mode -> HxWx3 uint8 RGB (alpha composited on black, 16-bit scaled)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        arr = np.asarray(img, dtype=np.float32)
+        rgb = arr[..., :3] * (arr[..., 3:4] / 255.0)
+        return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()

@@ -8,6 +8,7 @@ import fnmatch
 import hashlib
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -177,8 +178,8 @@ class VideoReader:
             f.close()
             raise _av_error(source, e) from None
         if not self._container.streams.video:
-            self.close()
             kind = "audio only" if self._container.streams.audio else "no streams"
+            self.close()
             raise MediaError("no_video", f"{redact(source)} has no video stream ({kind})")
         vs = self._container.streams.video[0]
         w, h = vs.codec_context.width, vs.codec_context.height
@@ -272,7 +273,9 @@ def load_image(source: str, *, storage_options: dict | None = None, max_pixels: 
         if size == 0:
             raise MediaError("corrupt", f"{redact(source)} is empty (0 bytes)")
         try:
-            img = Image.open(f)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size is checked below
+                img = Image.open(f)
             w, h = img.size
             if w * h > max_pixels:
                 raise MediaError("too_large", f"{redact(source)} is {w}x{h}, over {max_pixels} pixels")
@@ -305,3 +308,43 @@ def to_rgb8(img) -> np.ndarray:
         rgb = arr[..., :3] * (arr[..., 3:4] / 255.0)
         return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def write_video(path: str, frames: Iterator[np.ndarray], fps: float, *, audio: np.ndarray | None = None,
+                sample_rate: int = 16000, codec: str = "libx264") -> None:
+    """Encode HxWx3 uint8 RGB ``frames`` (and optional mono float32 ``audio``) with PyAV.
+
+    Used by the demo corpus and the tests; even frame sizes are required by yuv420p.
+    """
+    import av
+    from fractions import Fraction
+
+    with av.open(path, mode="w") as out:
+        vs = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        vs.pix_fmt = "yuv420p"
+        vs.options = {"preset": "ultrafast"} if codec == "libx264" else {}
+        a_stream = None
+        if audio is not None:
+            a_stream = out.add_stream("aac", rate=sample_rate)
+            a_stream.layout = "mono"
+        first = True
+        for img in frames:
+            if first:
+                vs.height, vs.width = img.shape[:2]
+                first = False
+            for packet in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+        if a_stream is not None:
+            samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
+            step = 1024
+            for start in range(0, samples.shape[1], step):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + step]),
+                                                   format="fltp", layout="mono")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                for packet in a_stream.encode(frame):
+                    out.mux(packet)
+            for packet in a_stream.encode():
+                out.mux(packet)

@@ -1,0 +1,95 @@
+"""Small media built on the fly: videos with a real face (scikit-image's astronaut photo, which
+MTCNN detects), faceless videos, and a py-feat-style set of broken and odd inputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from aver.media import write_video
+
+
+def face_patch(height: int = 120) -> np.ndarray:
+    from skimage import data
+
+    face = data.astronaut()[30:210, 140:310]  # head and shoulders of a real photo
+    w = int(round(face.shape[1] * height / face.shape[0]))
+    return np.asarray(Image.fromarray(face).resize((w, height), Image.BILINEAR))
+
+
+def _frames(n: int, w: int, h: int, face_at=lambda i: True, face_height: int = 120, seed: int = 0):
+    patch = face_patch(face_height)
+    rng = np.random.default_rng(seed)
+    background = rng.integers(60, 120, size=(h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        img = background.copy()
+        if face_at(i):
+            x = min(w - patch.shape[1], 10 + i)
+            y = (h - patch.shape[0]) // 2
+            img[y:y + patch.shape[0], x:x + patch.shape[1]] = patch
+        yield img
+
+
+def tone(seconds: float, sr: int = 16000, hz: float = 220.0) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def face_video(path, seconds=2.0, fps=10, w=320, h=240, audio=True, face_at=lambda i: True):
+    n = int(seconds * fps)
+    write_video(str(path), _frames(n, w, h, face_at), fps, audio=tone(seconds) if audio else None)
+    return path
+
+
+def audio_only(path, seconds=1.0):
+    import av
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("aac", rate=16000)
+        s.layout = "mono"
+        x = tone(seconds).reshape(1, -1)
+        for start in range(0, x.shape[1], 1024):
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, start:start + 1024]), format="fltp", layout="mono")
+            fr.sample_rate = 16000
+            fr.pts = start
+            for p in s.encode(fr):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return path
+
+
+def bad_input_corpus(root) -> dict[str, str]:
+    """Writes the set under ``root``; returns file name -> expected status."""
+    os.makedirs(root, exist_ok=True)
+    j = lambda name: os.path.join(root, name)  # noqa: E731
+    expected = {}
+    face_video(j("face.mp4")); expected["face.mp4"] = "ok"
+    face_video(j("portrait.mp4"), w=240, h=320); expected["portrait.mp4"] = "ok"
+    face_video(j("silent.mp4"), audio=False); expected["silent.mp4"] = "ok"
+    face_video(j("noface.mp4"), face_at=lambda i: False); expected["noface.mp4"] = "no_face"
+    face_video(j("face_then_none.mp4"), face_at=lambda i: i < 10); expected["face_then_none.mp4"] = "ok"
+    face_video(j("none_then_face.mp4"), face_at=lambda i: i >= 10); expected["none_then_face.mp4"] = "ok"
+    audio_only(j("speech_only.m4a")); expected["speech_only.m4a"] = "no_video"
+    open(j("empty.mp4"), "wb").close(); expected["empty.mp4"] = "corrupt"
+    with open(j("text.mp4"), "w") as f:
+        f.write("this is not a video\n" * 20)
+    expected["text.mp4"] = "corrupt"
+    data = open(j("face.mp4"), "rb").read()
+    with open(j("truncated.mp4"), "wb") as f:
+        f.write(data[: len(data) // 3])
+    expected["truncated.mp4"] = "corrupt"
+    patch = face_patch(160)
+    canvas = np.full((240, 240, 3), 100, np.uint8)
+    canvas[40:200, 20:20 + patch.shape[1]] = patch[:, :200] if patch.shape[1] > 200 else patch
+    Image.fromarray(canvas).convert("L").save(j("gray.png")); expected["gray.png"] = "ok"
+    rgba = Image.fromarray(canvas).convert("RGBA")
+    rgba.putalpha(255)
+    rgba.save(j("rgba.png")); expected["rgba.png"] = "ok"
+    gray16 = (np.asarray(Image.fromarray(canvas).convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(gray16).save(j("gray16.png")); expected["gray16.png"] = "ok"
+    Image.new("RGB", (12000, 9000), (90, 90, 90)).save(j("huge.png")); expected["huge.png"] = "too_large"
+    Image.new("RGB", (8, 8), (90, 90, 90)).save(j("tiny.png")); expected["tiny.png"] = "unsupported"
+    return expected

@@ -103,7 +103,7 @@ def list_inputs(uri: str, storage_options: dict | None = None,
     fs.invalidate_cache()
     lower = path.lower()
     if any(ch in path for ch in "*?["):
-        paths = [p for p in fs.glob(path) if not fs.isdir(p)]
+        paths = [p for p in fs.glob(path) if not os.path.basename(p).startswith(".") and not fs.isdir(p)]
         sources = [_join(uri, fs, p) for p in paths]
     elif lower.endswith((".txt", ".lst", ".csv", ".parquet")) and fs.isfile(path):
         sources = _manifest_sources(uri, storage_options)

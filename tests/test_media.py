@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from aver.media import MediaError, VideoReader, item_id_for, list_inputs, load_image, read_audio, write_video
+from tests.media_fixtures import audio_only, face_video
+
+
+def test_frames_follow_presentation_timestamps_with_variable_frame_rate(tmp_path):
+    import av
+    from fractions import Fraction
+
+    # Variable frame rate: frames 0.1 s apart, then 0.4 s apart; index/fps would be wrong.
+    path = tmp_path / "vfr.mp4"
+    times = [0.0, 0.1, 0.2, 0.3, 0.7, 1.1, 1.5, 1.9]
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        for t in times:
+            fr = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            fr.pts = int(t * 1000)
+            fr.time_base = Fraction(1, 1000)
+            for p in s.encode(fr):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    with VideoReader(str(path)) as r:
+        got = [(f.index, f.timestamp_s) for f in r.frames(fps=5)]
+    # one frame per 0.2 s slot, the first whose PTS reaches it: 0.0, 0.2, (0.4 -> 0.7), 1.1, 1.5, 1.9
+    assert [t for _, t in got] == pytest.approx([0.0, 0.2, 0.7, 1.1, 1.5, 1.9], abs=1e-3)
+    assert [i for i, _ in got] == [0, 2, 4, 5, 6, 7]
+
+
+def test_reader_info_and_audio(tmp_path):
+    path = face_video(tmp_path / "v.mp4", seconds=2.0, fps=10, w=320, h=240)
+    with VideoReader(str(path)) as r:
+        assert (r.info.width, r.info.height, r.info.has_audio) == (320, 240, True)
+        assert r.info.duration_s == pytest.approx(2.0, abs=0.15)
+        frames = list(r.frames(fps=5))
+    assert len(frames) == 10 and frames[0].image.shape == (240, 320, 3) and frames[0].image.dtype == np.uint8
+    audio = read_audio(str(path))
+    assert audio.dtype == np.float32 and abs(audio.size - 32000) < 2048
+    # 220 Hz tone: the spectrum peaks there
+    spectrum = np.abs(np.fft.rfft(audio[2000:18000]))
+    assert abs(np.argmax(spectrum) * 16000 / 16000 - 220) < 3
+
+
+def test_missing_streams_raise_status(tmp_path):
+    with pytest.raises(MediaError) as e:
+        VideoReader(str(audio_only(tmp_path / "a.m4a")))
+    assert e.value.status == "no_video" and "audio only" in str(e.value)
+    with pytest.raises(MediaError) as e:
+        read_audio(str(face_video(tmp_path / "s.mp4", audio=False)))
+    assert e.value.status == "no_audio"
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "RGB"])
+def test_load_image_normalises_modes(tmp_path, mode):
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb)
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+    else:
+        img = img.convert(mode)
+    img.save(tmp_path / "x.png")
+    out = load_image(str(tmp_path / "x.png"))
+    assert out.shape == (40, 50, 3) and out.dtype == np.uint8
+    if mode in ("L", "I;16"):
+        assert np.array_equal(out[..., 0], np.asarray(Image.fromarray(rgb).convert("L")))
+
+
+def test_list_inputs_folder_glob_manifest(tmp_path):
+    for name in ("a.mp4", "b.MOV", "c.png", "notes.txt", ".hidden.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.mkv").write_bytes(b"x")
+    names = lambda items: sorted(i.source.rsplit("/", 1)[-1] for i in items)  # noqa: E731
+    assert names(list_inputs(str(tmp_path))) == ["a.mp4", "b.MOV", "c.png", "d.mkv"]
+    assert names(list_inputs(str(tmp_path / "*.mp4"))) == ["a.mp4"]
+    (tmp_path / "m.txt").write_text("a.mp4\n# comment\nsub/d.mkv\n")
+    assert names(list_inputs(str(tmp_path / "m.txt"))) == ["a.mp4", "d.mkv"]
+    (tmp_path / "m.csv").write_text("source,label\na.mp4,1\nc.png,2\n")
+    assert names(list_inputs(str(tmp_path / "m.csv"))) == ["a.mp4", "c.png"]
+    kinds = {i.source.rsplit("/", 1)[-1]: i.kind for i in list_inputs(str(tmp_path))}
+    assert kinds["c.png"] == "image" and kinds["a.mp4"] == "video"
+    with pytest.raises(FileNotFoundError):
+        list_inputs(str(tmp_path / "nope"))
+
+
+def test_item_ids_are_stable_and_distinct():
+    assert item_id_for("/data/x/clip 1.mp4") == item_id_for("/data/x/clip 1.mp4")
+    assert item_id_for("/data/x/clip 1.mp4") != item_id_for("/data/y/clip 1.mp4")
+    assert item_id_for("/data/x/clip 1.mp4").startswith("clip_1-")
+
+
+def test_write_video_round_trip(tmp_path):
+    frames = [np.full((32, 48, 3), v, np.uint8) for v in (0, 128, 255)]
+    write_video(str(tmp_path / "w.mp4"), iter(frames), 3)
+    with VideoReader(str(tmp_path / "w.mp4")) as r:
+        got = list(r.frames(fps=3))
+    assert [round(float(f.image.mean())) for f in got] == pytest.approx([0, 128, 255], abs=4)

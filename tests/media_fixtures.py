@@ -39,6 +39,7 @@ def tone(seconds: float, sr: int = 16000, hz: float = 220.0) -> np.ndarray:
 
 def face_video(path, seconds=2.0, fps=10, w=320, h=240, audio=True, face_at=lambda i: True):
     n = int(seconds * fps)
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     write_video(str(path), _frames(n, w, h, face_at), fps, audio=tone(seconds) if audio else None)
     return path
 

@@ -8,10 +8,8 @@ atomically, so a rerun skips exactly the units that completed and never duplicat
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +18,7 @@ from aver.faces import FaceDetector, FaceDetectorConfig, FaceTracker
 from aver.media import InputItem, MediaError, VideoReader, list_inputs, load_image
 from aver.outputs import completed_units, join, status_table, write_table
 from aver.storage import redact
+from aver.streaming import chunked, prefetch
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -64,40 +63,6 @@ class ExtractFacesConfig:
             raise ValueError("images_per_unit >= 1, actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0")
 
 
-def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    # Decoding (PyAV releases the GIL) overlaps detection of the previous chunk.
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def run() -> None:
-        try:
-            for x in it:
-                q.put(x)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
-        q.put(done)
-
-    threading.Thread(target=run, daemon=True).start()
-    while True:
-        x = q.get()
-        if x is done:
-            return
-        if isinstance(x, BaseException):
-            raise x
-        yield x
-
-
-def _chunks(frames: Iterator, size: int) -> Iterator[list]:
-    chunk = []
-    for f in frames:
-        chunk.append(f)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def crop_id(video_id: str, frame_index: int) -> str:
     return f"{video_id}-{frame_index:07d}"
 
@@ -113,7 +78,7 @@ def process_video(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConf
     try:
         with VideoReader(item.source, storage_options=cfg.storage_options, max_bytes=cfg.max_bytes) as reader:
             status["duration_s"] = reader.info.duration_s
-            frames = _prefetch(_chunks(reader.frames(cfg.fps), detector.config.batch_size))
+            frames = prefetch(chunked(reader.frames(cfg.fps), detector.config.batch_size))
             try:
                 for chunk in frames:
                     for frame, dets in zip(chunk, detector.detect([f.image for f in chunk])):
@@ -220,16 +185,17 @@ class FaceExtractor:
         return out
 
 
-def _actor_count(cfg: ExtractFacesConfig, n_units: int) -> int:
+def actor_count(actors: int, cpus_per_actor: float, gpus_per_actor: float, n_units: int) -> int:
+    """Actors to start: as asked, else one per GPU share, else CPUs - 1; never more than units."""
     import ray
 
-    if cfg.actors:
-        return max(1, min(cfg.actors, n_units))
+    if actors:
+        return max(1, min(actors, n_units))
     res = ray.cluster_resources()
-    if cfg.gpus_per_actor > 0 and res.get("GPU", 0) > 0:
-        n = int(res["GPU"] / cfg.gpus_per_actor)
+    if gpus_per_actor > 0 and res.get("GPU", 0) > 0:
+        n = int(res["GPU"] / gpus_per_actor)
     else:
-        n = int(res.get("CPU", 1) / cfg.cpus_per_actor) - 1  # leave room for Ray Data's own tasks
+        n = int(res.get("CPU", 1) / cpus_per_actor) - 1  # leave room for Ray Data's own tasks
     return max(1, min(n, n_units))
 
 
@@ -249,7 +215,7 @@ def run(cfg: ExtractFacesConfig) -> dict[str, int]:
         return counts
     if not ray.is_initialized():
         ray.init()
-    n_actors = _actor_count(cfg, len(todo))
+    n_actors = actor_count(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, len(todo))
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     remote_args = {"num_cpus": cfg.cpus_per_actor}
     if cfg.gpus_per_actor > 0:

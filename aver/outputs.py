@@ -33,8 +33,12 @@ def write_table(uri: str, table: pa.Table, storage_options: dict | None = None) 
     write_bytes_atomic(uri, buf.getvalue(), storage_options)
 
 
-def status_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist([{k: r.get(k) for k in STATUS_SCHEMA.names} for r in rows], schema=STATUS_SCHEMA)
+def status_table(rows: list[dict[str, Any]], id_column: str = "video_id") -> pa.Table:
+    """Status rows in the shared schema; jobs over items that are not videos name the id ``item_id``."""
+    schema = STATUS_SCHEMA
+    if id_column != "video_id":
+        schema = schema.set(0, pa.field(id_column, pa.string()))
+    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
 
 
 def completed_units(folder_uri: str, storage_options: dict | None = None) -> set[str]:

@@ -14,15 +14,6 @@ from tests.ray_helpers import kill_when, run_job
 pytestmark = pytest.mark.timeout(400)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(inp, out, **kw):
     return ExtractFacesConfig(input=str(inp), output=str(out), cpus_per_actor=0.5, actors=1, **kw)
 

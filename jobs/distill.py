@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Run two teachers over face crops and write 80-d distillation targets (paper §3.1.2).
+
+  python jobs/distill.py --input out/faces/ --teachers t128.pt t256.pt --output out/
+  ray job submit -- python jobs/distill.py --input s3://b/faces/ \\
+      --teachers s3://b/models/teacher128.pt s3://b/models/teacher256.pt --output s3://b/distill/ \\
+      --gpus-per-actor 0.5 --batch-size 512
+
+Input: extract_faces output (faces/ parts) or a folder/glob/manifest of face images.
+Writes OUTPUT/targets/ (crop_id, target[80]) and OUTPUT/status/. Rerunning skips finished parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from aver.distill import DistillConfig, run
+
+
+def parse_args(argv: list[str] | None = None) -> DistillConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="faces/ folder from extract_faces, or face images (folder, glob, manifest)")
+    p.add_argument("--teachers", nargs=2, required=True, metavar="URI", help="two aver Teacher checkpoints (local or fsspec URI)")
+    p.add_argument("--output", required=True, help="output folder (local or fsspec URI)")
+    p.add_argument("--batch-size", type=int, default=256, help="crops per teacher forward pass (default 256)")
+    p.add_argument("--images-per-unit", type=int, default=1024, help="images processed and written together (default 1024)")
+    p.add_argument("--actors", type=int, default=0, help="teacher actors (default 0: one per GPU share, or CPUs-1)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU share per actor (default 0: CPU)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast or fp32; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    a = p.parse_args(argv)
+    return DistillConfig(input=a.input, teachers=tuple(a.teachers), output=a.output, batch_size=a.batch_size,
+                         images_per_unit=a.images_per_unit, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
+                         gpus_per_actor=a.gpus_per_actor, precision=a.precision, storage_options=a.storage_options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

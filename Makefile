@@ -21,7 +21,7 @@ demo: setup
 	@echo "make demo: not available yet — the training stages land with issue #4."
 
 bench: setup
-	@echo "make bench: not available yet — the face pipeline benchmarks land with issue #3."
+	$(PY) jobs/bench.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""`make bench`: speed and memory ratios of the face pipeline, measured in one run on this machine.
+
+(a) extract_faces frames/s over a naive per-frame facenet-pytorch loop on the same 720p videos;
+(b) distill crops/s over the bare two-teacher forward pass in one process on the same crops;
+(c) peak RSS (driver + local Ray workers) of extract_faces on a corpus 4x as large as another.
+Writes the figures to --report (default docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _corpus(folder: str, n: int, seconds: float = 4.0, w: int = 1280, h: int = 720) -> None:
+    from PIL import Image
+    from skimage import data
+
+    from aver.media import write_video
+
+    os.makedirs(folder, exist_ok=True)
+    face = data.astronaut()[30:210, 140:310]
+    face = np.asarray(Image.fromarray(face).resize((300, 320)))
+    rng = np.random.default_rng(0)
+    for v in range(n):
+        bg = rng.integers(40, 160, (h, w, 3), dtype=np.uint8)
+
+        def frames():
+            for i in range(int(seconds * 10)):
+                img = bg.copy()
+                x = 200 + 10 * i + 50 * v
+                img[200:520, x:x + 300] = face
+                yield img
+
+        write_video(os.path.join(folder, f"v{v}.mp4"), frames(), 10)
+
+
+def naive_extract(folder: str, fps: float = 5.0) -> int:
+    """What a facenet-pytorch script does: every frame, one MTCNN call per sampled frame."""
+    import av
+    from facenet_pytorch import MTCNN
+    from PIL import Image
+
+    mtcnn = MTCNN(image_size=140, keep_all=False)
+    n = 0
+    for name in sorted(os.listdir(folder)):
+        with av.open(os.path.join(folder, name)) as c:
+            stream = c.streams.video[0]
+            step = max(1, round(float(stream.average_rate) / fps))
+            for i, frame in enumerate(c.decode(stream)):
+                if i % step:
+                    continue
+                img = Image.fromarray(frame.to_ndarray(format="rgb24"))
+                boxes, _ = mtcnn.detect(img)
+                if boxes is not None:
+                    img.crop(tuple(int(v) for v in boxes[0])).resize((140, 140)).save(io.BytesIO(), "JPEG")
+                n += 1
+    return n
+
+
+def peak_rss_of_job(args: list[str]) -> float:
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            total = root.memory_info().rss + sum(c.memory_info().rss for c in root.children(recursive=True))
+            peak = max(peak, total)
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    if proc.returncode != 0:
+        raise RuntimeError(f"job failed: {args}")
+    return peak / 2**20
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--report", default=os.path.join(ROOT, "docs", "benchmarks.md"), help="Markdown file to write")
+    p.add_argument("--videos", type=int, default=4, help="720p videos of 4 s in the speed corpus (default 4)")
+    p.add_argument("--crops", type=int, default=256, help="crops in the distill comparison (default 256)")
+    a = p.parse_args()
+
+    import ray
+    import torch
+
+    from aver.distill import DistillConfig, preprocess, teacher_targets
+    from aver.distill import run as run_distill
+    from aver.extract import ExtractFacesConfig
+    from aver.extract import run as run_extract
+    from aver.models import Teacher, save_checkpoint
+    from aver.outputs import read_folder
+
+    work = tempfile.mkdtemp(prefix="aver-bench-")
+    corpus = os.path.join(work, "videos")
+    _corpus(corpus, a.videos)
+    lines = [f"# Benchmarks\n\nMeasured by `make bench` on {os.cpu_count()} CPUs, "
+             f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'no GPU'}; "
+             f"{time.strftime('%Y-%m-%d')}.\n"]
+
+    t = time.perf_counter()
+    n_naive = naive_extract(corpus)
+    naive = n_naive / (time.perf_counter() - t)
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    t = time.perf_counter()
+    run_extract(ExtractFacesConfig(input=corpus, output=os.path.join(work, "faces"), actors=1))
+    ours = n_naive / (time.perf_counter() - t)
+    lines.append(f"## (a) extract_faces vs naive per-frame MTCNN\n\n{a.videos} videos, 1280x720, "
+                 f"{n_naive} sampled frames at 5 fps.\n\n| | frames/s |\n|---|---|\n"
+                 f"| naive facenet-pytorch loop | {naive:.1f} |\n| extract_faces (1 actor, Ray Data) | {ours:.1f} |\n\n"
+                 f"**Ratio {ours / naive:.2f}x** (target >= 2x).\n")
+
+    faces = read_folder(os.path.join(work, "faces", "faces")).to_pandas()
+    crops = faces["crop"].dropna().tolist()
+    crops = (crops * (a.crops // max(1, len(crops)) + 1))[: a.crops]
+    import pyarrow as pa
+
+    from aver.extract import FACES_SCHEMA
+    from aver.outputs import write_table
+
+    rows = [{"video_id": "b", "source": "b", "crop_id": f"b-{i:07d}", "frame_index": i, "timestamp_s": 0.0,
+             "track_id": 0, "box": [0.0, 0.0, 1.0, 1.0], "prob": 1.0, "crop": c} for i, c in enumerate(crops)]
+    write_table(os.path.join(work, "crops", "faces", "b.parquet"), pa.Table.from_pylist(rows, schema=FACES_SCHEMA))
+    teachers = [Teacher(d_face=128).eval(), Teacher(d_face=256).eval()]
+    uris = [os.path.join(work, f"t{i}.pt") for i in range(2)]
+    for m, u in zip(teachers, uris):
+        save_checkpoint(m, u)
+    from PIL import Image
+
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(crops), 64):
+            imgs = [np.asarray(Image.open(io.BytesIO(c)).convert("RGB")) for c in crops[s:s + 64]]
+            x = preprocess(imgs, torch.device("cpu"))
+            teacher_targets(*(m(x) for m in teachers))
+    bare = len(crops) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    run_distill(DistillConfig(input=os.path.join(work, "crops"), teachers=tuple(uris),
+                              output=os.path.join(work, "distill"), batch_size=64, actors=1))
+    pipe = len(crops) / (time.perf_counter() - t)
+    lines.append(f"## (b) distill vs bare teacher forward\n\n{len(crops)} crops, both teachers, fp32 on CPU.\n\n"
+                 f"| | crops/s |\n|---|---|\n| bare forward, one process | {bare:.1f} |\n"
+                 f"| distill job (1 actor) | {pipe:.1f} |\n\n**Ratio {pipe / bare:.2f}** (target >= 0.8).\n")
+    ray.shutdown()
+
+    small, large = os.path.join(work, "rss1"), os.path.join(work, "rss4")
+    _corpus(small, 2, seconds=4.0)
+    _corpus(large, 8, seconds=4.0)
+    job = ["jobs/extract_faces.py", "--actors", "1"]
+    rss1 = peak_rss_of_job(job + ["--input", small, "--output", os.path.join(work, "o1")])
+    rss4 = peak_rss_of_job(job + ["--input", large, "--output", os.path.join(work, "o4")])
+    lines.append(f"## (c) extract_faces peak RSS, 1x vs 4x corpus\n\nDriver plus local Ray processes, "
+                 f"2 vs 8 videos (720p, 4 s).\n\n| corpus | peak RSS MiB |\n|---|---|\n| 1x | {rss1:.0f} |\n"
+                 f"| 4x | {rss4:.0f} |\n\n**Ratio {rss4 / rss1:.2f}** (target <= 1.2).\n")
+    report = "\n".join(lines)
+    print(report)
+    with open(a.report, "w") as f:
+        f.write(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

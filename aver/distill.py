@@ -8,7 +8,6 @@ or image folders (chunks of images); outputs are ``targets/<unit>.parquet`` and 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from dataclasses import dataclass, field
@@ -21,9 +20,10 @@ import pyarrow.parquet as pq
 import torch
 
 from aver.media import IMAGE_EXTENSIONS, MediaError, item_id_for, list_inputs, load_image
-from aver.outputs import completed_units, join, status_table, write_table
+from aver.outputs import join, status_table, write_table
 from aver.storage import redact, url_to_fs
 from aver.streaming import chunked, prefetch
+from aver.units import image_chunks, map_units, pending
 
 TARGETS_SCHEMA = pa.schema([("crop_id", pa.string()), ("target", pa.list_(pa.float32(), 80))])
 TEACHER_SIZE = 140
@@ -103,13 +103,8 @@ def plan_units(cfg: DistillConfig) -> list[dict]:
             return [{"unit_id": os.path.basename(p)[: -len(".parquet")], "kind": "faces", "sources": [protocol + p]}
                     for p in parts]
     images = [i for i in list_inputs(cfg.input, cfg.storage_options, IMAGE_EXTENSIONS) if i.kind == "image"]
-    units = []
-    for start in range(0, len(images), cfg.images_per_unit):
-        chunk = images[start:start + cfg.images_per_unit]
-        digest = hashlib.sha1("\n".join(i.item_id for i in chunk).encode()).hexdigest()[:12]
-        units.append({"unit_id": f"images-{start // cfg.images_per_unit:06d}-{digest}", "kind": "images",
-                      "sources": [i.source for i in chunk]})
-    return units
+    return [{"unit_id": uid, "kind": "images", "sources": [i.source for i in chunk]}
+            for uid, chunk in image_chunks(images, cfg.images_per_unit)]
 
 
 class TeacherPair:
@@ -195,27 +190,13 @@ class TeacherPair:
 
 def run(cfg: DistillConfig) -> int:
     """Run on the current Ray cluster (a local one if none); returns the number of targets written now."""
-    import ray
-
-    from aver.extract import actor_count
-
     units = plan_units(cfg)
-    done = completed_units(join(cfg.output, "status"), cfg.storage_options)
-    todo = [u for u in units if u["unit_id"] not in done]
+    todo = pending(units, cfg.output, cfg.storage_options)
     print(f"distill: {len(units)} units; {len(units) - len(todo)} already complete, {len(todo)} to do", flush=True)
     if not todo:
         return 0
-    if not ray.is_initialized():
-        ray.init()
-    remote_args = {"num_cpus": cfg.cpus_per_actor}
-    if cfg.gpus_per_actor > 0:
-        remote_args["num_gpus"] = cfg.gpus_per_actor
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.map_batches(TeacherPair, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
-                        concurrency=actor_count(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, len(todo)),
-                        **remote_args)
     total = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+    for batch in map_units(todo, TeacherPair, cfg):
         total += int(batch["n_crops"].sum())
         for unit, status in zip(batch["unit_id"], batch["status"]):
             if status != "ok":

@@ -7,7 +7,6 @@ atomically, so a rerun skips exactly the units that completed and never duplicat
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +15,10 @@ import pyarrow as pa
 
 from aver.faces import FaceDetector, FaceDetectorConfig, FaceTracker
 from aver.media import InputItem, MediaError, VideoReader, list_inputs, load_image
-from aver.outputs import completed_units, join, status_table, write_table
+from aver.outputs import join, status_table, write_table
 from aver.storage import redact
 from aver.streaming import chunked, prefetch
+from aver.units import image_chunks, map_units, pending
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -148,10 +148,7 @@ def plan_units(items: list[InputItem], images_per_unit: int) -> list[dict]:
     """Units of work: each video alone; images in sorted chunks with ids stable for the same input."""
     units = [{"unit_id": i.item_id, "items": [vars(i)]} for i in items if i.kind != "image"]
     images = [i for i in items if i.kind == "image"]
-    for start in range(0, len(images), images_per_unit):
-        chunk = images[start:start + images_per_unit]
-        digest = hashlib.sha1("\n".join(i.item_id for i in chunk).encode()).hexdigest()[:12]
-        units.append({"unit_id": f"images-{start // images_per_unit:06d}-{digest}", "items": [vars(i) for i in chunk]})
+    units += [{"unit_id": uid, "items": [vars(i) for i in chunk]} for uid, chunk in image_chunks(images, images_per_unit)]
     return units
 
 
@@ -185,44 +182,18 @@ class FaceExtractor:
         return out
 
 
-def actor_count(actors: int, cpus_per_actor: float, gpus_per_actor: float, n_units: int) -> int:
-    """Actors to start: as asked, else one per GPU share, else CPUs - 1; never more than units."""
-    import ray
-
-    if actors:
-        return max(1, min(actors, n_units))
-    res = ray.cluster_resources()
-    if gpus_per_actor > 0 and res.get("GPU", 0) > 0:
-        n = int(res["GPU"] / gpus_per_actor)
-    else:
-        n = int(res.get("CPU", 1) / cpus_per_actor) - 1  # leave room for Ray Data's own tasks
-    return max(1, min(n, n_units))
-
-
 def run(cfg: ExtractFacesConfig) -> dict[str, int]:
     """Run the job on the current Ray cluster (``ray.init()`` starts a local one if none);
     returns the count of each status among the units processed now."""
-    import ray
-
     items = list_inputs(cfg.input, cfg.storage_options)
     units = plan_units(items, cfg.images_per_unit)
-    done = completed_units(join(cfg.output, "status"), cfg.storage_options)
-    todo = [u for u in units if u["unit_id"] not in done]
+    todo = pending(units, cfg.output, cfg.storage_options)
     print(f"extract_faces: {len(items)} inputs in {len(units)} units; {len(units) - len(todo)} already complete, "
           f"{len(todo)} to do", flush=True)
     counts: dict[str, int] = {}
     if not todo:
         return counts
-    if not ray.is_initialized():
-        ray.init()
-    n_actors = actor_count(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, len(todo))
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    remote_args = {"num_cpus": cfg.cpus_per_actor}
-    if cfg.gpus_per_actor > 0:
-        remote_args["num_gpus"] = cfg.gpus_per_actor
-    ds = ds.map_batches(FaceExtractor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
-                        concurrency=n_actors, **remote_args)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+    for batch in map_units(todo, FaceExtractor, cfg):
         for status, error, vid in zip(batch["status"], batch["error"], batch["video_id"]):
             counts[status] = counts.get(status, 0) + 1
             if status != "ok":

@@ -4,7 +4,6 @@ still images normalised to 8-bit RGB. Everything streams; nothing holds a whole 
 from __future__ import annotations
 
 import csv
-import fnmatch
 import hashlib
 import io
 import os

@@ -1,7 +1,6 @@
 import os
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 import io

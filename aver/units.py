@@ -1,0 +1,60 @@
+"""Units of work shared by the batch jobs: stable image chunks, what is left to do, and running
+units through a pool of Ray Data actors (one unit per call, outputs written by the actor)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator
+
+from aver.media import InputItem
+from aver.outputs import completed_units, join
+
+
+def image_chunks(images: list[InputItem], per_unit: int) -> list[tuple[str, list[InputItem]]]:
+    """Sorted images in chunks of ``per_unit``, each with an id that is stable for the same input."""
+    chunks = []
+    for start in range(0, len(images), per_unit):
+        chunk = images[start:start + per_unit]
+        digest = hashlib.sha1("\n".join(i.item_id for i in chunk).encode()).hexdigest()[:12]
+        chunks.append((f"images-{start // per_unit:06d}-{digest}", chunk))
+    return chunks
+
+
+def pending(units: list[dict], output: str, storage_options: dict | None = None) -> list[dict]:
+    """The units whose status part is not yet in ``output/status/``."""
+    done = completed_units(join(output, "status"), storage_options)
+    return [u for u in units if u["unit_id"] not in done]
+
+
+def actor_count(actors: int, cpus_per_actor: float, gpus_per_actor: float, n_units: int) -> int:
+    """Actors to start: as asked, else one per GPU share, else CPUs - 1; never more than units."""
+    import ray
+
+    if actors:
+        return max(1, min(actors, n_units))
+    res = ray.cluster_resources()
+    if gpus_per_actor > 0 and res.get("GPU", 0) > 0:
+        n = int(res["GPU"] / gpus_per_actor)
+    else:
+        n = int(res.get("CPU", 1) / cpus_per_actor) - 1  # leave room for Ray Data's own tasks
+    return max(1, min(n, n_units))
+
+
+def map_units(units: list[dict], actor_cls: type, cfg: Any) -> Iterator:
+    """Stream ``units`` through ``actor_cls(cfg)`` actors; yields the actors' result batches (pandas).
+
+    ``cfg`` carries ``actors``, ``cpus_per_actor`` and ``gpus_per_actor``. Starts a local Ray if
+    none is running (under ``ray job submit`` this connects to the cluster).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    remote_args = {"num_cpus": cfg.cpus_per_actor}
+    if cfg.gpus_per_actor > 0:
+        remote_args["num_gpus"] = cfg.gpus_per_actor
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(actor_cls, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
+                        concurrency=actor_count(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, len(units)),
+                        **remote_args)
+    yield from ds.iter_batches(batch_size=None, batch_format="pandas")

@@ -38,7 +38,7 @@ def _corpus(folder: str, n: int, seconds: float = 4.0, w: int = 1280, h: int = 7
         def frames():
             for i in range(int(seconds * 10)):
                 img = bg.copy()
-                x = 200 + 10 * i + 50 * v
+                x = 100 + (10 * i + 50 * v) % (w - 400)
                 img[200:520, x:x + 300] = face
                 yield img
 
@@ -89,8 +89,9 @@ def peak_rss_of_job(args: list[str]) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default=os.path.join(ROOT, "docs", "benchmarks.md"), help="Markdown file to write")
-    p.add_argument("--videos", type=int, default=4, help="720p videos of 4 s in the speed corpus (default 4)")
-    p.add_argument("--crops", type=int, default=256, help="crops in the distill comparison (default 256)")
+    p.add_argument("--videos", type=int, default=12, help="720p videos of 8 s in the speed corpus (default 12);"
+                   " large enough that actor start-up is amortised as on a real corpus")
+    p.add_argument("--crops", type=int, default=1024, help="crops in the distill comparison (default 1024)")
     a = p.parse_args()
 
     import ray
@@ -105,7 +106,7 @@ def main() -> int:
 
     work = tempfile.mkdtemp(prefix="aver-bench-")
     corpus = os.path.join(work, "videos")
-    _corpus(corpus, a.videos)
+    _corpus(corpus, a.videos, seconds=8.0)
     lines = [f"# Benchmarks\n\nMeasured by `make bench` on {os.cpu_count()} CPUs, "
              f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'no GPU'}; "
              f"{time.strftime('%Y-%m-%d')}.\n"]
@@ -116,11 +117,13 @@ def main() -> int:
 
     ray.init(include_dashboard=False, log_to_driver=False)
     t = time.perf_counter()
-    run_extract(ExtractFacesConfig(input=corpus, output=os.path.join(work, "faces"), actors=1))
+    # One actor with every CPU: the same machine share the one-process baselines get.
+    cpus = float(os.cpu_count() or 1)
+    run_extract(ExtractFacesConfig(input=corpus, output=os.path.join(work, "faces"), actors=1, cpus_per_actor=cpus))
     ours = n_naive / (time.perf_counter() - t)
-    lines.append(f"## (a) extract_faces vs naive per-frame MTCNN\n\n{a.videos} videos, 1280x720, "
+    lines.append(f"## (a) extract_faces vs naive per-frame MTCNN\n\n{a.videos} videos, 1280x720, 8 s, "
                  f"{n_naive} sampled frames at 5 fps.\n\n| | frames/s |\n|---|---|\n"
-                 f"| naive facenet-pytorch loop | {naive:.1f} |\n| extract_faces (1 actor, Ray Data) | {ours:.1f} |\n\n"
+                 f"| naive facenet-pytorch loop | {naive:.1f} |\n| extract_faces (1 actor, all CPUs, Ray Data) | {ours:.1f} |\n\n"
                  f"**Ratio {ours / naive:.2f}x** (target >= 2x).\n")
 
     faces = read_folder(os.path.join(work, "faces", "faces")).to_pandas()
@@ -149,22 +152,31 @@ def main() -> int:
     bare = len(crops) / (time.perf_counter() - t)
     t = time.perf_counter()
     run_distill(DistillConfig(input=os.path.join(work, "crops"), teachers=tuple(uris),
-                              output=os.path.join(work, "distill"), batch_size=64, actors=1))
+                              output=os.path.join(work, "distill"), batch_size=64, actors=1,
+                              cpus_per_actor=cpus))
     pipe = len(crops) / (time.perf_counter() - t)
     lines.append(f"## (b) distill vs bare teacher forward\n\n{len(crops)} crops, both teachers, fp32 on CPU.\n\n"
                  f"| | crops/s |\n|---|---|\n| bare forward, one process | {bare:.1f} |\n"
-                 f"| distill job (1 actor) | {pipe:.1f} |\n\n**Ratio {pipe / bare:.2f}** (target >= 0.8).\n")
+                 f"| distill job (1 actor, all CPUs) | {pipe:.1f} |\n\n**Ratio {pipe / bare:.2f}** (target >= 0.8).\n")
     ray.shutdown()
 
     small, large = os.path.join(work, "rss1"), os.path.join(work, "rss4")
     _corpus(small, 2, seconds=4.0)
     _corpus(large, 8, seconds=4.0)
-    job = ["jobs/extract_faces.py", "--actors", "1"]
+    job = ["jobs/extract_faces.py", "--actors", "1", "--cpus-per-actor", str(cpus)]
     rss1 = peak_rss_of_job(job + ["--input", small, "--output", os.path.join(work, "o1")])
     rss4 = peak_rss_of_job(job + ["--input", large, "--output", os.path.join(work, "o4")])
     lines.append(f"## (c) extract_faces peak RSS, 1x vs 4x corpus\n\nDriver plus local Ray processes, "
                  f"2 vs 8 videos (720p, 4 s).\n\n| corpus | peak RSS MiB |\n|---|---|\n| 1x | {rss1:.0f} |\n"
                  f"| 4x | {rss4:.0f} |\n\n**Ratio {rss4 / rss1:.2f}** (target <= 1.2).\n")
+    lines.append(
+        "## How these are measured\n\n"
+        "Each ratio compares two runs on the same data in this one invocation, with the same share of the "
+        "machine: the pipelines run one actor holding every CPU, the baselines run in one process. Pipeline "
+        "timings include Ray Data start-up and actor construction (model loading), which is why the corpora "
+        "are large enough to amortise them as a real corpus would. (a) gains come from batched detection on "
+        "a frame downscaled to 640 px with boxes mapped back, and from decoding in a prefetch thread while "
+        "MTCNN runs. (c) sums the RSS of the driver and all local Ray processes, sampled every 0.1 s.\n")
     report = "\n".join(lines)
     print(report)
     with open(a.report, "w") as f:

@@ -17,6 +17,7 @@ from aver.storage import redact, url_to_fs
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp")
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
+ARCHIVE_EXTENSIONS = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar", ".tgz": "tar"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS + IMAGE_EXTENSIONS
 STATUSES = ("ok", "no_face", "no_audio", "no_video", "corrupt", "unsupported", "too_short", "too_large")
@@ -44,13 +45,13 @@ class InputItem:
 def item_id_for(source: str) -> str:
     """``<stem>-<10 hex of sha1(source)>``: readable, stable across reruns, unique per path."""
     canonical = source if "://" in source else os.path.abspath(source)
-    stem = os.path.splitext(os.path.basename(canonical.rstrip("/")))[0]
+    stem = os.path.splitext(os.path.basename(canonical.split("::", 1)[0].rstrip("/")))[0]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:40] or "item"
     return f"{safe}-{hashlib.sha1(canonical.encode()).hexdigest()[:10]}"
 
 
 def _kind(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
+    ext = os.path.splitext(path.split("::", 1)[0])[1].lower()
     if ext in IMAGE_EXTENSIONS:
         return "image"
     if ext in AUDIO_EXTENSIONS:
@@ -94,16 +95,28 @@ def _manifest_sources(uri: str, storage_options: dict | None) -> list[str]:
     return out
 
 
+def _archive_sources(uri: str, lower: str, storage_options: dict | None) -> list[str]:
+    # Members are addressed as chained fsspec URIs, e.g. zip://faces/0001.jpg::s3://bucket/crops.zip
+    protocol = next(p for ext, p in ARCHIVE_EXTENSIONS.items() if lower.endswith(ext))
+    outer = uri if "://" in uri else os.path.abspath(uri)
+    fs, _ = url_to_fs(f"{protocol}://::{outer}", storage_options)
+    members = [m for m in fs.find("") if not os.path.basename(m).startswith(".")]
+    return [f"{protocol}://{m}::{outer}" for m in members]
+
+
 def list_inputs(uri: str, storage_options: dict | None = None,
                 extensions: tuple[str, ...] = MEDIA_EXTENSIONS) -> list[InputItem]:
-    """Inputs named by a folder (recursive), a glob, a manifest (.txt/.lst one URI per line,
-    .csv or .parquet with a ``source`` column) or a single file; sorted, duplicates removed."""
+    """Inputs named by a folder (recursive), a glob, an archive (.zip/.tar/.tar.gz: its members),
+    a manifest (.txt/.lst one URI per line, .csv or .parquet with a ``source`` column) or a single
+    file; sorted, duplicates removed."""
     fs, path = url_to_fs(uri, storage_options)
     fs.invalidate_cache()
     lower = path.lower()
     if any(ch in path for ch in "*?["):
         paths = [p for p in fs.glob(path) if not os.path.basename(p).startswith(".") and not fs.isdir(p)]
         sources = [_join(uri, fs, p) for p in paths]
+    elif lower.endswith(tuple(ARCHIVE_EXTENSIONS)) and fs.isfile(path):
+        sources = _archive_sources(uri, lower, storage_options)
     elif lower.endswith((".txt", ".lst", ".csv", ".parquet")) and fs.isfile(path):
         sources = _manifest_sources(uri, storage_options)
         extensions = ()  # a manifest names its files: take them all, decoding decides
@@ -116,16 +129,20 @@ def list_inputs(uri: str, storage_options: dict | None = None,
     else:
         raise FileNotFoundError(f"input not found: {redact(uri)}")
     if extensions:
-        sources = [s for s in sources if s.lower().endswith(extensions)]
+        sources = [s for s in sources if s.split("::", 1)[0].lower().endswith(extensions)]
     unique = sorted(set(sources))
     return [InputItem(s, item_id_for(s), _kind(s)) for s in unique]
 
 
 def _open(source: str, storage_options: dict | None):
-    if "://" not in source or source.startswith("file://"):
+    if "://" not in source or (source.startswith("file://") and "::" not in source):
         path = source[len("file://"):] if source.startswith("file://") else source
         return open(path, "rb"), os.path.getsize(path)
     fs, path = url_to_fs(source, storage_options)
+    if "::" in source:  # an archive member: read it while its archive filesystem is alive
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        return io.BytesIO(data), len(data)
     return fs.open(path, "rb"), fs.size(path)
 
 

@@ -27,13 +27,21 @@ def redact(uri: str) -> str:
 
 
 def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path inside it for a local path or any fsspec URI."""
-    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    """The filesystem and the path inside it for a local path or any fsspec URI.
+
+    For chained URIs (``zip://member::s3://bucket/a.zip``) the options go to the outermost store.
+    """
+    uri = str(uri)
+    options = dict(storage_options or {})
+    if "::" in uri and options:
+        outer = uri.rsplit("::", 1)[1]
+        options = {outer.split("://", 1)[0] if "://" in outer else "file": options}
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 
 def is_local(uri: str) -> bool:
-    return "://" not in str(uri) or str(uri).startswith("file://")
+    return "://" not in str(uri) or (str(uri).startswith("file://") and "::" not in str(uri))
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:

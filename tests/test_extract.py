@@ -7,7 +7,7 @@ import io
 
 from aver.extract import ExtractFacesConfig, plan_units, run
 from aver.outputs import read_folder
-from tests.media_fixtures import bad_input_corpus, face_video
+from tests.media_fixtures import bad_input_corpus, face_patch, face_video
 from tests.ray_helpers import kill_when, run_job
 
 pytestmark = pytest.mark.timeout(400)
@@ -110,3 +110,18 @@ def test_s3_input_and_output(tmp_path, s3, ray_local):
     faces = read_folder(f"s3://{s3['bucket']}/run1/faces", s3["options"]).to_pandas()
     assert len(faces) == 5 and faces["crop"].notna().all()
     assert run(cfg) == {}  # complete on S3 too: nothing redone
+
+
+def test_zip_archive_of_face_crops(tmp_path, ray_local):
+    import zipfile
+
+    buf = io.BytesIO()
+    Image.fromarray(face_patch(160)).save(buf, format="JPEG")
+    with zipfile.ZipFile(tmp_path / "powderfaces.zip", "w") as z:
+        z.writestr("p/0001.jpg", buf.getvalue())
+        z.writestr("p/0002.jpg", buf.getvalue())
+        z.writestr("p/0003.jpg", b"broken")
+    assert run(_cfg(tmp_path / "powderfaces.zip", tmp_path / "out")) == {"ok": 2, "corrupt": 1}
+    faces = read_folder(str(tmp_path / "out" / "faces")).to_pandas()
+    assert len(faces) == 2 and faces["crop"].notna().all()
+    assert faces["source"].str.startswith("zip://p/000").all()

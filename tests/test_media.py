@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -100,3 +102,30 @@ def test_write_video_round_trip(tmp_path):
     with VideoReader(str(tmp_path / "w.mp4")) as r:
         got = list(r.frames(fps=3))
     assert [round(float(f.image.mean())) for f in got] == pytest.approx([0, 128, 255], abs=4)
+
+
+@pytest.mark.parametrize("archive", ["crops.zip", "crops.tar.gz"])
+def test_archives_of_images(tmp_path, archive):
+    import tarfile
+    import zipfile
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(buf, format="PNG")
+    members = {"a/1.png": buf.getvalue(), "2.png": buf.getvalue(), "readme.md": b"x"}
+    path = tmp_path / archive
+    if archive.endswith(".zip"):
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in members.items():
+                z.writestr(name, data)
+    else:
+        with tarfile.open(path, "w:gz") as t:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    items = list_inputs(str(path))
+    assert [i.kind for i in items] == ["image", "image"]
+    assert all("::" in i.source and i.source.endswith(str(path)) for i in items)
+    assert len({i.item_id for i in items}) == 2
+    for i in items:
+        assert load_image(i.source).shape == (30, 40, 3)

@@ -9,6 +9,7 @@ or image folders (chunks of images); outputs are ``targets/<unit>.parquet`` and 
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +20,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from aver.media import IMAGE_EXTENSIONS, MediaError, item_id_for, list_inputs, load_image
+from aver.datasets import is_affectnet_csv, is_fec_csv, read_affectnet, read_fec
+from aver.faces import crop_face
+from aver.media import IMAGE_EXTENSIONS, MediaError, list_inputs, load_image
 from aver.outputs import join, status_table, write_table
 from aver.storage import redact, url_to_fs
 from aver.streaming import chunked, prefetch
-from aver.units import image_chunks, map_units, pending
+from aver.units import map_units, pending, stable_chunks
 
 TARGETS_SCHEMA = pa.schema([("crop_id", pa.string()), ("target", pa.list_(pa.float32(), 80))])
 TEACHER_SIZE = 140
@@ -40,7 +43,12 @@ class DistillConfig:
     batch_size: int = 256
     """Crops per teacher forward pass."""
     images_per_unit: int = 1024
-    """Images handled (and written) together when the input is an image folder."""
+    """Crops handled (and written) together when the input is images or a manifest."""
+    images_root: str | None = None
+    """Image folder of an AffectNet CSV (default: the CSV's folder) or of fetched FEC images
+    (default: images/ beside the CSV)."""
+    margin: float = 0.2
+    """Context around manifest face boxes, as for extract_faces crops."""
     actors: int = 0
     """Teacher actors; 0 picks one per GPU share, or CPUs - 1 (at least 1) without GPUs."""
     cpus_per_actor: float = 1.0
@@ -89,8 +97,24 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def _crop_entries(cfg: DistillConfig) -> tuple[str, list[dict], int]:
+    """What to crop for a non-faces/ input: (prefix, entries, rejected manifest rows)."""
+    if is_affectnet_csv(cfg.input, cfg.storage_options):
+        m = read_affectnet(cfg.input, cfg.images_root, cfg.storage_options)
+        return "affectnet", [{"crop_id": r["crop_id"], "source": r["source"], "box": r["box"]} for r in m.records], \
+            len(m.rejected)
+    if is_fec_csv(cfg.input, cfg.storage_options):
+        m = read_fec(cfg.input, cfg.images_root, cfg.storage_options)
+        unique = {f["crop_id"]: f for r in m.records for f in r["faces"]}
+        return "fec", [{"crop_id": f["crop_id"], "source": f["source"], "box_frac": f["box_frac"]}
+                       for f in sorted(unique.values(), key=lambda f: f["crop_id"])], len(m.rejected)
+    images = [i for i in list_inputs(cfg.input, cfg.storage_options, IMAGE_EXTENSIONS) if i.kind == "image"]
+    return "images", [{"crop_id": i.item_id, "source": i.source} for i in images], 0
+
+
 def plan_units(cfg: DistillConfig) -> list[dict]:
-    """One unit per faces/ part, or chunks of images; unit ids are stable for the same input."""
+    """One unit per faces/ part, or chunks of crops (AffectNet / FEC manifests, image folders);
+    unit ids are stable for the same input."""
     fs, path = url_to_fs(cfg.input, cfg.storage_options)
     fs.invalidate_cache()
     protocol = cfg.input.split("://", 1)[0] + "://" if "://" in cfg.input else ""
@@ -100,11 +124,13 @@ def plan_units(cfg: DistillConfig) -> list[dict]:
         parts = sorted(p for p in fs.ls(path, detail=False)
                        if p.endswith(".parquet") and not os.path.basename(p).startswith("."))
         if parts:
-            return [{"unit_id": os.path.basename(p)[: -len(".parquet")], "kind": "faces", "sources": [protocol + p]}
-                    for p in parts]
-    images = [i for i in list_inputs(cfg.input, cfg.storage_options, IMAGE_EXTENSIONS) if i.kind == "image"]
-    return [{"unit_id": uid, "kind": "images", "sources": [i.source for i in chunk]}
-            for uid, chunk in image_chunks(images, cfg.images_per_unit)]
+            return [{"unit_id": os.path.basename(p)[: -len(".parquet")], "kind": "faces",
+                     "payload": json.dumps(protocol + p)} for p in parts]
+    prefix, entries, rejected = _crop_entries(cfg)
+    if rejected:
+        print(f"distill: {rejected} manifest rows rejected (malformed or unused labels)", flush=True)
+    return [{"unit_id": uid, "kind": "crops", "payload": json.dumps(entries[part])}
+            for uid, part in stable_chunks([e["crop_id"] for e in entries], cfg.images_per_unit, prefix)]
 
 
 class TeacherPair:
@@ -135,7 +161,7 @@ class TeacherPair:
         """(crop ids, images, status rows) of a unit, streamed in batches."""
         so = self.cfg.storage_options
         if unit["kind"] == "faces":
-            fs, path = url_to_fs(unit["sources"][0], so)
+            fs, path = url_to_fs(json.loads(unit["payload"]), so)
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f, columns=["crop_id", "crop"])
             table = table.filter(pc.is_valid(table["crop"]))
@@ -143,24 +169,30 @@ class TeacherPair:
             for batch in chunked(zip(ids, crops), self.cfg.batch_size):
                 yield [i for i, _ in batch], [_decode_jpeg(c) for _, c in batch], []
         else:
-            for batch in chunked(iter(unit["sources"]), self.cfg.batch_size):
+            for batch in chunked(iter(json.loads(unit["payload"])), self.cfg.batch_size):
                 ids, images, statuses = [], [], []
-                for source in batch:
-                    item_id = item_id_for(source)
+                for entry in batch:
+                    row = {"item_id": entry["crop_id"], "source": redact(entry["source"])}
                     try:
-                        images.append(load_image(source, storage_options=so))
-                        ids.append(item_id)
-                        statuses.append({"item_id": item_id, "source": redact(source), "status": "ok", "n_frames": 1})
+                        image = load_image(entry["source"], storage_options=so)
+                        box = entry.get("box")
+                        if entry.get("box_frac"):
+                            h, w = image.shape[:2]
+                            x1, y1, x2, y2 = entry["box_frac"]
+                            box = (x1 * w, y1 * h, x2 * w, y2 * h)
+                        images.append(crop_face(image, box, size=TEACHER_SIZE, margin=self.cfg.margin)
+                                      if box else image)
+                        ids.append(entry["crop_id"])
+                        statuses.append({**row, "status": "ok", "n_frames": 1})
                     except MediaError as e:
-                        statuses.append({"item_id": item_id, "source": redact(source), "status": e.status,
-                                         "error": str(e), "n_frames": 0})
+                        statuses.append({**row, "status": e.status, "error": str(e), "n_frames": 0})
                 yield ids, images, statuses
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"unit_id": [], "status": [], "n_crops": []}
         for unit in ({k: batch[k][i] for k in batch} for i in range(len(batch["unit_id"]))):
-            unit = {**unit, "sources": list(unit["sources"])}
             ids, targets, statuses = [], [], []
+            unit_source = redact(json.loads(unit["payload"]) if unit["kind"] == "faces" else unit["unit_id"])
             try:
                 for crop_ids, images, rows in prefetch(self._crops(unit)):
                     statuses += rows
@@ -168,11 +200,11 @@ class TeacherPair:
                         targets.append(self.targets(images))
                         ids += crop_ids
                 if unit["kind"] == "faces":
-                    statuses = [{"item_id": unit["unit_id"], "source": redact(unit["sources"][0]), "status": "ok",
+                    statuses = [{"item_id": unit["unit_id"], "source": unit_source, "status": "ok",
                                  "n_frames": len(ids)}]
             except Exception as e:  # noqa: BLE001 - an unreadable part is a status row, not a crash
                 ids, targets = [], []
-                statuses = [{"item_id": unit["unit_id"], "source": redact(unit["sources"][0]), "status": "corrupt",
+                statuses = [{"item_id": unit["unit_id"], "source": unit_source, "status": "corrupt",
                              "error": f"{type(e).__name__}: {e}", "n_frames": 0}]
             matrix = np.concatenate(targets) if targets else np.zeros((0, 80), np.float32)
             table = pa.table({"crop_id": pa.array(ids, pa.string()),

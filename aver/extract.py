@@ -18,7 +18,7 @@ from aver.media import InputItem, MediaError, VideoReader, list_inputs, load_ima
 from aver.outputs import join, status_table, write_table
 from aver.storage import redact
 from aver.streaming import chunked, prefetch
-from aver.units import image_chunks, map_units, pending
+from aver.units import map_units, pending, stable_chunks
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -148,7 +148,8 @@ def plan_units(items: list[InputItem], images_per_unit: int) -> list[dict]:
     """Units of work: each video alone; images in sorted chunks with ids stable for the same input."""
     units = [{"unit_id": i.item_id, "items": [vars(i)]} for i in items if i.kind != "image"]
     images = [i for i in items if i.kind == "image"]
-    units += [{"unit_id": uid, "items": [vars(i) for i in chunk]} for uid, chunk in image_chunks(images, images_per_unit)]
+    units += [{"unit_id": uid, "items": [vars(i) for i in images[part]]}
+              for uid, part in stable_chunks([i.item_id for i in images], images_per_unit)]
     return units
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 @dataclass
@@ -91,25 +92,27 @@ class FaceDetector:
         side = max(h, w)
         if side <= self.config.detect_max_side:
             return np.ascontiguousarray(frame), 1.0
-        from PIL import Image
-
         scale = self.config.detect_max_side / side
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR)), size[0] / w
 
     def crop(self, frame: np.ndarray, box: np.ndarray) -> bytes:
-        """A square ``image_size`` JPEG around ``box`` with the configured margin; parts outside
-        the frame are black (never stretched, so non-square frames keep face proportions)."""
-        from PIL import Image
-
-        x1, y1, x2, y2 = (float(v) for v in box)
-        side = max(x2 - x1, y2 - y1) * (1.0 + self.config.margin)
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        region = tuple(int(round(v)) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
-        face = Image.fromarray(frame).crop(region).resize((self.config.image_size,) * 2, Image.BILINEAR)
+        """The configured crop of ``box`` (see :func:`crop_face`) as JPEG bytes."""
+        face = crop_face(frame, box, size=self.config.image_size, margin=self.config.margin)
         buf = io.BytesIO()
-        face.save(buf, format="JPEG", quality=self.config.jpeg_quality)
+        Image.fromarray(face).save(buf, format="JPEG", quality=self.config.jpeg_quality)
         return buf.getvalue()
+
+
+def crop_face(image: np.ndarray, box, *, size: int = 140, margin: float = 0.2) -> np.ndarray:
+    """A square ``size`` x ``size`` RGB crop around ``box`` (x1, y1, x2, y2 pixels) enlarged by
+    ``margin`` of its larger side; parts outside the image are black (never stretched, so faces on
+    the edge of non-square frames keep their proportions)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(x2 - x1, y2 - y1) * (1.0 + margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    region = tuple(int(round(v)) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+    return np.asarray(Image.fromarray(image).crop(region).resize((size, size), Image.BILINEAR))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

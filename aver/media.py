@@ -135,15 +135,19 @@ def list_inputs(uri: str, storage_options: dict | None = None,
 
 
 def _open(source: str, storage_options: dict | None):
-    if "://" not in source or (source.startswith("file://") and "::" not in source):
-        path = source[len("file://"):] if source.startswith("file://") else source
-        return open(path, "rb"), os.path.getsize(path)
-    fs, path = url_to_fs(source, storage_options)
-    if "::" in source:  # an archive member: read it while its archive filesystem is alive
-        with fs.open(path, "rb") as f:
-            data = f.read()
-        return io.BytesIO(data), len(data)
-    return fs.open(path, "rb"), fs.size(path)
+    """A binary file object and its size; a missing file is a ``corrupt`` input (status row)."""
+    try:
+        if "://" not in source or (source.startswith("file://") and "::" not in source):
+            path = source[len("file://"):] if source.startswith("file://") else source
+            return open(path, "rb"), os.path.getsize(path)
+        fs, path = url_to_fs(source, storage_options)
+        if "::" in source:  # an archive member: read it while its archive filesystem is alive
+            with fs.open(path, "rb") as f:
+                data = f.read()
+            return io.BytesIO(data), len(data)
+        return fs.open(path, "rb"), fs.size(path)
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise MediaError("corrupt", f"{redact(source)} cannot be read: {type(e).__name__}") from None
 
 
 @dataclass

@@ -6,17 +6,16 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterator
 
-from aver.media import InputItem
 from aver.outputs import completed_units, join
 
 
-def image_chunks(images: list[InputItem], per_unit: int) -> list[tuple[str, list[InputItem]]]:
-    """Sorted images in chunks of ``per_unit``, each with an id that is stable for the same input."""
+def stable_chunks(ids: list[str], per_unit: int, prefix: str = "images") -> list[tuple[str, slice]]:
+    """Chunks of ``per_unit`` consecutive ids, each named so the name is stable for the same input."""
     chunks = []
-    for start in range(0, len(images), per_unit):
-        chunk = images[start:start + per_unit]
-        digest = hashlib.sha1("\n".join(i.item_id for i in chunk).encode()).hexdigest()[:12]
-        chunks.append((f"images-{start // per_unit:06d}-{digest}", chunk))
+    for start in range(0, len(ids), per_unit):
+        part = slice(start, start + per_unit)
+        digest = hashlib.sha1("\n".join(ids[part]).encode()).hexdigest()[:12]
+        chunks.append((f"{prefix}-{start // per_unit:06d}-{digest}", part))
     return chunks
 
 

@@ -6,7 +6,7 @@
       --teachers s3://b/models/teacher128.pt s3://b/models/teacher256.pt --output s3://b/distill/ \\
       --gpus-per-actor 0.5 --batch-size 512
 
-Input: extract_faces output (faces/ parts) or a folder/glob/manifest of face images.
+Input: extract_faces output (faces/ parts), AffectNet / Google FEC CSVs, or face images.
 Writes OUTPUT/targets/ (crop_id, target[80]) and OUTPUT/status/. Rerunning skips finished parts.
 """
 
@@ -21,7 +21,12 @@ from aver.distill import DistillConfig, run
 
 def parse_args(argv: list[str] | None = None) -> DistillConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="faces/ folder from extract_faces, or face images (folder, glob, manifest)")
+    p.add_argument("--input", required=True,
+                   help="faces/ folder from extract_faces, an AffectNet training.csv/validation.csv, a Google FEC "
+                        "CSV (images fetched beforehand), or face images (folder, glob, archive, manifest)")
+    p.add_argument("--images-root", default=None,
+                   help="AffectNet image folder (default: the CSV's folder) or fetched FEC images (default: images/ beside the CSV)")
+    p.add_argument("--margin", type=float, default=0.2, help="context around manifest face boxes (default 0.2)")
     p.add_argument("--teachers", nargs=2, required=True, metavar="URI", help="two aver Teacher checkpoints (local or fsspec URI)")
     p.add_argument("--output", required=True, help="output folder (local or fsspec URI)")
     p.add_argument("--batch-size", type=int, default=256, help="crops per teacher forward pass (default 256)")
@@ -34,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
     a = p.parse_args(argv)
     return DistillConfig(input=a.input, teachers=tuple(a.teachers), output=a.output, batch_size=a.batch_size,
+                         images_root=a.images_root, margin=a.margin,
                          images_per_unit=a.images_per_unit, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
                          gpus_per_actor=a.gpus_per_actor, precision=a.precision, storage_options=a.storage_options)
 

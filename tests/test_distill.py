@@ -113,3 +113,53 @@ def test_config_validation():
         DistillConfig(input="x", teachers=("a",), output="o")
     with pytest.raises(ValueError):
         DistillConfig(input="x", teachers=("a", "b"), output="o", precision="fp8")
+
+
+def _expected_targets(teachers, crops):
+    t1, t2 = teachers
+    x = (torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() - 127.5) / 128
+    with torch.no_grad():
+        o1, o2 = t1(x), t2(x)
+    return torch.cat([torch.nn.functional.normalize(v, dim=1)
+                      for v in (o1.fec, o1.affectnet, o2.fec, o2.affectnet)], 1).numpy()
+
+
+def test_distill_affectnet_manifest_crops_given_boxes(tmp_path, teachers, ray_local):
+    from aver.faces import crop_face
+
+    models, uris = teachers
+    (tmp_path / "imgs" / "1").mkdir(parents=True)
+    scene = np.full((300, 400, 3), 80, np.uint8)
+    patch = face_patch(160)
+    scene[60:220, 100:100 + patch.shape[1]] = patch
+    Image.fromarray(scene).save(tmp_path / "imgs" / "1" / "a.png")
+    csv = tmp_path / "training.csv"
+    csv.write_text("subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal\n"
+                   "1/a.png,100,60,130,160,,1,0.5,0.2\n1/missing.png,0,0,10,10,,2,0,0\n1/a.png,0,0,5,5,,9,0,0\n")
+    cfg = DistillConfig(input=str(csv), images_root=str(tmp_path / "imgs"), teachers=uris,
+                        output=str(tmp_path / "out"), actors=1, cpus_per_actor=0.5)
+    assert run(cfg) == 1
+    targets = read_folder(str(tmp_path / "out" / "targets")).to_pandas()
+    assert targets["crop_id"].tolist() == ["affectnet:1/a.png"]
+    expected = _expected_targets(models, [crop_face(scene, (100, 60, 230, 220), size=140, margin=0.2)])
+    assert np.allclose(np.stack(targets["target"].to_numpy()), expected, atol=1e-4)
+    status = read_folder(str(tmp_path / "out" / "status")).to_pandas().set_index("item_id")
+    assert status.loc["affectnet:1/missing.png", "status"] == "corrupt"
+    assert len(status) == 2  # the label-9 row is rejected by the reader, not a crop
+
+
+def test_distill_fec_manifest_dedupes_crops(tmp_path, teachers, ray_local):
+    from aver.datasets import fec_image_name
+
+    _, uris = teachers
+    (tmp_path / "images").mkdir()
+    for url in ("http://x/1.jpg", "http://x/2.jpg"):
+        Image.fromarray(face_patch(140)).save(tmp_path / "images" / fec_image_name(url), format="JPEG")
+    row = ("http://x/1.jpg,0.1,0.9,0.1,0.9,http://x/2.jpg,0.0,1.0,0.0,1.0,http://x/3.jpg,0.1,0.9,0.1,0.9,"
+           "TWO_CLASS_TRIPLET,a,3,b,3\n")
+    (tmp_path / "fec.csv").write_text(row + row)
+    cfg = DistillConfig(input=str(tmp_path / "fec.csv"), teachers=uris, output=str(tmp_path / "out"),
+                        actors=1, cpus_per_actor=0.5)
+    assert run(cfg) == 2  # three unique crops, image 3 never fetched
+    status = read_folder(str(tmp_path / "out" / "status")).to_pandas()
+    assert sorted(status["status"]) == ["corrupt", "ok", "ok"]

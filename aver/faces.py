@@ -62,9 +62,11 @@ class FaceDetector:
         self._factor = mtcnn.factor
 
     def detect(self, frames: list[np.ndarray]) -> list[list[Detection]]:
-        """Detections for each frame (possibly empty), best first."""
+        """Detections for each frame (possibly empty), best first. Frames may be RGB, grayscale
+        (HxW or HxWx1) or RGBA; any of them of any size, in one call."""
         from facenet_pytorch.models.utils.detect_face import detect_face
 
+        frames = [_as_rgb(f) for f in frames]
         results: list[list[Detection]] = [[] for _ in frames]
         by_shape: dict[tuple[int, int], list[int]] = {}
         scaled = []
@@ -104,6 +106,23 @@ class FaceDetector:
         return buf.getvalue()
 
 
+def _as_rgb(frame: np.ndarray) -> np.ndarray:
+    # MTCNN needs HxWx3 uint8 RGB; OpenCV-style BGR cannot be told apart and stays the caller's duty.
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frame.dtype}")
+    if frame.ndim == 2:
+        frame = frame[..., None]
+    if frame.ndim != 3 or frame.shape[2] not in (1, 3, 4):
+        raise ValueError(f"frames must be HxW, HxWx1, HxWx3 or HxWx4, got {frame.shape}")
+    if frame.shape[2] == 1:
+        return np.repeat(frame, 3, axis=2)
+    if frame.shape[2] == 4:
+        alpha = frame[..., 3:4].astype(np.float32) / 255.0
+        return (frame[..., :3].astype(np.float32) * alpha + 0.5).astype(np.uint8)
+    return frame
+
+
 def crop_face(image: np.ndarray, box, *, size: int = 140, margin: float = 0.2) -> np.ndarray:
     """A square ``size`` x ``size`` RGB crop around ``box`` (x1, y1, x2, y2 pixels) enlarged by
     ``margin`` of its larger side; parts outside the image are black (never stretched, so faces on
@@ -112,7 +131,7 @@ def crop_face(image: np.ndarray, box, *, size: int = 140, margin: float = 0.2) -
     side = max(x2 - x1, y2 - y1) * (1.0 + margin)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     region = tuple(int(round(v)) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
-    return np.asarray(Image.fromarray(image).crop(region).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(_as_rgb(image)).crop(region).resize((size, size), Image.BILINEAR))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -24,10 +24,12 @@ def test_detects_real_face_in_mixed_batch(detector):
     a, region = _scene(320, 240, 40, 60)
     big, big_region = _scene(1280, 720, 500, 200, face_height=400)  # downscaled for detection
     blank = np.full((240, 320, 3), 90, np.uint8)
-    gray = np.repeat(np.asarray(Image.fromarray(a).convert("L"))[..., None], 3, axis=2)
-    results = detector.detect([a, blank, big, gray, blank])
-    assert [len(r) for r in results] == [1, 0, 1, 1, 0]
-    for dets, (x1, y1, x2, y2) in ((results[0], region), (results[2], big_region), (results[3], region)):
+    gray = np.asarray(Image.fromarray(a).convert("L"))  # HxW
+    rgba = np.asarray(Image.fromarray(a).convert("RGBA"))
+    results = detector.detect([a, blank, big, gray, blank, rgba])
+    assert [len(r) for r in results] == [1, 0, 1, 1, 0, 1]
+    for dets, (x1, y1, x2, y2) in ((results[0], region), (results[2], big_region), (results[3], region),
+                                   (results[5], region)):
         bx1, by1, bx2, by2 = dets[0].box
         cx, cy = (bx1 + bx2) / 2, (by1 + by2) / 2
         assert x1 < cx < x2 and y1 < cy < y2  # box centred inside the pasted face, in source pixels
@@ -70,6 +72,13 @@ def test_tracker_starts_new_track_after_gap_or_jump():
     b = tr.update(1, [Detection(np.array([200, 200, 250, 250.0]), 0.99)])[0]
     c = tr.update(10, [Detection(np.array([0, 0, 50, 50.0]), 0.99)])[0]
     assert len({a, b, c}) == 3
+
+
+def test_rejects_frames_it_cannot_read(detector):
+    with pytest.raises(ValueError, match="uint8"):
+        detector.detect([np.zeros((50, 50, 3), np.float32)])
+    with pytest.raises(ValueError, match="HxW"):
+        detector.detect([np.zeros((50, 50, 2), np.uint8)])
 
 
 def test_config_validation():

@@ -152,3 +152,64 @@ def read_fec(csv_uri: str, images_root: str | None = None, storage_options: dict
         pair = tuple(i for i in range(3) if i != odd)
         out.records.append({"faces": faces, "type": FEC_TYPES[row[15]], "pair": pair, "odd": odd})
     return out
+
+
+def read_arff(uri: str, storage_options: dict | None = None) -> tuple[list[float], list[float], int]:
+    """(frame times, gold values, rejected lines) of a RECOLA gold-standard ARFF."""
+    times, values, rejected = [], [], 0
+    in_data = False
+    for line in _read_text(uri, storage_options).splitlines():
+        line = line.strip()
+        if not line or line.startswith("%"):
+            continue
+        if not in_data:
+            in_data = line.lower().startswith("@data")
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            if len(parts) < 3:
+                raise ValueError
+            t, v = float(parts[-2]), float(parts[-1])
+            if not -1.5 <= v <= 1.5:
+                raise ValueError
+        except ValueError:
+            rejected += 1
+            continue
+        times.append(t)
+        values.append(v)
+    return times, values, rejected
+
+
+def read_recola(root: str, storage_options: dict | None = None) -> Manifest:
+    """Sessions of a RECOLA (AVEC 2016) folder: ``recordings_audio/*.wav``, ``recordings_video/*.mp4``,
+    ``ratings_gold_standard/{arousal,valence}/*.arff``. Records: name, split (train/dev/test), audio,
+    video (URIs or None), arousal_arff, valence_arff. A session without both ratings is rejected."""
+    fs, path = url_to_fs(root, storage_options)
+    fs.invalidate_cache()
+    base = root.rstrip("/")
+
+    def names(sub: str, ext: str) -> set[str]:
+        folder = f"{path.rstrip('/')}/{sub}"
+        if not fs.exists(folder):
+            return set()
+        return {os.path.basename(p)[: -len(ext)] for p in fs.ls(folder, detail=False) if p.endswith(ext)}
+
+    audio, video = names("recordings_audio", ".wav"), names("recordings_video", ".mp4")
+    arousal = names("ratings_gold_standard/arousal", ".arff")
+    valence = names("ratings_gold_standard/valence", ".arff")
+    out = Manifest()
+    for name in sorted(audio | video | arousal | valence):
+        if name not in arousal or name not in valence:
+            out.rejected.append({"line": name, "reason": "missing arousal or valence gold standard"})
+            continue
+        if name not in audio and name not in video:
+            out.rejected.append({"line": name, "reason": "no audio and no video recording"})
+            continue
+        out.records.append({
+            "name": name, "split": name.split("_", 1)[0],
+            "audio": f"{base}/recordings_audio/{name}.wav" if name in audio else None,
+            "video": f"{base}/recordings_video/{name}.mp4" if name in video else None,
+            "arousal_arff": f"{base}/ratings_gold_standard/arousal/{name}.arff",
+            "valence_arff": f"{base}/ratings_gold_standard/valence/{name}.arff",
+        })
+    return out

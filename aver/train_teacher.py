@@ -1,0 +1,132 @@
+"""train_teacher: Algorithm 1 — joint FEC triplet + alpha * AffectNet cross-entropy from the
+FaceNet trunk, data-parallel on Ray Train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from aver.face_data import affectnet_dataset, fec_dataset, to_teacher_input
+from aver.losses import FaceLossConfig, fec_triplet_loss
+from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, restore
+
+
+@dataclass
+class TeacherTrainConfig(TrainConfig):
+    affectnet: str = ""
+    """AffectNet training.csv (local or fsspec URI)."""
+    fec: str = ""
+    """Google FEC training CSV (images fetched under --fec-images)."""
+    affectnet_images: str | None = None
+    """AffectNet image folder (default: the CSV's folder)."""
+    fec_images: str | None = None
+    """Fetched FEC images (default: images/ beside the CSV)."""
+    d_face: int = 128
+    """Face embedding width (the paper's two teachers: 128 and 256)."""
+    facenet: str | None = None
+    """facenet-pytorch VGGFace2 weights for the trunk (registry name or URI); None = random init."""
+    freeze_trunk: bool = False
+    """Train only the layers after the trunk (fast recipe; the trunk keeps its weights and BN statistics)."""
+    loss: FaceLossConfig = field(default_factory=FaceLossConfig)
+    """Margins and the AffectNet weight alpha."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.affectnet or not self.fec:
+            raise ValueError("train_teacher needs both --affectnet and --fec")
+        if self.d_face < 1:
+            raise ValueError("d_face must be positive")
+        if isinstance(self.loss, dict):
+            self.loss = FaceLossConfig(**self.loss)
+
+
+def build_teacher(config: dict) -> torch.nn.Module:
+    from aver.models import Teacher
+
+    if config.get("facenet"):
+        return Teacher.from_facenet(config["facenet"], d_face=config["d_face"],
+                                    storage_options=config.get("storage_options") or None)
+    return Teacher(d_face=config["d_face"])
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    torch.manual_seed(config["seed"])
+    model = build_teacher(config)
+    if config["freeze_trunk"]:
+        model.trunk.requires_grad_(False)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+    start, history = restore(model, optimizer)
+    loss_cfg = FaceLossConfig(**config["loss"])
+    device = ray.train.torch.get_device()
+    affectnet = ray.train.get_dataset_shard("affectnet")
+    fec = ray.train.get_dataset_shard("fec")
+    bs = config["batch_size"]
+
+    def fec_batches():
+        while True:
+            for b in fec.iter_torch_batches(batch_size=bs, local_shuffle_buffer_size=4 * bs, dtypes=None):
+                yield b
+
+    for epoch in range(start, config["epochs"]):
+        model.train()
+        if config["freeze_trunk"]:
+            core.trunk.eval()
+        fec_iter = fec_batches()
+        totals = {"loss": 0.0, "loss_fec": 0.0, "loss_affectnet": 0.0, "accuracy": 0.0, "triplet_accuracy": 0.0}
+        steps = 0
+        for step, batch in enumerate(affectnet.iter_torch_batches(batch_size=bs, local_shuffle_buffer_size=4 * bs)):
+            maybe_fail(config, epoch, step)
+            triplets = next(fec_iter)
+            x = to_teacher_input(batch["image"]).to(device)
+            labels = batch["label"].to(device)
+            logits = model(x).affectnet
+            loss_aff = F.cross_entropy(logits, labels)
+            n = triplets["i"].shape[0]
+            xt = to_teacher_input(torch.cat([triplets["i"], triplets["j"], triplets["k"]])).to(device)
+            e = model(xt).fec
+            e_i, e_j, e_k = e[:n], e[n:2 * n], e[2 * n:]
+            loss_fec = fec_triplet_loss(e_i, e_j, e_k, loss_cfg.margins(triplets["type"].to(device)))
+            loss = loss_fec + loss_cfg.affectnet_weight * loss_aff
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                d = lambda a, b: (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1)  # noqa: E731
+                correct = ((d(e_i, e_j) < d(e_i, e_k)) & (d(e_i, e_j) < d(e_j, e_k))).float().mean()
+            totals["loss"] += loss.item()
+            totals["loss_fec"] += loss_fec.item()
+            totals["loss_affectnet"] += loss_aff.item()
+            totals["accuracy"] += (logits.argmax(1) == labels).float().mean().item()
+            totals["triplet_accuracy"] += correct.item()
+            steps += 1
+        history = report_epoch(epoch, {k: v / max(steps, 1) for k, v in totals.items()}, model, optimizer, history)
+
+
+def run(cfg: TeacherTrainConfig) -> list[dict] | None:
+    """Train (or resume) the teacher; returns the metric history, None when already finished."""
+    import ray
+
+    if is_finished(cfg):
+        print(f"train_teacher: {cfg.model_uri} exists; nothing to do", flush=True)
+        return None
+    if not ray.is_initialized():
+        ray.init()
+    so = cfg.storage_options or None
+    affectnet, rejected_a = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
+    fec, rejected_f = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
+    print(f"train_teacher: rejected {len(rejected_a)} AffectNet rows, {len(rejected_f)} FEC rows", flush=True)
+    from dataclasses import asdict
+
+    loop = {"loss": asdict(cfg.loss)}
+    history = fit(train_loop_per_worker, cfg, {"affectnet": affectnet, "fec": fec}, loop,
+                  lambda c: build_teacher({**c, "d_face": cfg.d_face, "facenet": None}))
+    print(f"train_teacher: wrote {cfg.model_uri}", flush=True)
+    return history

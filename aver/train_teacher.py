@@ -85,14 +85,14 @@ def train_loop_per_worker(config: dict) -> None:
         for step, batch in enumerate(affectnet.iter_torch_batches(batch_size=bs, local_shuffle_buffer_size=4 * bs)):
             maybe_fail(config, epoch, step)
             triplets = next(fec_iter)
-            x = to_teacher_input(batch["image"]).to(device)
+            # One forward pass over both batches: DDP syncs BN buffers on every forward.
+            na, n = batch["image"].shape[0], triplets["i"].shape[0]
+            images = torch.cat([batch["image"], triplets["i"], triplets["j"], triplets["k"]])
+            out = model(to_teacher_input(images).to(device))
             labels = batch["label"].to(device)
-            logits = model(x).affectnet
+            logits = out.affectnet[:na]
             loss_aff = F.cross_entropy(logits, labels)
-            n = triplets["i"].shape[0]
-            xt = to_teacher_input(torch.cat([triplets["i"], triplets["j"], triplets["k"]])).to(device)
-            e = model(xt).fec
-            e_i, e_j, e_k = e[:n], e[n:2 * n], e[2 * n:]
+            e_i, e_j, e_k = out.fec[na:na + n], out.fec[na + n:na + 2 * n], out.fec[na + 2 * n:]
             loss_fec = fec_triplet_loss(e_i, e_j, e_k, loss_cfg.margins(triplets["type"].to(device)))
             loss = loss_fec + loss_cfg.affectnet_weight * loss_aff
             optimizer.zero_grad(set_to_none=True)
@@ -126,7 +126,8 @@ def run(cfg: TeacherTrainConfig) -> list[dict] | None:
     from dataclasses import asdict
 
     loop = {"loss": asdict(cfg.loss)}
-    history = fit(train_loop_per_worker, cfg, {"affectnet": affectnet, "fec": fec}, loop,
+    datasets = {"affectnet": affectnet.select_columns(["image", "label"]), "fec": fec}
+    history = fit(train_loop_per_worker, cfg, datasets, loop,
                   lambda c: build_teacher({**c, "d_face": cfg.d_face, "facenet": None}))
     print(f"train_teacher: wrote {cfg.model_uri}", flush=True)
     return history

@@ -97,7 +97,7 @@ def report_epoch(epoch: int, metrics: dict[str, float], model: torch.nn.Module,
 
     row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
     history = [*history, row]
-    print("epoch " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+    print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"),
           flush=True)
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(row, checkpoint=None)

@@ -57,3 +57,17 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """The demo corpus at size 'small' (seed 7) with its FEC images fetched, shared by the suite."""
+    from aver.fetch import FetchConfig, run as fetch
+    from aver.synth import write_corpus
+
+    root = tmp_path_factory.mktemp("small_corpus")
+    write_corpus(str(root), seed=7, size="small")
+    for split in ("train", "test"):
+        fetch(FetchConfig(manifest=str(root / "fec" / f"faceexp-comparison-data-{split}-public.csv"),
+                          output=str(root / "fec")))
+    return root

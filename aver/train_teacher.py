@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from aver.face_data import affectnet_dataset, fec_dataset, to_teacher_input
 from aver.losses import FaceLossConfig, fec_triplet_loss
-from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, restore
+from aver.training import TrainConfig, fit, is_finished, maybe_fail, recalibrate_batchnorm, report_epoch, restore
 
 
 @dataclass
@@ -107,6 +107,10 @@ def train_loop_per_worker(config: dict) -> None:
             totals["accuracy"] += (logits.argmax(1) == labels).float().mean().item()
             totals["triplet_accuracy"] += correct.item()
             steps += 1
+        core.eval()
+        if config["freeze_trunk"]:
+            images = (to_teacher_input(b["image"]).to(device) for b in affectnet.iter_torch_batches(batch_size=bs))
+            recalibrate_batchnorm(core, images)
         history = report_epoch(epoch, {k: v / max(steps, 1) for k, v in totals.items()}, model, optimizer, history)
 
 

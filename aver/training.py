@@ -125,6 +125,31 @@ def maybe_fail(cfg: dict, epoch: int, step: int) -> None:
     raise RuntimeError(f"injected failure at epoch {epoch}, step {step}")
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, inputs, max_batches: int = 20) -> None:
+    """Recompute the running statistics of the model's trainable BatchNorm layers as exact averages
+    over ``inputs`` (an iterable of model inputs). The exponential averages lag behind weights that
+    change every step; where features have a small spread (a randomly initialised frozen trunk) that
+    lag alone ruins eval-mode outputs."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+              and any(p.requires_grad for p in m.parameters())]
+    if not layers:
+        return
+    was_training = {m: m.training for m in layers}
+    momenta = {m: m.momentum for m in layers}
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    for i, x in enumerate(inputs):
+        if i >= max_batches:
+            break
+        model(x)
+    for m in layers:
+        m.momentum = momenta[m]
+        m.train(was_training[m])
+
+
 def _storage(cfg: TrainConfig) -> tuple[str, Any]:
     if "://" not in cfg.output:
         return os.path.abspath(join(cfg.output, "runs")), None

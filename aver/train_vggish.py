@@ -1,0 +1,102 @@
+"""train_vggish: Algorithm 2 — fine-tune the modified VGGish on RECOLA segments for one affect
+dimension with the negative CCC (as 1 - CCC) and Adam, data-parallel on Ray Train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aver.losses import ccc_loss
+from aver.metrics import ccc
+from aver.recola_data import recola_audio_dataset
+from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, restore
+
+DIMENSIONS = ("arousal", "valence")
+
+
+@dataclass
+class VGGishTrainConfig(TrainConfig):
+    recola: str = ""
+    """RECOLA root (recordings_audio/, ratings_gold_standard/...)."""
+    dimension: str = "arousal"
+    """Which affect dimension this network predicts (the paper trains one network per dimension)."""
+    audioset: str | None = None
+    """AudioSet VGGish weights (registry name 'vggish-audioset' or a URI); None = random init."""
+    segment_frames: int = 480
+    """Log-mel frames per segment (480 x 40 ms = 19.2 s)."""
+    hop_frames: int = 40
+    """Frames between training segment starts."""
+    dropout: float = 0.2
+    """Dropout in the FC layers."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.recola:
+            raise ValueError("train_vggish needs --recola")
+        if self.dimension not in DIMENSIONS:
+            raise ValueError(f"dimension must be one of {DIMENSIONS}, got {self.dimension!r}")
+        if self.segment_frames < 8 or self.hop_frames < 1:
+            raise ValueError("segment_frames >= 8 and hop_frames >= 1")
+        if self.batch_size < 2:
+            raise ValueError("CCC needs batches of at least 2 segments")
+
+
+def build_vggish(config: dict) -> torch.nn.Module:
+    from aver.models import VGGishEmotion
+
+    if config.get("audioset"):
+        return VGGishEmotion.from_audioset(config["audioset"], dropout=config["dropout"],
+                                           storage_options=config.get("storage_options") or None)
+    return VGGishEmotion(dropout=config["dropout"])
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    torch.manual_seed(config["seed"])
+    model = ray.train.torch.prepare_model(build_vggish(config))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    start, history = restore(model, optimizer)
+    device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+    dim = config["dimension"]
+    for epoch in range(start, config["epochs"]):
+        model.train()
+        losses, preds, targets = [], [], []
+        for step, batch in enumerate(shard.iter_torch_batches(batch_size=config["batch_size"],
+                                                              local_shuffle_buffer_size=4 * config["batch_size"],
+                                                              drop_last=True)):
+            maybe_fail(config, epoch, step)
+            mel = batch["mel"].unsqueeze(1).to(device)
+            target = batch[dim].float().to(device)
+            pred = model(mel).prediction
+            loss = ccc_loss(pred, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            preds.append(pred.detach().cpu())
+            targets.append(target.cpu())
+        train_ccc = ccc(torch.cat(targets), torch.cat(preds)) if preds else 0.0
+        history = report_epoch(epoch, {"loss": sum(losses) / max(len(losses), 1), "ccc": train_ccc},
+                               model, optimizer, history)
+
+
+def run(cfg: VGGishTrainConfig) -> list[dict] | None:
+    """Train (or resume) one VGGish network; returns the metric history, None when already finished."""
+    import ray
+
+    if is_finished(cfg):
+        print(f"train_vggish: {cfg.model_uri} exists; nothing to do", flush=True)
+        return None
+    if not ray.is_initialized():
+        ray.init()
+    train = recola_audio_dataset(cfg.recola, "train", segment_frames=cfg.segment_frames, hop_frames=cfg.hop_frames,
+                                 storage_options=cfg.storage_options or None)
+    loop = {k: getattr(cfg, k) for k in ("dimension", "audioset", "dropout")}
+    history = fit(train_loop_per_worker, cfg, {"train": train.select_columns(["mel", "arousal", "valence"])}, loop,
+                  lambda c: build_vggish({**c, "audioset": None}))
+    print(f"train_vggish: wrote {cfg.model_uri}", flush=True)
+    return history

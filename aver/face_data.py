@@ -3,11 +3,16 @@ crops. Cropping runs as Ray Data CPU tasks; unreadable images are dropped and co
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from aver.datasets import read_affectnet, read_fec
 from aver.faces import crop_face
 from aver.media import MediaError, load_image
+
+if TYPE_CHECKING:
+    import torch
 
 CROP = 140
 
@@ -54,7 +59,7 @@ def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, margin: f
 
 
 def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
-    out = {"i": [], "j": [], "k": [], "type": []}
+    out = {"i": [], "j": [], "k": [], "type": [], "i_id": [], "j_id": [], "k_id": []}
     for faces, pair, odd, kind in zip(batch["faces"], batch["pair"], batch["odd"], batch["type"]):
         crops = [_crop(f["source"], box_frac=tuple(f["box_frac"]), margin=margin, storage_options=storage_options)
                  for f in faces]
@@ -64,30 +69,74 @@ def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
         out["j"].append(crops[int(pair[1])])
         out["k"].append(crops[int(odd)])
         out["type"].append(int(kind))
+        for key, index in (("i_id", pair[0]), ("j_id", pair[1]), ("k_id", odd)):
+            out[key].append(faces[int(index)]["crop_id"])
     empty = np.zeros((0, CROP, CROP, 3), np.uint8)
-    return {"i": np.stack(out["i"]) if out["i"] else empty, "j": np.stack(out["j"]) if out["j"] else empty,
-            "k": np.stack(out["k"]) if out["k"] else empty, "type": np.asarray(out["type"], np.int64)}
+    return {**{k: np.stack(out[k]) if out[k] else empty for k in ("i", "j", "k")},
+            "type": np.asarray(out["type"], np.int64),
+            **{k: np.asarray(out[k], dtype=object) for k in ("i_id", "j_id", "k_id")}}
 
 
 def fec_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
                 storage_options: dict | None = None):
     """Rows ``i``, ``j`` (the annotated most-similar pair), ``k`` (the odd one) as 140x140x3 uint8
-    crops and ``type`` (0/1/2 = one/two/three-class); triplets with a missing image are dropped."""
+    crops, their crop ids ``i_id``/``j_id``/``k_id`` and ``type`` (0/1/2 = one/two/three-class);
+    triplets with a missing image are dropped."""
     import ray.data
 
     m = read_fec(csv_uri, images_root, storage_options)
     if not m.records:
         raise ValueError(f"no usable triplets in {csv_uri} ({len(m.rejected)} rejected)")
-    rows = [{"faces": [{"source": f["source"], "box_frac": list(f["box_frac"])} for f in r["faces"]],
+    rows = [{"faces": [{"source": f["source"], "box_frac": list(f["box_frac"]), "crop_id": f["crop_id"]}
+                       for f in r["faces"]],
              "pair": list(r["pair"]), "odd": r["odd"], "type": r["type"]} for r in m.records]
     ds = ray.data.from_items(rows).map_batches(
         _fec_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=32)
     return ds, m.rejected
 
 
-def to_teacher_input(images) -> "torch.Tensor":  # noqa: F821
+def _image_batch(batch: dict, storage_options) -> dict:
+    ids, images = [], []
+    for crop_id, source in zip(batch["crop_id"], batch["source"]):
+        crop = _crop(source, storage_options=storage_options)
+        if crop is not None:
+            ids.append(crop_id)
+            images.append(crop)
+    return {"crop_id": np.asarray(ids, dtype=object),
+            "image": np.stack(images) if images else np.zeros((0, CROP, CROP, 3), np.uint8)}
+
+
+def unlabeled_dataset(uri: str, storage_options: dict | None = None):
+    """Rows ``crop_id`` (the image's item id, as distill names it) and ``image`` (resized to 140)."""
+    import ray.data
+
+    from aver.media import IMAGE_EXTENSIONS, list_inputs
+
+    items = [i for i in list_inputs(uri, storage_options, IMAGE_EXTENSIONS) if i.kind == "image"]
+    if not items:
+        raise ValueError(f"no images under {uri}")
+    rows = [{"crop_id": i.item_id, "source": i.source} for i in items]
+    return ray.data.from_items(rows).map_batches(_image_batch, fn_kwargs={"storage_options": storage_options},
+                                                 batch_size=64)
+
+
+def to_teacher_input(images) -> torch.Tensor:
     """uint8 ``[B,140,140,3]`` -> float ``[B,3,140,140]`` with facenet standardisation, channels_last."""
     import torch
 
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
     return ((x - 127.5) / 128.0).contiguous(memory_format=torch.channels_last)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_student_input(images) -> torch.Tensor:
+    """uint8 ``[B,140,140,3]`` -> float ``[B,3,140,140]`` with ImageNet normalisation, channels_last."""
+    import torch
+
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)

@@ -130,7 +130,8 @@ def run(cfg: TeacherTrainConfig) -> list[dict] | None:
     from dataclasses import asdict
 
     loop = {"loss": asdict(cfg.loss)}
-    datasets = {"affectnet": affectnet.select_columns(["image", "label"]), "fec": fec}
+    datasets = {"affectnet": affectnet.select_columns(["image", "label"]),
+                "fec": fec.select_columns(["i", "j", "k", "type"])}
     history = fit(train_loop_per_worker, cfg, datasets, loop,
                   lambda c: build_teacher({**c, "d_face": cfg.d_face, "facenet": None}))
     print(f"train_teacher: wrote {cfg.model_uri}", flush=True)

@@ -1,0 +1,185 @@
+"""train_student: the distilled DenseNet201 student (paper §3.1.2): RKD between its 80-d head and
+the teachers' targets, plus the FEC triplet and alpha * AffectNet losses of Algorithm 1; unlabeled
+batches contribute RKD only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aver.face_data import affectnet_dataset, fec_dataset, to_student_input, unlabeled_dataset
+from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
+from aver.training import (TrainConfig, fit, is_finished, maybe_fail, recalibrate_batchnorm, report_epoch,
+                           restore)
+
+
+@dataclass
+class StudentTrainConfig(TrainConfig):
+    affectnet: str = ""
+    """AffectNet training.csv."""
+    fec: str = ""
+    """Google FEC training CSV (images fetched)."""
+    targets: str | None = None
+    """distill.py output folder (targets/ with crop_id, target[80]); None trains without distillation."""
+    unlabeled: str | None = None
+    """Unlabeled face images (the PowderFaces role), distilled with the same teachers."""
+    affectnet_images: str | None = None
+    """AffectNet image folder (default: the CSV's folder)."""
+    fec_images: str | None = None
+    """Fetched FEC images (default: images/ beside the CSV)."""
+    imagenet: str | None = None
+    """torchvision DenseNet201 ImageNet weights (registry name or URI); None = random init."""
+    freeze_backbone: bool = False
+    """Train only the three heads (fast recipe; BN statistics of the backbone stay as they are)."""
+    loss: FaceLossConfig = field(default_factory=FaceLossConfig)
+    """Margins, alpha and the RKD weights."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.affectnet or not self.fec:
+            raise ValueError("train_student needs --affectnet and --fec")
+        if self.unlabeled and not self.targets:
+            raise ValueError("unlabeled images only contribute through distillation: give --targets too")
+        if isinstance(self.loss, dict):
+            self.loss = FaceLossConfig(**self.loss)
+
+
+def build_student(config: dict) -> torch.nn.Module:
+    from aver.models import Student
+
+    if config.get("imagenet"):
+        return Student.from_imagenet(config["imagenet"], storage_options=config.get("storage_options") or None)
+    return Student()
+
+
+class TargetTable:
+    """The distillation targets, looked up by crop id on each worker."""
+
+    def __init__(self, uri: str | None, storage_options: dict | None) -> None:
+        self.index: dict[str, int] = {}
+        self.matrix = np.zeros((0, 80), np.float32)
+        if uri:
+            from aver.outputs import join, read_folder
+
+            table = read_folder(join(uri, "targets"), storage_options)
+            self.index = {c: i for i, c in enumerate(table["crop_id"].to_pylist())}
+            self.matrix = np.asarray(table["target"].to_pylist(), np.float32).reshape(-1, 80)
+
+    def lookup(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets [N,80], mask [N]) for ``ids``; crops without a target are masked out."""
+        rows = [self.index.get(str(i), -1) for i in ids]
+        mask = torch.tensor([r >= 0 for r in rows])
+        out = torch.zeros(len(rows), 80)
+        if mask.any():
+            out[mask] = torch.from_numpy(self.matrix[[r for r in rows if r >= 0]])
+        return out, mask
+
+
+def _cycle(shard, batch_size: int):
+    while True:
+        yielded = False
+        for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                    local_shuffle_buffer_size=4 * batch_size):
+            yielded = True
+            yield b
+        if not yielded:
+            return
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    torch.manual_seed(config["seed"])
+    model = build_student(config)
+    if config["freeze_backbone"]:
+        model.backbone.requires_grad_(False)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
+                                  weight_decay=config["weight_decay"])
+    start, history = restore(model, optimizer)
+    device = ray.train.torch.get_device()
+    loss_cfg = FaceLossConfig(**config["loss"])
+    targets = TargetTable(config.get("targets"), config.get("storage_options") or None)
+    distill = bool(config.get("targets"))
+    bs = config["batch_size"]
+    affectnet = ray.train.get_dataset_shard("affectnet")
+    fec = ray.train.get_dataset_shard("fec")
+    unlabeled = ray.train.get_dataset_shard("unlabeled") if config.get("unlabeled") else None
+    for epoch in range(start, config["epochs"]):
+        model.train()
+        if config["freeze_backbone"]:
+            core.backbone.eval()
+        fec_iter = _cycle(fec, bs)
+        unl_iter = _cycle(unlabeled, bs) if unlabeled is not None else None
+        totals = {"loss": 0.0, "loss_rkd": 0.0, "loss_fec": 0.0, "loss_affectnet": 0.0, "accuracy": 0.0}
+        steps = 0
+        for step, batch in enumerate(affectnet.iter_batches(batch_size=bs, batch_format="numpy",
+                                                            local_shuffle_buffer_size=4 * bs)):
+            maybe_fail(config, epoch, step)
+            trip = next(fec_iter)
+            parts = [batch["image"], trip["i"], trip["j"], trip["k"]]
+            ids = [*batch["crop_id"], *trip["i_id"], *trip["j_id"], *trip["k_id"]]
+            if unl_iter is not None:
+                unl = next(unl_iter)
+                parts.append(unl["image"])
+                ids += list(unl["crop_id"])
+            out = model(to_student_input(np.concatenate(parts)).to(device))  # one forward: DDP syncs BN buffers
+            na, n = len(batch["image"]), len(trip["i"])
+            labels = torch.as_tensor(batch["label"]).long().to(device)
+            logits = out.affectnet[:na]
+            loss_aff = F.cross_entropy(logits, labels)
+            e = out.fec[na:na + 3 * n]
+            loss_fec = fec_triplet_loss(e[:n], e[n:2 * n], e[2 * n:],
+                                        loss_cfg.margins(torch.as_tensor(trip["type"]).to(device)))
+            loss = loss_fec + loss_cfg.affectnet_weight * loss_aff
+            loss_rkd = torch.zeros((), device=device)
+            if distill:
+                target, mask = targets.lookup(ids)
+                if int(mask.sum()) >= 3:
+                    loss_rkd = rkd_loss(out.distill[mask.to(device)], target[mask].to(device),
+                                        distance_weight=loss_cfg.rkd_distance_weight,
+                                        angle_weight=loss_cfg.rkd_angle_weight)
+                loss = loss + loss_rkd
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            totals["loss"] += loss.item()
+            totals["loss_rkd"] += loss_rkd.item()
+            totals["loss_fec"] += loss_fec.item()
+            totals["loss_affectnet"] += loss_aff.item()
+            totals["accuracy"] += (logits.argmax(1) == labels).float().mean().item()
+            steps += 1
+        core.eval()
+        if not config["freeze_backbone"]:
+            images = (to_student_input(b["image"]).to(device)
+                      for b in affectnet.iter_batches(batch_size=bs, batch_format="numpy"))
+            recalibrate_batchnorm(core, images)
+        history = report_epoch(epoch, {k: v / max(steps, 1) for k, v in totals.items()}, model, optimizer, history)
+
+
+def run(cfg: StudentTrainConfig) -> list[dict] | None:
+    """Train (or resume) the student; returns the metric history, None when already finished."""
+    import ray
+
+    if is_finished(cfg):
+        print(f"train_student: {cfg.model_uri} exists; nothing to do", flush=True)
+        return None
+    if not ray.is_initialized():
+        ray.init()
+    so = cfg.storage_options or None
+    affectnet, rejected_a = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
+    fec, rejected_f = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
+    print(f"train_student: rejected {len(rejected_a)} AffectNet rows, {len(rejected_f)} FEC rows; "
+          f"distillation {'on' if cfg.targets else 'off'}", flush=True)
+    datasets = {"affectnet": affectnet, "fec": fec}
+    if cfg.unlabeled:
+        datasets["unlabeled"] = unlabeled_dataset(cfg.unlabeled, so)
+    loop = {"loss": asdict(cfg.loss)}
+    history = fit(train_loop_per_worker, cfg, datasets, loop, lambda c: build_student({**c, "imagenet": None}))
+    print(f"train_student: wrote {cfg.model_uri}", flush=True)
+    return history

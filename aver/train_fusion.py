@@ -1,0 +1,186 @@
+"""train_fusion: the audio-visual fusion model (paper §3.3, Fig. 3) on RECOLA-layout sessions.
+
+Sessions are featurised once (primary-face crops -> student embeddings at ``fps``; audio ->
+VGGish frame features of the arousal and valence networks), cut into windows of ``window_s`` every
+``hop_s``, and the model learns the gold (arousal, valence) of each window's last ``target_s``
+with 1 - CCC per dimension. ``modalities`` trains the visual-only / audio-only variants (Table 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aver.features import AUDIO_STEP_S, audio_timeline, take, visual_timeline, window_slices
+from aver.losses import ccc_loss
+from aver.metrics import ccc
+from aver.models.fusion import MODALITIES
+from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, restore
+
+STEP_S = 0.04
+
+
+@dataclass
+class FusionTrainConfig(TrainConfig):
+    recola: str = ""
+    """RECOLA root (recordings_video/, recordings_audio/, ratings_gold_standard/)."""
+    student: str = ""
+    """Student checkpoint (train_student output)."""
+    vggish_arousal: str = ""
+    """VGGish arousal checkpoint (train_vggish output)."""
+    vggish_valence: str = ""
+    """VGGish valence checkpoint."""
+    modalities: tuple[str, ...] = MODALITIES
+    """Inputs used: visual and audio (fused), or one of them."""
+    window_s: float = 9.6
+    """Window length fed to the fusion model."""
+    hop_s: float = 0.4
+    """Training windows start every hop_s."""
+    target_s: float = 0.4
+    """The target is the mean gold label over the window's last target_s."""
+    fps: float = 5.0
+    """Face sampling rate for visual features."""
+    featurizer_cpus: float = 1.0
+    """CPUs of the featurising actor (student, VGGish and MTCNN together)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.modalities = tuple(self.modalities)
+        if not self.recola or not self.student or not self.vggish_arousal or not self.vggish_valence:
+            raise ValueError("train_fusion needs --recola, --student, --vggish-arousal and --vggish-valence")
+        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}")
+        if not 0 < self.target_s <= self.window_s or self.hop_s <= 0 or self.fps <= 0:
+            raise ValueError("need 0 < target_s <= window_s, hop_s > 0, fps > 0")
+        if self.batch_size < 2:
+            raise ValueError("CCC needs batches of at least 2 windows")
+
+
+def window_shape(window_s: float, fps: float) -> tuple[int, int]:
+    """(visual steps, audio steps) of one window."""
+    return max(1, round(window_s * fps)), max(1, round(window_s / AUDIO_STEP_S))
+
+
+class SessionFeaturizer:
+    """Ray Data actor: session record -> fusion windows (visual, audio, target)."""
+
+    def __init__(self, cfg: dict) -> None:
+        from aver.extract import ExtractFacesConfig
+        from aver.faces import FaceDetector
+        from aver.models import load_checkpoint
+
+        so = cfg.get("storage_options") or None
+        self.cfg = cfg
+        self.student = load_checkpoint(cfg["student"], storage_options=so)[0]
+        self.vggish = [load_checkpoint(cfg[k], storage_options=so)[0] for k in ("vggish_arousal", "vggish_valence")]
+        self.extract = ExtractFacesConfig(input="", output="", fps=cfg["fps"], storage_options=cfg.get("storage_options") or {})
+        self.detector = FaceDetector(self.extract.detector, device="cpu")
+
+    def __call__(self, batch: dict) -> dict:
+        from aver.extract import process_video
+        from aver.media import InputItem, MediaError, read_audio
+        from aver.recola_data import session_labels
+
+        cfg = self.cfg
+        out = {"session": [], "visual": [], "audio": [], "target": []}
+        tv, ta = window_shape(cfg["window_s"], cfg["fps"])
+        for i in range(len(batch["name"])):
+            record = {k: batch[k][i] for k in batch}
+            labels = session_labels(record, cfg.get("storage_options") or None)
+            duration = len(labels) * STEP_S
+            vis = None
+            if record.get("video"):
+                faces, status = process_video(InputItem(record["video"], record["name"], "video"), self.detector,
+                                              self.extract)
+                if faces.num_rows:
+                    vis = visual_timeline(faces, self.student)
+            try:
+                aud = audio_timeline(read_audio(record["audio"] or record["video"]), 16000, self.vggish)
+            except MediaError:
+                aud = None
+            for start, end in window_slices(duration, cfg["window_s"], cfg["hop_s"]):
+                if end - start < cfg["window_s"] - 1e-6:
+                    continue
+                lo, hi = int(round((end - cfg["target_s"]) / STEP_S)), int(round(end / STEP_S))
+                out["session"].append(record["name"])
+                out["visual"].append(take(vis.times, vis.features, start, end, tv) if vis is not None
+                                     else np.zeros((tv, 1920), np.float32))
+                out["audio"].append(take(aud.times, aud.features, start, end, ta) if aud is not None
+                                    else np.zeros((ta, 256), np.float32))
+                out["target"].append(labels[lo:hi].mean(0).astype(np.float32))
+        return {"session": np.asarray(out["session"], dtype=object),
+                "visual": np.stack(out["visual"]) if out["visual"] else np.zeros((0, tv, 1920), np.float32),
+                "audio": np.stack(out["audio"]) if out["audio"] else np.zeros((0, ta, 256), np.float32),
+                "target": np.stack(out["target"]) if out["target"] else np.zeros((0, 2), np.float32)}
+
+
+def session_windows(cfg: FusionTrainConfig | dict, split: str):
+    """Materialised Ray Dataset of fusion windows for the sessions of ``split``."""
+    import ray.data
+    from dataclasses import asdict
+
+    from aver.datasets import read_recola
+
+    c = asdict(cfg) if not isinstance(cfg, dict) else cfg
+    sessions = [r for r in read_recola(c["recola"], c.get("storage_options") or None).records if r["split"] == split]
+    if not sessions:
+        raise ValueError(f"no {split} sessions under {c['recola']}")
+    ds = ray.data.from_items(sessions, override_num_blocks=len(sessions))
+    ds = ds.map_batches(SessionFeaturizer, fn_constructor_kwargs={"cfg": c}, batch_size=1, concurrency=1,
+                        num_cpus=c.get("featurizer_cpus", 1.0))
+    return ds.materialize()
+
+
+def build_fusion(config: dict) -> torch.nn.Module:
+    from aver.models import FusionModel
+
+    return FusionModel(1920, 256, modalities=tuple(config["modalities"]))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    torch.manual_seed(config["seed"])
+    model = ray.train.torch.prepare_model(build_fusion(config))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    start, history = restore(model, optimizer)
+    device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, config["epochs"]):
+        model.train()
+        losses, preds, targets = [], [], []
+        for step, batch in enumerate(shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
+                                                              local_shuffle_buffer_size=8 * config["batch_size"])):
+            maybe_fail(config, epoch, step)
+            pred = model(batch["visual"].to(device), batch["audio"].to(device))
+            target = batch["target"].to(device)
+            loss = ccc_loss(pred, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            preds.append(pred.detach().cpu())
+            targets.append(target.cpu())
+        p, t = (torch.cat(preds), torch.cat(targets)) if preds else (torch.zeros(1, 2), torch.zeros(1, 2))
+        metrics = {"loss": sum(losses) / max(len(losses), 1),
+                   "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
+        history = report_epoch(epoch, metrics, model, optimizer, history)
+
+
+def run(cfg: FusionTrainConfig) -> list[dict] | None:
+    """Featurise the train sessions and train (or resume) the fusion model."""
+    import ray
+
+    if is_finished(cfg):
+        print(f"train_fusion: {cfg.model_uri} exists; nothing to do", flush=True)
+        return None
+    if not ray.is_initialized():
+        ray.init()
+    train = session_windows(cfg, "train").select_columns(["visual", "audio", "target"])
+    print(f"train_fusion: {train.count()} training windows of {cfg.window_s} s", flush=True)
+    history = fit(train_loop_per_worker, cfg, {"train": train}, {"modalities": list(cfg.modalities)}, build_fusion)
+    print(f"train_fusion: wrote {cfg.model_uri}", flush=True)
+    return history

@@ -1,0 +1,156 @@
+"""evaluate: the paper's protocols on held-out data (Tables 1-5).
+
+AffectNet accuracy: class-balanced logistic regression on frozen student embeddings, fit on the
+training split, scored on the validation split (Table 1). FEC: triplet accuracy of the student's
+FEC head on the test triplets (Table 2). RECOLA: CCC of arousal and valence on the dev sessions
+for the fused, visual-only and audio-only fusion models (Tables 3-5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from aver.outputs import join
+from aver.storage import exists, write_bytes_atomic
+
+PAPER = {"affectnet_accuracy": 0.616, "fec_triplet_accuracy": 0.865,
+         "ccc.arousal.fused": 0.719, "ccc.valence.fused": 0.740, "ccc.arousal.audio": 0.70,
+         "ccc.valence.audio": 0.52, "ccc.arousal.visual": 0.57, "ccc.valence.visual": 0.66}
+
+
+@dataclass
+class EvaluateConfig:
+    models: str
+    """Folder of checkpoints: student.pt, fusion.pt, fusion_visual.pt, fusion_audio.pt, vggish_*.pt
+    (others optional: student_nodistill.pt, teacher128.pt, teacher256.pt)."""
+    data: str
+    """Corpus root with affectnet/, fec/, recola/ in the real layouts."""
+    output: str
+    """Where metrics.json and metrics.md go."""
+    affectnet_train: str = "affectnet/training.csv"
+    """AffectNet split to fit the logistic regression on, relative to data."""
+    affectnet_eval: str = "affectnet/validation.csv"
+    """AffectNet split to score."""
+    affectnet_images: str = "affectnet/Manually_Annotated_Images"
+    """AffectNet images, relative to data."""
+    fec_eval: str = "fec/faceexp-comparison-data-test-public.csv"
+    """FEC triplets to score (images fetched beside it)."""
+    recola: str = "recola"
+    """RECOLA root, relative to data."""
+    recola_split: str = "dev"
+    """Sessions scored for CCC (the paper reports dev and test; test labels are withheld)."""
+    window_s: float = 9.6
+    """Fusion window, as trained."""
+    fps: float = 5.0
+    """Face sampling rate, as trained."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options."""
+
+
+def _path(cfg: EvaluateConfig, rel: str) -> str:
+    return rel if "://" in rel or os.path.isabs(rel) else join(cfg.data, rel)
+
+
+@torch.no_grad()
+def _embed(model, batches, key="image", head="embedding") -> tuple[np.ndarray, list]:
+    from aver.face_data import to_student_input
+
+    feats, labels = [], []
+    for b in batches:
+        out = model(to_student_input(b[key]))
+        feats.append(getattr(out, head).float().numpy())
+        labels.append(b.get("label"))
+    return np.concatenate(feats), labels
+
+
+def face_metrics(cfg: EvaluateConfig, student) -> dict[str, float]:
+    from aver.face_data import affectnet_dataset, fec_dataset
+    from aver.metrics import balanced_logreg_accuracy, triplet_accuracy
+
+    so = cfg.storage_options or None
+    images = _path(cfg, cfg.affectnet_images)
+    out = {}
+    train, _ = affectnet_dataset(_path(cfg, cfg.affectnet_train), images, storage_options=so)
+    test, _ = affectnet_dataset(_path(cfg, cfg.affectnet_eval), images, storage_options=so)
+    x_tr, y_tr = _embed(student, train.iter_batches(batch_size=64, batch_format="numpy"))
+    x_te, y_te = _embed(student, test.iter_batches(batch_size=64, batch_format="numpy"))
+    out["affectnet_accuracy"] = balanced_logreg_accuracy(x_tr, np.concatenate(y_tr), x_te, np.concatenate(y_te))
+    fec, _ = fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so)
+    e = {}
+    for k in ("i", "j", "k"):
+        e[k], _ = _embed(student, fec.select_columns([k]).iter_batches(batch_size=64, batch_format="numpy"),
+                         key=k, head="fec")
+    out["fec_triplet_accuracy"] = triplet_accuracy(e["i"], e["j"], e["k"])
+    return out
+
+
+@torch.no_grad()
+def recola_metrics(cfg: EvaluateConfig, fusion_models: dict[str, str]) -> dict[str, float]:
+    from aver.metrics import ccc
+    from aver.models import load_checkpoint
+    from aver.train_fusion import session_windows
+
+    so = cfg.storage_options or None
+    c = {"recola": _path(cfg, cfg.recola), "student": join(cfg.models, "student.pt"),
+         "vggish_arousal": join(cfg.models, "vggish_arousal.pt"), "vggish_valence": join(cfg.models, "vggish_valence.pt"),
+         "window_s": cfg.window_s, "hop_s": 0.4, "target_s": 0.4, "fps": cfg.fps, "storage_options": cfg.storage_options}
+    windows = session_windows(c, cfg.recola_split)
+    batches = list(windows.iter_batches(batch_size=256, batch_format="numpy"))
+    visual = torch.from_numpy(np.concatenate([b["visual"] for b in batches]))
+    audio = torch.from_numpy(np.concatenate([b["audio"] for b in batches]))
+    target = np.concatenate([b["target"] for b in batches])
+    out = {}
+    for variant, uri in fusion_models.items():
+        model, _ = load_checkpoint(uri, storage_options=so)
+        pred = torch.cat([model(visual[s:s + 256], audio[s:s + 256]) for s in range(0, len(visual), 256)]).numpy()
+        out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 0])
+        out[f"ccc.valence.{variant}"] = ccc(target[:, 1], pred[:, 1])
+    return out
+
+
+def markdown(metrics: dict[str, float]) -> str:
+    rows = ["| metric | aver | paper |", "|---|---|---|"]
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)):
+            paper = PAPER.get(key)
+            rows.append(f"| {key} | {value:.3f} | {paper:.3f} |" if paper is not None else f"| {key} | {value:.3f} | |")
+    return "\n".join(rows) + "\n"
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Compute every metric whose models are present; writes metrics.json and metrics.md."""
+    import ray
+
+    from aver.models import load_checkpoint
+
+    if not ray.is_initialized():
+        ray.init()
+    so = cfg.storage_options or None
+    metrics: dict[str, Any] = {}
+    for name in ("student", "student_nodistill"):
+        uri = join(cfg.models, f"{name}.pt")
+        if exists(uri, so):
+            model = load_checkpoint(uri, storage_options=so)[0]
+            found = face_metrics(cfg, model)
+            prefix = "" if name == "student" else f"{name}."
+            metrics.update({f"{prefix}{k}": v for k, v in found.items()})
+    fusion = {v: join(cfg.models, f) for v, f in (("fused", "fusion.pt"), ("visual", "fusion_visual.pt"),
+                                                  ("audio", "fusion_audio.pt")) if exists(join(cfg.models, f), so)}
+    if fusion:
+        metrics.update(recola_metrics(cfg, fusion))
+    nested: dict[str, Any] = {k: v for k, v in metrics.items() if not k.startswith("ccc.")}
+    for key, value in metrics.items():
+        if key.startswith("ccc."):
+            _, dim, variant = key.split(".")
+            nested.setdefault("ccc", {}).setdefault(dim, {})[variant] = value
+    write_bytes_atomic(join(cfg.output, "metrics.json"), json.dumps(nested, indent=1).encode(), cfg.storage_options)
+    table = markdown(metrics)
+    write_bytes_atomic(join(cfg.output, "metrics.md"), table.encode(), cfg.storage_options)
+    print(table, flush=True)
+    return nested

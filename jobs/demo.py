@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""`make demo`: the whole pipeline, offline, on an embedded local Ray and a generated corpus.
+
+corpus -> fetch FEC images -> teacher x2 -> distill -> student (distilled and not) -> VGGish x2
+-> fusion (fused, visual-only, audio-only) -> evaluate. Checkpoints land in OUTPUT/models/,
+metrics in OUTPUT/eval/metrics.json. The demo recipe is short to fit 2 CPUs: no pretrained weights
+exist offline, so trunks start random and are frozen (teacher trunk, student backbone) and every
+stage trains for a few epochs; it proves the wiring learns, not the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="outputs/demo", help="demo folder (default outputs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    p.add_argument("--size", default="medium", choices=["small", "medium"], help="corpus size (default medium)")
+    p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (default 1)")
+    a = p.parse_args(argv)
+
+    import ray
+
+    from aver.distill import DistillConfig
+    from aver.distill import run as distill
+    from aver.evaluate import EvaluateConfig
+    from aver.evaluate import run as evaluate
+    from aver.fetch import FetchConfig
+    from aver.fetch import run as fetch
+    from aver.synth import write_corpus
+    from aver.train_fusion import FusionTrainConfig
+    from aver.train_fusion import run as train_fusion
+    from aver.train_student import StudentTrainConfig
+    from aver.train_student import run as train_student
+    from aver.train_teacher import TeacherTrainConfig
+    from aver.train_teacher import run as train_teacher
+    from aver.train_vggish import VGGishTrainConfig
+    from aver.train_vggish import run as train_vggish
+
+    out = os.path.abspath(a.output)
+    corpus, models = os.path.join(out, "corpus"), os.path.join(out, "models")
+    started = time.time()
+
+    def stage(name: str) -> None:
+        print(f"\n=== [{time.time() - started:6.0f} s] {name}", flush=True)
+
+    ep = lambda n: max(1, round(n * a.epochs_scale))  # noqa: E731
+    common = {"output": out, "cpus_per_worker": 1.0}
+    stage("corpus")
+    if not os.path.exists(os.path.join(corpus, "recola")):
+        print(write_corpus(corpus, seed=a.seed, size=a.size))
+    for split in ("train", "test"):
+        fetch(FetchConfig(manifest=os.path.join(corpus, "fec", f"faceexp-comparison-data-{split}-public.csv"),
+                          output=os.path.join(corpus, "fec")))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    aff = os.path.join(corpus, "affectnet", "training.csv")
+    aff_images = os.path.join(corpus, "affectnet", "Manually_Annotated_Images")
+    fec = os.path.join(corpus, "fec", "faceexp-comparison-data-train-public.csv")
+    teachers = []
+    for d in (128, 256):
+        stage(f"teacher d_face={d} (trunk frozen)")
+        cfg = TeacherTrainConfig(**common, name=f"teacher{d}", epochs=ep(6), batch_size=32, lr=2e-3, affectnet=aff,
+                                 affectnet_images=aff_images, fec=fec, d_face=d, freeze_trunk=True, seed=a.seed + d)
+        train_teacher(cfg)
+        teachers.append(cfg.model_uri)
+    stage("distill")
+    for source, root in ((aff, aff_images), (fec, None), (os.path.join(corpus, "unlabeled"), None)):
+        distill(DistillConfig(input=source, images_root=root, teachers=tuple(teachers),
+                              output=os.path.join(out, "distill"), batch_size=64, cpus_per_actor=1.0))
+    for name, targets in (("student", os.path.join(out, "distill")), ("student_nodistill", None)):
+        stage(f"{name} (backbone frozen)")
+        train_student(StudentTrainConfig(
+            **common, name=name, epochs=ep(6), batch_size=32, lr=2e-3, affectnet=aff, affectnet_images=aff_images,
+            fec=fec, targets=targets, unlabeled=os.path.join(corpus, "unlabeled") if targets else None,
+            freeze_backbone=True, seed=a.seed))
+    recola = os.path.join(corpus, "recola")
+    for dim in ("arousal", "valence"):
+        stage(f"VGGish {dim}")
+        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(8),
+                                       batch_size=8, lr=1e-4, segment_frames=240, hop_frames=20, seed=a.seed))
+    for name, modalities in (("fusion", ("visual", "audio")), ("fusion_visual", ("visual",)),
+                             ("fusion_audio", ("audio",))):
+        stage(name)
+        train_fusion(FusionTrainConfig(
+            **common, name=name, recola=recola, student=os.path.join(models, "student.pt"),
+            vggish_arousal=os.path.join(models, "vggish_arousal.pt"),
+            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(30),
+            batch_size=16, lr=1e-3, window_s=9.6, hop_s=0.4, seed=a.seed))
+    stage("evaluate")
+    evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval")))
+    print(f"\ndemo finished in {time.time() - started:.0f} s; models in {models}, metrics in "
+          f"{os.path.join(out, 'eval', 'metrics.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	@echo "make demo: not available yet — the training stages land with issue #4."
+	$(PY) jobs/demo.py --output outputs/demo
 
 bench: setup
 	$(PY) jobs/bench.py

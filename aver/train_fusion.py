@@ -17,7 +17,7 @@ from aver.features import AUDIO_STEP_S, audio_timeline, take, visual_timeline, w
 from aver.losses import ccc_loss
 from aver.metrics import ccc
 from aver.models.fusion import MODALITIES
-from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, restore
+from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, require_batches, restore
 
 STEP_S = 0.04
 
@@ -181,6 +181,7 @@ def run(cfg: FusionTrainConfig) -> list[dict] | None:
         ray.init()
     train = session_windows(cfg, "train").select_columns(["visual", "audio", "target"])
     print(f"train_fusion: {train.count()} training windows of {cfg.window_s} s", flush=True)
+    require_batches(train.count(), cfg, f"{cfg.window_s} s training windows")
     history = fit(train_loop_per_worker, cfg, {"train": train}, {"modalities": list(cfg.modalities)}, build_fusion)
     print(f"train_fusion: wrote {cfg.model_uri}", flush=True)
     return history

@@ -10,7 +10,7 @@ import torch
 from aver.losses import ccc_loss
 from aver.metrics import ccc
 from aver.recola_data import recola_audio_dataset
-from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, restore
+from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, require_batches, restore
 
 DIMENSIONS = ("arousal", "valence")
 
@@ -95,6 +95,8 @@ def run(cfg: VGGishTrainConfig) -> list[dict] | None:
         ray.init()
     train = recola_audio_dataset(cfg.recola, "train", segment_frames=cfg.segment_frames, hop_frames=cfg.hop_frames,
                                  storage_options=cfg.storage_options or None)
+    train = train.materialize()
+    require_batches(train.count(), cfg, f"{cfg.segment_frames}-frame training segments")
     loop = {k: getattr(cfg, k) for k in ("dimension", "audioset", "dropout")}
     history = fit(train_loop_per_worker, cfg, {"train": train.select_columns(["mel", "arousal", "valence"])}, loop,
                   lambda c: build_vggish({**c, "audioset": None}))

@@ -111,6 +111,15 @@ def report_epoch(epoch: int, metrics: dict[str, float], model: torch.nn.Module,
     return history
 
 
+def require_batches(n_examples: int, cfg: TrainConfig, what: str) -> None:
+    """Refuse to start a run that could not take a single step (CCC losses drop the last partial
+    batch): a run that reports metrics of zero steps would look like a perfect one."""
+    needed = cfg.batch_size * cfg.num_workers
+    if n_examples < needed:
+        raise ValueError(f"{n_examples} {what} cannot fill one batch of {cfg.batch_size} on each of "
+                         f"{cfg.num_workers} workers: lower --batch-size or give more data")
+
+
 def maybe_fail(cfg: dict, epoch: int, step: int) -> None:
     """Raise once at ``fail_at`` on rank 0 (a marker in the run folder makes it once only)."""
     import ray.train

@@ -38,3 +38,16 @@ def test_train_fusion_on_sessions(small_corpus, tmp_path, ray_local, modalities)
     with torch.no_grad():
         out = model(torch.randn(2, 24, 1920), torch.randn(2, 15, 256))
     assert out.shape == (2, 2) and (out.abs() < 1).all()
+
+
+def test_too_few_windows_is_a_clear_error(small_corpus, tmp_path, ray_local):
+    torch.manual_seed(0)
+    paths = {}
+    for name, model in (("student", Student()), ("va", VGGishEmotion()), ("vv", VGGishEmotion())):
+        paths[name] = str(tmp_path / f"{name}.pt")
+        save_checkpoint(model, paths[name])
+    cfg = FusionTrainConfig(output=str(tmp_path), name="f", recola=str(small_corpus / "recola"), student=paths["student"],
+                            vggish_arousal=paths["va"], vggish_valence=paths["vv"], window_s=9.6, hop_s=0.4,
+                            batch_size=64, cpus_per_worker=0.5, featurizer_cpus=0.5)
+    with pytest.raises(ValueError, match="cannot fill one batch of 64"):
+        run(cfg)

@@ -25,3 +25,12 @@ def test_train_config_validation():
         TrainConfig(output="o", name="a/b")
     with pytest.raises(ValueError):
         TrainConfig(output="o", name="x", epochs=0)
+
+
+def test_require_batches_refuses_runs_without_a_step():
+    from aver.training import require_batches
+
+    cfg = TrainConfig(output="o", name="x", batch_size=8, num_workers=2)
+    require_batches(16, cfg, "windows")
+    with pytest.raises(ValueError, match="15 windows cannot fill one batch of 8 on each of 2 workers"):
+        require_batches(15, cfg, "windows")

@@ -140,3 +140,12 @@ def to_student_input(images) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def labelled_face_data(cfg, job: str):
+    """(AffectNet dataset, FEC dataset) of a teacher or student config, reporting rejected rows."""
+    so = cfg.storage_options or None
+    affectnet, rejected_a = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
+    fec, rejected_f = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
+    print(f"{job}: rejected {len(rejected_a)} AffectNet rows, {len(rejected_f)} FEC rows", flush=True)
+    return affectnet, fec

@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 from aver.features import AUDIO_STEP_S, audio_timeline, take, visual_timeline, window_slices
-from aver.losses import ccc_loss
 from aver.metrics import ccc
 from aver.models.fusion import MODALITIES
-from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, require_batches, restore
+from aver.training import TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore
 
 STEP_S = 0.04
 
@@ -149,36 +148,22 @@ def train_loop_per_worker(config: dict) -> None:
     start, history = restore(model, optimizer)
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
+    bs = config["batch_size"]
+
+    def predict(batch):
+        return model(batch["visual"].to(device), batch["audio"].to(device)), batch["target"].to(device)
+
     for epoch in range(start, config["epochs"]):
-        model.train()
-        losses, preds, targets = [], [], []
-        for step, batch in enumerate(shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True,
-                                                              local_shuffle_buffer_size=8 * config["batch_size"])):
-            maybe_fail(config, epoch, step)
-            pred = model(batch["visual"].to(device), batch["audio"].to(device))
-            target = batch["target"].to(device)
-            loss = ccc_loss(pred, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            preds.append(pred.detach().cpu())
-            targets.append(target.cpu())
-        p, t = (torch.cat(preds), torch.cat(targets)) if preds else (torch.zeros(1, 2), torch.zeros(1, 2))
-        metrics = {"loss": sum(losses) / max(len(losses), 1),
-                   "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
+        batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=8 * bs)
+        loss, p, t = ccc_epoch(model, optimizer, batches, predict, config, epoch)
+        metrics = {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
         history = report_epoch(epoch, metrics, model, optimizer, history)
 
 
 def run(cfg: FusionTrainConfig) -> list[dict] | None:
     """Featurise the train sessions and train (or resume) the fusion model."""
-    import ray
-
-    if is_finished(cfg):
-        print(f"train_fusion: {cfg.model_uri} exists; nothing to do", flush=True)
+    if not begin(cfg, "train_fusion"):
         return None
-    if not ray.is_initialized():
-        ray.init()
     train = session_windows(cfg, "train").select_columns(["visual", "audio", "target"])
     print(f"train_fusion: {train.count()} training windows of {cfg.window_s} s", flush=True)
     require_batches(train.count(), cfg, f"{cfg.window_s} s training windows")

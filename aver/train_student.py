@@ -10,10 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aver.face_data import affectnet_dataset, fec_dataset, to_student_input, unlabeled_dataset
+from aver.face_data import labelled_face_data, to_student_input, unlabeled_dataset
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
-from aver.training import (TrainConfig, fit, is_finished, maybe_fail, recalibrate_batchnorm, report_epoch,
-                           restore)
+from aver.training import TrainConfig, begin, fit, maybe_fail, recalibrate_batchnorm, report_epoch, restore
 
 
 @dataclass
@@ -164,21 +163,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run(cfg: StudentTrainConfig) -> list[dict] | None:
     """Train (or resume) the student; returns the metric history, None when already finished."""
-    import ray
-
-    if is_finished(cfg):
-        print(f"train_student: {cfg.model_uri} exists; nothing to do", flush=True)
+    if not begin(cfg, "train_student"):
         return None
-    if not ray.is_initialized():
-        ray.init()
-    so = cfg.storage_options or None
-    affectnet, rejected_a = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
-    fec, rejected_f = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
-    print(f"train_student: rejected {len(rejected_a)} AffectNet rows, {len(rejected_f)} FEC rows; "
-          f"distillation {'on' if cfg.targets else 'off'}", flush=True)
+    affectnet, fec = labelled_face_data(cfg, "train_student")
+    print(f"train_student: distillation {'on' if cfg.targets else 'off'}", flush=True)
     datasets = {"affectnet": affectnet, "fec": fec}
     if cfg.unlabeled:
-        datasets["unlabeled"] = unlabeled_dataset(cfg.unlabeled, so)
+        datasets["unlabeled"] = unlabeled_dataset(cfg.unlabeled, cfg.storage_options or None)
     loop = {"loss": asdict(cfg.loss)}
     history = fit(train_loop_per_worker, cfg, datasets, loop, lambda c: build_student({**c, "imagenet": None}))
     print(f"train_student: wrote {cfg.model_uri}", flush=True)

@@ -3,14 +3,14 @@ FaceNet trunk, data-parallel on Ray Train."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from aver.face_data import affectnet_dataset, fec_dataset, to_teacher_input
+from aver.face_data import labelled_face_data, to_teacher_input
 from aver.losses import FaceLossConfig, fec_triplet_loss
-from aver.training import TrainConfig, fit, is_finished, maybe_fail, recalibrate_batchnorm, report_epoch, restore
+from aver.training import TrainConfig, begin, fit, maybe_fail, recalibrate_batchnorm, report_epoch, restore
 
 
 @dataclass
@@ -116,19 +116,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run(cfg: TeacherTrainConfig) -> list[dict] | None:
     """Train (or resume) the teacher; returns the metric history, None when already finished."""
-    import ray
-
-    if is_finished(cfg):
-        print(f"train_teacher: {cfg.model_uri} exists; nothing to do", flush=True)
+    if not begin(cfg, "train_teacher"):
         return None
-    if not ray.is_initialized():
-        ray.init()
-    so = cfg.storage_options or None
-    affectnet, rejected_a = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
-    fec, rejected_f = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
-    print(f"train_teacher: rejected {len(rejected_a)} AffectNet rows, {len(rejected_f)} FEC rows", flush=True)
-    from dataclasses import asdict
-
+    affectnet, fec = labelled_face_data(cfg, "train_teacher")
     loop = {"loss": asdict(cfg.loss)}
     datasets = {"affectnet": affectnet.select_columns(["image", "label"]),
                 "fec": fec.select_columns(["i", "j", "k", "type"])}

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from aver.losses import ccc_loss
 from aver.metrics import ccc
 from aver.recola_data import recola_audio_dataset
-from aver.training import TrainConfig, fit, is_finished, maybe_fail, report_epoch, require_batches, restore
+from aver.training import TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore
 
 DIMENSIONS = ("arousal", "valence")
 
@@ -62,37 +61,21 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     dim = config["dimension"]
+    bs = config["batch_size"]
+
+    def predict(batch):
+        return model(batch["mel"].unsqueeze(1).to(device)).prediction, batch[dim].float().to(device)
+
     for epoch in range(start, config["epochs"]):
-        model.train()
-        losses, preds, targets = [], [], []
-        for step, batch in enumerate(shard.iter_torch_batches(batch_size=config["batch_size"],
-                                                              local_shuffle_buffer_size=4 * config["batch_size"],
-                                                              drop_last=True)):
-            maybe_fail(config, epoch, step)
-            mel = batch["mel"].unsqueeze(1).to(device)
-            target = batch[dim].float().to(device)
-            pred = model(mel).prediction
-            loss = ccc_loss(pred, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            preds.append(pred.detach().cpu())
-            targets.append(target.cpu())
-        train_ccc = ccc(torch.cat(targets), torch.cat(preds)) if preds else 0.0
-        history = report_epoch(epoch, {"loss": sum(losses) / max(len(losses), 1), "ccc": train_ccc},
-                               model, optimizer, history)
+        batches = shard.iter_torch_batches(batch_size=bs, local_shuffle_buffer_size=4 * bs, drop_last=True)
+        loss, preds, targets = ccc_epoch(model, optimizer, batches, predict, config, epoch)
+        history = report_epoch(epoch, {"loss": loss, "ccc": ccc(targets, preds)}, model, optimizer, history)
 
 
 def run(cfg: VGGishTrainConfig) -> list[dict] | None:
     """Train (or resume) one VGGish network; returns the metric history, None when already finished."""
-    import ray
-
-    if is_finished(cfg):
-        print(f"train_vggish: {cfg.model_uri} exists; nothing to do", flush=True)
+    if not begin(cfg, "train_vggish"):
         return None
-    if not ray.is_initialized():
-        ray.init()
     train = recola_audio_dataset(cfg.recola, "train", segment_frames=cfg.segment_frames, hop_frames=cfg.hop_frames,
                                  storage_options=cfg.storage_options or None)
     train = train.materialize()

@@ -71,6 +71,42 @@ def is_finished(cfg: TrainConfig) -> bool:
     return exists(cfg.model_uri, cfg.storage_options)
 
 
+def begin(cfg: TrainConfig, job: str) -> bool:
+    """Whether ``job`` has work to do: False (and says so) when its final model exists; otherwise
+    makes sure Ray is running (a local instance, or the cluster under ``ray job submit``)."""
+    import ray
+
+    if is_finished(cfg):
+        print(f"{job}: {cfg.model_uri} exists; nothing to do", flush=True)
+        return False
+    if not ray.is_initialized():
+        ray.init()
+    return True
+
+
+def ccc_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, predict: Callable,
+              config: dict, epoch: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One epoch of 1 - CCC regression (Algorithm 2, fusion): ``predict(batch) -> (pred, target)``.
+    Returns the mean loss and all predictions and targets of the epoch (on CPU)."""
+    from aver.losses import ccc_loss
+
+    model.train()
+    losses, preds, targets = [], [], []
+    for step, batch in enumerate(batches):
+        maybe_fail(config, epoch, step)
+        pred, target = predict(batch)
+        loss = ccc_loss(pred, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        preds.append(pred.detach().float().cpu())
+        targets.append(target.float().cpu())
+    if not losses:
+        raise RuntimeError("an epoch without a single batch: the shard is smaller than one batch")
+    return sum(losses) / len(losses), torch.cat(preds), torch.cat(targets)
+
+
 def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[int, list[dict]]:
     """Load the latest Ray Train checkpoint into ``model``/``optimizer``; (next epoch, history)."""
     import ray.train

@@ -147,6 +147,10 @@ class TeacherPair:
             if not isinstance(model, Teacher):
                 raise ValueError(f"{redact(uri)} holds a {type(model).__name__}, not a Teacher")
             self.teachers.append(model.to(self.device, memory_format=torch.channels_last).eval())
+        # The paper's teachers start from the same FaceNet trunk; frozen, it stays the same: run it once.
+        first = self.teachers[0].trunk.state_dict()
+        self.shared_trunk = all(all(torch.equal(v, t.trunk.state_dict()[k]) for k, v in first.items())
+                                for t in self.teachers[1:])
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
@@ -154,7 +158,11 @@ class TeacherPair:
     def targets(self, images: list[np.ndarray]) -> np.ndarray:
         x = preprocess(images, self.device)
         with self.autocast:
-            out = [t(x) for t in self.teachers]
+            if self.shared_trunk:
+                trunk = self.teachers[0].trunk(x)
+                out = [t(trunk, after="trunk") for t in self.teachers]
+            else:
+                out = [t(x) for t in self.teachers]
         return teacher_targets(*out).cpu().numpy()
 
     def _crops(self, unit: dict):

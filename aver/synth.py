@@ -79,26 +79,27 @@ def draw_face(expr: np.ndarray, identity: Identity, size: int = 160, *, rng: np.
     d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=identity.skin)
     shade = tuple(int(c * 0.7) for c in identity.skin)
     ey, ex = cy - fh * 0.15, fw * 0.42 * identity.eye_spacing
-    eh, ew = fh * 0.075 * (1 + 0.65 * eo), fw * 0.22
+    eh, ew = fh * 0.07 * (1 + 0.8 * eo), fw * 0.24
     for side in (-1, 1):
         x0 = cx + side * ex
         d.ellipse([x0 - ew, ey - eh, x0 + ew, ey + eh], fill=(245, 245, 245), outline=(40, 30, 30), width=2 * s)
         r = min(eh, ew) * 0.75
         d.ellipse([x0 - r, ey - r, x0 + r, ey + r], fill=(70, 45, 30))
         d.ellipse([x0 - r * 0.45, ey - r * 0.45, x0 + r * 0.45, ey + r * 0.45], fill=(10, 10, 10))
-        outer_y = ey - fh * 0.17 - fh * 0.1 * br
-        inner_y = outer_y - fh * 0.08 * bt
-        d.line([x0 - side * ew * 0.7, inner_y, x0 + side * ew * 1.1, outer_y],
-               fill=tuple(int(c * 0.6) for c in identity.hair), width=5 * s)
+        outer_y = ey - fh * 0.19 - fh * 0.14 * br
+        inner_y = outer_y - fh * 0.12 * bt
+        # Bold strokes (about 1/25 of the face): thin lines vanish in a randomly initialised CNN.
+        d.line([x0 - side * ew * 0.8, inner_y, x0 + side * ew * 1.15, outer_y],
+               fill=tuple(int(c * 0.45) for c in identity.hair), width=int(fw * 0.09))
     d.polygon([(cx, cy - fh * 0.05), (cx - fw * 0.13, cy + fh * 0.22), (cx + fw * 0.13, cy + fh * 0.22)], fill=shade)
-    my, mw = cy + fh * 0.47, fw * 0.46
+    my, mw = cy + fh * 0.47, fw * 0.5
     top, bottom = [], []
     for t in np.linspace(-1, 1, 25):
         x = cx + t * mw
-        y = my - mc * fh * 0.12 * (t * t) + mc * fh * 0.06 + asym * fh * 0.09 * t
-        top.append((x, y - fh * 0.012))
-        bottom.append((x, y + fh * 0.02 + mo * fh * 0.17 * (1 - t * t)))
-    d.polygon(top + bottom[::-1], fill=(150, 45, 55))
+        y = my - mc * fh * 0.16 * (t * t) + mc * fh * 0.08 + asym * fh * 0.12 * t
+        top.append((x, y - fh * 0.025))
+        bottom.append((x, y + fh * 0.03 + mo * fh * 0.2 * (1 - t * t)))
+    d.polygon(top + bottom[::-1], fill=(120, 25, 35))
     if pose:
         im = im.rotate(pose, resample=Image.BILINEAR, fillcolor=identity.background)
     im = im.resize((size, size), Image.LANCZOS)
@@ -189,7 +190,7 @@ class CorpusSize:
 
 SIZES = {
     "small": CorpusSize(96, 48, 60, 30, 2, 1, 12.0, 24),
-    "medium": CorpusSize(800, 320, 800, 300, 6, 3, 40.0, 200),
+    "medium": CorpusSize(800, 320, 400, 200, 6, 3, 40.0, 200),
 }
 VIDEO_FPS = 10
 STEP_S = 0.04  # RECOLA's 40 ms label frames

@@ -8,6 +8,7 @@ with 1 - CCC per dimension. ``modalities`` trains the visual-only / audio-only v
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from aver.features import AUDIO_STEP_S, audio_timeline, take, visual_timeline, window_slices
 from aver.metrics import ccc
 from aver.models.fusion import MODALITIES
+from aver.outputs import join
+from aver.storage import exists, read_bytes, write_bytes_atomic
 from aver.training import TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore
 
 STEP_S = 0.04
@@ -43,6 +46,9 @@ class FusionTrainConfig(TrainConfig):
     """Face sampling rate for visual features."""
     featurizer_cpus: float = 1.0
     """CPUs of the featurising actor (student, VGGish and MTCNN together)."""
+    features_cache: str | None = None
+    """Folder for per-session feature timelines, reused by every run with the same models and fps
+    (the fused / visual-only / audio-only runs featurise once). Default OUTPUT/features."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,9 +83,38 @@ class SessionFeaturizer:
         self.extract = ExtractFacesConfig(input="", output="", fps=cfg["fps"], storage_options=cfg.get("storage_options") or {})
         self.detector = FaceDetector(self.extract.detector, device="cpu")
 
-    def __call__(self, batch: dict) -> dict:
+    def _timelines(self, record: dict) -> tuple:
+        """(visual times, features | None, audio times, features | None) of a session, from the
+        cache when an earlier run with the same models computed them."""
         from aver.extract import process_video
         from aver.media import InputItem, MediaError, read_audio
+
+        so = self.cfg.get("storage_options") or None
+        cache = self.cfg.get("features_cache")
+        uri = join(cache, f"{record['name']}.npz") if cache else None
+        if uri and exists(uri, so):
+            with np.load(io.BytesIO(read_bytes(uri, so)), allow_pickle=False) as z:
+                return tuple(z[k] if z[k].size or k.endswith("times") else None
+                             for k in ("visual_times", "visual", "audio_times", "audio"))
+        vis = aud = None
+        if record.get("video"):
+            faces, _ = process_video(InputItem(record["video"], record["name"], "video"), self.detector, self.extract)
+            if faces.num_rows:
+                vis = visual_timeline(faces, self.student)
+        try:
+            aud = audio_timeline(read_audio(record["audio"] or record["video"]), 16000, self.vggish)
+        except MediaError:
+            pass
+        found = (vis.times if vis else np.zeros(0), vis.features if vis else None,
+                 aud.times if aud else np.zeros(0), aud.features if aud else None)
+        if uri:
+            buf = io.BytesIO()
+            np.savez(buf, **{k: v if v is not None else np.zeros(0, np.float32)
+                             for k, v in zip(("visual_times", "visual", "audio_times", "audio"), found)})
+            write_bytes_atomic(uri, buf.getvalue(), so)
+        return found
+
+    def __call__(self, batch: dict) -> dict:
         from aver.recola_data import session_labels
 
         cfg = self.cfg
@@ -89,24 +124,15 @@ class SessionFeaturizer:
             record = {k: batch[k][i] for k in batch}
             labels = session_labels(record, cfg.get("storage_options") or None)
             duration = len(labels) * STEP_S
-            vis = None
-            if record.get("video"):
-                faces, status = process_video(InputItem(record["video"], record["name"], "video"), self.detector,
-                                              self.extract)
-                if faces.num_rows:
-                    vis = visual_timeline(faces, self.student)
-            try:
-                aud = audio_timeline(read_audio(record["audio"] or record["video"]), 16000, self.vggish)
-            except MediaError:
-                aud = None
+            vis_t, vis, aud_t, aud = self._timelines(record)
             for start, end in window_slices(duration, cfg["window_s"], cfg["hop_s"]):
                 if end - start < cfg["window_s"] - 1e-6:
                     continue
                 lo, hi = int(round((end - cfg["target_s"]) / STEP_S)), int(round(end / STEP_S))
                 out["session"].append(record["name"])
-                out["visual"].append(take(vis.times, vis.features, start, end, tv) if vis is not None
+                out["visual"].append(take(vis_t, vis, start, end, tv) if vis is not None
                                      else np.zeros((tv, 1920), np.float32))
-                out["audio"].append(take(aud.times, aud.features, start, end, ta) if aud is not None
+                out["audio"].append(take(aud_t, aud, start, end, ta) if aud is not None
                                     else np.zeros((ta, 256), np.float32))
                 out["target"].append(labels[lo:hi].mean(0).astype(np.float32))
         return {"session": np.asarray(out["session"], dtype=object),
@@ -130,6 +156,18 @@ def session_windows(cfg: FusionTrainConfig | dict, split: str):
     ds = ds.map_batches(SessionFeaturizer, fn_constructor_kwargs={"cfg": c}, batch_size=1, concurrency=1,
                         num_cpus=c.get("featurizer_cpus", 1.0))
     return ds.materialize()
+
+
+def features_key(cfg: FusionTrainConfig | dict) -> str:
+    """Names the feature timelines of one set of models and fps: the checkpoints' content hashes."""
+    import hashlib
+    from dataclasses import asdict
+
+    c = asdict(cfg) if not isinstance(cfg, dict) else cfg
+    h = hashlib.sha256(f"fps={c['fps']}".encode())
+    for key in ("student", "vggish_arousal", "vggish_valence"):
+        h.update(hashlib.sha256(read_bytes(c[key], c.get("storage_options") or None)).digest())
+    return h.hexdigest()[:16]
 
 
 def build_fusion(config: dict) -> torch.nn.Module:
@@ -164,6 +202,8 @@ def run(cfg: FusionTrainConfig) -> list[dict] | None:
     """Featurise the train sessions and train (or resume) the fusion model."""
     if not begin(cfg, "train_fusion"):
         return None
+    if cfg.features_cache is None:
+        cfg.features_cache = join(cfg.output, "features", features_key(cfg))
     train = session_windows(cfg, "train").select_columns(["visual", "audio", "target"])
     print(f"train_fusion: {train.count()} training windows of {cfg.window_s} s", flush=True)
     require_batches(train.count(), cfg, f"{cfg.window_s} s training windows")

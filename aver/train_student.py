@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from aver.face_data import labelled_face_data, to_student_input, unlabeled_dataset
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
-from aver.training import TrainConfig, begin, fit, maybe_fail, recalibrate_batchnorm, report_epoch, restore
+from aver.models.student import Student
+from aver.training import (ShardBatches, TrainConfig, begin, fit, maybe_fail, recalibrate_batchnorm, report_epoch,
+                           restore)
 
 
 @dataclass
@@ -31,8 +33,9 @@ class StudentTrainConfig(TrainConfig):
     """Fetched FEC images (default: images/ beside the CSV)."""
     imagenet: str | None = None
     """torchvision DenseNet201 ImageNet weights (registry name or URI); None = random init."""
-    freeze_backbone: bool = False
-    """Train only the three heads (fast recipe; BN statistics of the backbone stay as they are)."""
+    freeze: str | None = None
+    """Backbone stage up to which the student stays frozen (e.g. "transition3": train denseblock4,
+    norm5 and the heads); its outputs are computed once and cached. None trains everything."""
     loss: FaceLossConfig = field(default_factory=FaceLossConfig)
     """Margins, alpha and the RKD weights."""
 
@@ -40,6 +43,8 @@ class StudentTrainConfig(TrainConfig):
         super().__post_init__()
         if not self.affectnet or not self.fec:
             raise ValueError("train_student needs --affectnet and --fec")
+        if self.freeze is not None and self.freeze not in Student.stages:
+            raise ValueError(f"freeze must be None or one of {Student.stages}, got {self.freeze!r}")
         if self.unlabeled and not self.targets:
             raise ValueError("unlabeled images only contribute through distillation: give --targets too")
         if isinstance(self.loss, dict):
@@ -47,8 +52,6 @@ class StudentTrainConfig(TrainConfig):
 
 
 def build_student(config: dict) -> torch.nn.Module:
-    from aver.models import Student
-
     if config.get("imagenet"):
         return Student.from_imagenet(config["imagenet"], storage_options=config.get("storage_options") or None)
     return Student()
@@ -77,25 +80,15 @@ class TargetTable:
         return out, mask
 
 
-def _cycle(shard, batch_size: int):
-    while True:
-        yielded = False
-        for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                    local_shuffle_buffer_size=4 * batch_size):
-            yielded = True
-            yield b
-        if not yielded:
-            return
-
-
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
     torch.manual_seed(config["seed"])
     model = build_student(config)
-    if config["freeze_backbone"]:
-        model.backbone.requires_grad_(False)
+    freeze = config["freeze"]
+    if freeze:
+        model.prefix(freeze).requires_grad_(False)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
@@ -106,19 +99,28 @@ def train_loop_per_worker(config: dict) -> None:
     targets = TargetTable(config.get("targets"), config.get("storage_options") or None)
     distill = bool(config.get("targets"))
     bs = config["batch_size"]
-    affectnet = ray.train.get_dataset_shard("affectnet")
-    fec = ray.train.get_dataset_shard("fec")
-    unlabeled = ray.train.get_dataset_shard("unlabeled") if config.get("unlabeled") else None
+    if freeze:
+        core.prefix(freeze).eval()
+
+    def encode(images):
+        x = to_student_input(images).to(device)
+        return core.prefix(freeze)(x) if freeze else x
+
+    def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
+        return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, bs, cache=bool(freeze), seed=seed)
+
+    affectnet = source("affectnet", ("image",), config["seed"])
+    fec = source("fec", ("i", "j", "k"), config["seed"] + 1)
+    unlabeled = source("unlabeled", ("image",), config["seed"] + 2) if config.get("unlabeled") else None
     for epoch in range(start, config["epochs"]):
         model.train()
-        if config["freeze_backbone"]:
-            core.backbone.eval()
-        fec_iter = _cycle(fec, bs)
-        unl_iter = _cycle(unlabeled, bs) if unlabeled is not None else None
+        if freeze:
+            core.prefix(freeze).eval()
+        fec_iter = fec.cycle(epoch)
+        unl_iter = unlabeled.cycle(epoch) if unlabeled is not None else None
         totals = {"loss": 0.0, "loss_rkd": 0.0, "loss_fec": 0.0, "loss_affectnet": 0.0, "accuracy": 0.0}
         steps = 0
-        for step, batch in enumerate(affectnet.iter_batches(batch_size=bs, batch_format="numpy",
-                                                            local_shuffle_buffer_size=4 * bs)):
+        for step, batch in enumerate(affectnet.epoch(epoch)):
             maybe_fail(config, epoch, step)
             trip = next(fec_iter)
             parts = [batch["image"], trip["i"], trip["j"], trip["k"]]
@@ -127,7 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
                 unl = next(unl_iter)
                 parts.append(unl["image"])
                 ids += list(unl["crop_id"])
-            out = model(to_student_input(np.concatenate(parts)).to(device))  # one forward: DDP syncs BN buffers
+            out = model(torch.cat(parts).to(device), after=freeze)  # one forward: DDP syncs BN buffers
             na, n = len(batch["image"]), len(trip["i"])
             labels = torch.as_tensor(batch["label"]).long().to(device)
             logits = out.affectnet[:na]
@@ -154,10 +156,8 @@ def train_loop_per_worker(config: dict) -> None:
             totals["accuracy"] += (logits.argmax(1) == labels).float().mean().item()
             steps += 1
         core.eval()
-        if not config["freeze_backbone"]:
-            images = (to_student_input(b["image"]).to(device)
-                      for b in affectnet.iter_batches(batch_size=bs, batch_format="numpy"))
-            recalibrate_batchnorm(core, images)
+        recalibrate_batchnorm(core, (b["image"].to(device) for b in affectnet.epoch(epoch)),
+                              forward=lambda x: core(x, after=freeze))
         history = report_epoch(epoch, {k: v / max(steps, 1) for k, v in totals.items()}, model, optimizer, history)
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from aver.face_data import labelled_face_data, to_teacher_input
 from aver.losses import FaceLossConfig, fec_triplet_loss
-from aver.training import TrainConfig, begin, fit, maybe_fail, recalibrate_batchnorm, report_epoch, restore
+from aver.training import (ShardBatches, TrainConfig, begin, fit, maybe_fail, recalibrate_batchnorm, report_epoch,
+                           restore)
 
 
 @dataclass
@@ -27,8 +28,9 @@ class TeacherTrainConfig(TrainConfig):
     """Face embedding width (the paper's two teachers: 128 and 256)."""
     facenet: str | None = None
     """facenet-pytorch VGGFace2 weights for the trunk (registry name or URI); None = random init."""
-    freeze_trunk: bool = False
-    """Train only the layers after the trunk (fast recipe; the trunk keeps its weights and BN statistics)."""
+    freeze: str | None = None
+    """"trunk": train only the layers after the trunk, whose outputs are computed once and cached
+    (fast recipe; the trunk keeps its weights and BN statistics). None trains everything."""
     loss: FaceLossConfig = field(default_factory=FaceLossConfig)
     """Margins and the AffectNet weight alpha."""
 
@@ -38,6 +40,8 @@ class TeacherTrainConfig(TrainConfig):
             raise ValueError("train_teacher needs both --affectnet and --fec")
         if self.d_face < 1:
             raise ValueError("d_face must be positive")
+        if self.freeze not in (None, "trunk"):
+            raise ValueError(f"freeze must be None or 'trunk', got {self.freeze!r}")
         if isinstance(self.loss, dict):
             self.loss = FaceLossConfig(**self.loss)
 
@@ -57,8 +61,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(config["seed"])
     model = build_teacher(config)
-    if config["freeze_trunk"]:
-        model.trunk.requires_grad_(False)
+    freeze = config["freeze"]
+    if freeze:
+        model.prefix(freeze).requires_grad_(False)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -66,34 +71,37 @@ def train_loop_per_worker(config: dict) -> None:
     start, history = restore(model, optimizer)
     loss_cfg = FaceLossConfig(**config["loss"])
     device = ray.train.torch.get_device()
-    affectnet = ray.train.get_dataset_shard("affectnet")
-    fec = ray.train.get_dataset_shard("fec")
     bs = config["batch_size"]
+    if freeze:
+        core.prefix(freeze).eval()
 
-    def fec_batches():
-        while True:
-            for b in fec.iter_torch_batches(batch_size=bs, local_shuffle_buffer_size=4 * bs, dtypes=None):
-                yield b
+    def encode(images):
+        x = to_teacher_input(images).to(device)
+        return core.prefix(freeze)(x) if freeze else x
 
+    affectnet = ShardBatches(ray.train.get_dataset_shard("affectnet"), ("image",), encode, bs,
+                             cache=bool(freeze), seed=config["seed"])
+    fec = ShardBatches(ray.train.get_dataset_shard("fec"), ("i", "j", "k"), encode, bs, cache=bool(freeze),
+                       seed=config["seed"] + 1)
     for epoch in range(start, config["epochs"]):
         model.train()
-        if config["freeze_trunk"]:
-            core.trunk.eval()
-        fec_iter = fec_batches()
+        if freeze:
+            core.prefix(freeze).eval()
+        fec_iter = fec.cycle(epoch)
         totals = {"loss": 0.0, "loss_fec": 0.0, "loss_affectnet": 0.0, "accuracy": 0.0, "triplet_accuracy": 0.0}
         steps = 0
-        for step, batch in enumerate(affectnet.iter_torch_batches(batch_size=bs, local_shuffle_buffer_size=4 * bs)):
+        for step, batch in enumerate(affectnet.epoch(epoch)):
             maybe_fail(config, epoch, step)
             triplets = next(fec_iter)
             # One forward pass over both batches: DDP syncs BN buffers on every forward.
             na, n = batch["image"].shape[0], triplets["i"].shape[0]
-            images = torch.cat([batch["image"], triplets["i"], triplets["j"], triplets["k"]])
-            out = model(to_teacher_input(images).to(device))
-            labels = batch["label"].to(device)
+            x = torch.cat([batch["image"], triplets["i"], triplets["j"], triplets["k"]]).to(device)
+            out = model(x, after=freeze)
+            labels = torch.as_tensor(batch["label"]).long().to(device)
             logits = out.affectnet[:na]
             loss_aff = F.cross_entropy(logits, labels)
             e_i, e_j, e_k = out.fec[na:na + n], out.fec[na + n:na + 2 * n], out.fec[na + 2 * n:]
-            loss_fec = fec_triplet_loss(e_i, e_j, e_k, loss_cfg.margins(triplets["type"].to(device)))
+            loss_fec = fec_triplet_loss(e_i, e_j, e_k, loss_cfg.margins(torch.as_tensor(triplets["type"]).to(device)))
             loss = loss_fec + loss_cfg.affectnet_weight * loss_aff
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -108,9 +116,8 @@ def train_loop_per_worker(config: dict) -> None:
             totals["triplet_accuracy"] += correct.item()
             steps += 1
         core.eval()
-        if config["freeze_trunk"]:
-            images = (to_teacher_input(b["image"]).to(device) for b in affectnet.iter_torch_batches(batch_size=bs))
-            recalibrate_batchnorm(core, images)
+        recalibrate_batchnorm(core, (b["image"].to(device) for b in affectnet.epoch(epoch)),
+                              forward=lambda x: core(x, after=freeze))
         history = report_epoch(epoch, {k: v / max(steps, 1) for k, v in totals.items()}, model, optimizer, history)
 
 

@@ -170,12 +170,66 @@ def maybe_fail(cfg: dict, epoch: int, step: int) -> None:
     raise RuntimeError(f"injected failure at epoch {epoch}, step {step}")
 
 
+class ShardBatches:
+    """Batches of a Ray Train dataset shard whose image columns are turned into model inputs by
+    ``encode``: streamed afresh every epoch, or, with ``cache=True`` (``encode`` runs a frozen
+    prefix), encoded once, kept in memory as float16 and reshuffled every epoch. The cache is what
+    makes a frozen-trunk recipe cheap: the prefix is most of the compute and its output never changes."""
+
+    def __init__(self, shard, image_columns: tuple[str, ...], encode: Callable, batch_size: int, *,
+                 cache: bool, seed: int) -> None:
+        self.shard, self.columns, self.encode, self.bs = shard, image_columns, encode, batch_size
+        self.seed, self.cached = seed, None
+        if cache:
+            self.cached = self._encode_all()
+
+    @torch.no_grad()
+    def _encode_all(self) -> dict:
+        import numpy as np
+
+        parts: dict[str, list] = {}
+        for b in self.shard.iter_batches(batch_size=64, batch_format="numpy"):
+            for k, v in b.items():
+                parts.setdefault(k, []).append(self.encode(v).half().cpu() if k in self.columns else v)
+        if not parts:
+            raise RuntimeError("this worker's dataset shard is empty")
+        return {k: torch.cat(v) if k in self.columns else np.concatenate(v) for k, v in parts.items()}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.cached.values()))) if self.cached is not None else -1
+
+    def epoch(self, epoch: int):
+        """One pass, shuffled (by epoch, reproducibly, when cached)."""
+        if self.cached is None:
+            for b in self.shard.iter_batches(batch_size=self.bs, batch_format="numpy",
+                                             local_shuffle_buffer_size=4 * self.bs):
+                yield {k: self.encode(v) if k in self.columns else v for k, v in b.items()}
+            return
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        for s in range(0, len(order), self.bs):
+            idx = order[s:s + self.bs]
+            yield {k: v[idx].float() if k in self.columns else v[idx.numpy()] for k, v in self.cached.items()}
+
+    def cycle(self, epoch: int):
+        """Endless batches (a secondary source beside the epoch's main one)."""
+        round_ = 0
+        while True:
+            yielded = False
+            for b in self.epoch(epoch * 1000 + round_):
+                yielded = True
+                yield b
+            if not yielded:
+                return
+            round_ += 1
+
+
 @torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, inputs, max_batches: int = 20) -> None:
+def recalibrate_batchnorm(model: torch.nn.Module, inputs, max_batches: int = 20,
+                          forward: Callable | None = None) -> None:
     """Recompute the running statistics of the model's trainable BatchNorm layers as exact averages
     over ``inputs`` (an iterable of model inputs). The exponential averages lag behind weights that
     change every step; where features have a small spread (a randomly initialised frozen trunk) that
-    lag alone ruins eval-mode outputs."""
+    lag alone ruins eval-mode outputs. ``forward(x)`` runs the model (default ``model(x)``)."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
               and any(p.requires_grad for p in m.parameters())]
     if not layers:
@@ -189,7 +243,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, inputs, max_batches: int = 20)
     for i, x in enumerate(inputs):
         if i >= max_batches:
             break
-        model(x)
+        (forward or model)(x)
     for m in layers:
         m.momentum = momenta[m]
         m.train(was_training[m])

@@ -4,8 +4,10 @@
 corpus -> fetch FEC images -> teacher x2 -> distill -> student (distilled and not) -> VGGish x2
 -> fusion (fused, visual-only, audio-only) -> evaluate. Checkpoints land in OUTPUT/models/,
 metrics in OUTPUT/eval/metrics.json. The demo recipe is short to fit 2 CPUs: no pretrained weights
-exist offline, so trunks start random and are frozen (teacher trunk, student backbone) and every
-stage trains for a few epochs; it proves the wiring learns, not the paper's numbers.
+exist offline, so trunks start random and stay frozen: the teachers train everything after the
+FaceNet trunk, the students DenseNet201's last dense block, norm5 and the heads, each on frozen
+outputs computed once; every stage trains for a few epochs. It proves the wiring learns, not the
+paper's numbers.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     fec = os.path.join(corpus, "fec", "faceexp-comparison-data-train-public.csv")
     teachers = []
     for d in (128, 256):
-        stage(f"teacher d_face={d} (trunk frozen)")
-        cfg = TeacherTrainConfig(**common, name=f"teacher{d}", epochs=ep(6), batch_size=32, lr=2e-3, affectnet=aff,
-                                 affectnet_images=aff_images, fec=fec, d_face=d, freeze_trunk=True, seed=a.seed + d)
+        stage(f"teacher d_face={d} (random FaceNet trunk, frozen; same trunk for both, as in the paper)")
+        cfg = TeacherTrainConfig(**common, name=f"teacher{d}", epochs=ep(10), batch_size=32, lr=2e-3, affectnet=aff,
+                                 affectnet_images=aff_images, fec=fec, d_face=d, freeze="trunk", seed=a.seed)
         train_teacher(cfg)
         teachers.append(cfg.model_uri)
     stage("distill")
@@ -73,16 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         distill(DistillConfig(input=source, images_root=root, teachers=tuple(teachers),
                               output=os.path.join(out, "distill"), batch_size=64, cpus_per_actor=1.0))
     for name, targets in (("student", os.path.join(out, "distill")), ("student_nodistill", None)):
-        stage(f"{name} (backbone frozen)")
+        stage(f"{name} (random DenseNet201, frozen up to transition3)")
         train_student(StudentTrainConfig(
-            **common, name=name, epochs=ep(6), batch_size=32, lr=2e-3, affectnet=aff, affectnet_images=aff_images,
+            **common, name=name, epochs=ep(4), batch_size=32, lr=1e-3, affectnet=aff, affectnet_images=aff_images,
             fec=fec, targets=targets, unlabeled=os.path.join(corpus, "unlabeled") if targets else None,
-            freeze_backbone=True, seed=a.seed))
+            freeze="transition3", seed=a.seed))
     recola = os.path.join(corpus, "recola")
     for dim in ("arousal", "valence"):
         stage(f"VGGish {dim}")
-        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(8),
-                                       batch_size=8, lr=1e-4, segment_frames=240, hop_frames=20, seed=a.seed))
+        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(10),
+                                       batch_size=16, lr=1e-3, segment_frames=96, hop_frames=20, seed=a.seed))
     for name, modalities in (("fusion", ("visual", "audio")), ("fusion_visual", ("visual",)),
                              ("fusion_audio", ("audio",))):
         stage(name)

@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> StudentTrainConfig:
     p.add_argument("--targets", default=None, help="distill.py output folder; omit to train without distillation")
     p.add_argument("--unlabeled", default=None, help="unlabeled face images (distilled into the same --targets)")
     p.add_argument("--imagenet", default=None, help="DenseNet201 ImageNet weights: 'densenet201-imagenet' or a URI")
-    p.add_argument("--freeze-backbone", action="store_true", help="train only the three heads")
+    p.add_argument("--freeze", default=None, metavar="STAGE",
+                   help="keep the backbone frozen up to this stage (e.g. transition3) and cache its outputs")
     p.add_argument("--alpha", type=float, default=1.0, help="AffectNet loss weight (default 1)")
     p.add_argument("--rkd-distance", type=float, default=1.0, help="RKD distance-term weight (default 1)")
     p.add_argument("--rkd-angle", type=float, default=2.0, help="RKD angle-term weight (default 2)")
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> StudentTrainConfig:
     loss = FaceLossConfig(affectnet_weight=a.alpha, rkd_distance_weight=a.rkd_distance, rkd_angle_weight=a.rkd_angle)
     return StudentTrainConfig(**train_kwargs(a), affectnet=a.affectnet, fec=a.fec, targets=a.targets,
                               unlabeled=a.unlabeled, affectnet_images=a.affectnet_images, fec_images=a.fec_images,
-                              imagenet=a.imagenet, freeze_backbone=a.freeze_backbone, loss=loss)
+                              imagenet=a.imagenet, freeze=a.freeze, loss=loss)
 
 
 def main(argv: list[str] | None = None) -> int:

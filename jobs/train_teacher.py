@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> TeacherTrainConfig:
     p.add_argument("--fec-images", default=None, help="fetched FEC images (default: images/ beside the CSV)")
     p.add_argument("--d-face", type=int, default=128, choices=[128, 256], help="embedding width (default 128)")
     p.add_argument("--facenet", default=None, help="VGGFace2 trunk weights: registry name 'facenet-vggface2' or a URI")
-    p.add_argument("--freeze-trunk", action="store_true", help="train only the layers after the FaceNet trunk")
+    p.add_argument("--freeze-trunk", action="store_true",
+                   help="train only the layers after the FaceNet trunk, whose outputs are cached")
     p.add_argument("--alpha", type=float, default=1.0, help="AffectNet loss weight alpha (default 1)")
     p.add_argument("--margin-one", type=float, default=0.1, help="one-class triplet margin (default 0.1)")
     p.add_argument("--margin-two", type=float, default=0.1, help="two-class triplet margin (default 0.1)")
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> TeacherTrainConfig:
                           margin_three_class=a.margin_three, affectnet_weight=a.alpha)
     return TeacherTrainConfig(**train_kwargs(a), affectnet=a.affectnet, fec=a.fec,
                               affectnet_images=a.affectnet_images, fec_images=a.fec_images, d_face=a.d_face,
-                              facenet=a.facenet, freeze_trunk=a.freeze_trunk, loss=loss)
+                              facenet=a.facenet, freeze="trunk" if a.freeze_trunk else None, loss=loss)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ def test_student_distils_from_teacher_targets_with_unlabeled_data(small_corpus, 
     assert len(TargetTable(str(tmp_path / "d"), None).index) > 96 + 24
     cfg = StudentTrainConfig(output=str(tmp_path), name="student", affectnet=aff, affectnet_images=images, fec=fec,
                              targets=str(tmp_path / "d"), unlabeled=str(small_corpus / "unlabeled"), epochs=1,
-                             batch_size=4, cpus_per_worker=0.5, freeze_backbone=True)
+                             batch_size=4, cpus_per_worker=0.5, freeze="transition3")
     history = run(cfg)
     assert history[0]["loss_rkd"] > 0 and history[0]["loss_fec"] > 0 and history[0]["loss_affectnet"] > 0
     model, _ = load_checkpoint(cfg.model_uri)

@@ -16,7 +16,7 @@ def _cfg(corpus, out, **kw):
         output=str(out), name=kw.pop("name", "teacher128"), epochs=kw.pop("epochs", 2), batch_size=8,
         cpus_per_worker=0.5, affectnet=str(corpus / "affectnet" / "training.csv"),
         affectnet_images=str(corpus / "affectnet" / "Manually_Annotated_Images"),
-        fec=str(corpus / "fec" / "faceexp-comparison-data-train-public.csv"), freeze_trunk=True, **kw)
+        fec=str(corpus / "fec" / "faceexp-comparison-data-train-public.csv"), freeze="trunk", **kw)
 
 
 def test_two_workers_survive_a_mid_epoch_failure_and_resume(small_corpus, tmp_path, ray_local):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aver.weights import load_state_dict
@@ -41,9 +42,14 @@ class Student(nn.Module):
 
     Input: float ``[B,3,H,W]`` RGB with ImageNet normalisation (140 px crops in the paper).
     Returns ``StudentOutput(embedding [B,1920], fec [B,32], affectnet [B,8], distill [B,80])``.
+    ``forward(x, after=STAGE)`` takes the output of the backbone stage ``STAGE`` (one of ``stages``,
+    e.g. ``"transition3"``) instead of images, for training on a cached frozen prefix;
+    ``prefix(STAGE)`` is that frozen part.
     """
 
     embedding_dim = 1920
+    stages = ("conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2", "transition2",
+              "denseblock3", "transition3", "denseblock4", "norm5")
 
     def __init__(self, *, fec_dim: int = 32, num_classes: int = 8, distill_dim: int = 80) -> None:
         super().__init__()
@@ -56,8 +62,17 @@ class Student(nn.Module):
         self.affectnet_head = nn.Linear(self.embedding_dim, num_classes)
         self.distill_head = nn.Linear(self.embedding_dim, distill_dim)
 
-    def forward(self, x: torch.Tensor) -> StudentOutput:
-        emb = self.backbone(x)
+    def _stage_index(self, stage: str) -> int:
+        if stage not in self.stages:
+            raise ValueError(f"unknown student stage {stage!r}; one of {self.stages}")
+        return self.stages.index(stage) + 1
+
+    def prefix(self, until: str) -> nn.Module:
+        return self.backbone.features[:self._stage_index(until)]
+
+    def forward(self, x: torch.Tensor, *, after: str | None = None) -> StudentOutput:
+        x = self.backbone.features[self._stage_index(after) if after else 0:](x)
+        emb = torch.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), 1)  # torchvision DenseNet.forward
         return StudentOutput(emb, self.fec_head(emb), self.affectnet_head(emb), self.distill_head(emb))
 
     @classmethod

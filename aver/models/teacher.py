@@ -70,7 +70,11 @@ class Teacher(nn.Module):
     Returns ``FaceOutput(embedding [B,d_face], fec [B,32], affectnet [B,8] logits)``.
     Submodules in order: ``trunk`` (1792x3x3), ``reduce`` (512), ``dense`` (832),
     ``project`` (d_face), then global average pooling and the heads ``fec_head``, ``affectnet_head``.
+    ``forward(x, after="trunk")`` takes the trunk's output instead of images (training on a cached
+    frozen trunk); ``prefix("trunk")`` is that frozen part.
     """
+
+    stages = ("trunk",)
 
     def __init__(self, d_face: int = 128, *, fec_dim: int = 32, num_classes: int = 8,
                  dense_layers: int = 5, growth_rate: int = 64) -> None:
@@ -83,8 +87,17 @@ class Teacher(nn.Module):
         self.fec_head = nn.Linear(d_face, fec_dim)
         self.affectnet_head = nn.Linear(d_face, num_classes)
 
-    def forward(self, x: torch.Tensor) -> FaceOutput:
-        x = self.project(self.dense(self.reduce(self.trunk(x))))
+    def prefix(self, until: str) -> nn.Module:
+        if until not in self.stages:
+            raise ValueError(f"a teacher can be cut after {self.stages}, not {until!r}")
+        return self.trunk
+
+    def forward(self, x: torch.Tensor, *, after: str | None = None) -> FaceOutput:
+        if after is None:
+            x = self.trunk(x)
+        elif after not in self.stages:
+            raise ValueError(f"a teacher can be cut after {self.stages}, not {after!r}")
+        x = self.project(self.dense(self.reduce(x)))
         emb = x.mean(dim=(2, 3))
         return FaceOutput(emb, self.fec_head(emb), self.affectnet_head(emb))
 

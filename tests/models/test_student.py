@@ -37,3 +37,18 @@ def test_from_imagenet_checks_hash(tmp_path):
     torch.save(densenet201(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="sha256 mismatch"):
         Student.from_imagenet(str(path), sha256="00000000")
+
+
+def test_forward_after_a_cached_prefix_equals_the_full_forward():
+    torch.manual_seed(0)
+    model = Student().eval()
+    x = torch.randn(2, 3, 140, 140)
+    with torch.no_grad():
+        full = model(x)
+        cached = model.prefix("transition3")(x)
+        assert cached.shape == (2, 896, 4, 4)
+        part = model(cached, after="transition3")
+    for a, b in zip(full, part):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown student stage"):
+        model.prefix("block9")

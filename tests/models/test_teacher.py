@@ -69,3 +69,16 @@ def test_teacher_backward_reaches_trunk():
     out = model(torch.randn(3, 3, 140, 140))
     (out.fec.sum() + out.affectnet.sum()).backward()
     assert model.trunk.conv2d_1a.conv.weight.grad.abs().sum() > 0
+
+
+def test_forward_after_the_trunk_equals_the_full_forward():
+    torch.manual_seed(0)
+    model = Teacher(d_face=128).eval()
+    x = torch.randn(2, 3, 140, 140)
+    with torch.no_grad():
+        full = model(x)
+        part = model(model.prefix("trunk")(x), after="trunk")
+    for a, b in zip(full, part):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="cut after"):
+        model(x, after="dense")

@@ -18,7 +18,7 @@ from aver.media import InputItem, MediaError, VideoReader, list_inputs, load_ima
 from aver.outputs import join, status_table, write_table
 from aver.storage import redact
 from aver.streaming import chunked, prefetch
-from aver.units import map_units, pending, stable_chunks
+from aver.units import actor_device, map_units, pending, stable_chunks
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -157,11 +157,8 @@ class FaceExtractor:
     """Ray Data actor: holds one FaceDetector (GPU when given one) and processes whole units."""
 
     def __init__(self, cfg: ExtractFacesConfig) -> None:
-        import torch
-
         self.cfg = cfg
-        device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.detector = FaceDetector(cfg.detector, device=device)
+        self.detector = FaceDetector(cfg.detector, device=str(actor_device(cfg.gpus_per_actor, "FaceExtractor")))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in ("unit_id", "video_id", "status", "error")}

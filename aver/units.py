@@ -39,6 +39,22 @@ def actor_count(actors: int, cpus_per_actor: float, gpus_per_actor: float, n_uni
     return max(1, min(n, n_units))
 
 
+def actor_device(gpus_per_actor: float, who: str):
+    """The torch device of an actor that asked Ray for ``gpus_per_actor``: CUDA when it works, else
+    the CPU, said in the log (a node may declare a GPU resource that CUDA cannot reach)."""
+    import ray
+    import torch
+
+    if gpus_per_actor <= 0:
+        return torch.device("cpu")
+    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if torch.cuda.is_available():
+        print(f"{who}: on CUDA (Ray GPU ids {ids})", flush=True)
+        return torch.device("cuda")
+    print(f"{who}: Ray GPU ids {ids} but CUDA is not available: falling back to CPU", flush=True)
+    return torch.device("cpu")
+
+
 def map_units(units: list[dict], actor_cls: type, cfg: Any) -> Iterator:
     """Stream ``units`` through ``actor_cls(cfg)`` actors; yields the actors' result batches (pandas).
 

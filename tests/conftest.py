@@ -71,3 +71,22 @@ def small_corpus(tmp_path_factory):
         fetch(FetchConfig(manifest=str(root / "fec" / f"faceexp-comparison-data-{split}-public.csv"),
                           output=str(root / "fec")))
     return root
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory):
+    """A --model folder of untrained checkpoints (student, both VGGish, the three fusion variants):
+    the scoring path's shapes, flags and bookkeeping do not depend on trained weights."""
+    import torch
+
+    from aver.models import FusionModel, Student, VGGishEmotion, save_checkpoint
+
+    root = tmp_path_factory.mktemp("random_models")
+    torch.manual_seed(0)
+    save_checkpoint(Student().eval(), str(root / "student.pt"))
+    for dim in ("arousal", "valence"):
+        save_checkpoint(VGGishEmotion().eval(), str(root / f"vggish_{dim}.pt"))
+    for name, modalities in (("fusion", ("visual", "audio")), ("fusion_visual", ("visual",)),
+                             ("fusion_audio", ("audio",))):
+        save_checkpoint(FusionModel(1920, 256, modalities=modalities).eval(), str(root / f"{name}.pt"))
+    return root

@@ -1,0 +1,348 @@
+"""score_videos: a media archive -> per-time-step arousal/valence and expression probabilities.
+
+One unit of work per input file, streamed inside one actor that holds every model: decode at
+``fps`` -> MTCNN + tracks -> student embeddings and 8-class probabilities per face crop (chunk by
+chunk, so no video is ever held whole) -> VGGish frame features of the audio -> fusion over
+sliding windows. Each step of ``hop_s`` gets one row per scored face track (the primary one, or
+every track with ``all_faces``) from the window of ``window_s`` ending there. A row uses what is
+there: both modalities (``audio+visual``), the face alone (``visual``: no audio track), the voice
+alone (``audio``: no face in the window, or an audio file), or nothing (``none``: null scores).
+
+Per input, written atomically in this order: ``scores/<id>.parquet``, ``summary/<id>.parquet``,
+``report/<id>.png``, then ``status/<id>.parquet`` (its presence means "complete"). The run ends by
+rebuilding ``report/index.html`` and ``report/circumplex.png`` from ``summary/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from aver import AFFECTNET_CLASSES
+from aver.faces import FaceDetector, FaceDetectorConfig, FaceTracker
+from aver.features import AUDIO_STEP_S, audio_timeline, student_features, take
+from aver.media import InputItem, MediaError, VideoReader, list_inputs, read_audio
+from aver.outputs import join, status_table, write_table
+from aver.storage import redact
+from aver.streaming import chunked, prefetch
+from aver.units import actor_device, map_units, pending
+
+SCORES_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("track_id", pa.int32()),
+    ("t_start_s", pa.float64()),
+    ("t_end_s", pa.float64()),
+    ("arousal", pa.float32()),
+    ("valence", pa.float32()),
+    ("face_detected", pa.bool_()),
+    ("modality", pa.string()),
+    ("expression_probs", pa.list_(pa.float32(), 8)),
+])
+
+SUMMARY_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("source", pa.string()),
+    ("status", pa.string()),
+    ("duration_s", pa.float64()),
+    ("n_steps", pa.int64()),
+    ("n_tracks", pa.int32()),
+    ("has_audio", pa.bool_()),
+    ("modalities", pa.string()),
+    ("face_coverage", pa.float32()),
+    ("arousal_mean", pa.float32()),
+    ("valence_mean", pa.float32()),
+    ("arousal_std", pa.float32()),
+    ("valence_std", pa.float32()),
+    ("dominant_expression", pa.string()),
+])
+
+MODEL_FILES = {"student": "student.pt", "vggish_arousal": "vggish_arousal.pt", "vggish_valence": "vggish_valence.pt",
+               "fused": "fusion.pt", "visual": "fusion_visual.pt", "audio": "fusion_audio.pt"}
+
+
+@dataclass
+class ScoreVideosConfig:
+    input: str
+    """Videos and audio files: a folder, a glob, a manifest (.txt/.csv/.parquet) or one file."""
+    output: str
+    """Output folder (local or fsspec URI); gets scores/, summary/, status/ and report/."""
+    model: str
+    """Folder of checkpoints as `make demo` leaves them: student.pt, vggish_{arousal,valence}.pt,
+    fusion.pt (fusion_visual.pt and fusion_audio.pt used for one-modality rows when present)."""
+    fps: float = 5.0
+    """Frames sampled per second for faces (as the fusion model was trained)."""
+    window_s: float = 9.6
+    """Fusion window (as trained); the first steps use the shorter span available."""
+    hop_s: float = 0.4
+    """One score row per track every hop_s seconds, for the window ending there."""
+    all_faces: bool = False
+    """Score every face track; default only the primary one (on screen longest and largest)."""
+    detector: FaceDetectorConfig = field(default_factory=FaceDetectorConfig)
+    """MTCNN and crop settings."""
+    batch_size: int = 64
+    """Face crops per student batch and windows per fusion batch."""
+    actors: int = 0
+    """Scoring actors; 0 picks one per GPU share, or CPUs - 1 (at least 1) without GPUs."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor (decode runs inside it, in a prefetch thread)."""
+    gpus_per_actor: float = 0.0
+    """GPU share per actor; 0 runs on CPU. On CUDA the models run in bf16 autocast, channels_last."""
+    max_bytes: int = 20 * 2**30
+    """Inputs larger than this get status too_large."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for input, model and output."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.detector, dict):
+            self.detector = FaceDetectorConfig(**self.detector)
+        if not 0 < self.fps <= 120:
+            raise ValueError(f"fps must be in (0, 120], got {self.fps}")
+        if self.window_s <= 0 or self.hop_s <= 0 or self.hop_s > self.window_s:
+            raise ValueError("need window_s > 0 and 0 < hop_s <= window_s")
+        if self.batch_size < 1 or self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError("batch_size >= 1, actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0")
+
+
+@dataclass
+class _Tracks:
+    """Per sampled frame: time; per track: student embeddings and probabilities where present."""
+
+    times: list[float] = field(default_factory=list)
+    feats: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+    probs: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+
+
+class VideoScorer:
+    """Ray Data actor: every model of the pipeline on one device; scores whole inputs."""
+
+    def __init__(self, cfg: ScoreVideosConfig) -> None:
+        from aver.models import load_checkpoint
+        from aver.storage import exists
+
+        self.cfg = cfg
+        so = cfg.storage_options or None
+        self.device = actor_device(cfg.gpus_per_actor, "score_videos VideoScorer")
+        self.models: dict[str, torch.nn.Module] = {}
+        for key, name in MODEL_FILES.items():
+            uri = join(cfg.model, name)
+            if key in ("visual", "audio") and not exists(uri, so):
+                continue  # one-modality rows fall back to the fused model with that input zeroed
+            model, _ = load_checkpoint(uri, storage_options=so)
+            self.models[key] = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.detector = FaceDetector(cfg.detector, device=str(self.device))
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"video_id": [], "status": [], "error": []}
+        for item in batch["items"]:
+            item = InputItem(**dict(item[0]))
+            status = self.score(item)
+            out["video_id"].append(item.item_id)
+            out["status"].append(status["status"])
+            out["error"].append(status["error"] or "")
+        return out
+
+    # -- one input -------------------------------------------------------------------------
+    def score(self, item: InputItem) -> dict:
+        from aver.report import timeline_png
+
+        cfg, so = self.cfg, self.cfg.storage_options
+        status: dict[str, Any] = {"video_id": item.item_id, "source": redact(item.source), "n_frames": 0,
+                                  "duration_s": None, "status": "ok", "error": None}
+        tracks, video_error, tracker = None, None, FaceTracker()
+        if item.kind != "audio":
+            try:
+                tracks, duration, video_error = self._faces(item, tracker)
+                status["duration_s"], status["n_frames"] = duration, len(tracks.times)
+            except MediaError as e:
+                video_error = e
+        audio, audio_error = None, None
+        if not (video_error is not None and video_error.status in ("corrupt", "too_large") and tracks is None):
+            try:
+                with torch.inference_mode(), self.autocast:
+                    wave = read_audio(item.source, storage_options=so or None)
+                    audio = audio_timeline(wave, 16000, [self.models["vggish_arousal"], self.models["vggish_valence"]])
+                if len(audio.times) == 0:
+                    audio, audio_error = None, MediaError("too_short", "audio shorter than one VGGish step")
+                elif status["duration_s"] is None:
+                    status["duration_s"] = len(wave) / 16000
+            except MediaError as e:
+                audio_error = e
+        if tracks is None and audio is None:
+            err = video_error or audio_error
+            status.update(status=err.status, error=str(err))
+            write_table(join(cfg.output, "status", f"{item.item_id}.parquet"), status_table([status]), so)
+            return status
+        track_ids = self._scored_tracks(tracks, tracker)
+        rows = self._rows(item.item_id, float(status["duration_s"] or 0.0), tracks, track_ids, audio)
+        status.update(_status_of(item, tracks, track_ids, audio, video_error, audio_error))
+        summary = summarise(item, status, rows, tracks, tracker, audio is not None)
+        table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+        write_table(join(cfg.output, "scores", f"{item.item_id}.parquet"), table, so)
+        write_table(join(cfg.output, "summary", f"{item.item_id}.parquet"),
+                    pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA), so)
+        if rows:
+            from aver.storage import write_bytes_atomic
+
+            write_bytes_atomic(join(cfg.output, "report", f"{item.item_id}.png"), timeline_png(table, summary), so)
+        write_table(join(cfg.output, "status", f"{item.item_id}.parquet"), status_table([status]), so)
+        return status
+
+    def _faces(self, item: InputItem, tracker: FaceTracker) -> tuple[_Tracks, float | None, MediaError | None]:
+        """Detect, track and embed faces chunk by chunk; a decode error after some frames keeps them."""
+        cfg = self.cfg
+        found = _Tracks()
+        error = None
+        with VideoReader(item.source, storage_options=cfg.storage_options, max_bytes=cfg.max_bytes) as reader:
+            duration = reader.info.duration_s
+            try:
+                for chunk in prefetch(chunked(reader.frames(cfg.fps), cfg.detector.batch_size)):
+                    crops, keys = [], []
+                    for frame, dets in zip(chunk, self.detector.detect([f.image for f in chunk])):
+                        step = len(found.times)
+                        found.times.append(frame.timestamp_s)
+                        for tid, det in zip(tracker.update(step, dets), dets):
+                            crops.append(self.detector.crop(frame.image, det.box))
+                            keys.append((tid, step))
+                    if crops:
+                        with torch.inference_mode(), self.autocast:
+                            emb, prob = student_features(self.models["student"], crops, self.cfg.batch_size,
+                                                         self.device)
+                        for (tid, step), e, p in zip(keys, emb.astype(np.float16), prob):
+                            found.feats.setdefault(tid, {})[step] = e
+                            found.probs.setdefault(tid, {})[step] = p
+            except MediaError as e:
+                if not found.times:
+                    raise
+                error = e
+        if not found.times:
+            raise MediaError("too_short", "no frame decoded at the sampling rate")
+        if duration is None:
+            duration = found.times[-1] + 1.0 / cfg.fps
+        return found, duration, error
+
+    def _scored_tracks(self, tracks: _Tracks | None, tracker: FaceTracker) -> list[int]:
+        if tracks is None or not tracks.feats:
+            return []
+        if self.cfg.all_faces:
+            return sorted(tracks.feats)
+        return [tracker.primary()]
+
+    def _rows(self, video_id: str, duration: float, tracks: _Tracks | None, track_ids: list[int],
+              audio) -> list[dict]:
+        """One row per (track, step); with no face track, one audio (or empty) row per step."""
+        cfg = self.cfg
+        tv, ta = max(1, round(cfg.window_s * cfg.fps)), max(1, round(cfg.window_s / AUDIO_STEP_S))
+        ends = np.arange(1, int(np.floor(duration / cfg.hop_s + 1e-9)) + 1) * cfg.hop_s
+        if len(ends) == 0 and duration > 0:
+            ends = np.array([duration])
+        times = np.asarray(tracks.times) if tracks is not None else np.zeros(0)
+        rows: list[dict] = []
+        windows: dict[str, list[tuple[int, np.ndarray | None, np.ndarray | None]]] = {}
+        for tid in (track_ids or [None]):
+            present = np.zeros(len(times), bool)
+            feats = probs = None
+            if tid is not None:
+                steps = np.fromiter(tracks.feats[tid].keys(), int)
+                present[steps] = True
+                feats = np.zeros((len(times), 1920), np.float16)
+                feats[steps] = np.stack(list(tracks.feats[tid].values()))
+                probs = np.zeros((len(times), 8), np.float32)
+                probs[steps] = np.stack(list(tracks.probs[tid].values()))
+            for end in ends:
+                start, w_start = end - cfg.hop_s, max(0.0, end - cfg.window_s)
+                in_row = present & (times >= start - 1e-6) & (times < end - 1e-6)
+                in_window = present & (times >= w_start - 1e-6) & (times < end - 1e-6)
+                has_audio = audio is not None and bool(np.any((audio.times >= w_start - 1e-6) & (audio.times < end - 1e-6)))
+                vis = take(times, feats, w_start, end, tv) if in_window.any() else None
+                aud = take(audio.times, audio.features, w_start, end, ta) if has_audio else None
+                modality = ("audio+visual" if vis is not None and aud is not None else "visual" if vis is not None
+                            else "audio" if aud is not None else "none")
+                row = {"video_id": video_id, "track_id": tid, "t_start_s": float(start), "t_end_s": float(end),
+                       "arousal": None, "valence": None, "face_detected": bool(in_row.any()), "modality": modality,
+                       "expression_probs": probs[in_row].mean(0).tolist() if in_row.any() else None}
+                rows.append(row)
+                if modality != "none":
+                    windows.setdefault(modality, []).append((len(rows) - 1, vis, aud))
+        for modality, items in windows.items():
+            self._fuse(modality, items, rows, tv, ta)
+        return rows
+
+    @torch.inference_mode()
+    def _fuse(self, modality: str, items: list, rows: list[dict], tv: int, ta: int) -> None:
+        key = {"audio+visual": "fused", "visual": "visual", "audio": "audio"}[modality]
+        model = self.models.get(key, self.models["fused"])
+        for part in chunked(iter(items), self.cfg.batch_size):
+            vis = torch.from_numpy(np.stack([v if v is not None else np.zeros((tv, 1920), np.float32)
+                                             for _, v, _ in part]).astype(np.float32))
+            aud = torch.from_numpy(np.stack([a if a is not None else np.zeros((ta, 256), np.float32)
+                                             for _, _, a in part]).astype(np.float32))
+            if self.device.type == "cuda":
+                vis, aud = vis.pin_memory(), aud.pin_memory()
+            with self.autocast:
+                pred = model(vis.to(self.device, non_blocking=True), aud.to(self.device, non_blocking=True))
+            for (i, _, _), (a, v) in zip(part, pred.float().cpu().numpy()):
+                rows[i]["arousal"], rows[i]["valence"] = float(a), float(v)
+
+
+def _status_of(item: InputItem, tracks, track_ids, audio, video_error, audio_error) -> dict:
+    """The status of a scored input: ok, or which modality was missing (it was scored without it)."""
+    if video_error is not None and tracks is not None:
+        return {"status": video_error.status, "error": f"{video_error} (scored the {len(tracks.times)} frames before)"}
+    if item.kind == "audio":
+        return {"status": "ok", "error": None}
+    if tracks is None:
+        return {"status": video_error.status, "error": f"{video_error}; scored from audio only"}
+    if not track_ids:
+        why = "scored from audio only" if audio is not None else "no audio track either: no scores"
+        return {"status": "no_face", "error": why}
+    if audio is None:
+        return {"status": audio_error.status if audio_error else "no_audio", "error": "scored from faces only"}
+    return {"status": "ok", "error": None}
+
+
+def summarise(item: InputItem, status: dict, rows: list[dict], tracks, tracker: FaceTracker, has_audio: bool) -> dict:
+    """One summary row per input: mean/std of the scores, dominant expression, face coverage."""
+    scored = [r for r in rows if r["arousal"] is not None]
+    a = np.array([r["arousal"] for r in scored], np.float32)
+    v = np.array([r["valence"] for r in scored], np.float32)
+    probs = [r["expression_probs"] for r in rows if r["expression_probs"] is not None]
+    primary = tracker.primary() if tracks is not None and tracks.feats else None
+    coverage = (len(tracks.feats[primary]) / len(tracks.times)) if primary is not None else (0.0 if tracks else None)
+    return {
+        "video_id": item.item_id, "source": redact(item.source), "status": status["status"],
+        "duration_s": status["duration_s"], "n_steps": len({(r["t_start_s"]) for r in rows}),
+        "n_tracks": len(tracks.feats) if tracks is not None else 0, "has_audio": has_audio,
+        "modalities": ",".join(sorted({r["modality"] for r in rows})),
+        "face_coverage": coverage,
+        "arousal_mean": float(a.mean()) if len(a) else None, "valence_mean": float(v.mean()) if len(v) else None,
+        "arousal_std": float(a.std()) if len(a) else None, "valence_std": float(v.std()) if len(v) else None,
+        "dominant_expression": AFFECTNET_CLASSES[int(np.argmax(np.mean(probs, axis=0)))] if probs else None,
+    }
+
+
+def run(cfg: ScoreVideosConfig) -> dict[str, int]:
+    """Score every pending input on the current Ray cluster, then rebuild the report; returns the
+    count of each status among the inputs processed now."""
+    from aver.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+    from aver.report import build_report
+
+    items = [i for i in list_inputs(cfg.input, cfg.storage_options, VIDEO_EXTENSIONS + AUDIO_EXTENSIONS)
+             if i.kind != "image"]
+    units = [{"unit_id": i.item_id, "items": [vars(i)]} for i in items]
+    todo = pending(units, cfg.output, cfg.storage_options)
+    print(f"score_videos: {len(items)} inputs; {len(units) - len(todo)} already complete, {len(todo)} to do",
+          flush=True)
+    counts: dict[str, int] = {}
+    for batch in (map_units(todo, VideoScorer, cfg) if todo else []):
+        for vid, status, error in zip(batch["video_id"], batch["status"], batch["error"]):
+            counts[status] = counts.get(status, 0) + 1
+            print(f"  {vid}: {status}{' - ' + error if error else ''}", flush=True)
+    if items:
+        index = build_report(cfg.output, cfg.storage_options)
+        print(f"score_videos: report at {redact(index)}", flush=True)
+    return counts

@@ -1,0 +1,95 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from aver.outputs import read_folder
+from aver.score import ScoreVideosConfig, run
+from tests.ray_helpers import kill_when, run_job
+
+pytestmark = pytest.mark.timeout(500)
+
+# The demo corpus's archive: what each input holds and how it must come out.
+EXPECTED = {  # name: (status, modalities its rows may use)
+    "interview.mp4": ("ok", {"audio+visual", "audio"}),
+    "face_leaves.mp4": ("ok", {"audio+visual", "audio"}),
+    "silent_face.mp4": ("no_audio", {"visual", "none"}),
+    "no_face.mp4": ("no_face", {"audio"}),
+    "podcast.wav": ("ok", {"audio"}),
+    "broken.mp4": ("corrupt", set()),
+}
+
+
+def test_mixed_archive_rows_flags_status_and_report(tmp_path, small_corpus, random_models, ray_local):
+    out = tmp_path / "out"
+    counts = run(ScoreVideosConfig(input=str(small_corpus / "archive"), output=str(out), model=str(random_models),
+                                   cpus_per_actor=0.5, actors=1))
+    assert sum(counts.values()) == len(EXPECTED)
+    status = read_folder(str(out / "status")).to_pandas()
+    assert len(status) == len(EXPECTED) and status["video_id"].is_unique
+    got = {os.path.basename(s): st for s, st in zip(status["source"], status["status"])}
+    assert got == {k: v[0] for k, v in EXPECTED.items()}
+    scores = read_folder(str(out / "scores")).to_pandas()
+    names = dict(zip(status["video_id"], (os.path.basename(s) for s in status["source"])))
+    scores["name"] = scores["video_id"].map(names)
+    assert "broken.mp4" not in set(scores["name"])
+    for name, rows in scores.groupby("name"):
+        assert set(rows["modality"]) <= EXPECTED[name][1], name
+        # 12 s inputs, one row per 0.4 s step (one track at most here)
+        assert len(rows) == 30 and np.allclose(np.sort(rows["t_end_s"]), np.arange(1, 31) * 0.4), name
+        scored = rows[rows["modality"] != "none"]
+        assert scored[["arousal", "valence"]].notna().all().all(), name
+        assert scored[["arousal", "valence"]].abs().le(1).all().all(), name
+        assert rows.loc[rows["modality"] == "none", ["arousal", "valence"]].isna().all().all()
+        has_face = rows["face_detected"]
+        assert rows.loc[has_face, "expression_probs"].map(lambda p: abs(sum(p) - 1) < 1e-4).all()
+        assert rows.loc[~has_face, "expression_probs"].isna().all()
+    by_name = {n: g.sort_values("t_end_s") for n, g in scores.groupby("name")}
+    assert by_name["interview.mp4"]["face_detected"].mean() > 0.8
+    assert not by_name["no_face.mp4"]["face_detected"].any() and by_name["no_face.mp4"]["track_id"].isna().all()
+    leaves = by_name["face_leaves.mp4"]["face_detected"].to_numpy()
+    assert leaves[:10].all() and not leaves[-10:].any()  # the face leaves halfway through
+    summary = read_folder(str(out / "summary")).to_pandas().set_index("video_id")
+    assert sorted(summary.index.map(names)) == sorted(n for n in EXPECTED if n != "broken.mp4")
+    assert summary.loc[summary.index.map(names) == "silent_face.mp4", "has_audio"].item() is False
+    assert summary.loc[summary.index.map(names) == "no_face.mp4", "dominant_expression"].isna().all()
+    report = out / "report"
+    html = (report / "index.html").read_text()
+    for vid in status["video_id"]:
+        assert vid in html
+    assert (report / "circumplex.png").stat().st_size > 5000
+    pngs = {p.stem for p in report.glob("*.png")} - {"circumplex"}
+    assert pngs == set(summary.index)
+    # a rerun finds everything complete and rewrites nothing but the report
+    again = run(ScoreVideosConfig(input=str(small_corpus / "archive"), output=str(out), model=str(random_models),
+                                  cpus_per_actor=0.5, actors=1))
+    assert again == {} and len(read_folder(str(out / "scores")).to_pandas()) == len(scores)
+
+
+def test_killed_job_rerun_equals_uninterrupted(tmp_path, small_corpus, random_models):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        shutil.copy(small_corpus / "archive" / "interview.mp4", src / f"talk{i}.mp4")
+    args = ["jobs/score_videos.py", "--input", str(src), "--model", str(random_models), "--cpus-per-actor", "0.5",
+            "--actors", "1"]
+    clean = run_job(args + ["--output", str(tmp_path / "clean")], timeout=300)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    status_dir = tmp_path / "killed" / "status"
+    done = lambda: status_dir.exists() and len([p for p in status_dir.iterdir() if not p.name.startswith(".")]) >= 2  # noqa: E731
+    kill_when(args + ["--output", str(tmp_path / "killed")], done, timeout=300)
+    n_done = len(list(status_dir.glob("*.parquet")))
+    assert 2 <= n_done < 6, f"kill landed after {n_done} of 6 inputs"
+    rerun = run_job(args + ["--output", str(tmp_path / "killed")], timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{n_done} already complete" in rerun.stdout
+    key = ["video_id", "track_id", "t_end_s"]
+    a = read_folder(str(tmp_path / "clean" / "scores")).to_pandas().sort_values(key).reset_index(drop=True)
+    b = read_folder(str(tmp_path / "killed" / "scores")).to_pandas().sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) == 6 * 30
+    assert a.drop(columns="expression_probs").equals(b.drop(columns="expression_probs"))
+    assert np.array_equal(np.stack(a["expression_probs"].dropna()), np.stack(b["expression_probs"].dropna()))
+    sa = read_folder(str(tmp_path / "clean" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
+    sb = read_folder(str(tmp_path / "killed" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
+    assert sa.equals(sb)

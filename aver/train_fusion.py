@@ -19,7 +19,7 @@ from aver.metrics import ccc
 from aver.models.fusion import MODALITIES
 from aver.outputs import join
 from aver.storage import exists, read_bytes, write_bytes_atomic
-from aver.training import TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore
+from aver.training import TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore, to_device
 
 STEP_S = 0.04
 
@@ -189,7 +189,8 @@ def train_loop_per_worker(config: dict) -> None:
     bs = config["batch_size"]
 
     def predict(batch):
-        return model(batch["visual"].to(device), batch["audio"].to(device)), batch["target"].to(device)
+        return (model(to_device(batch["visual"], device), to_device(batch["audio"], device)),
+                to_device(batch["target"], device))
 
     for epoch in range(start, config["epochs"]):
         batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=8 * bs)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from aver.face_data import labelled_face_data, to_student_input, unlabeled_dataset
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models.student import Student
-from aver.training import (ShardBatches, TrainConfig, begin, fit, maybe_fail, recalibrate_batchnorm, report_epoch,
-                           restore)
+from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, maybe_fail, recalibrate_batchnorm,
+                           report_epoch, restore, to_device)
 
 
 @dataclass
@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     freeze = config["freeze"]
     if freeze:
         model.prefix(freeze).requires_grad_(False)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
                                   weight_decay=config["weight_decay"])
@@ -103,8 +103,11 @@ def train_loop_per_worker(config: dict) -> None:
         core.prefix(freeze).eval()
 
     def encode(images):
-        x = to_student_input(images).to(device)
-        return core.prefix(freeze)(x) if freeze else x
+        x = to_device(to_student_input(images), device)
+        if not freeze:
+            return x
+        with autocast(device):
+            return core.prefix(freeze)(x).float()
 
     def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
         return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, bs, cache=bool(freeze), seed=seed)
@@ -129,7 +132,9 @@ def train_loop_per_worker(config: dict) -> None:
                 unl = next(unl_iter)
                 parts.append(unl["image"])
                 ids += list(unl["crop_id"])
-            out = model(torch.cat(parts).to(device), after=freeze)  # one forward: DDP syncs BN buffers
+            with autocast(device):  # one forward: DDP syncs BN buffers
+                out = model(to_device(torch.cat(parts), device), after=freeze)
+            out = type(out)(*(o.float() for o in out))
             na, n = len(batch["image"]), len(trip["i"])
             labels = torch.as_tensor(batch["label"]).long().to(device)
             logits = out.affectnet[:na]

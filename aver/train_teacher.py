@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from aver.face_data import labelled_face_data, to_teacher_input
 from aver.losses import FaceLossConfig, fec_triplet_loss
-from aver.training import (ShardBatches, TrainConfig, begin, fit, maybe_fail, recalibrate_batchnorm, report_epoch,
-                           restore)
+from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, maybe_fail, recalibrate_batchnorm,
+                           report_epoch, restore, to_device)
 
 
 @dataclass
@@ -64,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
     freeze = config["freeze"]
     if freeze:
         model.prefix(freeze).requires_grad_(False)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     core = model.module if hasattr(model, "module") else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
@@ -76,8 +76,11 @@ def train_loop_per_worker(config: dict) -> None:
         core.prefix(freeze).eval()
 
     def encode(images):
-        x = to_teacher_input(images).to(device)
-        return core.prefix(freeze)(x) if freeze else x
+        x = to_device(to_teacher_input(images), device)
+        if not freeze:
+            return x
+        with autocast(device):
+            return core.prefix(freeze)(x).float()
 
     affectnet = ShardBatches(ray.train.get_dataset_shard("affectnet"), ("image",), encode, bs,
                              cache=bool(freeze), seed=config["seed"])
@@ -95,8 +98,10 @@ def train_loop_per_worker(config: dict) -> None:
             triplets = next(fec_iter)
             # One forward pass over both batches: DDP syncs BN buffers on every forward.
             na, n = batch["image"].shape[0], triplets["i"].shape[0]
-            x = torch.cat([batch["image"], triplets["i"], triplets["j"], triplets["k"]]).to(device)
-            out = model(x, after=freeze)
+            x = torch.cat([batch["image"], triplets["i"], triplets["j"], triplets["k"]])
+            with autocast(device):
+                out = model(to_device(x, device), after=freeze)
+            out = type(out)(*(o.float() for o in out))
             labels = torch.as_tensor(batch["label"]).long().to(device)
             logits = out.affectnet[:na]
             loss_aff = F.cross_entropy(logits, labels)

@@ -9,7 +9,7 @@ import torch
 
 from aver.metrics import ccc
 from aver.recola_data import recola_audio_dataset
-from aver.training import TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore
+from aver.training import TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore, to_device
 
 DIMENSIONS = ("arousal", "valence")
 
@@ -55,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     torch.manual_seed(config["seed"])
-    model = ray.train.torch.prepare_model(build_vggish(config))
+    model = ray.train.torch.prepare_model(build_vggish(config).to(memory_format=torch.channels_last))
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     start, history = restore(model, optimizer)
     device = ray.train.torch.get_device()
@@ -64,7 +64,8 @@ def train_loop_per_worker(config: dict) -> None:
     bs = config["batch_size"]
 
     def predict(batch):
-        return model(batch["mel"].unsqueeze(1).to(device)).prediction, batch[dim].float().to(device)
+        mel = batch["mel"].unsqueeze(1).contiguous(memory_format=torch.channels_last)
+        return model(to_device(mel, device)).prediction, to_device(batch[dim].float(), device)
 
     for epoch in range(start, config["epochs"]):
         batches = shard.iter_torch_batches(batch_size=bs, local_shuffle_buffer_size=4 * bs, drop_last=True)

@@ -66,6 +66,18 @@ class TrainConfig:
         return join(self.output, "models", f"{self.name}.metrics.json")
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the GPU stages' precision); a no-op on CPU, where bf16 is slower."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> device, through pinned memory and an asynchronous copy on CUDA."""
+    if x.device == device or device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def is_finished(cfg: TrainConfig) -> bool:
     """True when the run's final model was published: a rerun must not retrain."""
     return exists(cfg.model_uri, cfg.storage_options)
@@ -94,7 +106,9 @@ def ccc_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches,
     losses, preds, targets = [], [], []
     for step, batch in enumerate(batches):
         maybe_fail(config, epoch, step)
-        pred, target = predict(batch)
+        with autocast(next(model.parameters()).device):
+            pred, target = predict(batch)
+        pred, target = pred.float(), target.float()
         loss = ccc_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -3,7 +3,9 @@
 
 (a) extract_faces frames/s over a naive per-frame facenet-pytorch loop on the same 720p videos;
 (b) distill crops/s over the bare two-teacher forward pass in one process on the same crops;
-(c) peak RSS (driver + local Ray workers) of extract_faces on a corpus 4x as large as another.
+(c) peak RSS (driver + local Ray workers) of extract_faces on a corpus 4x as large as another;
+(d) score_videos: seconds of video scored per second of wall time (face + speech, 720p);
+(e) peak RSS of score_videos on an archive 4x as large as another.
 Writes the figures to --report (default docs/benchmarks.md).
 """
 
@@ -43,6 +45,37 @@ def _corpus(folder: str, n: int, seconds: float = 4.0, w: int = 1280, h: int = 7
                 yield img
 
         write_video(os.path.join(folder, f"v{v}.mp4"), frames(), 10)
+
+
+def _talking_corpus(folder: str, n: int, seconds: float) -> None:
+    """720p videos with a moving face and a synthetic voice (what score_videos is for)."""
+    from aver.media import write_video
+    from aver.synth import smooth_trajectory, voice
+
+    _corpus(folder, n, seconds=seconds)
+    rng = np.random.default_rng(1)
+    for v in range(n):
+        path = os.path.join(folder, f"v{v}.mp4")
+        import av
+
+        with av.open(path) as c:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        steps = int(seconds / 0.04)
+        audio = voice(smooth_trajectory(steps, rng), smooth_trajectory(steps, rng), rng)
+        write_video(path, iter(frames), 10, audio=audio)
+
+
+def _random_models(folder: str) -> None:
+    """Untrained checkpoints: throughput does not depend on the weights' values."""
+    import torch
+
+    from aver.models import FusionModel, Student, VGGishEmotion, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(Student().eval(), os.path.join(folder, "student.pt"))
+    for dim in ("arousal", "valence"):
+        save_checkpoint(VGGishEmotion().eval(), os.path.join(folder, f"vggish_{dim}.pt"))
+    save_checkpoint(FusionModel(1920, 256).eval(), os.path.join(folder, "fusion.pt"))
 
 
 def naive_extract(folder: str, fps: float = 5.0) -> int:
@@ -91,6 +124,7 @@ def main() -> int:
     p.add_argument("--report", default=os.path.join(ROOT, "docs", "benchmarks.md"), help="Markdown file to write")
     p.add_argument("--videos", type=int, default=12, help="720p videos of 8 s in the speed corpus (default 12);"
                    " large enough that actor start-up is amortised as on a real corpus")
+    p.add_argument("--score-videos", type=int, default=6, help="20 s talking videos in the score_videos run (default 6)")
     p.add_argument("--crops", type=int, default=1024, help="crops in the distill comparison (default 1024)")
     a = p.parse_args()
 
@@ -169,6 +203,28 @@ def main() -> int:
     lines.append(f"## (c) extract_faces peak RSS, 1x vs 4x corpus\n\nDriver plus local Ray processes, "
                  f"2 vs 8 videos (720p, 4 s).\n\n| corpus | peak RSS MiB |\n|---|---|\n| 1x | {rss1:.0f} |\n"
                  f"| 4x | {rss4:.0f} |\n\n**Ratio {rss4 / rss1:.2f}** (target <= 1.2).\n")
+    models = os.path.join(work, "models")
+    _random_models(models)
+    talks = os.path.join(work, "talks")
+    _talking_corpus(talks, a.score_videos, seconds=20.0)
+    score = ["jobs/score_videos.py", "--model", models, "--actors", "1", "--cpus-per-actor", str(cpus)]
+    t = time.perf_counter()
+    subprocess.run([sys.executable, *score, "--input", talks, "--output", os.path.join(work, "scored")], cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = a.score_videos * 20.0
+    rate = seconds / (time.perf_counter() - t)
+    lines.append(f"## (d) score_videos throughput\n\n{a.score_videos} videos, 1280x720, 20 s, face and speech; "
+                 f"faces at 5 fps, fusion every 0.4 s; one actor with all CPUs; wall time of the whole job "
+                 f"(Ray start-up and model loading included).\n\n**{rate:.2f} s of video per second** "
+                 f"({seconds:.0f} s in {seconds / rate:.0f} s).\n")
+    s1, s4 = os.path.join(work, "talk1"), os.path.join(work, "talk4")
+    _talking_corpus(s1, 2, seconds=10.0)
+    _talking_corpus(s4, 8, seconds=10.0)
+    r1 = peak_rss_of_job(score + ["--input", s1, "--output", os.path.join(work, "so1")])
+    r4 = peak_rss_of_job(score + ["--input", s4, "--output", os.path.join(work, "so4")])
+    lines.append(f"## (e) score_videos peak RSS, 1x vs 4x archive\n\nDriver plus local Ray processes, "
+                 f"2 vs 8 videos (720p, 10 s, with audio).\n\n| archive | peak RSS MiB |\n|---|---|\n"
+                 f"| 1x | {r1:.0f} |\n| 4x | {r4:.0f} |\n\n**Ratio {r4 / r1:.2f}** (target <= 1.2).\n")
     lines.append(
         "## How these are measured\n\n"
         "Each ratio compares two runs on the same data in this one invocation, with the same share of the "

@@ -229,107 +229,102 @@ def _session(rng: np.random.Generator, seconds: float):
     return valence, arousal, Identity.random(rng), voice(valence, arousal, rng, step_s=STEP_S)
 
 
-def write_corpus(out: str, seed: int = 0, size: str = "small") -> dict[str, int]:
-    """Write the demo corpus under ``out`` in the real datasets' layouts; returns counts."""
-    import csv
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    # One stream per item: the corpus is the same whatever the number of processes writing it.
+    return np.random.default_rng([seed, *key])
+
+
+def _affectnet_part(out: str, seed: int, split: str, indices: range) -> list[list]:
+    import os
+
+    rows = []
+    for i in indices:
+        rng = _rng(seed, 0 if split == "training" else 1, i)
+        label = i % len(PROTOTYPES)
+        img, (x, y, fw, fh) = _labelled_face(rng, label)
+        rel = f"{split[:3]}{i // 100:03d}/{split}_{i:05d}.jpg"
+        path = os.path.join(out, "affectnet", "Manually_Annotated_Images", rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(img).save(path, quality=92)
+        va = CLASS_VA[label] + rng.normal(0, 0.1, 2)
+        rows.append([rel, x, y, fw, fh, "", label, f"{va[0]:.4f}", f"{va[1]:.4f}"])
+    return rows
+
+
+_FEC_TYPES = ("ONE_CLASS_TRIPLET", "TWO_CLASS_TRIPLET", "THREE_CLASS_TRIPLET")
+
+
+def _fec_part(out: str, seed: int, split: str, indices: range) -> list[str]:
+    """Google FEC rows: URL + box fractions x3, type, (annotator, answer) pairs. URLs point at
+    file:// sources; the fetch job copies them as it would download web images."""
+    import os
+
+    lines = []
+    for t in indices:
+        rng = _rng(seed, 2 if split == "train" else 3, t)
+        kind = int(rng.integers(0, 3))
+        first = int(rng.integers(0, 8))
+        others = [c for c in range(8) if c != first]
+        second = int(rng.choice(others))
+        third = int(rng.choice([c for c in others if c != second]))
+        labels = {0: [first] * 3, 1: [first, first, second], 2: [first, second, third]}[kind]
+        row, exprs = [], []
+        for j, label in enumerate(labels):
+            expr = sample_expression(label, rng, intensity=(0.3, 1.0), noise=0.2)
+            face = draw_face(expr, Identity.random(rng), int(rng.integers(110, 160)), rng=rng,
+                             pose=float(rng.uniform(-10, 10)), lighting=float(rng.uniform(0.75, 1.25)))
+            img, (x, y, fw, fh) = place_face(face, (200, 200), rng)
+            path = os.path.abspath(os.path.join(out, "fec", "source", f"{split}{t:06d}_{j}.jpg"))
+            Image.fromarray(img).save(path, quality=92)
+            row += [f"file://{path}", f"{x / 200:.4f}", f"{(x + fw) / 200:.4f}", f"{y / 200:.4f}",
+                    f"{(y + fh) / 200:.4f}"]
+            exprs.append(expr)
+        order = rng.permutation(3)
+        row = sum(([*row[5 * i:5 * i + 5]] for i in order), [])
+        exprs = [exprs[i] for i in order]
+        d = [np.linalg.norm(exprs[a] - exprs[b]) for a, b in ((1, 2), (0, 2), (0, 1))]  # pair without i
+        odd = int(np.argmin(d))  # the image outside the closest pair is the most different
+        answers = []
+        for a in range(6):
+            vote = odd if rng.random() > 0.15 else int(rng.integers(0, 3))
+            answers += [f"annotator{a}", str(vote + 1)]
+        lines.append(",".join(row + [_FEC_TYPES[kind]] + answers))
+    return lines
+
+
+def _recola_session(out: str, seed: int, split: str, i: int, seconds: float) -> None:
+    """One RECOLA (AVEC 2016 layout) session: wav + mp4 + gold-standard ARFF per dimension."""
     import os
 
     from aver.media import write_video
 
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    cfg = SIZES[size]
-    rng = np.random.default_rng(seed)
-    counts: dict[str, int] = {}
+    rng = _rng(seed, 4 if split == "train" else 5, i)
+    rec, name = os.path.join(out, "recola"), f"{split}_{i}"
+    valence, arousal, identity, audio = _session(rng, seconds)
+    write_wav(os.path.join(rec, "recordings_audio", f"{name}.wav"), audio)
+    write_video(os.path.join(rec, "recordings_video", f"{name}.mp4"),
+                _session_frames(valence, arousal, identity, rng), VIDEO_FPS, audio=audio)
+    write_arff(os.path.join(rec, "ratings_gold_standard", "arousal", f"{name}.arff"), name, arousal)
+    write_arff(os.path.join(rec, "ratings_gold_standard", "valence", f"{name}.arff"), name, valence)
 
-    # AffectNet: Manually_Annotated_Images/<sub>/<file> + training.csv / validation.csv
-    aff = os.path.join(out, "affectnet")
-    for split, n in (("training", cfg.affectnet_train), ("validation", cfg.affectnet_val)):
-        rows = []
-        for i in range(n):
-            label = i % len(PROTOTYPES)
-            img, (x, y, fw, fh) = _labelled_face(rng, label)
-            rel = f"{split[:3]}{i // 100:03d}/{split}_{i:05d}.jpg"
-            os.makedirs(os.path.join(aff, "Manually_Annotated_Images", os.path.dirname(rel)), exist_ok=True)
-            Image.fromarray(img).save(os.path.join(aff, "Manually_Annotated_Images", rel), quality=92)
-            va = CLASS_VA[label] + rng.normal(0, 0.1, 2)
-            rows.append([rel, x, y, fw, fh, "", label, f"{va[0]:.4f}", f"{va[1]:.4f}"])
-        with open(os.path.join(aff, f"{split}.csv"), "w", newline="") as f:
-            wr = csv.writer(f)
-            wr.writerow(["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
-                         "facial_landmarks", "expression", "valence", "arousal"])
-            wr.writerows(rows)
-        counts[f"affectnet_{split}"] = n
 
-    # Google FEC: headerless CSV of URL + box fractions x3, type, (annotator, answer) pairs.
-    # URLs point at file:// sources; the fetch job copies them as it would download web images.
-    fec = os.path.join(out, "fec")
-    os.makedirs(os.path.join(fec, "source"), exist_ok=True)
-    types = ("ONE_CLASS_TRIPLET", "TWO_CLASS_TRIPLET", "THREE_CLASS_TRIPLET")
-    k = 0
-    for split, n in (("train", cfg.fec_train), ("test", cfg.fec_test)):
-        lines = []
-        for _ in range(n):
-            kind = int(rng.integers(0, 3))
-            first = int(rng.integers(0, 8))
-            others = [c for c in range(8) if c != first]
-            second = int(rng.choice(others))
-            third = int(rng.choice([c for c in others if c != second]))
-            labels = {0: [first] * 3, 1: [first, first, second], 2: [first, second, third]}[kind]
-            row, exprs = [], []
-            for label in labels:
-                expr = sample_expression(label, rng, intensity=(0.3, 1.0), noise=0.2)
-                face = draw_face(expr, Identity.random(rng), int(rng.integers(110, 160)), rng=rng,
-                                 pose=float(rng.uniform(-10, 10)), lighting=float(rng.uniform(0.75, 1.25)))
-                img, (x, y, fw, fh) = place_face(face, (200, 200), rng)
-                path = os.path.abspath(os.path.join(fec, "source", f"{k:06d}.jpg"))
-                k += 1
-                Image.fromarray(img).save(path, quality=92)
-                row += [f"file://{path}", f"{x / 200:.4f}", f"{(x + fw) / 200:.4f}", f"{y / 200:.4f}",
-                        f"{(y + fh) / 200:.4f}"]
-                exprs.append(expr)
-            order = rng.permutation(3)
-            row = sum(([*row[5 * i:5 * i + 5]] for i in order), [])
-            exprs = [exprs[i] for i in order]
-            d = [np.linalg.norm(exprs[a] - exprs[b]) for a, b in ((1, 2), (0, 2), (0, 1))]  # pair without i
-            odd = int(np.argmin(d))  # the image outside the closest pair is the most different
-            answers = []
-            for a in range(6):
-                vote = odd if rng.random() > 0.15 else int(rng.integers(0, 3))
-                answers += [f"annotator{a}", str(vote + 1)]
-            lines.append(",".join(row + [types[kind]] + answers))
-        with open(os.path.join(fec, f"faceexp-comparison-data-{split}-public.csv"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        counts[f"fec_{split}"] = n
+def _unlabeled_part(out: str, seed: int, indices: range) -> None:
+    import os
 
-    # RECOLA (AVEC 2016 layout): wav + mp4 + gold-standard ARFF per session.
-    rec = os.path.join(out, "recola")
-    for sub in ("recordings_audio", "recordings_video", "ratings_gold_standard/arousal",
-                "ratings_gold_standard/valence"):
-        os.makedirs(os.path.join(rec, sub), exist_ok=True)
-    for split, n in (("train", cfg.sessions_train), ("dev", cfg.sessions_dev)):
-        for i in range(1, n + 1):
-            name = f"{split}_{i}"
-            valence, arousal, identity, audio = _session(rng, cfg.session_s)
-            write_wav(os.path.join(rec, "recordings_audio", f"{name}.wav"), audio)
-            write_video(os.path.join(rec, "recordings_video", f"{name}.mp4"),
-                        _session_frames(valence, arousal, identity, rng), VIDEO_FPS, audio=audio)
-            write_arff(os.path.join(rec, "ratings_gold_standard", "arousal", f"{name}.arff"), name, arousal)
-            write_arff(os.path.join(rec, "ratings_gold_standard", "valence", f"{name}.arff"), name, valence)
-        counts[f"recola_{split}"] = n
-
-    # Unlabeled face crops (the PowderFaces role).
-    unl = os.path.join(out, "unlabeled")
-    os.makedirs(unl, exist_ok=True)
-    for i in range(cfg.unlabeled):
+    for i in indices:
+        rng = _rng(seed, 6, i)
         img, _ = _labelled_face(rng, int(rng.integers(0, 8)), canvas=(180, 180))
-        Image.fromarray(img).save(os.path.join(unl, f"u{i:05d}.jpg"), quality=92)
-    counts["unlabeled"] = cfg.unlabeled
+        Image.fromarray(img).save(os.path.join(out, "unlabeled", f"u{i:05d}.jpg"), quality=92)
 
-    # A small archive for score_videos: speech + face, face only, audio only, no face, broken.
+
+def _archive(out: str, seed: int, seconds: float) -> None:
+    """A small archive for score_videos: speech + face, face only, audio only, no face, broken."""
+    import os
+
+    from aver.media import write_video
+
+    rng = _rng(seed, 7)
     arc = os.path.join(out, "archive")
-    os.makedirs(arc, exist_ok=True)
-    seconds = min(cfg.session_s, 20.0)
     valence, arousal, identity, audio = _session(rng, seconds)
     write_video(os.path.join(arc, "interview.mp4"), _session_frames(valence, arousal, identity, rng),
                 VIDEO_FPS, audio=audio)
@@ -342,5 +337,54 @@ def write_corpus(out: str, seed: int = 0, size: str = "small") -> dict[str, int]
     write_wav(os.path.join(arc, "podcast.wav"), audio)
     with open(os.path.join(arc, "broken.mp4"), "wb") as f:
         f.write(b"\x00\x00\x00\x18ftypmp42" + bytes(rng.integers(0, 256, 2000, dtype=np.uint8)))
-    counts["archive"] = 6
+
+
+def _parts(n: int, per: int) -> list[range]:
+    return [range(s, min(s + per, n)) for s in range(0, n, per)]
+
+
+def write_corpus(out: str, seed: int = 0, size: str = "small", processes: int | None = None) -> dict[str, int]:
+    """Write the demo corpus under ``out`` in the real datasets' layouts; returns counts. Items are
+    drawn in ``processes`` worker processes (default: one per CPU); each item has its own random
+    stream, so the corpus depends only on ``seed`` and ``size``."""
+    import csv
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    cfg = SIZES[size]
+    for sub in ("affectnet", "fec/source", "unlabeled", "archive", "recola/recordings_audio",
+                "recola/recordings_video", "recola/ratings_gold_standard/arousal",
+                "recola/ratings_gold_standard/valence"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    # spawn: the caller may hold threads (Ray, torch) that fork would copy mid-state.
+    with ProcessPoolExecutor(processes or os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # the longest tasks first, so the pool's processes finish together
+        sessions = [pool.submit(_recola_session, out, seed, split, i, cfg.session_s)
+                    for split, n in (("train", cfg.sessions_train), ("dev", cfg.sessions_dev)) for i in range(1, n + 1)]
+        archive = pool.submit(_archive, out, seed, min(cfg.session_s, 20.0))
+        aff = {split: [pool.submit(_affectnet_part, out, seed, split, r) for r in _parts(n, 100)]
+               for split, n in (("training", cfg.affectnet_train), ("validation", cfg.affectnet_val))}
+        fec = {split: [pool.submit(_fec_part, out, seed, split, r) for r in _parts(n, 50)]
+               for split, n in (("train", cfg.fec_train), ("test", cfg.fec_test))}
+        unlabeled = [pool.submit(_unlabeled_part, out, seed, r) for r in _parts(cfg.unlabeled, 100)]
+        counts: dict[str, int] = {}
+        for split, futures in aff.items():
+            rows = [row for f in futures for row in f.result()]
+            with open(os.path.join(out, "affectnet", f"{split}.csv"), "w", newline="") as f:
+                wr = csv.writer(f)
+                wr.writerow(["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+                             "facial_landmarks", "expression", "valence", "arousal"])
+                wr.writerows(rows)
+            counts[f"affectnet_{split}"] = len(rows)
+        for split, futures in fec.items():
+            lines = [line for f in futures for line in f.result()]
+            with open(os.path.join(out, "fec", f"faceexp-comparison-data-{split}-public.csv"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+            counts[f"fec_{split}"] = len(lines)
+        for f in [*sessions, archive, *unlabeled]:
+            f.result()
+    counts.update(recola_train=cfg.sessions_train, recola_dev=cfg.sessions_dev, unlabeled=cfg.unlabeled, archive=6)
     return counts

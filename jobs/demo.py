@@ -2,8 +2,9 @@
 """`make demo`: the whole pipeline, offline, on an embedded local Ray and a generated corpus.
 
 corpus -> fetch FEC images -> teacher x2 -> distill -> student (distilled and not) -> VGGish x2
--> fusion (fused, visual-only, audio-only) -> evaluate. Checkpoints land in OUTPUT/models/,
-metrics in OUTPUT/eval/metrics.json. The demo recipe is short to fit 2 CPUs: no pretrained weights
+-> fusion (fused, visual-only, audio-only) -> evaluate -> score the corpus's video archive.
+Checkpoints land in OUTPUT/models/, metrics in OUTPUT/eval/metrics.json, the archive's labels and
+report in OUTPUT/scores/ (open OUTPUT/scores/report/index.html). The demo recipe is short to fit 2 CPUs: no pretrained weights
 exist offline, so trunks start random and stay frozen: the teachers train everything after the
 FaceNet trunk, the students DenseNet201's last dense block, norm5 and the heads, each on frozen
 outputs computed once; every stage trains for a few epochs. It proves the wiring learns, not the
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from aver.evaluate import run as evaluate
     from aver.fetch import FetchConfig
     from aver.fetch import run as fetch
+    from aver.score import ScoreVideosConfig
+    from aver.score import run as score
     from aver.synth import write_corpus
     from aver.train_fusion import FusionTrainConfig
     from aver.train_fusion import run as train_fusion
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", "test"):
         fetch(FetchConfig(manifest=os.path.join(corpus, "fec", f"faceexp-comparison-data-{split}-public.csv"),
                           output=os.path.join(corpus, "fec")))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)  # workers' per-epoch lines show here
     aff = os.path.join(corpus, "affectnet", "training.csv")
     aff_images = os.path.join(corpus, "affectnet", "Manually_Annotated_Images")
     fec = os.path.join(corpus, "fec", "faceexp-comparison-data-train-public.csv")
@@ -95,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=16, lr=1e-3, window_s=9.6, hop_s=0.4, seed=a.seed))
     stage("evaluate")
     evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval")))
+    stage("score_videos on the demo archive (speech + face, face only, audio only, no face, broken)")
+    score(ScoreVideosConfig(input=os.path.join(corpus, "archive"), output=os.path.join(out, "scores"), model=models))
     print(f"\ndemo finished in {time.time() - started:.0f} s; models in {models}, metrics in "
-          f"{os.path.join(out, 'eval', 'metrics.json')}")
+          f"{os.path.join(out, 'eval', 'metrics.json')}\nreport: file://{os.path.join(out, 'scores', 'report', 'index.html')}")
     return 0
 
 

@@ -17,6 +17,8 @@ def add_train_args(p: argparse.ArgumentParser, *, name: str, epochs: int, batch_
     g.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (default 1)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
+    g.add_argument("--threads-per-worker", type=int, default=0,
+                   help="torch threads per worker (default 0: the machine's CPUs over the workers)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--max-failures", type=int, default=2, help="restarts from the last checkpoint (default 2)")
     g.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
@@ -27,5 +29,5 @@ def add_train_args(p: argparse.ArgumentParser, *, name: str, epochs: int, batch_
 def train_kwargs(a: argparse.Namespace) -> dict:
     return {"output": a.output, "name": a.name, "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
             "weight_decay": a.weight_decay, "num_workers": a.num_workers, "use_gpu": a.use_gpu,
-            "cpus_per_worker": a.cpus_per_worker, "seed": a.seed, "max_failures": a.max_failures,
+            "cpus_per_worker": a.cpus_per_worker, "threads_per_worker": a.threads_per_worker, "seed": a.seed, "max_failures": a.max_failures,
             "storage_options": a.storage_options, "fail_at": tuple(a.fail_at) if a.fail_at else None}

@@ -26,7 +26,7 @@ from aver.media import IMAGE_EXTENSIONS, MediaError, list_inputs, load_image
 from aver.outputs import join, status_table, write_table
 from aver.storage import redact, url_to_fs
 from aver.streaming import chunked, prefetch
-from aver.units import actor_device, map_units, pending, stable_chunks
+from aver.units import actor_device, actor_threads, map_units, pending, stable_chunks
 
 TARGETS_SCHEMA = pa.schema([("crop_id", pa.string()), ("target", pa.list_(pa.float32(), 80))])
 TEACHER_SIZE = 140
@@ -140,6 +140,7 @@ class TeacherPair:
         from aver.models import Teacher, load_checkpoint
 
         self.cfg = cfg
+        actor_threads(cfg.cpus_per_actor)
         self.device = actor_device(cfg.gpus_per_actor, "distill TeacherPair")
         self.teachers = []
         for uri in cfg.teachers:

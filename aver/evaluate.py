@@ -49,6 +49,8 @@ class EvaluateConfig:
     """Fusion window, as trained."""
     fps: float = 5.0
     """Face sampling rate, as trained."""
+    featurizer_cpus: float = 1.0
+    """CPUs of the actor featurising the RECOLA sessions (MTCNN, student, VGGish)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options."""
 
@@ -99,7 +101,8 @@ def recola_metrics(cfg: EvaluateConfig, fusion_models: dict[str, str]) -> dict[s
     so = cfg.storage_options or None
     c = {"recola": _path(cfg, cfg.recola), "student": join(cfg.models, "student.pt"),
          "vggish_arousal": join(cfg.models, "vggish_arousal.pt"), "vggish_valence": join(cfg.models, "vggish_valence.pt"),
-         "window_s": cfg.window_s, "hop_s": 0.4, "target_s": 0.4, "fps": cfg.fps, "storage_options": cfg.storage_options}
+         "window_s": cfg.window_s, "hop_s": 0.4, "target_s": 0.4, "fps": cfg.fps, "storage_options": cfg.storage_options,
+         "featurizer_cpus": cfg.featurizer_cpus}
     windows = session_windows(c, cfg.recola_split)
     batches = list(windows.iter_batches(batch_size=256, batch_format="numpy"))
     visual = torch.from_numpy(np.concatenate([b["visual"] for b in batches]))

@@ -18,7 +18,7 @@ from aver.media import InputItem, MediaError, VideoReader, list_inputs, load_ima
 from aver.outputs import join, status_table, write_table
 from aver.storage import redact
 from aver.streaming import chunked, prefetch
-from aver.units import actor_device, map_units, pending, stable_chunks
+from aver.units import actor_device, actor_threads, map_units, pending, stable_chunks
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -158,6 +158,7 @@ class FaceExtractor:
 
     def __init__(self, cfg: ExtractFacesConfig) -> None:
         self.cfg = cfg
+        actor_threads(cfg.cpus_per_actor)
         self.detector = FaceDetector(cfg.detector, device=str(actor_device(cfg.gpus_per_actor, "FaceExtractor")))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

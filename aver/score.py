@@ -29,7 +29,7 @@ from aver.media import InputItem, MediaError, VideoReader, list_inputs, read_aud
 from aver.outputs import join, status_table, write_table
 from aver.storage import redact
 from aver.streaming import chunked, prefetch
-from aver.units import actor_device, map_units, pending
+from aver.units import actor_device, actor_threads, map_units, pending
 
 SCORES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -125,6 +125,7 @@ class VideoScorer:
 
         self.cfg = cfg
         so = cfg.storage_options or None
+        actor_threads(cfg.cpus_per_actor)
         self.device = actor_device(cfg.gpus_per_actor, "score_videos VideoScorer")
         self.models: dict[str, torch.nn.Module] = {}
         for key, name in MODEL_FILES.items():

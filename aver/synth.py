@@ -268,9 +268,15 @@ def _fec_part(out: str, seed: int, split: str, indices: range) -> list[str]:
         second = int(rng.choice(others))
         third = int(rng.choice([c for c in others if c != second]))
         labels = {0: [first] * 3, 1: [first, first, second], 2: [first, second, third]}[kind]
-        row, exprs = [], []
-        for j, label in enumerate(labels):
-            expr = sample_expression(label, rng, intensity=(0.3, 1.0), noise=0.2)
+        # Like the real FEC (triplets kept where raters agree), keep only triplets whose closest pair
+        # is clearly closer than the next one; the simulated raters still err below.
+        while True:
+            exprs = [sample_expression(label, rng, intensity=(0.3, 1.0), noise=0.2) for label in labels]
+            d = sorted(np.linalg.norm(exprs[a] - exprs[b]) for a, b in ((1, 2), (0, 2), (0, 1)))
+            if d[1] >= 1.5 * d[0]:
+                break
+        row = []
+        for j, expr in enumerate(exprs):
             face = draw_face(expr, Identity.random(rng), int(rng.integers(110, 160)), rng=rng,
                              pose=float(rng.uniform(-10, 10)), lighting=float(rng.uniform(0.75, 1.25)))
             img, (x, y, fw, fh) = place_face(face, (200, 200), rng)
@@ -278,7 +284,6 @@ def _fec_part(out: str, seed: int, split: str, indices: range) -> list[str]:
             Image.fromarray(img).save(path, quality=92)
             row += [f"file://{path}", f"{x / 200:.4f}", f"{(x + fw) / 200:.4f}", f"{y / 200:.4f}",
                     f"{(y + fh) / 200:.4f}"]
-            exprs.append(expr)
         order = rng.permutation(3)
         row = sum(([*row[5 * i:5 * i + 5]] for i in order), [])
         exprs = [exprs[i] for i in order]

@@ -19,7 +19,8 @@ from aver.metrics import ccc
 from aver.models.fusion import MODALITIES
 from aver.outputs import join
 from aver.storage import exists, read_bytes, write_bytes_atomic
-from aver.training import TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore, to_device
+from aver.training import (TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore, start_worker,
+                           to_device)
 
 STEP_S = 0.04
 
@@ -76,6 +77,9 @@ class SessionFeaturizer:
         from aver.faces import FaceDetector
         from aver.models import load_checkpoint
 
+        from aver.units import actor_threads
+
+        actor_threads(cfg.get("featurizer_cpus", 1.0))
         so = cfg.get("storage_options") or None
         self.cfg = cfg
         self.student = load_checkpoint(cfg["student"], storage_options=so)[0]
@@ -180,7 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    torch.manual_seed(config["seed"])
+    start_worker(config)
     model = ray.train.torch.prepare_model(build_fusion(config))
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     start, history = restore(model, optimizer)

@@ -14,7 +14,7 @@ from aver.face_data import labelled_face_data, to_student_input, unlabeled_datas
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models.student import Student
 from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, maybe_fail, recalibrate_batchnorm,
-                           report_epoch, restore, to_device)
+                           report_epoch, restore, start_worker, to_device)
 
 
 @dataclass
@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    torch.manual_seed(config["seed"])
+    start_worker(config)
     model = build_student(config)
     freeze = config["freeze"]
     if freeze:

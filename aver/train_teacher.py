@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from aver.face_data import labelled_face_data, to_teacher_input
 from aver.losses import FaceLossConfig, fec_triplet_loss
 from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, maybe_fail, recalibrate_batchnorm,
-                           report_epoch, restore, to_device)
+                           report_epoch, restore, start_worker, to_device)
 
 
 @dataclass
@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    torch.manual_seed(config["seed"])
+    start_worker(config)
     model = build_teacher(config)
     freeze = config["freeze"]
     if freeze:

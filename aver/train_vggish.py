@@ -9,7 +9,8 @@ import torch
 
 from aver.metrics import ccc
 from aver.recola_data import recola_audio_dataset
-from aver.training import TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore, to_device
+from aver.training import (TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore, start_worker,
+                           to_device)
 
 DIMENSIONS = ("arousal", "valence")
 
@@ -54,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    torch.manual_seed(config["seed"])
+    start_worker(config)
     model = ray.train.torch.prepare_model(build_vggish(config).to(memory_format=torch.channels_last))
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     start, history = restore(model, optimizer)

@@ -40,6 +40,9 @@ class TrainConfig:
     """CPUs reserved per worker (leave some for Ray Data on small machines)."""
     seed: int = 0
     """Seed for initialisation and shuffling."""
+    threads_per_worker: int = 0
+    """Torch threads per worker; 0 = the machine's CPUs over the workers (Ray alone would give a
+    1-CPU worker one thread and leave the rest of the machine idle)."""
     max_failures: int = 2
     """Worker-group restarts Ray Train may make; each resumes from the last checkpoint."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -50,6 +53,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("epochs, batch_size and num_workers must be >= 1")
+        if self.threads_per_worker < 0:
+            raise ValueError("threads_per_worker must be >= 0")
         if self.lr <= 0 or self.weight_decay < 0 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             raise ValueError("lr > 0, weight_decay >= 0, cpus_per_worker > 0, max_failures >= 0")
         if not self.name or "/" in self.name:
@@ -64,6 +69,15 @@ class TrainConfig:
     @property
     def metrics_uri(self) -> str:
         return join(self.output, "models", f"{self.name}.metrics.json")
+
+
+def start_worker(config: dict) -> None:
+    """First lines of every train loop: the seed and the worker's torch threads."""
+    import os
+
+    torch.manual_seed(config["seed"])
+    threads = config.get("threads_per_worker") or max(1, (os.cpu_count() or 1) // config["num_workers"])
+    torch.set_num_threads(threads)
 
 
 def autocast(device: torch.device):

@@ -39,6 +39,14 @@ def actor_count(actors: int, cpus_per_actor: float, gpus_per_actor: float, n_uni
     return max(1, min(n, n_units))
 
 
+def actor_threads(cpus_per_actor: float) -> None:
+    """Torch threads for an actor: its CPU reservation, rounded (Ray sets OMP_NUM_THREADS=1 for
+    fractional or 1-CPU actors; an actor holding 2 CPUs should use both)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(round(cpus_per_actor))))
+
+
 def actor_device(gpus_per_actor: float, who: str):
     """The torch device of an actor that asked Ray for ``gpus_per_actor``: CUDA when it works, else
     the CPU, said in the log (a node may declare a GPU resource that CUDA cannot reach)."""

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== [{time.time() - started:6.0f} s] {name}", flush=True)
 
     ep = lambda n: max(1, round(n * a.epochs_scale))  # noqa: E731
+    cpus = float(os.cpu_count() or 1)
+    # One worker per stage reserving 1 CPU (Ray Data feeds it from the rest); it still runs torch
+    # on every core (threads_per_worker=0). Single-actor stages reserve every CPU.
     common = {"output": out, "cpus_per_worker": 1.0}
     stage("corpus")
     if not os.path.exists(os.path.join(corpus, "recola")):
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     stage("distill")
     for source, root in ((aff, aff_images), (fec, None), (os.path.join(corpus, "unlabeled"), None)):
         distill(DistillConfig(input=source, images_root=root, teachers=tuple(teachers),
-                              output=os.path.join(out, "distill"), batch_size=64, cpus_per_actor=1.0))
+                              output=os.path.join(out, "distill"), batch_size=64, actors=1, cpus_per_actor=cpus))
     for name, targets in (("student", os.path.join(out, "distill")), ("student_nodistill", None)):
         stage(f"{name} (random DenseNet201, frozen up to transition3)")
         train_student(StudentTrainConfig(
@@ -95,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             **common, name=name, recola=recola, student=os.path.join(models, "student.pt"),
             vggish_arousal=os.path.join(models, "vggish_arousal.pt"),
             vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(30),
-            batch_size=16, lr=1e-3, window_s=9.6, hop_s=0.4, seed=a.seed))
+            batch_size=16, lr=1e-3, window_s=9.6, hop_s=0.4, featurizer_cpus=cpus, seed=a.seed))
     stage("evaluate")
-    evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval")))
+    evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval"), featurizer_cpus=cpus))
     stage("score_videos on the demo archive (speech + face, face only, audio only, no face, broken)")
-    score(ScoreVideosConfig(input=os.path.join(corpus, "archive"), output=os.path.join(out, "scores"), model=models))
+    score(ScoreVideosConfig(input=os.path.join(corpus, "archive"), output=os.path.join(out, "scores"), model=models,
+                            actors=1, cpus_per_actor=cpus))
     print(f"\ndemo finished in {time.time() - started:.0f} s; models in {models}, metrics in "
           f"{os.path.join(out, 'eval', 'metrics.json')}\nreport: file://{os.path.join(out, 'scores', 'report', 'index.html')}")
     return 0

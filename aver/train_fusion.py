@@ -19,8 +19,8 @@ from aver.metrics import ccc
 from aver.models.fusion import MODALITIES
 from aver.outputs import join
 from aver.storage import exists, read_bytes, write_bytes_atomic
-from aver.training import (TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore, start_worker,
-                           to_device)
+from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore,
+                           start_worker, to_device)
 
 STEP_S = 0.04
 
@@ -194,11 +194,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     def predict(batch):
         return (model(to_device(batch["visual"], device), to_device(batch["audio"], device)),
-                to_device(batch["target"], device))
+                to_device(torch.as_tensor(batch["target"]), device))
 
+    # Windows are small and reread every epoch: keep this worker's shard in memory (float16).
+    windows = ShardBatches(shard, ("visual", "audio"), torch.as_tensor, bs, cache=True, seed=config["seed"],
+                           drop_last=True)
     for epoch in range(start, config["epochs"]):
-        batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=8 * bs)
-        loss, p, t = ccc_epoch(model, optimizer, batches, predict, config, epoch)
+        loss, p, t = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, config, epoch)
         metrics = {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
         history = report_epoch(epoch, metrics, model, optimizer, history)
 

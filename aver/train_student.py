@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from aver.face_data import labelled_face_data, to_student_input, unlabeled_dataset
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models.student import Student
-from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, maybe_fail, recalibrate_batchnorm,
-                           report_epoch, restore, start_worker, to_device)
+from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, input_encoder, maybe_fail,
+                           recalibrate_batchnorm, report_epoch, restore, start_worker, to_device)
 
 
 @dataclass
@@ -99,15 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
     targets = TargetTable(config.get("targets"), config.get("storage_options") or None)
     distill = bool(config.get("targets"))
     bs = config["batch_size"]
-    if freeze:
-        core.prefix(freeze).eval()
-
-    def encode(images):
-        x = to_device(to_student_input(images), device)
-        if not freeze:
-            return x
-        with autocast(device):
-            return core.prefix(freeze)(x).float()
+    encode = input_encoder(core, freeze, to_student_input, device)
 
     def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
         return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, bs, cache=bool(freeze), seed=seed)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from aver.face_data import labelled_face_data, to_teacher_input
 from aver.losses import FaceLossConfig, fec_triplet_loss
-from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, maybe_fail, recalibrate_batchnorm,
-                           report_epoch, restore, start_worker, to_device)
+from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, input_encoder, maybe_fail,
+                           recalibrate_batchnorm, report_epoch, restore, start_worker, to_device)
 
 
 @dataclass
@@ -72,15 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
     loss_cfg = FaceLossConfig(**config["loss"])
     device = ray.train.torch.get_device()
     bs = config["batch_size"]
-    if freeze:
-        core.prefix(freeze).eval()
-
-    def encode(images):
-        x = to_device(to_teacher_input(images), device)
-        if not freeze:
-            return x
-        with autocast(device):
-            return core.prefix(freeze)(x).float()
+    encode = input_encoder(core, freeze, to_teacher_input, device)
 
     affectnet = ShardBatches(ray.train.get_dataset_shard("affectnet"), ("image",), encode, bs,
                              cache=bool(freeze), seed=config["seed"])

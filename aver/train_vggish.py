@@ -9,8 +9,8 @@ import torch
 
 from aver.metrics import ccc
 from aver.recola_data import recola_audio_dataset
-from aver.training import (TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore, start_worker,
-                           to_device)
+from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, fit, input_encoder, report_epoch,
+                           require_batches, restore, start_worker, to_device)
 
 DIMENSIONS = ("arousal", "valence")
 
@@ -29,6 +29,9 @@ class VGGishTrainConfig(TrainConfig):
     """Frames between training segment starts."""
     dropout: float = 0.2
     """Dropout in the FC layers."""
+    freeze: str | None = None
+    """"features": keep the conv stack as it is and train the FC layers and the head on its
+    outputs, computed once and cached (fast recipe). None trains everything."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,6 +43,8 @@ class VGGishTrainConfig(TrainConfig):
             raise ValueError("segment_frames >= 8 and hop_frames >= 1")
         if self.batch_size < 2:
             raise ValueError("CCC needs batches of at least 2 segments")
+        if self.freeze not in (None, "features"):
+            raise ValueError(f"freeze must be None or 'features', got {self.freeze!r}")
 
 
 def build_vggish(config: dict) -> torch.nn.Module:
@@ -56,21 +61,31 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     start_worker(config)
-    model = ray.train.torch.prepare_model(build_vggish(config).to(memory_format=torch.channels_last))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    model = build_vggish(config)
+    freeze = config["freeze"]
+    if freeze:
+        model.prefix(freeze).requires_grad_(False)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
+                                 weight_decay=config["weight_decay"])
     start, history = restore(model, optimizer)
     device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
     dim = config["dimension"]
-    bs = config["batch_size"]
+
+    def to_input(mel):  # [B,T,128] log-mel -> [B,1,T,128]
+        return torch.as_tensor(mel).float().unsqueeze(1).contiguous(memory_format=torch.channels_last)
+
+    encode = input_encoder(core, freeze, to_input, device)
+    data = ShardBatches(ray.train.get_dataset_shard("train"), ("mel",), encode, config["batch_size"],
+                        cache=bool(freeze), seed=config["seed"], drop_last=True)
 
     def predict(batch):
-        mel = batch["mel"].unsqueeze(1).contiguous(memory_format=torch.channels_last)
-        return model(to_device(mel, device)).prediction, to_device(batch[dim].float(), device)
+        pred = model(to_device(batch["mel"], device), after=freeze).prediction
+        return pred, to_device(torch.as_tensor(batch[dim]).float(), device)
 
     for epoch in range(start, config["epochs"]):
-        batches = shard.iter_torch_batches(batch_size=bs, local_shuffle_buffer_size=4 * bs, drop_last=True)
-        loss, preds, targets = ccc_epoch(model, optimizer, batches, predict, config, epoch)
+        loss, preds, targets = ccc_epoch(model, optimizer, data.epoch(epoch), predict, config, epoch)
         history = report_epoch(epoch, {"loss": loss, "ccc": ccc(targets, preds)}, model, optimizer, history)
 
 
@@ -82,7 +97,7 @@ def run(cfg: VGGishTrainConfig) -> list[dict] | None:
                                  storage_options=cfg.storage_options or None)
     train = train.materialize()
     require_batches(train.count(), cfg, f"{cfg.segment_frames}-frame training segments")
-    loop = {k: getattr(cfg, k) for k in ("dimension", "audioset", "dropout")}
+    loop = {k: getattr(cfg, k) for k in ("dimension", "audioset", "dropout", "freeze")}
     history = fit(train_loop_per_worker, cfg, {"train": train.select_columns(["mel", "arousal", "valence"])}, loop,
                   lambda c: build_vggish({**c, "audioset": None}))
     print(f"train_vggish: wrote {cfg.model_uri}", flush=True)

@@ -198,6 +198,23 @@ def maybe_fail(cfg: dict, epoch: int, step: int) -> None:
     raise RuntimeError(f"injected failure at epoch {epoch}, step {step}")
 
 
+def input_encoder(core: torch.nn.Module, freeze: str | None, preprocess: Callable,
+                  device: torch.device) -> Callable:
+    """images (uint8 NHWC) -> model inputs: preprocessed on ``device`` and, when the model is frozen
+    up to ``freeze``, run through that frozen prefix (in eval mode: its BN statistics stay)."""
+    if freeze:
+        core.prefix(freeze).eval()
+
+    def encode(images):
+        x = to_device(preprocess(images), device)
+        if not freeze:
+            return x
+        with torch.no_grad(), autocast(device):
+            return core.prefix(freeze)(x).float()
+
+    return encode
+
+
 class ShardBatches:
     """Batches of a Ray Train dataset shard whose image columns are turned into model inputs by
     ``encode``: streamed afresh every epoch, or, with ``cache=True`` (``encode`` runs a frozen
@@ -205,9 +222,9 @@ class ShardBatches:
     makes a frozen-trunk recipe cheap: the prefix is most of the compute and its output never changes."""
 
     def __init__(self, shard, image_columns: tuple[str, ...], encode: Callable, batch_size: int, *,
-                 cache: bool, seed: int) -> None:
+                 cache: bool, seed: int, drop_last: bool = False) -> None:
         self.shard, self.columns, self.encode, self.bs = shard, image_columns, encode, batch_size
-        self.seed, self.cached = seed, None
+        self.seed, self.cached, self.drop_last = seed, None, drop_last
         if cache:
             self.cached = self._encode_all()
 
@@ -229,12 +246,13 @@ class ShardBatches:
     def epoch(self, epoch: int):
         """One pass, shuffled (by epoch, reproducibly, when cached)."""
         if self.cached is None:
-            for b in self.shard.iter_batches(batch_size=self.bs, batch_format="numpy",
+            for b in self.shard.iter_batches(batch_size=self.bs, batch_format="numpy", drop_last=self.drop_last,
                                              local_shuffle_buffer_size=4 * self.bs):
                 yield {k: self.encode(v) if k in self.columns else v for k, v in b.items()}
             return
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-        for s in range(0, len(order), self.bs):
+        end = len(order) - len(order) % self.bs if self.drop_last else len(order)
+        for s in range(0, end, self.bs):
             idx = order[s:s + self.bs]
             yield {k: v[idx].float() if k in self.columns else v[idx.numpy()] for k, v in self.cached.items()}
 

@@ -93,3 +93,41 @@ def test_killed_job_rerun_equals_uninterrupted(tmp_path, small_corpus, random_mo
     sa = read_folder(str(tmp_path / "clean" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
     sb = read_folder(str(tmp_path / "killed" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
     assert sa.equals(sb)
+
+
+def _two_faces(path, seconds=3.0, fps=10):
+    from aver.media import write_video
+    from tests.media_fixtures import face_patch, tone
+
+    big, small = face_patch(120), face_patch(80)
+    frames = []
+    for _ in range(int(seconds * fps)):
+        img = np.full((240, 400, 3), 90, np.uint8)
+        img[60:180, 10:10 + big.shape[1]] = big
+        img[80:160, 260:260 + small.shape[1]] = small
+        frames.append(img)
+    write_video(str(path), iter(frames), fps, audio=tone(seconds))
+
+
+def test_all_faces_scores_every_track_and_the_default_only_the_primary(tmp_path, random_models):
+    from aver.media import list_inputs
+    from aver.score import VideoScorer
+
+    _two_faces(tmp_path / "in" / "two.mp4")
+    item = list_inputs(str(tmp_path / "in"))[0]
+    found = {}
+    for all_faces in (False, True):
+        out = tmp_path / f"out{int(all_faces)}"
+        cfg = ScoreVideosConfig(input=str(tmp_path / "in"), output=str(out), model=str(random_models),
+                                all_faces=all_faces)
+        status = VideoScorer(cfg).score(item)
+        assert status["status"] == "ok"
+        found[all_faces] = read_folder(str(out / "scores")).to_pandas()
+    one, every = found[False], found[True]
+    assert one["track_id"].nunique() == 1 and len(one) == 7  # 3 s: steps ending at 0.4, 0.8, ... 2.8 s
+    assert every["track_id"].nunique() == 2 and len(every) == 2 * len(one)
+    primary = one["track_id"].iloc[0]
+    # the primary track (larger face) scores the same with or without --all-faces
+    same = every[every["track_id"] == primary].reset_index(drop=True)
+    assert np.allclose(same["arousal"], one["arousal"].reset_index(drop=True), atol=1e-6)
+    assert (every["modality"] == "audio+visual").all()

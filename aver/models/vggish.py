@@ -52,7 +52,11 @@ class VGGishEmotion(nn.Module):
     Input: log-mel ``[B,1,T,128]`` from :func:`aver.audio.log_mel` (T=480 by default, 40 ms hop).
     ``forward`` returns ``AudioOutput(embedding [B,128], prediction [B] in (-1,1))``;
     ``frame_features`` keeps time for fusion: ``[B,T//8,128]``, one step per 8 mel frames.
+    ``forward(x, after="features")`` takes the conv stack's output instead of log-mel (training on
+    a cached frozen conv stack); ``prefix("features")`` is that stack.
     """
+
+    stages = ("features",)
 
     def __init__(self, *, embedding_dim: int = 128, hidden_dim: int = 4096, dropout: float = 0.2) -> None:
         super().__init__()
@@ -65,8 +69,16 @@ class VGGishEmotion(nn.Module):
         )
         self.head = nn.Linear(embedding_dim, 1)
 
-    def forward(self, mel: torch.Tensor) -> AudioOutput:
-        x = self.features(mel).mean(dim=(2, 3))  # global average pool over time and frequency
+    def prefix(self, until: str) -> nn.Module:
+        if until not in self.stages:
+            raise ValueError(f"VGGishEmotion can be cut after {self.stages}, not {until!r}")
+        return self.features
+
+    def forward(self, mel: torch.Tensor, *, after: str | None = None) -> AudioOutput:
+        if after is not None and after not in self.stages:
+            raise ValueError(f"VGGishEmotion can be cut after {self.stages}, not {after!r}")
+        x = mel if after else self.features(mel)
+        x = x.mean(dim=(2, 3))  # global average pool over time and frequency
         emb = self.embeddings(x)
         return AudioOutput(emb, torch.tanh(self.head(emb)).squeeze(-1))
 

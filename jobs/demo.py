@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             freeze="transition3", seed=a.seed))
     recola = os.path.join(corpus, "recola")
     for dim in ("arousal", "valence"):
-        stage(f"VGGish {dim}")
-        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(10),
-                                       batch_size=16, lr=1e-3, segment_frames=96, hop_frames=20, seed=a.seed))
+        stage(f"VGGish {dim} (random conv stack, frozen; FC layers train)")
+        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(15),
+                                       batch_size=16, lr=1e-4, segment_frames=96, hop_frames=20, freeze="features",
+                                       seed=a.seed))
     for name, modalities in (("fusion", ("visual", "audio")), ("fusion_visual", ("visual",)),
                              ("fusion_audio", ("audio",))):
         stage(name)

@@ -73,19 +73,26 @@ class SessionFeaturizer:
     """Ray Data actor: session record -> fusion windows (visual, audio, target)."""
 
     def __init__(self, cfg: dict) -> None:
+        from aver.units import actor_threads
+
+        actor_threads(cfg.get("featurizer_cpus", 1.0))
+        self.cfg = cfg
+        self.models: dict | None = None  # loaded on the first session not in the cache
+
+    def _load(self) -> dict:
         from aver.extract import ExtractFacesConfig
         from aver.faces import FaceDetector
         from aver.models import load_checkpoint
 
-        from aver.units import actor_threads
-
-        actor_threads(cfg.get("featurizer_cpus", 1.0))
-        so = cfg.get("storage_options") or None
-        self.cfg = cfg
-        self.student = load_checkpoint(cfg["student"], storage_options=so)[0]
-        self.vggish = [load_checkpoint(cfg[k], storage_options=so)[0] for k in ("vggish_arousal", "vggish_valence")]
-        self.extract = ExtractFacesConfig(input="", output="", fps=cfg["fps"], storage_options=cfg.get("storage_options") or {})
-        self.detector = FaceDetector(self.extract.detector, device="cpu")
+        if self.models is None:
+            so = self.cfg.get("storage_options") or None
+            extract = ExtractFacesConfig(input="", output="", fps=self.cfg["fps"], storage_options=so or {})
+            self.models = {
+                "student": load_checkpoint(self.cfg["student"], storage_options=so)[0],
+                "vggish": [load_checkpoint(self.cfg[k], storage_options=so)[0]
+                           for k in ("vggish_arousal", "vggish_valence")],
+                "extract": extract, "detector": FaceDetector(extract.detector, device="cpu")}
+        return self.models
 
     def _timelines(self, record: dict) -> tuple:
         """(visual times, features | None, audio times, features | None) of a session, from the
@@ -100,13 +107,14 @@ class SessionFeaturizer:
             with np.load(io.BytesIO(read_bytes(uri, so)), allow_pickle=False) as z:
                 return tuple(z[k] if z[k].size or k.endswith("times") else None
                              for k in ("visual_times", "visual", "audio_times", "audio"))
+        m = self._load()
         vis = aud = None
         if record.get("video"):
-            faces, _ = process_video(InputItem(record["video"], record["name"], "video"), self.detector, self.extract)
+            faces, _ = process_video(InputItem(record["video"], record["name"], "video"), m["detector"], m["extract"])
             if faces.num_rows:
-                vis = visual_timeline(faces, self.student)
+                vis = visual_timeline(faces, m["student"])
         try:
-            aud = audio_timeline(read_audio(record["audio"] or record["video"]), 16000, self.vggish)
+            aud = audio_timeline(read_audio(record["audio"] or record["video"]), 16000, m["vggish"])
         except MediaError:
             pass
         found = (vis.times if vis else np.zeros(0), vis.features if vis else None,

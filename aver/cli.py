@@ -29,5 +29,6 @@ def add_train_args(p: argparse.ArgumentParser, *, name: str, epochs: int, batch_
 def train_kwargs(a: argparse.Namespace) -> dict:
     return {"output": a.output, "name": a.name, "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
             "weight_decay": a.weight_decay, "num_workers": a.num_workers, "use_gpu": a.use_gpu,
-            "cpus_per_worker": a.cpus_per_worker, "threads_per_worker": a.threads_per_worker, "seed": a.seed, "max_failures": a.max_failures,
+            "cpus_per_worker": a.cpus_per_worker, "threads_per_worker": a.threads_per_worker, "seed": a.seed,
+            "max_failures": a.max_failures,
             "storage_options": a.storage_options, "fail_at": tuple(a.fail_at) if a.fail_at else None}

@@ -258,7 +258,8 @@ class VideoScorer:
                 start, w_start = end - cfg.hop_s, max(0.0, end - cfg.window_s)
                 in_row = present & (times >= start - 1e-6) & (times < end - 1e-6)
                 in_window = present & (times >= w_start - 1e-6) & (times < end - 1e-6)
-                has_audio = audio is not None and bool(np.any((audio.times >= w_start - 1e-6) & (audio.times < end - 1e-6)))
+                has_audio = audio is not None and bool(
+                    np.any((audio.times >= w_start - 1e-6) & (audio.times < end - 1e-6)))
                 vis = take(times, feats, w_start, end, tv) if in_window.any() else None
                 aud = take(audio.times, audio.features, w_start, end, ta) if has_audio else None
                 modality = ("audio+visual" if vis is not None and aud is not None else "visual" if vis is not None

@@ -19,8 +19,8 @@ from aver.metrics import ccc
 from aver.models.fusion import MODALITIES
 from aver.outputs import join
 from aver.storage import exists, read_bytes, write_bytes_atomic
-from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, fit, report_epoch, require_batches, restore,
-                           start_worker, to_device)
+from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, fit, prepare_worker, report_epoch,
+                           require_batches, to_device)
 
 STEP_S = 0.04
 
@@ -190,13 +190,8 @@ def build_fusion(config: dict) -> torch.nn.Module:
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    import ray.train.torch
 
-    start_worker(config)
-    model = ray.train.torch.prepare_model(build_fusion(config))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    start, history = restore(model, optimizer)
-    device = ray.train.torch.get_device()
+    model, _, optimizer, start, history, device = prepare_worker(build_fusion, config, optimizer=torch.optim.Adam)
     shard = ray.train.get_dataset_shard("train")
     bs = config["batch_size"]
 

@@ -14,7 +14,7 @@ from aver.face_data import labelled_face_data, to_student_input, unlabeled_datas
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models.student import Student
 from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, input_encoder, maybe_fail,
-                           recalibrate_batchnorm, report_epoch, restore, start_worker, to_device)
+                           prepare_worker, recalibrate_batchnorm, report_epoch, to_device)
 
 
 @dataclass
@@ -82,19 +82,9 @@ class TargetTable:
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    import ray.train.torch
 
-    start_worker(config)
-    model = build_student(config)
     freeze = config["freeze"]
-    if freeze:
-        model.prefix(freeze).requires_grad_(False)
-    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-    core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
-                                  weight_decay=config["weight_decay"])
-    start, history = restore(model, optimizer)
-    device = ray.train.torch.get_device()
+    model, core, optimizer, start, history, device = prepare_worker(build_student, config, freeze=freeze)
     loss_cfg = FaceLossConfig(**config["loss"])
     targets = TargetTable(config.get("targets"), config.get("storage_options") or None)
     distill = bool(config.get("targets"))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from aver.face_data import labelled_face_data, to_teacher_input
 from aver.losses import FaceLossConfig, fec_triplet_loss
 from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, input_encoder, maybe_fail,
-                           recalibrate_batchnorm, report_epoch, restore, start_worker, to_device)
+                           prepare_worker, recalibrate_batchnorm, report_epoch, to_device)
 
 
 @dataclass
@@ -57,20 +57,10 @@ def build_teacher(config: dict) -> torch.nn.Module:
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    import ray.train.torch
 
-    start_worker(config)
-    model = build_teacher(config)
     freeze = config["freeze"]
-    if freeze:
-        model.prefix(freeze).requires_grad_(False)
-    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-    core = model.module if hasattr(model, "module") else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
-    start, history = restore(model, optimizer)
+    model, core, optimizer, start, history, device = prepare_worker(build_teacher, config, freeze=freeze)
     loss_cfg = FaceLossConfig(**config["loss"])
-    device = ray.train.torch.get_device()
     bs = config["batch_size"]
     encode = input_encoder(core, freeze, to_teacher_input, device)
 

@@ -9,8 +9,8 @@ import torch
 
 from aver.metrics import ccc
 from aver.recola_data import recola_audio_dataset
-from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, fit, input_encoder, report_epoch,
-                           require_batches, restore, start_worker, to_device)
+from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, fit, input_encoder, prepare_worker,
+                           report_epoch, require_batches, to_device)
 
 DIMENSIONS = ("arousal", "valence")
 
@@ -58,19 +58,10 @@ def build_vggish(config: dict) -> torch.nn.Module:
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    import ray.train.torch
 
-    start_worker(config)
-    model = build_vggish(config)
     freeze = config["freeze"]
-    if freeze:
-        model.prefix(freeze).requires_grad_(False)
-    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-    core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
-                                 weight_decay=config["weight_decay"])
-    start, history = restore(model, optimizer)
-    device = ray.train.torch.get_device()
+    model, core, optimizer, start, history, device = prepare_worker(build_vggish, config, freeze=freeze,
+                                                                    optimizer=torch.optim.Adam)
     dim = config["dimension"]
 
     def to_input(mel):  # [B,T,128] log-mel -> [B,1,T,128]

@@ -80,6 +80,26 @@ def start_worker(config: dict) -> None:
     torch.set_num_threads(threads)
 
 
+def prepare_worker(build: Callable[[dict], torch.nn.Module], config: dict, *, freeze: str | None = None,
+                   optimizer: type = torch.optim.AdamW) -> tuple:
+    """The common start of a train loop: seed and threads, the model built and frozen up to
+    ``freeze`` (``model.prefix``), channels_last, wrapped by Ray Train, an optimizer over what
+    trains, and the last checkpoint restored. Returns (model as wrapped, the model itself,
+    optimizer, first epoch, history, device)."""
+    import ray.train.torch
+
+    start_worker(config)
+    model = build(config)
+    if freeze:
+        model.prefix(freeze).requires_grad_(False)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+    core = model.module if hasattr(model, "module") else model
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
+                    weight_decay=config["weight_decay"])
+    start, history = restore(model, opt)
+    return model, core, opt, start, history, ray.train.torch.get_device()
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (the GPU stages' precision); a no-op on CPU, where bf16 is slower."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

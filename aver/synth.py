@@ -351,7 +351,8 @@ def _parts(n: int, per: int) -> list[range]:
 def write_corpus(out: str, seed: int = 0, size: str = "small", processes: int | None = None) -> dict[str, int]:
     """Write the demo corpus under ``out`` in the real datasets' layouts; returns counts. Items are
     drawn in ``processes`` worker processes (default: one per CPU); each item has its own random
-    stream, so the corpus depends only on ``seed`` and ``size``."""
+    stream, so the corpus depends only on ``seed`` and ``size``. The processes are spawned: a script
+    that calls this must do so under ``if __name__ == "__main__":``, as the jobs do."""
     import csv
     import multiprocessing
     import os

@@ -71,24 +71,19 @@ class TrainConfig:
         return join(self.output, "models", f"{self.name}.metrics.json")
 
 
-def start_worker(config: dict) -> None:
-    """First lines of every train loop: the seed and the worker's torch threads."""
-    import os
-
-    torch.manual_seed(config["seed"])
-    threads = config.get("threads_per_worker") or max(1, (os.cpu_count() or 1) // config["num_workers"])
-    torch.set_num_threads(threads)
-
-
 def prepare_worker(build: Callable[[dict], torch.nn.Module], config: dict, *, freeze: str | None = None,
                    optimizer: type = torch.optim.AdamW) -> tuple:
     """The common start of a train loop: seed and threads, the model built and frozen up to
     ``freeze`` (``model.prefix``), channels_last, wrapped by Ray Train, an optimizer over what
     trains, and the last checkpoint restored. Returns (model as wrapped, the model itself,
     optimizer, first epoch, history, device)."""
+    import os
+
     import ray.train.torch
 
-    start_worker(config)
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(config.get("threads_per_worker")
+                          or max(1, (os.cpu_count() or 1) // config["num_workers"]))
     model = build(config)
     if freeze:
         model.prefix(freeze).requires_grad_(False)
@@ -260,9 +255,6 @@ class ShardBatches:
             raise RuntimeError("this worker's dataset shard is empty")
         return {k: torch.cat(v) if k in self.columns else np.concatenate(v) for k, v in parts.items()}
 
-    def __len__(self) -> int:
-        return len(next(iter(self.cached.values()))) if self.cached is not None else -1
-
     def epoch(self, epoch: int):
         """One pass, shuffled (by epoch, reproducibly, when cached)."""
         if self.cached is None:
@@ -270,7 +262,8 @@ class ShardBatches:
                                              local_shuffle_buffer_size=4 * self.bs):
                 yield {k: self.encode(v) if k in self.columns else v for k, v in b.items()}
             return
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        n = len(next(iter(self.cached.values())))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
         end = len(order) - len(order) % self.bs if self.drop_last else len(order)
         for s in range(0, end, self.bs):
             idx = order[s:s + self.bs]

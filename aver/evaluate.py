@@ -60,36 +60,49 @@ def _path(cfg: EvaluateConfig, rel: str) -> str:
 
 
 @torch.no_grad()
-def _embed(model, batches, key="image", head="embedding") -> tuple[np.ndarray, list]:
+def _embed(students: dict, stage: str | None, batches, keys: tuple[str, ...], head: str) -> tuple[dict, list]:
+    """{student: {key: outputs of ``head``}} over ``batches``, the shared prefix run once per image."""
     from aver.face_data import to_student_input
 
-    feats, labels = [], []
+    first = next(iter(students.values()))
+    out = {name: {k: [] for k in keys} for name in students}
+    labels = []
     for b in batches:
-        out = model(to_student_input(b[key]))
-        feats.append(getattr(out, head).float().numpy())
+        for k in keys:
+            x = to_student_input(b[k])
+            if stage:
+                x = first.prefix(stage)(x)
+            for name, model in students.items():
+                out[name][k].append(getattr(model(x, after=stage), head).float().numpy())
         labels.append(b.get("label"))
-    return np.concatenate(feats), labels
+    return {n: {k: np.concatenate(v) for k, v in o.items()} for n, o in out.items()}, labels
 
 
-def face_metrics(cfg: EvaluateConfig, student) -> dict[str, float]:
+def face_metrics(cfg: EvaluateConfig, students: dict) -> dict[str, dict[str, float]]:
+    """AffectNet and FEC metrics per student. The images are read once for all students, and the
+    backbone prefix they share (a frozen stage of one initialisation) runs once."""
     from aver.face_data import affectnet_dataset, fec_dataset
     from aver.metrics import balanced_logreg_accuracy, triplet_accuracy
 
     so = cfg.storage_options or None
+    students = {name: model.eval() for name, model in students.items()}
+    first, *others = students.values()
+    stages = [first.shared_stage(m) for m in others]
+    stage = None if None in stages else min(stages, key=first.stages.index, default=None)
     images = _path(cfg, cfg.affectnet_images)
-    out = {}
     train, _ = affectnet_dataset(_path(cfg, cfg.affectnet_train), images, storage_options=so)
     test, _ = affectnet_dataset(_path(cfg, cfg.affectnet_eval), images, storage_options=so)
-    x_tr, y_tr = _embed(student, train.iter_batches(batch_size=64, batch_format="numpy"))
-    x_te, y_te = _embed(student, test.iter_batches(batch_size=64, batch_format="numpy"))
-    out["affectnet_accuracy"] = balanced_logreg_accuracy(x_tr, np.concatenate(y_tr), x_te, np.concatenate(y_te))
+    x_tr, y_tr = _embed(students, stage, train.iter_batches(batch_size=64, batch_format="numpy"), ("image",),
+                        "embedding")
+    x_te, y_te = _embed(students, stage, test.iter_batches(batch_size=64, batch_format="numpy"), ("image",),
+                        "embedding")
     fec, _ = fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so)
-    e = {}
-    for k in ("i", "j", "k"):
-        e[k], _ = _embed(student, fec.select_columns([k]).iter_batches(batch_size=64, batch_format="numpy"),
-                         key=k, head="fec")
-    out["fec_triplet_accuracy"] = triplet_accuracy(e["i"], e["j"], e["k"])
-    return out
+    e, _ = _embed(students, stage, fec.select_columns(["i", "j", "k"]).iter_batches(batch_size=64,
+                  batch_format="numpy"), ("i", "j", "k"), "fec")
+    return {name: {"affectnet_accuracy": balanced_logreg_accuracy(x_tr[name]["image"], np.concatenate(y_tr),
+                                                                  x_te[name]["image"], np.concatenate(y_te)),
+                   "fec_triplet_accuracy": triplet_accuracy(e[name]["i"], e[name]["j"], e[name]["k"])}
+            for name in students}
 
 
 @torch.no_grad()
@@ -136,11 +149,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         ray.init()
     so = cfg.storage_options or None
     metrics: dict[str, Any] = {}
-    for name in ("student", "student_nodistill"):
-        uri = join(cfg.models, f"{name}.pt")
-        if exists(uri, so):
-            model = load_checkpoint(uri, storage_options=so)[0]
-            found = face_metrics(cfg, model)
+    students = {name: load_checkpoint(join(cfg.models, f"{name}.pt"), storage_options=so)[0]
+                for name in ("student", "student_nodistill") if exists(join(cfg.models, f"{name}.pt"), so)}
+    if students:
+        for name, found in face_metrics(cfg, students).items():
             prefix = "" if name == "student" else f"{name}."
             metrics.update({f"{prefix}{k}": v for k, v in found.items()})
     fusion = {v: join(cfg.models, f) for v, f in (("fused", "fusion.pt"), ("visual", "fusion_visual.pt"),

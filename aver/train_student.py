@@ -89,10 +89,11 @@ def train_loop_per_worker(config: dict) -> None:
     targets = TargetTable(config.get("targets"), config.get("storage_options") or None)
     distill = bool(config.get("targets"))
     bs = config["batch_size"]
-    encode = input_encoder(core, freeze, to_student_input, device)
+    encode, store = input_encoder(config, core, freeze, to_student_input, device)
 
     def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
-        return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, bs, cache=bool(freeze), seed=seed)
+        return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, bs, cache=bool(freeze), seed=seed,
+                            store=store)
 
     affectnet = source("affectnet", ("image",), config["seed"])
     fec = source("fec", ("i", "j", "k"), config["seed"] + 1)

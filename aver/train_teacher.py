@@ -62,12 +62,12 @@ def train_loop_per_worker(config: dict) -> None:
     model, core, optimizer, start, history, device = prepare_worker(build_teacher, config, freeze=freeze)
     loss_cfg = FaceLossConfig(**config["loss"])
     bs = config["batch_size"]
-    encode = input_encoder(core, freeze, to_teacher_input, device)
+    encode, store = input_encoder(config, core, freeze, to_teacher_input, device)
 
     affectnet = ShardBatches(ray.train.get_dataset_shard("affectnet"), ("image",), encode, bs,
-                             cache=bool(freeze), seed=config["seed"])
+                             cache=bool(freeze), seed=config["seed"], store=store)
     fec = ShardBatches(ray.train.get_dataset_shard("fec"), ("i", "j", "k"), encode, bs, cache=bool(freeze),
-                       seed=config["seed"] + 1)
+                       seed=config["seed"] + 1, store=store)
     for epoch in range(start, config["epochs"]):
         model.train()
         if freeze:

@@ -67,9 +67,9 @@ def train_loop_per_worker(config: dict) -> None:
     def to_input(mel):  # [B,T,128] log-mel -> [B,1,T,128]
         return torch.as_tensor(mel).float().unsqueeze(1).contiguous(memory_format=torch.channels_last)
 
-    encode = input_encoder(core, freeze, to_input, device)
+    encode, store = input_encoder(config, core, freeze, to_input, device)
     data = ShardBatches(ray.train.get_dataset_shard("train"), ("mel",), encode, config["batch_size"],
-                        cache=bool(freeze), seed=config["seed"], drop_last=True)
+                        cache=bool(freeze), seed=config["seed"], drop_last=True, store=store)
 
     def predict(batch):
         pred = model(to_device(batch["mel"], device), after=freeze).prediction

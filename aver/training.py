@@ -213,10 +213,12 @@ def maybe_fail(cfg: dict, epoch: int, step: int) -> None:
     raise RuntimeError(f"injected failure at epoch {epoch}, step {step}")
 
 
-def input_encoder(core: torch.nn.Module, freeze: str | None, preprocess: Callable,
-                  device: torch.device) -> Callable:
+def input_encoder(config: dict, core: torch.nn.Module, freeze: str | None, preprocess: Callable,
+                  device: torch.device) -> tuple[Callable, "PrefixStore | None"]:
     """images (uint8 NHWC) -> model inputs: preprocessed on ``device`` and, when the model is frozen
-    up to ``freeze``, run through that frozen prefix (in eval mode: its BN statistics stay)."""
+    up to ``freeze``, run through that frozen prefix (in eval mode: its BN statistics stay).
+    Returns the encoder and, with a frozen prefix, the run's :class:`PrefixStore` under
+    OUTPUT/cache/ (None otherwise)."""
     if freeze:
         core.prefix(freeze).eval()
 
@@ -227,21 +229,97 @@ def input_encoder(core: torch.nn.Module, freeze: str | None, preprocess: Callabl
         with torch.no_grad(), autocast(device):
             return core.prefix(freeze)(x).float()
 
-    return encode
+    return encode, (_prefix_store(config, core, freeze, preprocess) if freeze else None)
+
+
+class PrefixStore:
+    """Frozen-prefix outputs shared by the runs of one output folder, looked up by image content.
+
+    Runs that freeze the same prefix see the same images: both teachers' FaceNet trunk, the
+    distilled and the non-distilled student's DenseNet up to the same stage. The second run reads
+    what the first computed instead of recomputing it. The folder is named by a hash of the
+    prefix's weights and buffers and of the preprocessing, so a different prefix never reads
+    another's outputs; entries are keyed by a hash of the image itself, so a changed file is a
+    miss, not a stale hit. Each worker adds one part file (written atomically) per data source."""
+
+    def __init__(self, folder: str, part: str, storage_options: dict | None = None) -> None:
+        import io
+
+        self.folder, self.part, self.so = folder, part, storage_options
+        self.rows: dict[str, torch.Tensor] = {}
+        self.new: dict[str, torch.Tensor] = {}
+        self.saved = 0
+        fs, path = url_to_fs(folder, storage_options)
+        fs.invalidate_cache()
+        if fs.exists(path):
+            for p in sorted(fs.ls(path, detail=False)):
+                if p.endswith(".pt") and not os.path.basename(p).startswith("."):
+                    with fs.open(p, "rb") as f:
+                        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+                    self.rows.update(zip(state["keys"], state["values"]))
+
+    @staticmethod
+    def key(image) -> str:
+        import hashlib
+
+        import numpy as np
+
+        a = np.ascontiguousarray(image)
+        return hashlib.sha1(f"{a.shape}{a.dtype}".encode() + a.tobytes()).hexdigest()
+
+    def encode(self, images, encode: Callable) -> torch.Tensor:
+        """float16 CPU prefix outputs of ``images``: stored ones read, the others computed with
+        ``encode`` and kept for :meth:`save`."""
+        keys = [self.key(im) for im in images]
+        missing = [i for i, k in enumerate(keys) if k not in self.rows]
+        if missing:
+            for i, row in zip(missing, encode(images[missing]).half().cpu()):
+                self.rows[keys[i]] = self.new[keys[i]] = row
+        return torch.stack([self.rows[k] for k in keys])
+
+    def save(self) -> None:
+        """Write the entries computed since the last save as one part."""
+        import io
+
+        if not self.new:
+            return
+        buf = io.BytesIO()
+        torch.save({"keys": list(self.new), "values": torch.stack(list(self.new.values()))}, buf)
+        write_bytes_atomic(join(self.folder, f"{self.part}-{self.saved}.pt"), buf.getvalue(), self.so)
+        self.saved += 1
+        self.new = {}
+
+
+def _prefix_store(config: dict, core: torch.nn.Module, freeze: str, preprocess: Callable) -> PrefixStore:
+    import hashlib
+    import uuid
+
+    import ray.train
+
+    h = hashlib.sha256(f"{type(core).__name__}.{freeze}:{preprocess.__module__}.{preprocess.__qualname__}".encode())
+    for name, value in core.prefix(freeze).state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    rank = ray.train.get_context().get_world_rank()
+    return PrefixStore(join(config["output"], "cache", f"prefix-{h.hexdigest()[:16]}"),
+                       f"{config['name']}-rank{rank}-{uuid.uuid4().hex[:8]}", config.get("storage_options") or None)
 
 
 class ShardBatches:
     """Batches of a Ray Train dataset shard whose image columns are turned into model inputs by
     ``encode``: streamed afresh every epoch, or, with ``cache=True`` (``encode`` runs a frozen
     prefix), encoded once, kept in memory as float16 and reshuffled every epoch. The cache is what
-    makes a frozen-trunk recipe cheap: the prefix is most of the compute and its output never changes."""
+    makes a frozen-trunk recipe cheap: the prefix is most of the compute and its output never changes.
+    With a ``store`` the encoded images are also read from / added to a :class:`PrefixStore`."""
 
     def __init__(self, shard, image_columns: tuple[str, ...], encode: Callable, batch_size: int, *,
-                 cache: bool, seed: int, drop_last: bool = False) -> None:
+                 cache: bool, seed: int, drop_last: bool = False, store: PrefixStore | None = None) -> None:
         self.shard, self.columns, self.encode, self.bs = shard, image_columns, encode, batch_size
-        self.seed, self.cached, self.drop_last = seed, None, drop_last
+        self.seed, self.cached, self.drop_last, self.store = seed, None, drop_last, store
         if cache:
             self.cached = self._encode_all()
+            if store is not None:
+                store.save()
 
     @torch.no_grad()
     def _encode_all(self) -> dict:
@@ -250,7 +328,9 @@ class ShardBatches:
         parts: dict[str, list] = {}
         for b in self.shard.iter_batches(batch_size=64, batch_format="numpy"):
             for k, v in b.items():
-                parts.setdefault(k, []).append(self.encode(v).half().cpu() if k in self.columns else v)
+                if k in self.columns:
+                    v = self.store.encode(v, self.encode) if self.store else self.encode(v).half().cpu()
+                parts.setdefault(k, []).append(v)
         if not parts:
             raise RuntimeError("this worker's dataset shard is empty")
         return {k: torch.cat(v) if k in self.columns else np.concatenate(v) for k, v in parts.items()}

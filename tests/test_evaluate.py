@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -12,7 +13,12 @@ pytestmark = pytest.mark.timeout(900)
 def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
     torch.manual_seed(0)
     models = tmp_path / "models"
-    save_checkpoint(Student(), str(models / "student.pt"))
+    student = Student()
+    save_checkpoint(student, str(models / "student.pt"))
+    nodistill = copy.deepcopy(student)  # the ablation: same frozen prefix, other denseblock4
+    with torch.no_grad():
+        nodistill.backbone.features.denseblock4.denselayer1.conv1.weight.mul_(-1)
+    save_checkpoint(nodistill, str(models / "student_nodistill.pt"))
     save_checkpoint(VGGishEmotion(), str(models / "vggish_arousal.pt"))
     save_checkpoint(VGGishEmotion(), str(models / "vggish_valence.pt"))
     save_checkpoint(FusionModel(1920, 256), str(models / "fusion.pt"))
@@ -21,9 +27,33 @@ def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
                                  window_s=4.8))
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved == metrics
-    assert 0 <= saved["affectnet_accuracy"] <= 1 and 0 <= saved["fec_triplet_accuracy"] <= 1
+    for prefix in ("", "student_nodistill."):
+        assert 0 <= saved[f"{prefix}affectnet_accuracy"] <= 1 and 0 <= saved[f"{prefix}fec_triplet_accuracy"] <= 1
     assert set(saved["ccc"]) == {"arousal", "valence"}
     assert set(saved["ccc"]["arousal"]) == {"fused", "audio"}  # no visual-only model given
     assert all(-1 <= v <= 1 for d in saved["ccc"].values() for v in d.values())
     table = (tmp_path / "eval" / "metrics.md").read_text()
     assert "| affectnet_accuracy |" in table and "0.616" in table and "| ccc.valence.fused |" in table
+
+
+def test_students_sharing_a_prefix_are_embedded_as_if_alone():
+    import numpy as np
+
+    from aver.evaluate import _embed
+    from aver.face_data import to_student_input
+
+    torch.manual_seed(0)
+    a = Student().eval()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.backbone.features.norm5.weight.mul_(2)
+        b.fec_head.weight.mul_(-1)
+    assert a.shared_stage(b) == "denseblock4"
+    images = np.random.default_rng(0).integers(0, 256, (3, 140, 140, 3), dtype=np.uint8)
+    batches = [{"i": images[:2], "j": images[1:], "label": np.array([0, 1])}]
+    out, labels = _embed({"a": a, "b": b}, "denseblock4", batches, ("i", "j"), "fec")
+    with torch.no_grad():
+        for name, model in (("a", a), ("b", b)):
+            assert np.allclose(out[name]["j"], model(to_student_input(images[1:])).fec.numpy(), atol=1e-5)
+    assert not np.allclose(out["a"]["i"], out["b"]["i"])
+    assert labels[0].tolist() == [0, 1]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from aver.training import TrainConfig, recalibrate_batchnorm
+from aver.training import PrefixStore, TrainConfig, recalibrate_batchnorm
 
 
 def test_recalibrate_batchnorm_uses_exact_averages_of_trainable_layers():
@@ -34,3 +34,32 @@ def test_require_batches_refuses_runs_without_a_step():
     require_batches(16, cfg, "windows")
     with pytest.raises(ValueError, match="15 windows cannot fill one batch of 8 on each of 2 workers"):
         require_batches(15, cfg, "windows")
+
+
+def test_prefix_store_shares_outputs_between_runs_by_image_content(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    calls = []
+
+    def encode(x):
+        calls.append(len(x))
+        return torch.as_tensor(x).float().mean((1, 2))  # stands in for a frozen prefix
+
+    first = PrefixStore(str(tmp_path / "p"), "run1")
+    out = first.encode(images[:3], encode)
+    assert calls == [3] and out.dtype == torch.float16
+    assert torch.allclose(out.float(), encode(images[:3]), atol=0.5)
+    calls.clear()
+    first.save()
+    first.save()  # nothing new: no empty part
+    assert [p.name for p in (tmp_path / "p").iterdir()] == ["run1-0.pt"]
+    second = PrefixStore(str(tmp_path / "p"), "run2")
+    changed = images.copy()
+    changed[1, 0, 0, 0] ^= 1  # a changed image is a miss, never a stale hit
+    again = second.encode(np.concatenate([images[:3], changed[1:2], images[3:]]), encode)
+    assert calls == [3]  # only the changed image and the two new ones were computed
+    assert torch.equal(again[:3], out)
+    second.save()
+    assert len(PrefixStore(str(tmp_path / "p"), "run3").rows) == 6

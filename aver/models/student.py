@@ -70,6 +70,18 @@ class Student(nn.Module):
     def prefix(self, until: str) -> nn.Module:
         return self.backbone.features[:self._stage_index(until)]
 
+    def shared_stage(self, other: "Student") -> str | None:
+        """The deepest backbone stage up to which ``other`` has the same weights and buffers (students
+        trained from one initialisation with the same frozen prefix): evaluating both can run that
+        prefix once. None when the first stage already differs."""
+        shared = None
+        for stage, mine, theirs in zip(self.stages, self.backbone.features, other.backbone.features):
+            a, b = mine.state_dict(), theirs.state_dict()
+            if a.keys() != b.keys() or not all(torch.equal(v, b[k]) for k, v in a.items()):
+                break
+            shared = stage
+        return shared
+
     def forward(self, x: torch.Tensor, *, after: str | None = None) -> StudentOutput:
         x = self.backbone.features[self._stage_index(after) if after else 0:](x)
         emb = torch.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), 1)  # torchvision DenseNet.forward

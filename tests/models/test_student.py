@@ -52,3 +52,18 @@ def test_forward_after_a_cached_prefix_equals_the_full_forward():
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="unknown student stage"):
         model.prefix("block9")
+
+
+def test_shared_stage_is_the_deepest_stage_with_equal_weights():
+    torch.manual_seed(0)
+    a = Student()
+    torch.manual_seed(0)
+    b = Student()
+    assert a.shared_stage(b) == "norm5"
+    with torch.no_grad():
+        b.backbone.features.denseblock4.denselayer1.conv1.weight.add_(1.0)
+    assert a.shared_stage(b) == "transition3"
+    b.backbone.features.norm0.running_mean.add_(1.0)  # buffers count too
+    assert a.shared_stage(b) == "conv0"
+    torch.manual_seed(1)
+    assert a.shared_stage(Student()) is None

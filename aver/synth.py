@@ -123,6 +123,15 @@ def place_face(face: np.ndarray, canvas_hw: tuple[int, int], rng: np.random.Gene
     return canvas, (x, y, fw, fh)
 
 
+def face_box(tile: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The box a face annotator or detector puts around a face drawn in ``tile`` (x, y, w, h, as
+    ``place_face`` returns): cheek to cheek and brows to chin, like AffectNet's and FEC's boxes and
+    MTCNN's, not the whole square the face was drawn in (whose crop would shrink the face to half
+    the crop)."""
+    x, y, w, h = tile
+    return round(x + 0.18 * w), round(y + 0.2 * h), round(0.64 * w), round(0.73 * h)
+
+
 def smooth_trajectory(n: int, rng: np.random.Generator, *, step_s: float = 0.04, amplitude: float = 0.8) -> np.ndarray:
     """A smooth signal in [-amplitude, amplitude] over ``n`` steps: a few slow random sinusoids."""
     t = np.arange(n) * step_s
@@ -197,9 +206,10 @@ STEP_S = 0.04  # RECOLA's 40 ms label frames
 
 
 def _labelled_face(rng: np.random.Generator, label: int, canvas: tuple[int, int] = (200, 200)):
-    face = draw_face(sample_expression(label, rng), Identity.random(rng), int(rng.integers(110, 170)), rng=rng,
-                     pose=float(rng.uniform(-12, 12)), lighting=float(rng.uniform(0.7, 1.3)))
-    return place_face(face, canvas, rng)
+    face = draw_face(sample_expression(label, rng), Identity.random(rng), int(rng.integers(120, 170)), rng=rng,
+                     pose=float(rng.uniform(-8, 8)), lighting=float(rng.uniform(0.8, 1.2)))
+    img, tile = place_face(face, canvas, rng)
+    return img, face_box(tile)
 
 
 def _session_frames(valence: np.ndarray, arousal: np.ndarray, identity: Identity, rng: np.random.Generator,
@@ -271,15 +281,16 @@ def _fec_part(out: str, seed: int, split: str, indices: range) -> list[str]:
         # Like the real FEC (triplets kept where raters agree), keep only triplets whose closest pair
         # is clearly closer than the next one; the simulated raters still err below.
         while True:
-            exprs = [sample_expression(label, rng, intensity=(0.3, 1.0), noise=0.2) for label in labels]
+            exprs = [sample_expression(label, rng, intensity=(0.4, 1.0), noise=0.15) for label in labels]
             d = sorted(np.linalg.norm(exprs[a] - exprs[b]) for a, b in ((1, 2), (0, 2), (0, 1)))
-            if d[1] >= 1.5 * d[0]:
+            if d[1] >= 2.0 * d[0]:
                 break
         row = []
         for j, expr in enumerate(exprs):
-            face = draw_face(expr, Identity.random(rng), int(rng.integers(110, 160)), rng=rng,
-                             pose=float(rng.uniform(-10, 10)), lighting=float(rng.uniform(0.75, 1.25)))
-            img, (x, y, fw, fh) = place_face(face, (200, 200), rng)
+            face = draw_face(expr, Identity.random(rng), int(rng.integers(120, 170)), rng=rng,
+                             pose=float(rng.uniform(-8, 8)), lighting=float(rng.uniform(0.8, 1.2)))
+            img, tile = place_face(face, (200, 200), rng)
+            x, y, fw, fh = face_box(tile)
             path = os.path.abspath(os.path.join(out, "fec", "source", f"{split}{t:06d}_{j}.jpg"))
             Image.fromarray(img).save(path, quality=92)
             row += [f"file://{path}", f"{x / 200:.4f}", f"{(x + fw) / 200:.4f}", f"{y / 200:.4f}",
@@ -316,10 +327,13 @@ def _recola_session(out: str, seed: int, split: str, i: int, seconds: float) -> 
 def _unlabeled_part(out: str, seed: int, indices: range) -> None:
     import os
 
+    from aver.faces import crop_face
+
     for i in indices:
         rng = _rng(seed, 6, i)
-        img, _ = _labelled_face(rng, int(rng.integers(0, 8)), canvas=(180, 180))
-        Image.fromarray(img).save(os.path.join(out, "unlabeled", f"u{i:05d}.jpg"), quality=92)
+        img, (x, y, w, h) = _labelled_face(rng, int(rng.integers(0, 8)), canvas=(180, 180))
+        crop = crop_face(img, (x, y, x + w, y + h))  # the PowderFaces role: MTCNN-style face crops
+        Image.fromarray(crop).save(os.path.join(out, "unlabeled", f"u{i:05d}.jpg"), quality=92)
 
 
 def _archive(out: str, seed: int, seconds: float) -> None:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, targets in (("student", os.path.join(out, "distill")), ("student_nodistill", None)):
         stage(f"{name} (random DenseNet201, frozen up to transition3)")
         train_student(StudentTrainConfig(
-            **common, name=name, epochs=ep(4), batch_size=32, lr=1e-3, affectnet=aff, affectnet_images=aff_images,
+            **common, name=name, epochs=ep(5), batch_size=32, lr=1e-3, affectnet=aff, affectnet_images=aff_images,
             fec=fec, targets=targets, unlabeled=os.path.join(corpus, "unlabeled") if targets else None,
             freeze="transition3", seed=a.seed))
     recola = os.path.join(corpus, "recola")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         train_fusion(FusionTrainConfig(
             **common, name=name, recola=recola, student=os.path.join(models, "student.pt"),
             vggish_arousal=os.path.join(models, "vggish_arousal.pt"),
-            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(30),
+            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(20),
             batch_size=16, lr=1e-3, window_s=9.6, hop_s=0.4, featurizer_cpus=cpus, seed=a.seed))
     stage("evaluate")
     evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval"), featurizer_cpus=cpus))

@@ -199,7 +199,7 @@ class CorpusSize:
 
 SIZES = {
     "small": CorpusSize(96, 48, 60, 30, 2, 1, 12.0, 24),
-    "medium": CorpusSize(800, 320, 400, 200, 6, 3, 40.0, 200),
+    "medium": CorpusSize(800, 320, 400, 300, 6, 3, 40.0, 200),
 }
 VIDEO_FPS = 10
 STEP_S = 0.04  # RECOLA's 40 ms label frames
@@ -281,7 +281,7 @@ def _fec_part(out: str, seed: int, split: str, indices: range) -> list[str]:
         # Like the real FEC (triplets kept where raters agree), keep only triplets whose closest pair
         # is clearly closer than the next one; the simulated raters still err below.
         while True:
-            exprs = [sample_expression(label, rng, intensity=(0.4, 1.0), noise=0.15) for label in labels]
+            exprs = [sample_expression(label, rng, intensity=(0.3, 1.0), noise=0.08) for label in labels]
             d = sorted(np.linalg.norm(exprs[a] - exprs[b]) for a, b in ((1, 2), (0, 2), (0, 1)))
             if d[1] >= 2.0 * d[0]:
                 break

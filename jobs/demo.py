@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     recola = os.path.join(corpus, "recola")
     for dim in ("arousal", "valence"):
         stage(f"VGGish {dim} (random conv stack, frozen; FC layers train)")
-        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(15),
+        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(12),
                                        batch_size=16, lr=1e-4, segment_frames=96, hop_frames=20, freeze="features",
                                        seed=a.seed))
     for name, modalities in (("fusion", ("visual", "audio")), ("fusion_visual", ("visual",)),
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         train_fusion(FusionTrainConfig(
             **common, name=name, recola=recola, student=os.path.join(models, "student.pt"),
             vggish_arousal=os.path.join(models, "vggish_arousal.pt"),
-            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(20),
+            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(15),
             batch_size=16, lr=1e-3, window_s=9.6, hop_s=0.4, featurizer_cpus=cpus, seed=a.seed))
     stage("evaluate")
     evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval"), featurizer_cpus=cpus))

@@ -1,4 +1,5 @@
-"""Command-line flags every training job shares (the fields of :class:`aver.training.TrainConfig`)."""
+"""Command-line flags the jobs share: every training job's (:class:`aver.training.TrainConfig`) and
+every actor-pool job's (:class:`aver.units.ActorPoolConfig`)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,18 @@ def train_kwargs(a: argparse.Namespace) -> dict:
             "cpus_per_worker": a.cpus_per_worker, "threads_per_worker": a.threads_per_worker, "seed": a.seed,
             "max_failures": a.max_failures,
             "storage_options": a.storage_options, "fail_at": tuple(a.fail_at) if a.fail_at else None}
+
+
+def add_actor_args(p: argparse.ArgumentParser, *, what: str) -> None:
+    g = p.add_argument_group("actor pool (Ray Data)")
+    g.add_argument("--actors", type=int, default=0, help=f"{what} actors (default 0: one per GPU share, or CPUs-1)")
+    g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
+    g.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPU share per actor, e.g. 0.25 puts four on a GPU (default 0: CPU)")
+    g.add_argument("--storage-options", type=json.loads, default={},
+                   help="fsspec options as JSON, e.g. '{\"anon\": false}'")
+
+
+def actor_kwargs(a: argparse.Namespace) -> dict:
+    return {"actors": a.actors, "cpus_per_actor": a.cpus_per_actor, "gpus_per_actor": a.gpus_per_actor,
+            "storage_options": a.storage_options}

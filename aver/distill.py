@@ -11,8 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -26,14 +25,14 @@ from aver.media import IMAGE_EXTENSIONS, MediaError, list_inputs, load_image
 from aver.outputs import join, status_table, write_table
 from aver.storage import redact, url_to_fs
 from aver.streaming import chunked, prefetch
-from aver.units import actor_device, actor_threads, map_units, pending, stable_chunks
+from aver.units import ActorPoolConfig, actor_device, actor_threads, map_units, pending, stable_chunks
 
 TARGETS_SCHEMA = pa.schema([("crop_id", pa.string()), ("target", pa.list_(pa.float32(), 80))])
 TEACHER_SIZE = 140
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(ActorPoolConfig):
     input: str
     """faces/ folder of extract_faces (or its parent), or a folder/glob/manifest of face images."""
     teachers: tuple[str, str]
@@ -49,25 +48,16 @@ class DistillConfig:
     (default: images/ beside the CSV)."""
     margin: float = 0.2
     """Context around manifest face boxes, as for extract_faces crops."""
-    actors: int = 0
-    """Teacher actors; 0 picks one per GPU share, or CPUs - 1 (at least 1) without GPUs."""
-    cpus_per_actor: float = 1.0
-    """CPUs reserved per actor (JPEG decoding runs inside it, in a prefetch thread)."""
-    gpus_per_actor: float = 0.0
-    """GPU share per actor; 0 runs on CPU."""
     precision: str = "auto"
     """'bf16' autocast, 'fp32', or 'auto' (bf16 on CUDA, fp32 on CPU)."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for input, teachers and output."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.teachers = tuple(self.teachers)
         if len(self.teachers) != 2:
             raise ValueError(f"distill needs exactly two teacher checkpoints, got {len(self.teachers)}")
-        if self.batch_size < 1 or self.images_per_unit < 1 or self.actors < 0:
-            raise ValueError("batch_size >= 1, images_per_unit >= 1, actors >= 0")
-        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
-            raise ValueError("cpus_per_actor > 0 and gpus_per_actor >= 0")
+        if self.batch_size < 1 or self.images_per_unit < 1:
+            raise ValueError("batch_size >= 1 and images_per_unit >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 

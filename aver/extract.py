@@ -8,7 +8,6 @@ atomically, so a rerun skips exactly the units that completed and never duplicat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +17,7 @@ from aver.media import InputItem, MediaError, VideoReader, list_inputs, load_ima
 from aver.outputs import join, status_table, write_table
 from aver.storage import redact
 from aver.streaming import chunked, prefetch
-from aver.units import actor_device, actor_threads, map_units, pending, stable_chunks
+from aver.units import ActorPoolConfig, actor_device, actor_threads, map_units, pending, stable_chunks
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -34,7 +33,7 @@ FACES_SCHEMA = pa.schema([
 
 
 @dataclass
-class ExtractFacesConfig:
+class ExtractFacesConfig(ActorPoolConfig):
     input: str
     """Videos/images: a folder, a glob, a manifest (.txt/.csv/.parquet with `source`) or one file."""
     output: str
@@ -45,22 +44,15 @@ class ExtractFacesConfig:
     """MTCNN and crop settings."""
     images_per_unit: int = 256
     """Images handled (and written) together as one unit of work."""
-    actors: int = 0
-    """Detector actors; 0 picks one per GPU share, or CPUs - 1 (at least 1) without GPUs."""
-    cpus_per_actor: float = 1.0
-    """CPUs reserved per detector actor (decode and crop run inside it, in a prefetch thread)."""
-    gpus_per_actor: float = 0.0
-    """GPU share per actor (e.g. 0.25 puts four actors on one GPU); 0 runs on CPU."""
     max_bytes: int = 20 * 2**30
     """Inputs larger than this get status too_large."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for input and output (e.g. S3 endpoint, credentials)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.fps <= 0 or self.fps > 120:
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
-        if self.images_per_unit < 1 or self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
-            raise ValueError("images_per_unit >= 1, actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0")
+        if self.images_per_unit < 1:
+            raise ValueError("images_per_unit must be >= 1")
 
 
 def crop_id(video_id: str, frame_index: int) -> str:

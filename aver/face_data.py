@@ -3,18 +3,44 @@ crops. Cropping runs as Ray Data CPU tasks; unreadable images are dropped and co
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aver.datasets import read_affectnet, read_fec
 from aver.faces import crop_face
+from aver.losses import FaceLossConfig
 from aver.media import MediaError, load_image
+from aver.training import TrainConfig
 
 if TYPE_CHECKING:
     import torch
 
 CROP = 140
+
+
+@dataclass
+class FaceTrainConfig(TrainConfig):
+    """What the teacher and the student train on (Algorithm 1): AffectNet and FEC, and the loss weights."""
+
+    affectnet: str = ""
+    """AffectNet training.csv (local or fsspec URI)."""
+    fec: str = ""
+    """Google FEC training CSV (images fetched)."""
+    affectnet_images: str | None = None
+    """AffectNet image folder (default: the CSV's folder)."""
+    fec_images: str | None = None
+    """Fetched FEC images (default: images/ beside the CSV)."""
+    loss: FaceLossConfig = field(default_factory=FaceLossConfig)
+    """Margins, alpha and the RKD weights (RKD: the student only)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.affectnet or not self.fec:
+            raise ValueError("training on faces needs both --affectnet and --fec")
+        if isinstance(self.loss, dict):
+            self.loss = FaceLossConfig(**self.loss)
 
 
 def _crop(source: str, box=None, box_frac=None, margin: float = 0.2, storage_options=None) -> np.ndarray | None:

@@ -29,7 +29,7 @@ from aver.media import InputItem, MediaError, VideoReader, list_inputs, read_aud
 from aver.outputs import join, status_table, write_table
 from aver.storage import redact
 from aver.streaming import chunked, prefetch
-from aver.units import actor_device, actor_threads, map_units, pending
+from aver.units import ActorPoolConfig, actor_device, actor_threads, map_units, pending
 
 SCORES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -65,7 +65,7 @@ MODEL_FILES = {"student": "student.pt", "vggish_arousal": "vggish_arousal.pt", "
 
 
 @dataclass
-class ScoreVideosConfig:
+class ScoreVideosConfig(ActorPoolConfig):
     input: str
     """Videos and audio files: a folder, a glob, a manifest (.txt/.csv/.parquet) or one file."""
     output: str
@@ -85,26 +85,19 @@ class ScoreVideosConfig:
     """MTCNN and crop settings."""
     batch_size: int = 64
     """Face crops per student batch and windows per fusion batch."""
-    actors: int = 0
-    """Scoring actors; 0 picks one per GPU share, or CPUs - 1 (at least 1) without GPUs."""
-    cpus_per_actor: float = 1.0
-    """CPUs reserved per actor (decode runs inside it, in a prefetch thread)."""
-    gpus_per_actor: float = 0.0
-    """GPU share per actor; 0 runs on CPU. On CUDA the models run in bf16 autocast, channels_last."""
     max_bytes: int = 20 * 2**30
     """Inputs larger than this get status too_large."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for input, model and output."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.detector, dict):
             self.detector = FaceDetectorConfig(**self.detector)
         if not 0 < self.fps <= 120:
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
         if self.window_s <= 0 or self.hop_s <= 0 or self.hop_s > self.window_s:
             raise ValueError("need window_s > 0 and 0 < hop_s <= window_s")
-        if self.batch_size < 1 or self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
-            raise ValueError("batch_size >= 1, actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
 
 
 @dataclass

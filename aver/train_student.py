@@ -4,51 +4,37 @@ batches contribute RKD only."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aver.face_data import labelled_face_data, to_student_input, unlabeled_dataset
+from aver.face_data import FaceTrainConfig, labelled_face_data, to_student_input, unlabeled_dataset
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models.student import Student
-from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, input_encoder, maybe_fail,
+from aver.training import (ShardBatches, autocast, begin, fit, input_encoder, maybe_fail,
                            prepare_worker, recalibrate_batchnorm, report_epoch, to_device)
 
 
 @dataclass
-class StudentTrainConfig(TrainConfig):
-    affectnet: str = ""
-    """AffectNet training.csv."""
-    fec: str = ""
-    """Google FEC training CSV (images fetched)."""
+class StudentTrainConfig(FaceTrainConfig):
     targets: str | None = None
     """distill.py output folder (targets/ with crop_id, target[80]); None trains without distillation."""
     unlabeled: str | None = None
     """Unlabeled face images (the PowderFaces role), distilled with the same teachers."""
-    affectnet_images: str | None = None
-    """AffectNet image folder (default: the CSV's folder)."""
-    fec_images: str | None = None
-    """Fetched FEC images (default: images/ beside the CSV)."""
     imagenet: str | None = None
     """torchvision DenseNet201 ImageNet weights (registry name or URI); None = random init."""
     freeze: str | None = None
     """Backbone stage up to which the student stays frozen (e.g. "transition3": train denseblock4,
     norm5 and the heads); its outputs are computed once and cached. None trains everything."""
-    loss: FaceLossConfig = field(default_factory=FaceLossConfig)
-    """Margins, alpha and the RKD weights."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.affectnet or not self.fec:
-            raise ValueError("train_student needs --affectnet and --fec")
         if self.freeze is not None and self.freeze not in Student.stages:
             raise ValueError(f"freeze must be None or one of {Student.stages}, got {self.freeze!r}")
         if self.unlabeled and not self.targets:
             raise ValueError("unlabeled images only contribute through distillation: give --targets too")
-        if isinstance(self.loss, dict):
-            self.loss = FaceLossConfig(**self.loss)
 
 
 def build_student(config: dict) -> torch.nn.Module:

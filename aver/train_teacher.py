@@ -3,27 +3,19 @@ FaceNet trunk, data-parallel on Ray Train."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from aver.face_data import labelled_face_data, to_teacher_input
+from aver.face_data import FaceTrainConfig, labelled_face_data, to_teacher_input
 from aver.losses import FaceLossConfig, fec_triplet_loss
-from aver.training import (ShardBatches, TrainConfig, autocast, begin, fit, input_encoder, maybe_fail,
+from aver.training import (ShardBatches, autocast, begin, fit, input_encoder, maybe_fail,
                            prepare_worker, recalibrate_batchnorm, report_epoch, to_device)
 
 
 @dataclass
-class TeacherTrainConfig(TrainConfig):
-    affectnet: str = ""
-    """AffectNet training.csv (local or fsspec URI)."""
-    fec: str = ""
-    """Google FEC training CSV (images fetched under --fec-images)."""
-    affectnet_images: str | None = None
-    """AffectNet image folder (default: the CSV's folder)."""
-    fec_images: str | None = None
-    """Fetched FEC images (default: images/ beside the CSV)."""
+class TeacherTrainConfig(FaceTrainConfig):
     d_face: int = 128
     """Face embedding width (the paper's two teachers: 128 and 256)."""
     facenet: str | None = None
@@ -31,19 +23,13 @@ class TeacherTrainConfig(TrainConfig):
     freeze: str | None = None
     """"trunk": train only the layers after the trunk, whose outputs are computed once and cached
     (fast recipe; the trunk keeps its weights and BN statistics). None trains everything."""
-    loss: FaceLossConfig = field(default_factory=FaceLossConfig)
-    """Margins and the AffectNet weight alpha."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.affectnet or not self.fec:
-            raise ValueError("train_teacher needs both --affectnet and --fec")
         if self.d_face < 1:
             raise ValueError("d_face must be positive")
         if self.freeze not in (None, "trunk"):
             raise ValueError(f"freeze must be None or 'trunk', got {self.freeze!r}")
-        if isinstance(self.loss, dict):
-            self.loss = FaceLossConfig(**self.loss)
 
 
 def build_teacher(config: dict) -> torch.nn.Module:

@@ -4,9 +4,29 @@ units through a pool of Ray Data actors (one unit per call, outputs written by t
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from aver.outputs import completed_units, join
+
+
+@dataclass(kw_only=True)
+class ActorPoolConfig:
+    """The actor pool of a Ray Data job (extract_faces, distill, score_videos) and its storage."""
+
+    actors: int = 0
+    """Actors; 0 picks one per GPU share, or CPUs - 1 (at least 1) without GPUs."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor (decoding runs inside it, in a prefetch thread)."""
+    gpus_per_actor: float = 0.0
+    """GPU share per actor (e.g. 0.25 puts four actors on one GPU); 0 runs on CPU. On CUDA the
+    models run in bf16 autocast, channels_last."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for inputs, models and output (e.g. an S3 endpoint, credentials)."""
+
+    def __post_init__(self) -> None:
+        if self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError("actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0")
 
 
 def stable_chunks(ids: list[str], per_unit: int, prefix: str = "images") -> list[tuple[str, slice]]:
@@ -63,12 +83,10 @@ def actor_device(gpus_per_actor: float, who: str):
     return torch.device("cpu")
 
 
-def map_units(units: list[dict], actor_cls: type, cfg: Any) -> Iterator:
-    """Stream ``units`` through ``actor_cls(cfg)`` actors; yields the actors' result batches (pandas).
-
-    ``cfg`` carries ``actors``, ``cpus_per_actor`` and ``gpus_per_actor``. Starts a local Ray if
-    none is running (under ``ray job submit`` this connects to the cluster).
-    """
+def map_units(units: list[dict], actor_cls: type, cfg: ActorPoolConfig) -> Iterator:
+    """Stream ``units`` through ``actor_cls(cfg)`` actors, as many as ``cfg`` asks; yields the
+    actors' result batches (pandas). Starts a local Ray if none is running (under ``ray job
+    submit`` this connects to the cluster)."""
     import ray
 
     if not ray.is_initialized():

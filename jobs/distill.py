@@ -13,9 +13,9 @@ Writes OUTPUT/targets/ (crop_id, target[80]) and OUTPUT/status/. Rerunning skips
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from aver.cli import actor_kwargs, add_actor_args
 from aver.distill import DistillConfig, run
 
 
@@ -31,17 +31,13 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     p.add_argument("--output", required=True, help="output folder (local or fsspec URI)")
     p.add_argument("--batch-size", type=int, default=256, help="crops per teacher forward pass (default 256)")
     p.add_argument("--images-per-unit", type=int, default=1024, help="images processed and written together (default 1024)")
-    p.add_argument("--actors", type=int, default=0, help="teacher actors (default 0: one per GPU share, or CPUs-1)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU share per actor (default 0: CPU)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast or fp32; auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    add_actor_args(p, what="teacher")
     a = p.parse_args(argv)
     return DistillConfig(input=a.input, teachers=tuple(a.teachers), output=a.output, batch_size=a.batch_size,
                          images_root=a.images_root, margin=a.margin,
-                         images_per_unit=a.images_per_unit, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
-                         gpus_per_actor=a.gpus_per_actor, precision=a.precision, storage_options=a.storage_options)
+                         images_per_unit=a.images_per_unit, precision=a.precision, **actor_kwargs(a))
 
 
 def main(argv: list[str] | None = None) -> int:

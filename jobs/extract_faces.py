@@ -12,9 +12,9 @@ row per input). Rerunning skips inputs already complete.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from aver.cli import actor_kwargs, add_actor_args
 from aver.extract import ExtractFacesConfig, run
 from aver.faces import FaceDetectorConfig
 
@@ -31,17 +31,13 @@ def parse_args(argv: list[str] | None = None) -> ExtractFacesConfig:
     p.add_argument("--detect-max-side", type=int, default=640, help="downscale frames to this longer side for detection (default 640)")
     p.add_argument("--batch-size", type=int, default=32, help="frames per MTCNN batch (default 32; raise on GPUs)")
     p.add_argument("--images-per-unit", type=int, default=256, help="images processed and written together (default 256)")
-    p.add_argument("--actors", type=int, default=0, help="detector actors (default 0: one per GPU share, or CPUs-1)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per detector actor (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU share per actor, e.g. 0.25 (default 0: CPU)")
     p.add_argument("--max-bytes", type=int, default=20 * 2**30, help="inputs larger than this get status too_large")
-    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON, e.g. '{\"anon\": false}'")
+    add_actor_args(p, what="detector")
     a = p.parse_args(argv)
     detector = FaceDetectorConfig(image_size=a.image_size, margin=a.margin, min_face_size=a.min_face_size,
                                   min_prob=a.min_prob, detect_max_side=a.detect_max_side, batch_size=a.batch_size)
     return ExtractFacesConfig(input=a.input, output=a.output, fps=a.fps, detector=detector,
-                              images_per_unit=a.images_per_unit, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
-                              gpus_per_actor=a.gpus_per_actor, max_bytes=a.max_bytes, storage_options=a.storage_options)
+                              images_per_unit=a.images_per_unit, max_bytes=a.max_bytes, **actor_kwargs(a))
 
 
 def main(argv: list[str] | None = None) -> int:

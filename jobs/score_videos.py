@@ -15,9 +15,9 @@ faces; the modality column says which. Rerunning skips inputs already complete.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from aver.cli import actor_kwargs, add_actor_args
 from aver.faces import FaceDetectorConfig
 from aver.score import ScoreVideosConfig, run
 
@@ -35,17 +35,13 @@ def parse_args(argv: list[str] | None = None) -> ScoreVideosConfig:
     p.add_argument("--min-prob", type=float, default=0.9, help="drop face detections below this probability (default 0.9)")
     p.add_argument("--detect-batch-size", type=int, default=32, help="frames per MTCNN batch (default 32)")
     p.add_argument("--batch-size", type=int, default=64, help="face crops per student batch, windows per fusion batch (default 64)")
-    p.add_argument("--actors", type=int, default=0, help="scoring actors (default 0: one per GPU share, or CPUs-1)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU share per actor, e.g. 0.5 (default 0: CPU)")
     p.add_argument("--max-bytes", type=int, default=20 * 2**30, help="inputs larger than this get status too_large")
-    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    add_actor_args(p, what="scoring")
     a = p.parse_args(argv)
     detector = FaceDetectorConfig(margin=a.margin, min_prob=a.min_prob, batch_size=a.detect_batch_size)
     return ScoreVideosConfig(input=a.input, output=a.output, model=a.model, fps=a.fps, window_s=a.window_s,
                              hop_s=a.hop_s, all_faces=a.all_faces, detector=detector, batch_size=a.batch_size,
-                             actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
-                             max_bytes=a.max_bytes, storage_options=a.storage_options)
+                             max_bytes=a.max_bytes, **actor_kwargs(a))
 
 
 def main(argv: list[str] | None = None) -> int:

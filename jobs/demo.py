@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     teachers = []
     for d in (128, 256):
         stage(f"teacher d_face={d} (random FaceNet trunk, frozen; same trunk for both, as in the paper)")
-        cfg = TeacherTrainConfig(**common, name=f"teacher{d}", epochs=ep(10), batch_size=32, lr=2e-3, affectnet=aff,
+        cfg = TeacherTrainConfig(**common, name=f"teacher{d}", epochs=ep(8), batch_size=32, lr=2e-3, affectnet=aff,
                                  affectnet_images=aff_images, fec=fec, d_face=d, freeze="trunk", seed=a.seed)
         train_teacher(cfg)
         teachers.append(cfg.model_uri)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         train_fusion(FusionTrainConfig(
             **common, name=name, recola=recola, student=os.path.join(models, "student.pt"),
             vggish_arousal=os.path.join(models, "vggish_arousal.pt"),
-            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(15),
+            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(12),
             batch_size=16, lr=1e-3, window_s=9.6, hop_s=0.4, featurizer_cpus=cpus, seed=a.seed))
     stage("evaluate")
     evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval"), featurizer_cpus=cpus))

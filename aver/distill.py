@@ -127,7 +127,7 @@ class TeacherPair:
     """Ray Data actor: both teachers on one device; turns whole units into target parts."""
 
     def __init__(self, cfg: DistillConfig) -> None:
-        from aver.models import Teacher, load_checkpoint
+        from aver.models import Teacher, load_checkpoint, same_weights
 
         self.cfg = cfg
         actor_threads(cfg.cpus_per_actor)
@@ -139,9 +139,7 @@ class TeacherPair:
                 raise ValueError(f"{redact(uri)} holds a {type(model).__name__}, not a Teacher")
             self.teachers.append(model.to(self.device, memory_format=torch.channels_last).eval())
         # The paper's teachers start from the same FaceNet trunk; frozen, it stays the same: run it once.
-        first = self.teachers[0].trunk.state_dict()
-        self.shared_trunk = all(all(torch.equal(v, t.trunk.state_dict()[k]) for k, v in first.items())
-                                for t in self.teachers[1:])
+        self.shared_trunk = all(same_weights(self.teachers[0].trunk, t.trunk) for t in self.teachers[1:])
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 

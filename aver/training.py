@@ -214,7 +214,7 @@ def maybe_fail(cfg: dict, epoch: int, step: int) -> None:
 
 
 def input_encoder(config: dict, core: torch.nn.Module, freeze: str | None, preprocess: Callable,
-                  device: torch.device) -> tuple[Callable, "PrefixStore | None"]:
+                  device: torch.device) -> tuple[Callable, PrefixStore | None]:
     """images (uint8 NHWC) -> model inputs: preprocessed on ``device`` and, when the model is frozen
     up to ``freeze``, run through that frozen prefix (in eval mode: its BN statistics stay).
     Returns the encoder and, with a frozen prefix, the run's :class:`PrefixStore` under

@@ -1,6 +1,6 @@
 """The paper's four networks (SPEC §3) and their checkpoints."""
 
-from aver.models.checkpoint import load_checkpoint, save_checkpoint
+from aver.models.checkpoint import load_checkpoint, same_weights, save_checkpoint
 from aver.models.fusion import FusionConfig, FusionModel
 from aver.models.student import Student, StudentConfig, StudentOutput
 from aver.models.teacher import FaceOutput, Teacher, TeacherConfig
@@ -8,5 +8,6 @@ from aver.models.vggish import AudioOutput, VGGishConfig, VGGishEmotion
 
 __all__ = [
     "AudioOutput", "FaceOutput", "FusionConfig", "FusionModel", "Student", "StudentConfig", "StudentOutput",
-    "Teacher", "TeacherConfig", "VGGishConfig", "VGGishEmotion", "load_checkpoint", "save_checkpoint",
+    "Teacher", "TeacherConfig", "VGGishConfig", "VGGishEmotion", "load_checkpoint", "same_weights",
+    "save_checkpoint",
 ]

@@ -23,6 +23,12 @@ def _architectures() -> dict[str, type[nn.Module]]:
     return {c.__name__: c for c in (Teacher, Student, VGGishEmotion, FusionModel)}
 
 
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """True when ``a`` and ``b`` hold equal parameters and buffers under the same names."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(v, sb[k]) for k, v in sa.items())
+
+
 def save_checkpoint(model: nn.Module, uri: str, *, meta: dict[str, Any] | None = None,
                     storage_options: dict | None = None) -> None:
     """Write ``model`` (architecture name, config, float32 state dict, ``meta``) to ``uri`` atomically."""

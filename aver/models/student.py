@@ -74,10 +74,11 @@ class Student(nn.Module):
         """The deepest backbone stage up to which ``other`` has the same weights and buffers (students
         trained from one initialisation with the same frozen prefix): evaluating both can run that
         prefix once. None when the first stage already differs."""
+        from aver.models.checkpoint import same_weights
+
         shared = None
         for stage, mine, theirs in zip(self.stages, self.backbone.features, other.backbone.features):
-            a, b = mine.state_dict(), theirs.state_dict()
-            if a.keys() != b.keys() or not all(torch.equal(v, b[k]) for k, v in a.items()):
+            if not same_weights(mine, theirs):
                 break
             shared = stage
         return shared

@@ -15,6 +15,8 @@ def add_train_args(p: argparse.ArgumentParser, *, name: str, epochs: int, batch_
     g.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step per worker (default {batch_size})")
     g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant, or cosine decay over the epochs (default constant)")
     g.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (default 1)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
@@ -29,7 +31,7 @@ def add_train_args(p: argparse.ArgumentParser, *, name: str, epochs: int, batch_
 
 def train_kwargs(a: argparse.Namespace) -> dict:
     return {"output": a.output, "name": a.name, "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
-            "weight_decay": a.weight_decay, "num_workers": a.num_workers, "use_gpu": a.use_gpu,
+            "weight_decay": a.weight_decay, "lr_schedule": a.lr_schedule, "num_workers": a.num_workers, "use_gpu": a.use_gpu,
             "cpus_per_worker": a.cpus_per_worker, "threads_per_worker": a.threads_per_worker, "seed": a.seed,
             "max_failures": a.max_failures,
             "storage_options": a.storage_options, "fail_at": tuple(a.fail_at) if a.fail_at else None}

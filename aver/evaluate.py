@@ -49,6 +49,9 @@ class EvaluateConfig:
     """Fusion window, as trained."""
     fps: float = 5.0
     """Face sampling rate, as trained."""
+    prefix_cache: str | None = None
+    """The students' training OUTPUT: face images whose frozen-prefix outputs its cache/ holds are
+    not encoded again (None encodes every image)."""
     featurizer_cpus: float = 1.0
     """CPUs of the actor featurising the RECOLA sessions (MTCNN, student, VGGish)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -60,18 +63,14 @@ def _path(cfg: EvaluateConfig, rel: str) -> str:
 
 
 @torch.no_grad()
-def _embed(students: dict, stage: str | None, batches, keys: tuple[str, ...], head: str) -> tuple[dict, list]:
-    """{student: {key: outputs of ``head``}} over ``batches``, the shared prefix run once per image."""
-    from aver.face_data import to_student_input
-
-    first = next(iter(students.values()))
+def _embed(students: dict, encode, stage: str | None, batches, keys: tuple[str, ...], head: str) -> tuple[dict, list]:
+    """{student: {key: outputs of ``head``}} over ``batches``; ``encode`` gives the model inputs
+    after ``stage`` (the prefix the students share, run once per image)."""
     out = {name: {k: [] for k in keys} for name in students}
     labels = []
     for b in batches:
         for k in keys:
-            x = to_student_input(b[k])
-            if stage:
-                x = first.prefix(stage)(x)
+            x = encode(b[k])
             for name, model in students.items():
                 out[name][k].append(getattr(model(x, after=stage), head).float().numpy())
         labels.append(b.get("label"))
@@ -81,24 +80,40 @@ def _embed(students: dict, stage: str | None, batches, keys: tuple[str, ...], he
 def face_metrics(cfg: EvaluateConfig, students: dict) -> dict[str, dict[str, float]]:
     """AffectNet and FEC metrics per student. The images are read once for all students, and the
     backbone prefix they share (a frozen stage of one initialisation) runs once."""
-    from aver.face_data import affectnet_dataset, fec_dataset
+    import uuid
+
+    from aver.face_data import affectnet_dataset, fec_dataset, to_student_input
     from aver.metrics import balanced_logreg_accuracy, triplet_accuracy
+    from aver.training import PrefixStore, prefix_store_folder
 
     so = cfg.storage_options or None
     students = {name: model.eval() for name, model in students.items()}
     first, *others = students.values()
     stages = [first.shared_stage(m) for m in others]
     stage = None if None in stages else min(stages, key=first.stages.index, default=None)
+    store = None
+    if stage and cfg.prefix_cache:
+        store = PrefixStore(prefix_store_folder(cfg.prefix_cache, first, stage, to_student_input),
+                            f"evaluate-{uuid.uuid4().hex[:8]}", so)
+
+    def encode(images):
+        if store is not None:
+            return store.encode(images, lambda im: first.prefix(stage)(to_student_input(im))).float()
+        x = to_student_input(images)
+        return first.prefix(stage)(x) if stage else x
+
     images = _path(cfg, cfg.affectnet_images)
     train, _ = affectnet_dataset(_path(cfg, cfg.affectnet_train), images, storage_options=so)
     test, _ = affectnet_dataset(_path(cfg, cfg.affectnet_eval), images, storage_options=so)
-    x_tr, y_tr = _embed(students, stage, train.iter_batches(batch_size=64, batch_format="numpy"), ("image",),
+    x_tr, y_tr = _embed(students, encode, stage, train.iter_batches(batch_size=64, batch_format="numpy"), ("image",),
                         "embedding")
-    x_te, y_te = _embed(students, stage, test.iter_batches(batch_size=64, batch_format="numpy"), ("image",),
+    x_te, y_te = _embed(students, encode, stage, test.iter_batches(batch_size=64, batch_format="numpy"), ("image",),
                         "embedding")
     fec, _ = fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so)
-    e, _ = _embed(students, stage, fec.select_columns(["i", "j", "k"]).iter_batches(batch_size=64,
+    e, _ = _embed(students, encode, stage, fec.select_columns(["i", "j", "k"]).iter_batches(batch_size=64,
                   batch_format="numpy"), ("i", "j", "k"), "fec")
+    if store is not None:
+        store.save()
     return {name: {"affectnet_accuracy": balanced_logreg_accuracy(x_tr[name]["image"], np.concatenate(y_tr),
                                                                   x_te[name]["image"], np.concatenate(y_te)),
                    "fec_triplet_accuracy": triplet_accuracy(e[name]["i"], e[name]["j"], e[name]["k"])}

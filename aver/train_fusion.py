@@ -19,7 +19,7 @@ from aver.metrics import ccc
 from aver.models.fusion import MODALITIES
 from aver.outputs import join
 from aver.storage import exists, read_bytes, write_bytes_atomic
-from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, fit, prepare_worker, report_epoch,
+from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, epochs, fit, prepare_worker, report_epoch,
                            require_batches, to_device)
 
 STEP_S = 0.04
@@ -202,7 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Windows are small and reread every epoch: keep this worker's shard in memory (float16).
     windows = ShardBatches(shard, ("visual", "audio"), torch.as_tensor, bs, cache=True, seed=config["seed"],
                            drop_last=True)
-    for epoch in range(start, config["epochs"]):
+    for epoch in epochs(config, start, optimizer):
         loss, p, t = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, config, epoch)
         metrics = {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
         history = report_epoch(epoch, metrics, model, optimizer, history)

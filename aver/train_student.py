@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from aver.face_data import FaceTrainConfig, labelled_face_data, to_student_input, unlabeled_dataset
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models.student import Student
-from aver.training import (ShardBatches, autocast, begin, fit, input_encoder, maybe_fail,
-                           prepare_worker, recalibrate_batchnorm, report_epoch, to_device)
+from aver.training import (ShardBatches, autocast, begin, epochs, fit, input_encoder, maybe_fail, prepare_worker,
+                           recalibrate_batchnorm, report_epoch, to_device)
 
 
 @dataclass
@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     affectnet = source("affectnet", ("image",), config["seed"])
     fec = source("fec", ("i", "j", "k"), config["seed"] + 1)
     unlabeled = source("unlabeled", ("image",), config["seed"] + 2) if config.get("unlabeled") else None
-    for epoch in range(start, config["epochs"]):
+    for epoch in epochs(config, start, optimizer):
         model.train()
         if freeze:
             core.prefix(freeze).eval()

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from aver.face_data import FaceTrainConfig, labelled_face_data, to_teacher_input
 from aver.losses import FaceLossConfig, fec_triplet_loss
-from aver.training import (ShardBatches, autocast, begin, fit, input_encoder, maybe_fail,
-                           prepare_worker, recalibrate_batchnorm, report_epoch, to_device)
+from aver.training import (ShardBatches, autocast, begin, epochs, fit, input_encoder, maybe_fail, prepare_worker,
+                           recalibrate_batchnorm, report_epoch, to_device)
 
 
 @dataclass
@@ -54,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
                              cache=bool(freeze), seed=config["seed"], store=store)
     fec = ShardBatches(ray.train.get_dataset_shard("fec"), ("i", "j", "k"), encode, bs, cache=bool(freeze),
                        seed=config["seed"] + 1, store=store)
-    for epoch in range(start, config["epochs"]):
+    for epoch in epochs(config, start, optimizer):
         model.train()
         if freeze:
             core.prefix(freeze).eval()

@@ -9,7 +9,7 @@ import torch
 
 from aver.metrics import ccc
 from aver.recola_data import recola_audio_dataset
-from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, fit, input_encoder, prepare_worker,
+from aver.training import (ShardBatches, TrainConfig, begin, ccc_epoch, epochs, fit, input_encoder, prepare_worker,
                            report_epoch, require_batches, to_device)
 
 DIMENSIONS = ("arousal", "valence")
@@ -75,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
         pred = model(to_device(batch["mel"], device), after=freeze).prediction
         return pred, to_device(torch.as_tensor(batch[dim]).float(), device)
 
-    for epoch in range(start, config["epochs"]):
+    for epoch in epochs(config, start, optimizer):
         loss, preds, targets = ccc_epoch(model, optimizer, data.epoch(epoch), predict, config, epoch)
         history = report_epoch(epoch, {"loss": loss, "ccc": ccc(targets, preds)}, model, optimizer, history)
 

@@ -17,6 +17,8 @@ import torch
 from aver.outputs import join
 from aver.storage import exists, read_bytes, url_to_fs, write_bytes_atomic
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass
 class TrainConfig:
@@ -32,6 +34,8 @@ class TrainConfig:
     """Learning rate."""
     weight_decay: float = 1e-4
     """Weight decay (AdamW)."""
+    lr_schedule: str = "constant"
+    """"constant", or "cosine": epoch e runs at lr * (1 + cos(pi * e / epochs)) / 2."""
     num_workers: int = 1
     """Data-parallel Ray Train workers."""
     use_gpu: bool = False
@@ -57,6 +61,8 @@ class TrainConfig:
             raise ValueError("threads_per_worker must be >= 0")
         if self.lr <= 0 or self.weight_decay < 0 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             raise ValueError("lr > 0, weight_decay >= 0, cpus_per_worker > 0, max_failures >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a plain folder name, got {self.name!r}")
         if self.fail_at is not None:
@@ -93,6 +99,20 @@ def prepare_worker(build: Callable[[dict], torch.nn.Module], config: dict, *, fr
                     weight_decay=config["weight_decay"])
     start, history = restore(model, opt)
     return model, core, opt, start, history, ray.train.torch.get_device()
+
+
+def epochs(config: dict, start: int, optimizer: torch.optim.Optimizer):
+    """The epochs still to run, each with its learning rate set by ``lr_schedule``. The rate
+    depends only on the epoch, so a resumed run continues the schedule where it stopped."""
+    import math
+
+    for epoch in range(start, config["epochs"]):
+        lr = config["lr"]
+        if config.get("lr_schedule", "constant") == "cosine":
+            lr *= (1 + math.cos(math.pi * epoch / config["epochs"])) / 2
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        yield epoch
 
 
 def autocast(device: torch.device):
@@ -292,18 +312,25 @@ class PrefixStore:
         self.new = {}
 
 
-def _prefix_store(config: dict, core: torch.nn.Module, freeze: str, preprocess: Callable) -> PrefixStore:
+def prefix_store_folder(output: str, core: torch.nn.Module, freeze: str, preprocess: Callable) -> str:
+    """OUTPUT/cache/prefix-<hash>: the :class:`PrefixStore` of ``core`` frozen up to ``freeze``,
+    named by the prefix's weights and buffers and the preprocessing."""
     import hashlib
-    import uuid
-
-    import ray.train
 
     h = hashlib.sha256(f"{type(core).__name__}.{freeze}:{preprocess.__module__}.{preprocess.__qualname__}".encode())
     for name, value in core.prefix(freeze).state_dict().items():
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return join(output, "cache", f"prefix-{h.hexdigest()[:16]}")
+
+
+def _prefix_store(config: dict, core: torch.nn.Module, freeze: str, preprocess: Callable) -> PrefixStore:
+    import uuid
+
+    import ray.train
+
     rank = ray.train.get_context().get_world_rank()
-    return PrefixStore(join(config["output"], "cache", f"prefix-{h.hexdigest()[:16]}"),
+    return PrefixStore(prefix_store_folder(config["output"], core, freeze, preprocess),
                        f"{config['name']}-rank{rank}-{uuid.uuid4().hex[:8]}", config.get("storage_options") or None)
 
 

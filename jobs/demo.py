@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from aver.evaluate import run as evaluate
     from aver.fetch import FetchConfig
     from aver.fetch import run as fetch
+    from aver.losses import FaceLossConfig
     from aver.score import ScoreVideosConfig
     from aver.score import run as score
     from aver.synth import write_corpus
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     teachers = []
     for d in (128, 256):
         stage(f"teacher d_face={d} (random FaceNet trunk, frozen; same trunk for both, as in the paper)")
-        cfg = TeacherTrainConfig(**common, name=f"teacher{d}", epochs=ep(8), batch_size=32, lr=2e-3, affectnet=aff,
-                                 affectnet_images=aff_images, fec=fec, d_face=d, freeze="trunk", seed=a.seed)
+        cfg = TeacherTrainConfig(**common, name=f"teacher{d}", epochs=ep(14), batch_size=32, lr=2e-3,
+                                 lr_schedule="cosine", affectnet=aff, affectnet_images=aff_images, fec=fec, d_face=d,
+                                 freeze="trunk", seed=a.seed)
         train_teacher(cfg)
         teachers.append(cfg.model_uri)
     stage("distill")
@@ -83,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, targets in (("student", os.path.join(out, "distill")), ("student_nodistill", None)):
         stage(f"{name} (random DenseNet201, frozen up to transition3)")
         train_student(StudentTrainConfig(
-            **common, name=name, epochs=ep(5), batch_size=32, lr=1e-3, affectnet=aff, affectnet_images=aff_images,
-            fec=fec, targets=targets, unlabeled=os.path.join(corpus, "unlabeled") if targets else None,
-            freeze="transition3", seed=a.seed))
+            **common, name=name, epochs=ep(5), batch_size=32, lr=1e-3, lr_schedule="cosine", affectnet=aff,
+            affectnet_images=aff_images, fec=fec, targets=targets,
+            unlabeled=os.path.join(corpus, "unlabeled") if targets else None, freeze="transition3",
+            loss=FaceLossConfig(rkd_distance_weight=5.0, rkd_angle_weight=10.0), seed=a.seed))
     recola = os.path.join(corpus, "recola")
     for dim in ("arousal", "valence"):
         stage(f"VGGish {dim} (random conv stack, frozen; FC layers train)")
-        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(12),
+        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(8),
                                        batch_size=16, lr=1e-4, segment_frames=96, hop_frames=20, freeze="features",
                                        seed=a.seed))
     for name, modalities in (("fusion", ("visual", "audio")), ("fusion_visual", ("visual",)),
@@ -98,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         train_fusion(FusionTrainConfig(
             **common, name=name, recola=recola, student=os.path.join(models, "student.pt"),
             vggish_arousal=os.path.join(models, "vggish_arousal.pt"),
-            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(12),
+            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(10),
             batch_size=16, lr=1e-3, window_s=9.6, hop_s=0.4, featurizer_cpus=cpus, seed=a.seed))
     stage("evaluate")
-    evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval"), featurizer_cpus=cpus))
+    evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval"), prefix_cache=out,
+                            featurizer_cpus=cpus))
     stage("score_videos on the demo archive (speech + face, face only, audio only, no face, broken)")
     score(ScoreVideosConfig(input=os.path.join(corpus, "archive"), output=os.path.join(out, "scores"), model=models,
                             actors=1, cpus_per_actor=cpus))

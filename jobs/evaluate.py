@@ -27,10 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recola-split", default="dev", help="RECOLA sessions to score (default dev)")
     p.add_argument("--window-s", type=float, default=9.6, help="fusion window as trained (default 9.6)")
     p.add_argument("--fps", type=float, default=5.0, help="face sampling rate as trained (default 5)")
+    p.add_argument("--prefix-cache", default=None,
+                   help="the students' training --output: reuse the frozen-prefix outputs cached there")
     p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
     a = p.parse_args(argv)
     run(EvaluateConfig(models=a.models, data=a.data, output=a.output, recola_split=a.recola_split,
-                       window_s=a.window_s, fps=a.fps, storage_options=a.storage_options))
+                       window_s=a.window_s, fps=a.fps, prefix_cache=a.prefix_cache,
+                       storage_options=a.storage_options))
     return 0
 
 

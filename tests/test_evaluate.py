@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from aver.evaluate import EvaluateConfig, run
+from aver.evaluate import EvaluateConfig, face_metrics, run
 from aver.models import FusionModel, Student, VGGishEmotion, save_checkpoint
 
 pytestmark = pytest.mark.timeout(900)
@@ -23,10 +23,18 @@ def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
     save_checkpoint(VGGishEmotion(), str(models / "vggish_valence.pt"))
     save_checkpoint(FusionModel(1920, 256), str(models / "fusion.pt"))
     save_checkpoint(FusionModel(1920, 256, modalities=("audio",)), str(models / "fusion_audio.pt"))
-    metrics = run(EvaluateConfig(models=str(models), data=str(small_corpus), output=str(tmp_path / "eval"),
-                                 window_s=4.8))
+    cfg = EvaluateConfig(models=str(models), data=str(small_corpus), output=str(tmp_path / "eval"), window_s=4.8,
+                         prefix_cache=str(tmp_path / "train"))
+    metrics = run(cfg)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved == metrics
+    # The shared prefix's outputs went to the training cache; a second pass reads them all back.
+    (store,) = (tmp_path / "train" / "cache").iterdir()
+    parts = sorted(store.iterdir())
+    assert len(parts) == 1 and len(torch.load(parts[0], weights_only=True)["keys"]) == 96 + 48 + 3 * 30
+    again = face_metrics(cfg, {"student": student, "student_nodistill": nodistill})
+    assert sorted(store.iterdir()) == parts
+    assert again["student"] == {k: metrics[k] for k in ("affectnet_accuracy", "fec_triplet_accuracy")}
     for prefix in ("", "student_nodistill."):
         assert 0 <= saved[f"{prefix}affectnet_accuracy"] <= 1 and 0 <= saved[f"{prefix}fec_triplet_accuracy"] <= 1
     assert set(saved["ccc"]) == {"arousal", "valence"}
@@ -51,7 +59,8 @@ def test_students_sharing_a_prefix_are_embedded_as_if_alone():
     assert a.shared_stage(b) == "denseblock4"
     images = np.random.default_rng(0).integers(0, 256, (3, 140, 140, 3), dtype=np.uint8)
     batches = [{"i": images[:2], "j": images[1:], "label": np.array([0, 1])}]
-    out, labels = _embed({"a": a, "b": b}, "denseblock4", batches, ("i", "j"), "fec")
+    encode = lambda im: a.prefix("denseblock4")(to_student_input(im))  # noqa: E731
+    out, labels = _embed({"a": a, "b": b}, encode, "denseblock4", batches, ("i", "j"), "fec")
     with torch.no_grad():
         for name, model in (("a", a), ("b", b)):
             assert np.allclose(out[name]["j"], model(to_student_input(images[1:])).fec.numpy(), atol=1e-5)

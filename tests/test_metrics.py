@@ -30,6 +30,21 @@ def test_triplet_accuracy_counts_closest_pairs():
     assert triplet_accuracy(10 * i, j, 0.1 * k) == pytest.approx(1 / 3)
 
 
+def test_balanced_logreg_accuracy_chooses_the_regularisation_by_cross_validation():
+    # Weak signal in 100 dimensions, 20 training examples per class, 30 % of their labels wrong:
+    # a loose probe (C=1) fits the noise; cross-validation on the training split picks a stronger penalty.
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((8, 100)) * 0.25
+    y, yt = np.repeat(np.arange(8), 20), np.repeat(np.arange(8), 30)
+    x, xt = centers[y] + rng.standard_normal((len(y), 100)), centers[yt] + rng.standard_normal((len(yt), 100))
+    wrong = rng.random(len(y)) < 0.3
+    y[wrong] = rng.integers(0, 8, wrong.sum())
+    fixed = {c: balanced_logreg_accuracy(x, y, xt, yt, C=c) for c in (0.001, 0.01, 0.1, 1.0)}
+    chosen = balanced_logreg_accuracy(x, y, xt, yt)
+    assert chosen > fixed[1.0] + 0.1
+    assert chosen in fixed.values()
+
+
 def test_balanced_logreg_accuracy_on_imbalanced_blobs():
     rng = np.random.default_rng(1)
     counts = [300, 40, 40, 20, 20, 20, 20, 10]
@@ -39,5 +54,7 @@ def test_balanced_logreg_accuracy_on_imbalanced_blobs():
     xt = np.concatenate([centers[c] + rng.standard_normal((25, 16)) for c in range(8)])
     yt = np.repeat(np.arange(8), 25)
     assert balanced_logreg_accuracy(x, y, xt, yt) > 0.95
+    # A class with a single training example leaves no folds to cross-validate: a fixed C is used.
+    assert balanced_logreg_accuracy(x[y != 7][:-1].tolist() + [x[y == 7][0]], y[y != 7][:-1].tolist() + [7], xt, yt) > 0.9
     # Random features give chance-level accuracy: the metric is not trivially high.
     assert balanced_logreg_accuracy(rng.standard_normal(x.shape), y, rng.standard_normal(xt.shape), yt) < 0.3

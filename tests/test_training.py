@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from aver.training import PrefixStore, TrainConfig, recalibrate_batchnorm
+from aver.training import PrefixStore, TrainConfig, epochs, recalibrate_batchnorm
 
 
 def test_recalibrate_batchnorm_uses_exact_averages_of_trainable_layers():
@@ -25,6 +25,22 @@ def test_train_config_validation():
         TrainConfig(output="o", name="a/b")
     with pytest.raises(ValueError):
         TrainConfig(output="o", name="x", epochs=0)
+
+
+def test_epochs_set_the_learning_rate_of_each_epoch_and_resume_mid_schedule():
+    import math
+
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(output="o", name="n", lr_schedule="step")
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    seen = lambda cfg, start: [(e, opt.param_groups[0]["lr"]) for e in epochs(cfg, start, opt)]  # noqa: E731
+    assert seen({"epochs": 3, "lr": 0.1}, 0) == [(0, 0.1), (1, 0.1), (2, 0.1)]
+    cosine = {"epochs": 4, "lr": 0.1, "lr_schedule": "cosine"}
+    full = seen(cosine, 0)
+    assert [e for e, _ in full] == [0, 1, 2, 3]
+    assert [lr for _, lr in full] == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
+    assert full[-1][1] > 0  # the last epoch still learns
+    assert seen(cosine, 2) == full[2:]  # a resumed run continues the schedule
 
 
 def test_require_batches_refuses_runs_without_a_step():

@@ -9,7 +9,6 @@ or image folders (chunks of images); outputs are ``targets/<unit>.parquet`` and 
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass
 
@@ -21,11 +20,12 @@ import torch
 
 from aver.datasets import is_affectnet_csv, is_fec_csv, read_affectnet, read_fec
 from aver.faces import crop_face
-from aver.media import IMAGE_EXTENSIONS, MediaError, list_inputs, load_image
-from aver.outputs import join, status_table, write_table
-from aver.storage import redact, url_to_fs
+from aver.faults import MediaError, is_transient, verdict, with_retries
+from aver.media import IMAGE_EXTENSIONS, list_inputs, load_image
+from aver.storage import redact, split_credentials, url_to_fs
 from aver.streaming import chunked, prefetch
-from aver.units import ActorPoolConfig, actor_device, actor_threads, map_units, pending, stable_chunks
+from aver.units import (ActorPoolConfig, Plan, actor_setup, batch_units, commit, guarded, map_units, plan,
+                        run_units, summarise)
 
 TARGETS_SCHEMA = pa.schema([("crop_id", pa.string()), ("target", pa.list_(pa.float32(), 80))])
 TEACHER_SIZE = 140
@@ -53,6 +53,8 @@ class DistillConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.input, self.storage_options = split_credentials(self.input, self.storage_options)
+        self.output, self.storage_options = split_credentials(self.output, self.storage_options)
         self.teachers = tuple(self.teachers)
         if len(self.teachers) != 2:
             raise ValueError(f"distill needs exactly two teacher checkpoints, got {len(self.teachers)}")
@@ -91,20 +93,20 @@ def _crop_entries(cfg: DistillConfig) -> tuple[str, list[dict], int]:
     """What to crop for a non-faces/ input: (prefix, entries, rejected manifest rows)."""
     if is_affectnet_csv(cfg.input, cfg.storage_options):
         m = read_affectnet(cfg.input, cfg.images_root, cfg.storage_options)
-        return "affectnet", [{"crop_id": r["crop_id"], "source": r["source"], "box": r["box"]} for r in m.records], \
+        return "affectnet", [{"item_id": r["crop_id"], "source": r["source"], "box": r["box"]} for r in m.records], \
             len(m.rejected)
     if is_fec_csv(cfg.input, cfg.storage_options):
         m = read_fec(cfg.input, cfg.images_root, cfg.storage_options)
         unique = {f["crop_id"]: f for r in m.records for f in r["faces"]}
-        return "fec", [{"crop_id": f["crop_id"], "source": f["source"], "box_frac": f["box_frac"]}
+        return "fec", [{"item_id": f["crop_id"], "source": f["source"], "box_frac": f["box_frac"]}
                        for f in sorted(unique.values(), key=lambda f: f["crop_id"])], len(m.rejected)
     images = [i for i in list_inputs(cfg.input, cfg.storage_options, IMAGE_EXTENSIONS) if i.kind == "image"]
-    return "images", [{"crop_id": i.item_id, "source": i.source} for i in images], 0
+    return "images", [{"item_id": i.item_id, "source": i.source, "refusal": i.refusal} for i in images], 0
 
 
-def plan_units(cfg: DistillConfig) -> list[dict]:
-    """One unit per faces/ part, or chunks of crops (AffectNet / FEC manifests, image folders);
-    unit ids are stable for the same input."""
+def plan_units(cfg: DistillConfig) -> Plan:
+    """One unit per faces/ part, or chunks of pending crops (AffectNet / FEC manifests, image
+    folders); unit ids never depend on positions (see :mod:`aver.units`)."""
     fs, path = url_to_fs(cfg.input, cfg.storage_options)
     fs.invalidate_cache()
     protocol = cfg.input.split("://", 1)[0] + "://" if "://" in cfg.input else ""
@@ -114,13 +116,27 @@ def plan_units(cfg: DistillConfig) -> list[dict]:
         parts = sorted(p for p in fs.ls(path, detail=False)
                        if p.endswith(".parquet") and not os.path.basename(p).startswith("."))
         if parts:
-            return [{"unit_id": os.path.basename(p)[: -len(".parquet")], "kind": "faces",
-                     "payload": json.dumps(protocol + p)} for p in parts]
+            names = [os.path.basename(p)[: -len(".parquet")] for p in parts]
+            return plan(cfg.output, cfg.storage_options, id_column="item_id",
+                        singles=[(n, {"item_id": n, "source": protocol + p, "kind": "faces"})
+                                 for n, p in zip(names, parts)])
     prefix, entries, rejected = _crop_entries(cfg)
     if rejected:
         print(f"distill: {rejected} manifest rows rejected (malformed or unused labels)", flush=True)
-    return [{"unit_id": uid, "kind": "crops", "payload": json.dumps(entries[part])}
-            for uid, part in stable_chunks([e["crop_id"] for e in entries], cfg.images_per_unit, prefix)]
+    return plan(cfg.output, cfg.storage_options, singles=[], chunked=[(e["item_id"], e) for e in entries],
+                prefix=prefix, per_unit=cfg.images_per_unit, id_column="item_id", output_folders=("targets",))
+
+
+def _read_faces_part(uri: str, storage_options) -> pa.Table:
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["crop_id", "crop"])
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, OSError) and is_transient(e):
+            raise
+        raise MediaError("corrupt", f"{redact(uri)} is not a faces part: {type(e).__name__}: {e}") from None
+    return table.filter(pc.is_valid(table["crop"]))
 
 
 class TeacherPair:
@@ -130,8 +146,7 @@ class TeacherPair:
         from aver.models import Teacher, load_checkpoint, same_weights
 
         self.cfg = cfg
-        actor_threads(cfg.cpus_per_actor)
-        self.device = actor_device(cfg.gpus_per_actor, "distill TeacherPair")
+        self.device = actor_setup(cfg, "distill TeacherPair")
         self.teachers = []
         for uri in cfg.teachers:
             model, _ = load_checkpoint(uri, storage_options=cfg.storage_options)
@@ -154,81 +169,89 @@ class TeacherPair:
                 out = [t(x) for t in self.teachers]
         return teacher_targets(*out).cpu().numpy()
 
-    def _crops(self, unit: dict):
-        """(crop ids, images, status rows) of a unit, streamed in batches."""
+    def _faces_crops(self, unit: dict, status: dict):
+        """(crop ids, images, []) batches of a faces/ part; undecodable crops are counted in ``status``."""
+        item = unit["items"][0]
+        table = with_retries(lambda: _read_faces_part(item["source"], self.cfg.storage_options), self.cfg.retry,
+                             item["source"])
+        for batch in chunked(zip(table["crop_id"].to_pylist(), table["crop"].to_pylist()), self.cfg.batch_size):
+            ids, images = [], []
+            for crop_id, data in batch:
+                try:
+                    images.append(_decode_jpeg(data))
+                    ids.append(crop_id)
+                except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
+                    status["skipped"].append(f"{crop_id}: {type(e).__name__}")
+            yield ids, images, []
+
+    def _manifest_crops(self, unit: dict):
+        """(crop ids, images, status rows) batches of a chunk of crops; each crop is read, retried
+        and judged on its own."""
         so = self.cfg.storage_options
-        if unit["kind"] == "faces":
-            fs, path = url_to_fs(json.loads(unit["payload"]), so)
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=["crop_id", "crop"])
-            table = table.filter(pc.is_valid(table["crop"]))
-            ids, crops = table["crop_id"].to_pylist(), table["crop"].to_pylist()
-            for batch in chunked(zip(ids, crops), self.cfg.batch_size):
-                yield [i for i, _ in batch], [_decode_jpeg(c) for _, c in batch], []
-        else:
-            for batch in chunked(iter(json.loads(unit["payload"])), self.cfg.batch_size):
-                ids, images, statuses = [], [], []
-                for entry in batch:
-                    row = {"item_id": entry["crop_id"], "source": redact(entry["source"])}
-                    try:
-                        image = load_image(entry["source"], storage_options=so)
-                        box = entry.get("box")
-                        if entry.get("box_frac"):
-                            h, w = image.shape[:2]
-                            x1, y1, x2, y2 = entry["box_frac"]
-                            box = (x1 * w, y1 * h, x2 * w, y2 * h)
-                        images.append(crop_face(image, box, size=TEACHER_SIZE, margin=self.cfg.margin)
-                                      if box else image)
-                        ids.append(entry["crop_id"])
-                        statuses.append({**row, "status": "ok", "n_frames": 1})
-                    except MediaError as e:
-                        statuses.append({**row, "status": e.status, "error": str(e), "n_frames": 0})
-                yield ids, images, statuses
+
+        def load(entry: dict) -> np.ndarray:
+            image = load_image(entry["source"], storage_options=so)
+            box, frac = entry.get("box"), entry.get("box_frac")  # numpy arrays once through Ray Data
+            if frac is not None:
+                h, w = image.shape[:2]
+                box = (frac[0] * w, frac[1] * h, frac[2] * w, frac[3] * h)
+            return crop_face(image, box, size=TEACHER_SIZE, margin=self.cfg.margin) if box is not None else image
+
+        for batch in chunked(iter(unit["items"]), self.cfg.batch_size):
+            ids, images, statuses = [], [], []
+            for entry in batch:
+                row = {"item_id": entry["item_id"], "source": redact(entry["source"])}
+                if entry.get("refusal"):
+                    statuses.append({**row, "status": "unsupported", "error": entry["refusal"], "n_frames": 0})
+                    continue
+                image, failure = guarded(lambda: load(entry), self.cfg.retry, entry["source"])
+                if failure:
+                    statuses.append({**row, "status": failure[0], "error": failure[1], "n_frames": 0})
+                else:
+                    images.append(image)
+                    ids.append(entry["item_id"])
+                    statuses.append({**row, "status": "ok", "n_frames": 1})
+            yield ids, images, statuses
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"unit_id": [], "status": [], "n_crops": []}
-        for unit in ({k: batch[k][i] for k in batch} for i in range(len(batch["unit_id"]))):
-            ids, targets, statuses = [], [], []
-            unit_source = redact(json.loads(unit["payload"]) if unit["kind"] == "faces" else unit["unit_id"])
-            try:
-                for crop_ids, images, rows in prefetch(self._crops(unit)):
-                    statuses += rows
-                    if images:
-                        targets.append(self.targets(images))
-                        ids += crop_ids
-                if unit["kind"] == "faces":
-                    statuses = [{"item_id": unit["unit_id"], "source": unit_source, "status": "ok",
-                                 "n_frames": len(ids)}]
-            except Exception as e:  # noqa: BLE001 - an unreadable part is a status row, not a crash
-                ids, targets = [], []
-                statuses = [{"item_id": unit["unit_id"], "source": unit_source, "status": "corrupt",
-                             "error": f"{type(e).__name__}: {e}", "n_frames": 0}]
-            matrix = np.concatenate(targets) if targets else np.zeros((0, 80), np.float32)
-            table = pa.table({"crop_id": pa.array(ids, pa.string()),
-                              "target": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), 80)},
-                             schema=TARGETS_SCHEMA)
-            so = self.cfg.storage_options
-            write_table(join(self.cfg.output, "targets", f"{unit['unit_id']}.parquet"), table, so)
-            write_table(join(self.cfg.output, "status", f"{unit['unit_id']}.parquet"),
-                        status_table(statuses, id_column="item_id"), so)
-            out["unit_id"].append(unit["unit_id"])
-            out["status"].append(",".join(sorted({s["status"] for s in statuses})) or "empty")
-            out["n_crops"].append(len(ids))
-        return out
+        return run_units(batch_units(batch), self.process, "item_id")
+
+    def process(self, unit: dict) -> list[dict]:
+        faces = unit["items"][0].get("kind") == "faces"
+        ids, targets, statuses = [], [], []
+        part = {"item_id": unit["unit_id"], "source": redact(unit["items"][0]["source"]), "skipped": []}
+        try:
+            for crop_ids, images, rows in prefetch(self._faces_crops(unit, part) if faces
+                                                   else self._manifest_crops(unit)):
+                if images:
+                    targets.append(self.targets(images))
+                    ids += crop_ids
+                statuses += rows
+        except Exception as e:  # noqa: BLE001 - a faces part, or the model, failed: the unit's rows say so
+            status, error = verdict(e, unit["unit_id"])
+            ids, targets = [], []
+            statuses = [{**({"item_id": i["item_id"], "source": redact(i["source"])}), "status": status,
+                         "error": error, "n_frames": 0} for i in unit["items"]]
+        else:
+            if faces:
+                skipped = part.pop("skipped")
+                error = f"{len(skipped)} undecodable crops skipped: {'; '.join(skipped[:5])}" if skipped else None
+                statuses = [{**part, "status": "ok", "error": error, "n_frames": len(ids)}]
+        matrix = np.concatenate(targets) if targets else np.zeros((0, 80), np.float32)
+        table = pa.table({"crop_id": pa.array(ids, pa.string()),
+                          "target": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), 80)},
+                         schema=TARGETS_SCHEMA)
+        commit(self.cfg.output, unit, {"targets": (table, "crop_id")}, statuses, id_column="item_id",
+               storage_options=self.cfg.storage_options, policy=self.cfg.retry)
+        return statuses
 
 
-def run(cfg: DistillConfig) -> int:
-    """Run on the current Ray cluster (a local one if none); returns the number of targets written now."""
-    units = plan_units(cfg)
-    todo = pending(units, cfg.output, cfg.storage_options)
-    print(f"distill: {len(units)} units; {len(units) - len(todo)} already complete, {len(todo)} to do", flush=True)
-    if not todo:
-        return 0
-    total = 0
-    for batch in map_units(todo, TeacherPair, cfg):
-        total += int(batch["n_crops"].sum())
-        for unit, status in zip(batch["unit_id"], batch["status"]):
-            if status != "ok":
-                print(f"  {unit}: {status}", flush=True)
-    print(f"distill: wrote {total} targets", flush=True)
-    return total
+def run(cfg: DistillConfig) -> dict[str, int]:
+    """Run on the current Ray cluster (a local one if none); returns the count of each status
+    among the inputs processed now."""
+    work = plan_units(cfg)
+    print(f"distill: {work.n_complete} units already complete, {len(work.units)} to do "
+          f"({sum(len(u['items']) for u in work.units)} inputs)", flush=True)
+    if not work.units:
+        return {}
+    return summarise("distill", map_units(work.units, TeacherPair, cfg))

@@ -13,11 +13,12 @@ import numpy as np
 import pyarrow as pa
 
 from aver.faces import FaceDetector, FaceDetectorConfig, FaceTracker
-from aver.media import InputItem, MediaError, VideoReader, list_inputs, load_image
-from aver.outputs import join, status_table, write_table
-from aver.storage import redact
+from aver.faults import MediaError
+from aver.media import MAX_DURATION_S, InputItem, VideoReader, list_inputs, load_image
+from aver.storage import redact, split_credentials
 from aver.streaming import chunked, prefetch
-from aver.units import ActorPoolConfig, actor_device, actor_threads, map_units, pending, stable_chunks
+from aver.units import (ActorPoolConfig, Plan, actor_setup, batch_units, commit, guarded, map_units, plan,
+                        run_units, summarise)
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -46,9 +47,13 @@ class ExtractFacesConfig(ActorPoolConfig):
     """Images handled (and written) together as one unit of work."""
     max_bytes: int = 20 * 2**30
     """Inputs larger than this get status too_large."""
+    max_duration_s: float = MAX_DURATION_S
+    """Videos that decode longer than this get status too_large (memory per video grows with it)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.input, self.storage_options = split_credentials(self.input, self.storage_options)
+        self.output, self.storage_options = split_credentials(self.output, self.storage_options)
         if self.fps <= 0 or self.fps > 120:
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
         if self.images_per_unit < 1:
@@ -60,30 +65,39 @@ def crop_id(video_id: str, frame_index: int) -> str:
 
 
 def process_video(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConfig) -> tuple[pa.Table, dict]:
-    """All faces rows of one video (primary track; null rows without a face) and its status row."""
+    """All faces rows of one video (primary track; null rows without a face) and its status row;
+    whatever the video raises ends in the status row."""
+    status = {"video_id": item.item_id, "source": redact(item.source), "n_frames": 0, "duration_s": None}
+    if item.refusal:
+        return _faces_table([]), {**status, "status": "unsupported", "error": item.refusal}
+    result, failure = guarded(lambda: _video_rows(item, detector, cfg), cfg.retry, item.source)
+    if failure:
+        return _faces_table([]), {**status, "status": failure[0], "error": failure[1]}
+    rows, status_fields = result
+    return _faces_table(rows), {**status, **status_fields}
+
+
+def _video_rows(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConfig) -> tuple[list[dict], dict]:
     source = redact(item.source)
-    status = {"video_id": item.item_id, "source": source, "n_frames": 0, "duration_s": None}
     frames_meta: list[tuple[int, float]] = []
     candidates: list[dict[int, tuple]] = []  # per sampled frame: track id -> (box, prob, jpeg)
     tracker = FaceTracker()
     error = None
-    try:
-        with VideoReader(item.source, storage_options=cfg.storage_options, max_bytes=cfg.max_bytes) as reader:
-            status["duration_s"] = reader.info.duration_s
-            frames = prefetch(chunked(reader.frames(cfg.fps), detector.config.batch_size))
-            try:
-                for chunk in frames:
-                    for frame, dets in zip(chunk, detector.detect([f.image for f in chunk])):
-                        ids = tracker.update(len(frames_meta), dets)
-                        frames_meta.append((frame.index, frame.timestamp_s))
-                        candidates.append({tid: (d.box, d.prob, detector.crop(frame.image, d.box))
-                                           for tid, d in zip(ids, dets)})
-            except MediaError as e:
-                if not frames_meta:
-                    raise
-                error = e  # keep what decoded; the status says where it broke
-    except MediaError as e:
-        return _faces_table([]), {**status, "status": e.status, "error": str(e)}
+    with VideoReader(item.source, storage_options=cfg.storage_options, max_bytes=cfg.max_bytes,
+                     max_duration_s=cfg.max_duration_s) as reader:
+        frames = prefetch(chunked(reader.frames(cfg.fps), detector.config.batch_size))
+        try:
+            for chunk in frames:
+                for frame, dets in zip(chunk, detector.detect([f.image for f in chunk])):
+                    ids = tracker.update(len(frames_meta), dets)
+                    frames_meta.append((frame.index, frame.timestamp_s))
+                    candidates.append({tid: (d.box, d.prob, detector.crop(frame.image, d.box))
+                                       for tid, d in zip(ids, dets)})
+        except MediaError as e:
+            if not frames_meta or e.status != "corrupt":
+                raise
+            error = e  # a stream broken midway: keep what decoded; the status says where it broke
+        decoded_s = reader.decoded_s
     primary = tracker.primary()
     rows = []
     for (index, ts), found in zip(frames_meta, candidates):
@@ -96,29 +110,42 @@ def process_video(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConf
             "prob": float(hit[1]) if hit else None,
             "crop": hit[2] if hit else None,
         })
-    status["n_frames"] = len(rows)
-    if status["duration_s"] is None and frames_meta:
-        status["duration_s"] = frames_meta[-1][1]
+    status = {"n_frames": len(rows), "duration_s": round(decoded_s, 6)}
     if error is not None:
-        return _faces_table(rows), {**status, "status": error.status, "error": f"{error} (after {len(rows)} frames)"}
+        return rows, {**status, "status": error.status, "error": f"{error} (after {len(rows)} frames)"}
     if not rows:
-        return _faces_table(rows), {**status, "status": "too_short", "error": "no frame decoded at the sampling rate"}
+        raise MediaError("too_short", "no frame decoded at the sampling rate")
     if primary is None:
-        return _faces_table(rows), {**status, "status": "no_face", "error": None}
-    return _faces_table(rows), {**status, "status": "ok", "error": None}
+        return rows, {**status, "status": "no_face", "error": None}
+    return rows, {**status, "status": "ok", "error": None}
 
 
 def process_images(items: list[InputItem], detector: FaceDetector, cfg: ExtractFacesConfig) -> tuple[pa.Table, list[dict]]:
-    """One row per image (its most confident face, or nulls) and one status row per image."""
+    """One row per image (its most confident face, or nulls) and one status row per image; an
+    image that fails costs its own row only."""
     rows, statuses, loaded = [], [], []
     for item in items:
-        base = {"video_id": item.item_id, "source": redact(item.source), "duration_s": None}
-        try:
-            loaded.append((item, load_image(item.source, storage_options=cfg.storage_options)))
-        except MediaError as e:
-            statuses.append({**base, "status": e.status, "error": str(e), "n_frames": 0})
-    detections = detector.detect([img for _, img in loaded]) if loaded else []
+        base = {"video_id": item.item_id, "source": redact(item.source), "duration_s": None, "n_frames": 0}
+        if item.refusal:
+            statuses.append({**base, "status": "unsupported", "error": item.refusal})
+            continue
+        image, failure = guarded(lambda: load_image(item.source, storage_options=cfg.storage_options),
+                                 cfg.retry, item.source)
+        if failure:
+            statuses.append({**base, "status": failure[0], "error": failure[1]})
+        else:
+            loaded.append((item, image))
+    try:
+        detections = detector.detect([img for _, img in loaded]) if loaded else []
+    except Exception:  # noqa: BLE001 - find the image that broke the batch: each alone
+        detections = [guarded(lambda: detector.detect([img])[0], cfg.retry, item.source) for item, img in loaded]
     for (item, img), dets in zip(loaded, detections):
+        base = {"video_id": item.item_id, "source": redact(item.source), "duration_s": None}
+        if isinstance(dets, tuple):  # (detections, failure) from the one-by-one pass
+            dets, failure = dets
+            if failure:
+                statuses.append({**base, "n_frames": 0, "status": failure[0], "error": failure[1]})
+                continue
         best = dets[0] if dets else None
         rows.append({
             "video_id": item.item_id, "source": redact(item.source), "crop_id": crop_id(item.item_id, 0),
@@ -127,8 +154,7 @@ def process_images(items: list[InputItem], detector: FaceDetector, cfg: ExtractF
             "prob": float(best.prob) if best else None,
             "crop": detector.crop(img, best.box) if best else None,
         })
-        statuses.append({"video_id": item.item_id, "source": redact(item.source), "duration_s": None,
-                         "n_frames": 1, "status": "ok" if best else "no_face", "error": None})
+        statuses.append({**base, "n_frames": 1, "status": "ok" if best else "no_face", "error": None})
     return _faces_table(rows), statuses
 
 
@@ -136,13 +162,12 @@ def _faces_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
 
 
-def plan_units(items: list[InputItem], images_per_unit: int) -> list[dict]:
-    """Units of work: each video alone; images in sorted chunks with ids stable for the same input."""
-    units = [{"unit_id": i.item_id, "items": [vars(i)]} for i in items if i.kind != "image"]
-    images = [i for i in items if i.kind == "image"]
-    units += [{"unit_id": uid, "items": [vars(i) for i in images[part]]}
-              for uid, part in stable_chunks([i.item_id for i in images], images_per_unit)]
-    return units
+def plan_units(items: list[InputItem], cfg: ExtractFacesConfig) -> Plan:
+    """Each video its own unit; images in chunks of pending images (see :mod:`aver.units`)."""
+    return plan(cfg.output, cfg.storage_options,
+                singles=[(i.item_id, vars(i)) for i in items if i.kind != "image"],
+                chunked=[(i.item_id, vars(i)) for i in items if i.kind == "image"],
+                prefix="images", per_unit=cfg.images_per_unit, output_folders=("faces",))
 
 
 class FaceExtractor:
@@ -150,44 +175,32 @@ class FaceExtractor:
 
     def __init__(self, cfg: ExtractFacesConfig) -> None:
         self.cfg = cfg
-        actor_threads(cfg.cpus_per_actor)
-        self.detector = FaceDetector(cfg.detector, device=str(actor_device(cfg.gpus_per_actor, "FaceExtractor")))
+        device = actor_setup(cfg, "FaceExtractor")
+        self.detector = FaceDetector(cfg.detector, device=str(device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("unit_id", "video_id", "status", "error")}
-        for unit_id, unit_items in zip(batch["unit_id"], batch["items"]):
-            items = [InputItem(**dict(i)) for i in unit_items]
-            if items[0].kind == "image":
-                faces, statuses = process_images(items, self.detector, self.cfg)
-            else:
-                faces, status = process_video(items[0], self.detector, self.cfg)
-                statuses = [status]
-            so = self.cfg.storage_options
-            write_table(join(self.cfg.output, "faces", f"{unit_id}.parquet"), faces, so)
-            write_table(join(self.cfg.output, "status", f"{unit_id}.parquet"), status_table(statuses), so)
-            for s in statuses:
-                out["unit_id"].append(unit_id)
-                out["video_id"].append(s["video_id"])
-                out["status"].append(s["status"])
-                out["error"].append(s["error"] or "")
-        return out
+        return run_units(batch_units(batch), self.process, "video_id")
+
+    def process(self, unit: dict) -> list[dict]:
+        items = [InputItem(**i) for i in unit["items"]]
+        if items[0].kind == "image":
+            faces, statuses = process_images(items, self.detector, self.cfg)
+        else:
+            faces, status = process_video(items[0], self.detector, self.cfg)
+            statuses = [status]
+        commit(self.cfg.output, unit, {"faces": (faces, "video_id")}, statuses, id_column="video_id",
+               storage_options=self.cfg.storage_options, policy=self.cfg.retry)
+        return statuses
 
 
 def run(cfg: ExtractFacesConfig) -> dict[str, int]:
     """Run the job on the current Ray cluster (``ray.init()`` starts a local one if none);
-    returns the count of each status among the units processed now."""
+    returns the count of each status among the inputs processed now."""
     items = list_inputs(cfg.input, cfg.storage_options)
-    units = plan_units(items, cfg.images_per_unit)
-    todo = pending(units, cfg.output, cfg.storage_options)
-    print(f"extract_faces: {len(items)} inputs in {len(units)} units; {len(units) - len(todo)} already complete, "
-          f"{len(todo)} to do", flush=True)
-    counts: dict[str, int] = {}
+    work = plan_units(items, cfg)
+    todo = work.units
+    print(f"extract_faces: {len(items)} inputs; {work.n_complete} units already complete, {len(todo)} to do "
+          f"({sum(len(u['items']) for u in todo)} inputs)", flush=True)
     if not todo:
-        return counts
-    for batch in map_units(todo, FaceExtractor, cfg):
-        for status, error, vid in zip(batch["status"], batch["error"], batch["video_id"]):
-            counts[status] = counts.get(status, 0) + 1
-            if status != "ok":
-                print(f"  {vid}: {status} {error}", flush=True)
-    print("extract_faces: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())), flush=True)
-    return counts
+        return {}
+    return summarise("extract_faces", map_units(todo, FaceExtractor, cfg))

@@ -73,7 +73,9 @@ class FaceDetector:
         for i, frame in enumerate(frames):
             small, scale = self._downscale(frame)
             scaled.append((small, scale))
-            by_shape.setdefault(small.shape[:2], []).append(i)
+            # MTCNN's image pyramid is empty below its smallest face: such a frame has no face to find
+            if min(small.shape[:2]) >= self.config.min_face_size:
+                by_shape.setdefault(small.shape[:2], []).append(i)
         cfg = self.config
         for indices in by_shape.values():
             for start in range(0, len(indices), cfg.batch_size):
@@ -91,10 +93,10 @@ class FaceDetector:
 
     def _downscale(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
         h, w = frame.shape[:2]
-        side = max(h, w)
-        if side <= self.config.detect_max_side:
+        # the longer side down to detect_max_side, but never the shorter one below the smallest face
+        scale = min(1.0, max(self.config.detect_max_side / max(h, w), self.config.min_face_size / max(1, min(h, w))))
+        if scale >= 1.0:
             return np.ascontiguousarray(frame), 1.0
-        scale = self.config.detect_max_side / side
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR)), size[0] / w
 

@@ -41,14 +41,33 @@ def status_table(rows: list[dict[str, Any]], id_column: str = "video_id") -> pa.
     return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
 
 
-def completed_units(folder_uri: str, storage_options: dict | None = None) -> set[str]:
-    """Names (without ``.parquet``) of the complete parts in an output folder."""
+def list_names(folder_uri: str, storage_options: dict | None = None, suffix: str = ".parquet") -> set[str]:
+    """Names (without ``suffix``) of the complete files in an output folder (temporary files skipped)."""
     fs, path = url_to_fs(folder_uri, storage_options)
     fs.invalidate_cache()
     if not fs.exists(path):
         return set()
     names = (os.path.basename(p) for p in fs.ls(path, detail=False))
-    return {n[: -len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith(".")}
+    return {n[: len(n) - len(suffix)] for n in names if n.endswith(suffix) and not n.startswith(".")}
+
+
+def read_part(uri: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table | None:
+    """One Parquet part, or None when it does not exist."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    except FileNotFoundError:
+        return None
+
+
+def remove(uri: str, storage_options: dict | None = None) -> None:
+    """Delete ``uri`` if it exists."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
 
 
 def read_folder(folder_uri: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:

@@ -25,11 +25,12 @@ import torch
 from aver import AFFECTNET_CLASSES
 from aver.faces import FaceDetector, FaceDetectorConfig, FaceTracker
 from aver.features import AUDIO_STEP_S, audio_timeline, student_features, take
-from aver.media import InputItem, MediaError, VideoReader, list_inputs, read_audio
-from aver.outputs import join, status_table, write_table
-from aver.storage import redact
+from aver.faults import MediaError, verdict, with_retries
+from aver.media import MAX_DURATION_S, InputItem, VideoReader, list_inputs, read_audio
+from aver.outputs import join
+from aver.storage import redact, split_credentials
 from aver.streaming import chunked, prefetch
-from aver.units import ActorPoolConfig, actor_device, actor_threads, map_units, pending
+from aver.units import ActorPoolConfig, actor_setup, batch_units, commit, map_units, plan, run_units, summarise
 
 SCORES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -87,9 +88,14 @@ class ScoreVideosConfig(ActorPoolConfig):
     """Face crops per student batch and windows per fusion batch."""
     max_bytes: int = 20 * 2**30
     """Inputs larger than this get status too_large."""
+    max_duration_s: float = MAX_DURATION_S
+    """Inputs that decode longer than this get status too_large (the audio is held whole)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("input", "output", "model"):
+            uri, self.storage_options = split_credentials(getattr(self, name), self.storage_options)
+            setattr(self, name, uri)
         if isinstance(self.detector, dict):
             self.detector = FaceDetectorConfig(**self.detector)
         if not 0 < self.fps <= 120:
@@ -118,8 +124,7 @@ class VideoScorer:
 
         self.cfg = cfg
         so = cfg.storage_options or None
-        actor_threads(cfg.cpus_per_actor)
-        self.device = actor_device(cfg.gpus_per_actor, "score_videos VideoScorer")
+        self.device = actor_setup(cfg, "score_videos VideoScorer")
         self.models: dict[str, torch.nn.Module] = {}
         for key, name in MODEL_FILES.items():
             uri = join(cfg.model, name)
@@ -131,68 +136,82 @@ class VideoScorer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"video_id": [], "status": [], "error": []}
-        for item in batch["items"]:
-            item = InputItem(**dict(item[0]))
-            status = self.score(item)
-            out["video_id"].append(item.item_id)
-            out["status"].append(status["status"])
-            out["error"].append(status["error"] or "")
-        return out
+        return run_units(batch_units(batch), self.process, "video_id")
 
-    # -- one input -------------------------------------------------------------------------
-    def score(self, item: InputItem) -> dict:
-        from aver.report import timeline_png
-
+    def process(self, unit: dict) -> list[dict]:
+        item = InputItem(**unit["items"][0])
         cfg, so = self.cfg, self.cfg.storage_options
         status: dict[str, Any] = {"video_id": item.item_id, "source": redact(item.source), "n_frames": 0,
                                   "duration_s": None, "status": "ok", "error": None}
-        tracks, video_error, tracker = None, None, FaceTracker()
+        parts, files = {}, {}
+        try:
+            if item.refusal:
+                raise MediaError("unsupported", item.refusal)
+            parts, files = self.score(item, status)
+        except Exception as e:  # noqa: BLE001 - whatever one input raises ends in its status row
+            status["status"], status["error"] = verdict(e, item.source)
+            parts, files = {}, {}
+        commit(cfg.output, unit, parts, [status], id_column="video_id", storage_options=so, policy=cfg.retry,
+               files=files)
+        return [status]
+
+    # -- one input -------------------------------------------------------------------------
+    def score(self, item: InputItem, status: dict) -> tuple[dict, dict]:
+        """Score one input: fills ``status`` and returns its output parts and report files.
+        Storage faults are retried here (the whole input again); a content verdict about one
+        modality leaves the other to score."""
+        from aver.report import timeline_png
+
+        tracker = FaceTracker()
+        found = with_retries(lambda: self._decode(item, tracker), self.cfg.retry, item.source)
+        tracks, video_s, video_error, audio, audio_s, audio_error = found
+        status["duration_s"] = round(max(video_s, audio_s), 6)
+        status["n_frames"] = len(tracks.times) if tracks is not None else 0
+        if tracks is None and audio is None:
+            err = video_error or audio_error
+            raise err
+        track_ids = self._scored_tracks(tracks, tracker)
+        rows = self._rows(item.item_id, status["duration_s"], tracks, track_ids, audio)
+        status.update(_status_of(item, tracks, track_ids, audio, video_error, audio_error))
+        summary = summarise_scores(item, status, rows, tracks, tracker, audio is not None)
+        table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+        parts = {"scores": (table, "video_id"),
+                 "summary": (pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA), "video_id")}
+        files = {f"report/{item.item_id}.png": timeline_png(table, summary)} if rows else {}
+        return parts, files
+
+    def _decode(self, item: InputItem, tracker: FaceTracker):
+        """Faces (tracked and embedded) and audio features of one input, each with the seconds
+        really decoded and the content verdict that stopped it, if any."""
+        tracks, video_s, video_error = None, 0.0, None
+        tracker.__init__()  # a retried input starts over
         if item.kind != "audio":
             try:
-                tracks, duration, video_error = self._faces(item, tracker)
-                status["duration_s"], status["n_frames"] = duration, len(tracks.times)
+                tracks, video_s, video_error = self._faces(item, tracker)
             except MediaError as e:
                 video_error = e
-        audio, audio_error = None, None
+        audio, audio_s, audio_error = None, 0.0, None
         if not (video_error is not None and video_error.status in ("corrupt", "too_large") and tracks is None):
             try:
                 with torch.inference_mode(), self.autocast:
-                    wave = read_audio(item.source, storage_options=so or None)
-                    audio = audio_timeline(wave, 16000, [self.models["vggish_arousal"], self.models["vggish_valence"]])
+                    wave = read_audio(item.source, storage_options=self.cfg.storage_options or None,
+                                      max_duration_s=self.cfg.max_duration_s)
+                    audio_s = len(wave) / 16000
+                    audio = audio_timeline(wave, 16000, [self.models["vggish_arousal"],
+                                                         self.models["vggish_valence"]])
                 if len(audio.times) == 0:
                     audio, audio_error = None, MediaError("too_short", "audio shorter than one VGGish step")
-                elif status["duration_s"] is None:
-                    status["duration_s"] = len(wave) / 16000
             except MediaError as e:
                 audio_error = e
-        if tracks is None and audio is None:
-            err = video_error or audio_error
-            status.update(status=err.status, error=str(err))
-            write_table(join(cfg.output, "status", f"{item.item_id}.parquet"), status_table([status]), so)
-            return status
-        track_ids = self._scored_tracks(tracks, tracker)
-        rows = self._rows(item.item_id, float(status["duration_s"] or 0.0), tracks, track_ids, audio)
-        status.update(_status_of(item, tracks, track_ids, audio, video_error, audio_error))
-        summary = summarise(item, status, rows, tracks, tracker, audio is not None)
-        table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
-        write_table(join(cfg.output, "scores", f"{item.item_id}.parquet"), table, so)
-        write_table(join(cfg.output, "summary", f"{item.item_id}.parquet"),
-                    pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA), so)
-        if rows:
-            from aver.storage import write_bytes_atomic
+        return tracks, video_s, video_error, audio, audio_s, audio_error
 
-            write_bytes_atomic(join(cfg.output, "report", f"{item.item_id}.png"), timeline_png(table, summary), so)
-        write_table(join(cfg.output, "status", f"{item.item_id}.parquet"), status_table([status]), so)
-        return status
-
-    def _faces(self, item: InputItem, tracker: FaceTracker) -> tuple[_Tracks, float | None, MediaError | None]:
-        """Detect, track and embed faces chunk by chunk; a decode error after some frames keeps them."""
+    def _faces(self, item: InputItem, tracker: FaceTracker) -> tuple[_Tracks, float, MediaError | None]:
+        """Detect, track and embed faces chunk by chunk; a stream broken midway keeps what decoded."""
         cfg = self.cfg
         found = _Tracks()
         error = None
-        with VideoReader(item.source, storage_options=cfg.storage_options, max_bytes=cfg.max_bytes) as reader:
-            duration = reader.info.duration_s
+        with VideoReader(item.source, storage_options=cfg.storage_options, max_bytes=cfg.max_bytes,
+                         max_duration_s=cfg.max_duration_s) as reader:
             try:
                 for chunk in prefetch(chunked(reader.frames(cfg.fps), cfg.detector.batch_size)):
                     crops, keys = [], []
@@ -210,14 +229,13 @@ class VideoScorer:
                             found.feats.setdefault(tid, {})[step] = e
                             found.probs.setdefault(tid, {})[step] = p
             except MediaError as e:
-                if not found.times:
+                if not found.times or e.status != "corrupt":
                     raise
                 error = e
+            decoded_s = reader.decoded_s
         if not found.times:
             raise MediaError("too_short", "no frame decoded at the sampling rate")
-        if duration is None:
-            duration = found.times[-1] + 1.0 / cfg.fps
-        return found, duration, error
+        return found, decoded_s, error
 
     def _scored_tracks(self, tracks: _Tracks | None, tracker: FaceTracker) -> list[int]:
         if tracks is None or not tracks.feats:
@@ -300,7 +318,8 @@ def _status_of(item: InputItem, tracks, track_ids, audio, video_error, audio_err
     return {"status": "ok", "error": None}
 
 
-def summarise(item: InputItem, status: dict, rows: list[dict], tracks, tracker: FaceTracker, has_audio: bool) -> dict:
+def summarise_scores(item: InputItem, status: dict, rows: list[dict], tracks, tracker: FaceTracker,
+                     has_audio: bool) -> dict:
     """One summary row per input: mean/std of the scores, dominant expression, face coverage."""
     scored = [r for r in rows if r["arousal"] is not None]
     a = np.array([r["arousal"] for r in scored], np.float32)
@@ -328,15 +347,10 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
 
     items = [i for i in list_inputs(cfg.input, cfg.storage_options, VIDEO_EXTENSIONS + AUDIO_EXTENSIONS)
              if i.kind != "image"]
-    units = [{"unit_id": i.item_id, "items": [vars(i)]} for i in items]
-    todo = pending(units, cfg.output, cfg.storage_options)
-    print(f"score_videos: {len(items)} inputs; {len(units) - len(todo)} already complete, {len(todo)} to do",
+    work = plan(cfg.output, cfg.storage_options, singles=[(i.item_id, vars(i)) for i in items])
+    print(f"score_videos: {len(items)} inputs; {work.n_complete} already complete, {len(work.units)} to do",
           flush=True)
-    counts: dict[str, int] = {}
-    for batch in (map_units(todo, VideoScorer, cfg) if todo else []):
-        for vid, status, error in zip(batch["video_id"], batch["status"], batch["error"]):
-            counts[status] = counts.get(status, 0) + 1
-            print(f"  {vid}: {status}{' - ' + error if error else ''}", flush=True)
+    counts = summarise("score_videos", map_units(work.units, VideoScorer, cfg), ()) if work.units else {}
     if items:
         index = build_report(cfg.output, cfg.storage_options)
         print(f"score_videos: report at {redact(index)}", flush=True)

@@ -15,15 +15,74 @@ from typing import Any
 import fsspec
 
 _SECRET_QUERY = re.compile(
-    r"(?i)([?&](?:x-amz-[a-z-]*|signature|sig|token|access_token|key|secret|password|aws[a-z_]*)=)[^&#]*"
+    r"(?i)([?&](?:x-amz-[a-z-]*|signature|sig|token|access_token|key|secret|password|aws[a-z_]*)=)[^&#\\s'\"]*"
 )
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+# user-info of a URI anywhere in a text (``s3://KEY:SECRET@bucket``, ``https://user:pw@host``)
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]*@")
+_SECRET_OPTION = re.compile(r"(?i)(secret|token|password|passwd|key|credential|signature)")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+_secrets: set[str] = set()
 
 
-def redact(uri: str) -> str:
-    """``uri`` with any user:password part and secret query parameters replaced by ``***``."""
-    uri = _USERINFO.sub(r"\1***@", str(uri))
-    return _SECRET_QUERY.sub(r"\1***", uri)
+def register_secrets(storage_options: dict[str, Any] | None) -> None:
+    """Remember the credential values in ``storage_options`` (nested too) so that :func:`redact`
+    removes them from any text, whatever library wrote it. Call it in every process that handles
+    the options (driver, Ray actors and tasks)."""
+
+    def walk(obj: Any, secret: bool) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, secret or bool(_SECRET_OPTION.search(str(k))))
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, secret)
+        elif secret and isinstance(obj, str) and len(obj) >= 8:  # shorter values are no real credential
+            _secrets.add(obj)
+
+    walk(storage_options or {}, False)
+
+
+def redact(text: str) -> str:
+    """``text`` (a URI or any message) with URI user-info, secret query parameters, registered
+    credential values and the AWS credentials of the environment replaced by ``***``."""
+    text = _USERINFO.sub(r"\1***@", str(text))
+    text = _SECRET_QUERY.sub(r"\1***", text)
+    values = _secrets | {os.environ[k] for k in _SECRET_ENV if len(os.environ.get(k, "")) >= 8}
+    for value in sorted(values, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def split_credentials(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """``s3://KEY:SECRET@bucket/path`` -> (``s3://bucket/path``, options with ``key``/``secret``).
+
+    Libraries echo the URIs they are given in their errors; a URI with user-info is therefore
+    never handed to one. Only S3 URIs may carry credentials this way; any other URI with
+    user-info is refused (ValueError, redacted)."""
+    uri = str(uri)
+    options = dict(storage_options or {})
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://([^/@]*)@(.*)$", uri)
+    if not m:
+        return uri, options
+    protocol, userinfo, rest = m.groups()
+    if protocol.lower() not in ("s3", "s3a"):
+        raise ValueError(f"credentials inside a {protocol}:// URI are not accepted: {redact(uri)}; "
+                         "use --storage-options or the environment")
+    key, _, secret = userinfo.partition(":")
+    from urllib.parse import unquote
+
+    key, secret = unquote(key), unquote(secret)
+    for name, value in (("key", key), ("secret", secret)):
+        if value and options.get(name, value) != value:
+            raise ValueError(f"{redact(uri)}: its credentials differ from the storage options' {name}")
+        if value:
+            options[name] = value
+    register_secrets({"key": key, "secret": secret})
+    return f"{protocol}://{rest}", options
+
+
+def has_userinfo(uri: str) -> bool:
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*@", str(uri)))
 
 
 def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -1,13 +1,38 @@
-"""Units of work shared by the batch jobs: stable image chunks, what is left to do, and running
-units through a pool of Ray Data actors (one unit per call, outputs written by the actor)."""
+"""Units of work shared by the batch jobs (extract_faces, distill, score_videos): planning what is
+left to do, committing a unit's outputs exactly once, and running units through Ray Data actors.
+
+A unit is one video (or one faces/ part) or a chunk of items (images, crops). Its outputs are
+``<folder>/<unit>.parquet`` for each output folder and then ``status/<unit>.parquet``, one row
+per item; the status part, written last, is the unit's completion mark and the ledger of its items.
+
+- **Unit ids never depend on positions.** A video's unit is its item id. Chunks are formed only
+  from items that no status part holds yet, and named by a hash of their members, so adding
+  inputs never renames or redoes anything else: a rerun after adding one image processes that
+  image alone. A chunk output without its status part (a run killed between the two) is deleted
+  when the next run plans.
+- **Transient failures are redone.** A unit with ``failed`` items gets a marker
+  ``_retry/<unit>`` before its parts are written; a rerun processes its failed items again,
+  merges them with the unit's final rows, rewrites the unit's parts under the same names and
+  removes the marker. No id ever appears twice.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from aver.outputs import completed_units, join
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from aver.faults import RETRIED, RetryPolicy, verdict, with_retries
+from aver.outputs import join, list_names, read_part, remove, status_table, write_table
+from aver.storage import redact, register_secrets, write_bytes_atomic
+
+log = logging.getLogger("aver")
 
 
 @dataclass(kw_only=True)
@@ -23,26 +48,154 @@ class ActorPoolConfig:
     models run in bf16 autocast, channels_last."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for inputs, models and output (e.g. an S3 endpoint, credentials)."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retries of transient storage/network faults, per input and per output write."""
 
     def __post_init__(self) -> None:
         if self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
             raise ValueError("actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0")
+        if isinstance(self.retry, dict):
+            self.retry = RetryPolicy(**self.retry)
+        register_secrets(self.storage_options)
 
 
-def stable_chunks(ids: list[str], per_unit: int, prefix: str = "images") -> list[tuple[str, slice]]:
-    """Chunks of ``per_unit`` consecutive ids, each named so the name is stable for the same input."""
-    chunks = []
-    for start in range(0, len(ids), per_unit):
-        part = slice(start, start + per_unit)
-        digest = hashlib.sha1("\n".join(ids[part]).encode()).hexdigest()[:12]
-        chunks.append((f"{prefix}-{start // per_unit:06d}-{digest}", part))
-    return chunks
+def chunk_id(prefix: str, ids: list[str]) -> str:
+    """The name of a chunk: its prefix and a hash of its members (never their positions)."""
+    return f"{prefix}-{hashlib.sha1(chr(10).join(sorted(ids)).encode()).hexdigest()[:16]}"
 
 
-def pending(units: list[dict], output: str, storage_options: dict | None = None) -> list[dict]:
-    """The units whose status part is not yet in ``output/status/``."""
-    done = completed_units(join(output, "status"), storage_options)
-    return [u for u in units if u["unit_id"] not in done]
+@dataclass
+class Plan:
+    """What a run does: the units to process and how many were already complete."""
+
+    units: list[dict]
+    """``{"unit_id", "items": [...], "retry": bool}`` to process now."""
+    n_complete: int
+    """Units already complete (skipped)."""
+    n_items_done: int = 0
+    """Items of chunked inputs whose status is final already."""
+
+
+def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, dict]],
+         chunked: list[tuple[str, dict]] = (), prefix: str = "images", per_unit: int = 1024,
+         id_column: str = "video_id", output_folders: tuple[str, ...] = ()) -> Plan:
+    """The units still to process in ``output``.
+
+    ``singles`` are ``(unit_id, item)`` units of one item each (a video); ``chunked`` are
+    ``(item_id, item)`` pairs grouped into chunks named ``<prefix>-<hash>`` (images, crops)."""
+    so = storage_options
+    done = list_names(join(output, "status"), so)
+    retry = list_names(join(output, "_retry"), so, suffix="")
+    units = [{"unit_id": uid, "items": [item], "retry": uid in retry} for uid, item in singles
+             if uid not in done or uid in retry]
+    n_complete = sum(1 for uid, _ in singles if uid in done and uid not in retry)
+    n_items_done = 0
+    if chunked:
+        by_id = dict(chunked)
+        ledger = _read_ledger(output, so, sorted(u for u in done if u.startswith(prefix + "-")), id_column)
+        seen: set[str] = set()
+        for uid, rows in ledger.items():
+            seen.update(rows)
+            redo = [by_id[i] for i, st in rows.items() if st in RETRIED and i in by_id]
+            if uid in retry and redo:
+                units.append({"unit_id": uid, "items": redo, "retry": True})
+            else:
+                n_complete += 1
+            n_items_done += sum(st not in RETRIED for st in rows.values())
+        new = sorted(i for i in by_id if i not in seen)
+        for start in range(0, len(new), per_unit):
+            ids = new[start:start + per_unit]
+            units.append({"unit_id": chunk_id(prefix, ids), "items": [by_id[i] for i in ids], "retry": False})
+        # Parts of chunks whose status never landed (a killed run) would duplicate rows: drop them.
+        planned = {u["unit_id"] for u in units}
+        for folder in output_folders:
+            for name in list_names(join(output, folder), so):
+                if name.startswith(prefix + "-") and name not in done and name not in planned:
+                    remove(join(output, folder, f"{name}.parquet"), so)
+    return Plan(units, n_complete, n_items_done)
+
+
+def _read_ledger(output: str, so, names: list[str], id_column: str) -> dict[str, dict[str, str]]:
+    """``{unit: {item id: status}}`` of chunk status parts, read in parallel (one GET each)."""
+
+    def read(name: str) -> dict[str, str]:
+        table = read_part(join(output, "status", f"{name}.parquet"), so, columns=[id_column, "status"])
+        return dict(zip(table[id_column].to_pylist(), table["status"].to_pylist())) if table is not None else {}
+
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(names, pool.map(read, names)))
+
+
+def guarded(fn: Callable[[], Any], policy: RetryPolicy, what: str) -> tuple[Any, tuple[str, str] | None]:
+    """``(fn(), None)``, or ``(None, (status, error))`` for whatever it raised once transient
+    faults were retried: one input's failure never reaches its neighbours."""
+    try:
+        return with_retries(fn, policy, what), None
+    except Exception as e:  # noqa: BLE001 - every failure of one input becomes its status row
+        return None, verdict(e, what)
+
+
+def commit(output: str, unit: dict, parts: dict[str, tuple[pa.Table, str]], statuses: list[dict], *,
+           id_column: str, storage_options: dict | None, policy: RetryPolicy,
+           files: dict[str, bytes] | None = None) -> None:
+    """Write a unit: its ``parts`` (``folder -> (table, column holding the item id)``) and extra
+    ``files`` (``path under output -> bytes``), then its status rows. A retried unit keeps the
+    rows of items it did not redo. Each write is atomic and retried; the status part goes last."""
+    so, uid = storage_options, unit["unit_id"]
+    write = lambda uri, table: with_retries(lambda: write_table(uri, table, so), policy, uri)  # noqa: E731
+    status = status_table(statuses, id_column)
+    if unit.get("retry"):
+        redone = pa.array([s[id_column] for s in statuses], pa.string())
+        old = read_part(join(output, "status", f"{uid}.parquet"), so)
+        if old is not None:
+            status = pa.concat_tables([old.filter(pc.invert(pc.is_in(old[id_column], redone))).cast(status.schema),
+                                       status])
+        merged = {}
+        for folder, (table, key) in parts.items():
+            old = read_part(join(output, folder, f"{uid}.parquet"), so)
+            if old is not None:
+                table = pa.concat_tables([old.filter(pc.invert(pc.is_in(old[key], redone))).cast(table.schema),
+                                          table])
+            merged[folder] = (table, key)
+        parts = merged
+    failed = any(st in RETRIED for st in status["status"].to_pylist())
+    marker = join(output, "_retry", uid)
+    if failed:
+        with_retries(lambda: write_bytes_atomic(marker, b"", so), policy, marker)
+    for folder, (table, _) in parts.items():
+        write(join(output, folder, f"{uid}.parquet"), table)
+    for path, data in (files or {}).items():
+        uri = join(output, path)
+        with_retries(lambda: write_bytes_atomic(uri, data, so), policy, uri)
+    write(join(output, "status", f"{uid}.parquet"), status)
+    if unit.get("retry") and not failed:
+        with_retries(lambda: remove(marker, so), policy, marker)
+
+
+def run_units(units: Iterator[dict], process: Callable[[dict], dict], id_column: str) -> dict[str, list]:
+    """Actor body: ``process(unit)`` for each unit (it commits and returns its status rows); a
+    unit whose bookkeeping itself fails is reported as not recorded, and the actor goes on."""
+    out: dict[str, list] = {"unit_id": [], "item_id": [], "status": [], "error": []}
+    for unit in units:
+        try:
+            rows = process(unit)
+        except Exception as e:  # noqa: BLE001 - e.g. the output store is down: nothing recorded
+            status, error = verdict(e, f"unit {unit['unit_id']}")
+            rows = [{id_column: item.get("item_id", unit["unit_id"]), "status": "unrecorded",
+                     "error": f"{status}: {error}"} for item in unit["items"]]
+        for r in rows:
+            out["unit_id"].append(unit["unit_id"])
+            out["item_id"].append(r[id_column])
+            out["status"].append(r["status"])
+            out["error"].append(r.get("error") or "")
+    return out
+
+
+def batch_units(batch: dict) -> Iterator[dict]:
+    """The units of a Ray Data batch as dicts (``items`` as plain dicts)."""
+    for i in range(len(batch["unit_id"])):
+        yield {"unit_id": batch["unit_id"][i], "retry": bool(batch["retry"][i]),
+               "items": [dict(x) for x in batch["items"][i]]}
 
 
 def actor_count(actors: int, cpus_per_actor: float, gpus_per_actor: float, n_units: int) -> int:
@@ -57,6 +210,15 @@ def actor_count(actors: int, cpus_per_actor: float, gpus_per_actor: float, n_uni
     else:
         n = int(res.get("CPU", 1) / cpus_per_actor) - 1  # leave room for Ray Data's own tasks
     return max(1, min(n, n_units))
+
+
+def actor_setup(cfg: ActorPoolConfig, who: str):
+    """What every job actor does first: learn the secrets to redact (a config unpickled in the
+    actor has not run ``__post_init__``), size torch's threads, pick its device."""
+    register_secrets(cfg.storage_options)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
+    actor_threads(cfg.cpus_per_actor)
+    return actor_device(cfg.gpus_per_actor, who)
 
 
 def actor_threads(cpus_per_actor: float) -> None:
@@ -99,3 +261,19 @@ def map_units(units: list[dict], actor_cls: type, cfg: ActorPoolConfig) -> Itera
                         concurrency=actor_count(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, len(units)),
                         **remote_args)
     yield from ds.iter_batches(batch_size=None, batch_format="pandas")
+
+
+def summarise(job: str, batches: Iterator, verbose_statuses: tuple[str, ...] = ("ok",)) -> dict[str, int]:
+    """Drain the actors' result batches: print each input that is not ``ok`` and a closing count
+    per status; returns the counts (``unrecorded``: units whose outputs could not be written)."""
+    counts: dict[str, int] = {}
+    for batch in batches:
+        for item, status, error in zip(batch["item_id"], batch["status"], batch["error"]):
+            counts[status] = counts.get(status, 0) + 1
+            if status not in verbose_statuses:
+                print(f"  {item}: {status}{' - ' + redact(error) if error else ''}", flush=True)
+    print(f"{job}: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "nothing to do"), flush=True)
+    if counts.get("failed") or counts.get("unrecorded"):
+        print(f"{job}: {counts.get('failed', 0) + counts.get('unrecorded', 0)} inputs hit transient faults that "
+              "outlived the retries: run the same command again to finish them", flush=True)
+    return counts

@@ -65,7 +65,7 @@ def test_distill_matches_direct_teacher_forward(tmp_path, teachers, ray_local):
     (faces / "broken.parquet").write_bytes(b"not parquet")
     cfg = DistillConfig(input=str(tmp_path / "run"), teachers=uris, output=str(tmp_path / "out"),
                         batch_size=4, actors=1, cpus_per_actor=0.5)
-    assert run(cfg) == len(ids_a) + len(ids_b)
+    assert run(cfg) == {"ok": 3, "corrupt": 1}  # one status row per faces part
     targets = read_folder(str(tmp_path / "out" / "targets")).to_pandas().set_index("crop_id")
     assert sorted(targets.index) == sorted(ids_a + ids_b)
     # Independent path: decode, standardise, both teachers in fp32, normalise, concatenate.
@@ -81,7 +81,7 @@ def test_distill_matches_direct_teacher_forward(tmp_path, teachers, ray_local):
     assert status.loc["broken", "status"] == "corrupt" and "broken" in status.loc["broken", "source"]
     assert status.loc["a", "status"] == "ok" and status.loc["a", "n_frames"] == len(ids_a)
     assert status.loc["empty", "n_frames"] == 0
-    assert run(cfg) == 0  # rerun: all units complete
+    assert run(cfg) == {}  # rerun: all units complete
 
 
 def test_distill_image_folder_with_bad_images(tmp_path, teachers, ray_local):
@@ -95,7 +95,8 @@ def test_distill_image_folder_with_bad_images(tmp_path, teachers, ray_local):
     (folder / "bad.jpg").write_bytes(b"\x00" * 10)
     cfg = DistillConfig(input=str(folder), teachers=uris, output=str(tmp_path / "out"), batch_size=2,
                         actors=1, cpus_per_actor=0.5, images_per_unit=3)
-    assert run(cfg) == 4
+    assert run(cfg) == {"ok": 4, "corrupt": 1}
+    assert read_folder(str(tmp_path / "out" / "targets")).num_rows == 4
     status = read_folder(str(tmp_path / "out" / "status")).to_pandas()
     assert len(status) == 5
     assert dict(zip(status["source"].str.rsplit("/", n=1).str[-1], status["status"]))["bad.jpg"] == "corrupt"
@@ -138,7 +139,7 @@ def test_distill_affectnet_manifest_crops_given_boxes(tmp_path, teachers, ray_lo
                    "1/a.png,100,60,130,160,,1,0.5,0.2\n1/missing.png,0,0,10,10,,2,0,0\n1/a.png,0,0,5,5,,9,0,0\n")
     cfg = DistillConfig(input=str(csv), images_root=str(tmp_path / "imgs"), teachers=uris,
                         output=str(tmp_path / "out"), actors=1, cpus_per_actor=0.5)
-    assert run(cfg) == 1
+    assert run(cfg) == {"ok": 1, "corrupt": 1}
     targets = read_folder(str(tmp_path / "out" / "targets")).to_pandas()
     assert targets["crop_id"].tolist() == ["affectnet:1/a.png"]
     expected = _expected_targets(models, [crop_face(scene, (100, 60, 230, 220), size=140, margin=0.2)])
@@ -160,6 +161,6 @@ def test_distill_fec_manifest_dedupes_crops(tmp_path, teachers, ray_local):
     (tmp_path / "fec.csv").write_text(row + row)
     cfg = DistillConfig(input=str(tmp_path / "fec.csv"), teachers=uris, output=str(tmp_path / "out"),
                         actors=1, cpus_per_actor=0.5)
-    assert run(cfg) == 2  # three unique crops, image 3 never fetched
+    assert run(cfg) == {"ok": 2, "corrupt": 1}  # three unique crops, image 3 never fetched
     status = read_folder(str(tmp_path / "out" / "status")).to_pandas()
     assert sorted(status["status"]) == ["corrupt", "ok", "ok"]

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 import io
 
-from aver.extract import ExtractFacesConfig, plan_units, run
+from aver.extract import ExtractFacesConfig, run
 from aver.outputs import read_folder
 from tests.media_fixtures import bad_input_corpus, face_patch, face_video
 from tests.ray_helpers import kill_when, run_job
@@ -61,16 +61,6 @@ def test_rerun_skips_complete_work_and_never_duplicates(tmp_path, ray_local):
     assert not after.duplicated(["video_id", "frame_index"]).any()
 
 
-def test_image_units_are_stable():
-    from aver.media import InputItem
-
-    imgs = [InputItem(f"/d/{i}.png", f"i{i}", "image") for i in range(5)]
-    vids = [InputItem("/d/v.mp4", "v", "video")]
-    a = plan_units(vids + imgs, 2)
-    assert [u["unit_id"] for u in a] == [u["unit_id"] for u in plan_units(vids + imgs, 2)]
-    assert [len(u["items"]) for u in a] == [1, 2, 2, 1]
-
-
 def test_killed_job_rerun_equals_uninterrupted(tmp_path):
     for i in range(8):
         face_video(tmp_path / "in" / f"v{i}.mp4", seconds=3.0)
@@ -84,7 +74,7 @@ def test_killed_job_rerun_equals_uninterrupted(tmp_path):
     assert 2 <= n_done < 8, f"kill landed after {n_done} of 8 videos"
     rerun = run_job(args + ["--output", str(tmp_path / "killed")])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{n_done} already complete" in rerun.stdout
+    assert f"{n_done} units already complete" in rerun.stdout
     key = ["video_id", "frame_index"]
     a = read_folder(str(tmp_path / "clean" / "faces")).to_pandas().sort_values(key).reset_index(drop=True)
     b = read_folder(str(tmp_path / "killed" / "faces")).to_pandas().sort_values(key).reset_index(drop=True)

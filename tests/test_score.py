@@ -122,7 +122,7 @@ def test_all_faces_scores_every_track_and_the_default_only_the_primary(tmp_path,
         out = tmp_path / f"out{int(all_faces)}"
         cfg = ScoreVideosConfig(input=str(tmp_path / "in"), output=str(out), model=str(random_models),
                                 all_faces=all_faces)
-        status = VideoScorer(cfg).score(item)
+        [status] = VideoScorer(cfg).process({"unit_id": item.item_id, "items": [vars(item)], "retry": False})
         assert status["status"] == "ok"
         found[all_faces] = read_folder(str(out / "scores")).to_pandas()
     one, every = found[False], found[True]

@@ -249,7 +249,7 @@ class TeacherPair:
 def run(cfg: DistillConfig) -> dict[str, int]:
     """Run on the current Ray cluster (a local one if none); returns the count of each status
     among the inputs processed now."""
-    work = plan_units(cfg)
+    work = with_retries(lambda: plan_units(cfg), cfg.retry, cfg.input)
     print(f"distill: {work.n_complete} units already complete, {len(work.units)} to do "
           f"({sum(len(u['items']) for u in work.units)} inputs)", flush=True)
     if not work.units:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from aver.faces import FaceDetector, FaceDetectorConfig, FaceTracker
-from aver.faults import MediaError
+from aver.faults import MediaError, with_retries
 from aver.media import MAX_DURATION_S, InputItem, VideoReader, list_inputs, load_image
 from aver.storage import redact, split_credentials
 from aver.streaming import chunked, prefetch
@@ -196,8 +196,8 @@ class FaceExtractor:
 def run(cfg: ExtractFacesConfig) -> dict[str, int]:
     """Run the job on the current Ray cluster (``ray.init()`` starts a local one if none);
     returns the count of each status among the inputs processed now."""
-    items = list_inputs(cfg.input, cfg.storage_options)
-    work = plan_units(items, cfg)
+    items = with_retries(lambda: list_inputs(cfg.input, cfg.storage_options), cfg.retry, cfg.input)
+    work = with_retries(lambda: plan_units(items, cfg), cfg.retry, cfg.output)
     todo = work.units
     print(f"extract_faces: {len(items)} inputs; {work.n_complete} units already complete, {len(todo)} to do "
           f"({sum(len(u['items']) for u in todo)} inputs)", flush=True)

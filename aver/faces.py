@@ -93,8 +93,10 @@ class FaceDetector:
 
     def _downscale(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
         h, w = frame.shape[:2]
-        # the longer side down to detect_max_side, but never the shorter one below the smallest face
-        scale = min(1.0, max(self.config.detect_max_side / max(h, w), self.config.min_face_size / max(1, min(h, w))))
+        # the longer side down to detect_max_side, but the shorter one never below four smallest faces:
+        # a 2000x40 strip scaled to 640 px would be 13 px tall, smaller than any face MTCNN finds
+        keep = 4 * self.config.min_face_size
+        scale = min(1.0, max(self.config.detect_max_side / max(h, w), keep / max(1, min(h, w))))
         if scale >= 1.0:
             return np.ascontiguousarray(frame), 1.0
         size = (max(1, round(w * scale)), max(1, round(h * scale)))

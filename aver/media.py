@@ -233,10 +233,9 @@ class VideoReader:
             self.close()
             raise MediaError("no_video", f"{redact(source)} has no video stream ({kind})")
         vs = self._container.streams.video[0]
-        if vs.codec_context is None:  # FFmpeg has no decoder for this codec
-            name = getattr(vs.codec, "name", None) or "unknown"
+        if vs.codec_context is None:  # FFmpeg has no decoder for this codec (an unknown fourcc)
             self.close()
-            raise MediaError("unsupported", f"{redact(source)}: no decoder for its video codec ({name})")
+            raise MediaError("unsupported", f"{redact(source)}: no decoder for its video codec")
         self.has_audio = bool(self._container.streams.audio)
 
     def frames(self, fps: float) -> Iterator[VideoFrame]:

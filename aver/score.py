@@ -345,9 +345,11 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
     from aver.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
     from aver.report import build_report
 
-    items = [i for i in list_inputs(cfg.input, cfg.storage_options, VIDEO_EXTENSIONS + AUDIO_EXTENSIONS)
-             if i.kind != "image"]
-    work = plan(cfg.output, cfg.storage_options, singles=[(i.item_id, vars(i)) for i in items])
+    listed = with_retries(lambda: list_inputs(cfg.input, cfg.storage_options, VIDEO_EXTENSIONS + AUDIO_EXTENSIONS),
+                          cfg.retry, cfg.input)
+    items = [i for i in listed if i.kind != "image"]
+    work = with_retries(lambda: plan(cfg.output, cfg.storage_options, singles=[(i.item_id, vars(i)) for i in items]),
+                        cfg.retry, cfg.output)
     print(f"score_videos: {len(items)} inputs; {work.n_complete} already complete, {len(work.units)} to do",
           flush=True)
     counts = summarise("score_videos", map_units(work.units, VideoScorer, cfg), ()) if work.units else {}

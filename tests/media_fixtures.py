@@ -94,3 +94,87 @@ def bad_input_corpus(root) -> dict[str, str]:
     Image.new("RGB", (12000, 9000), (90, 90, 90)).save(j("huge.png")); expected["huge.png"] = "too_large"
     Image.new("RGB", (8, 8), (90, 90, 90)).save(j("tiny.png")); expected["tiny.png"] = "unsupported"
     return expected
+
+
+def _sideways_video(path, seconds=1.0, fps=10):
+    """A portrait phone video: frames stored sideways, a display matrix that turns them upright."""
+    import av
+
+    upright = list(_frames(int(seconds * fps), 240, 320))
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.pix_fmt = "yuv420p"
+        vs.height, vs.width = 240, 320
+        vs.set_display_rotation(-90)  # players turn the stored frames 90 degrees clockwise
+        for frame in upright:
+            stored = np.ascontiguousarray(np.rot90(frame, 1))
+            for p in vs.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                out.mux(p)
+        for p in vs.encode():
+            out.mux(p)
+    return upright
+
+
+def _unknown_codec_avi(path):
+    """An AVI whose video fourcc no decoder knows (PyAV gives it no codec context)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("mpeg4", rate=5)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(5):
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")):
+                out.mux(p)
+        for p in vs.encode():
+            out.mux(p)
+    data = open(path, "rb").read()
+    assert data.count(b"FMP4") == 2
+    with open(path, "wb") as f:
+        f.write(data.replace(b"FMP4", b"QQ9Z"))
+
+
+def _lying_mkv(path, real_s=1.0, claimed_s=36000.0):
+    """A Matroska file of ``real_s`` seconds (a face, a tone) whose header declares ``claimed_s``."""
+    import struct
+
+    patch = face_patch(100)
+    frames = []
+    for _ in range(int(real_s * 5)):
+        img = np.full((160, 160, 3), 90, np.uint8)
+        img[30:130, 30:30 + patch.shape[1]] = patch
+        frames.append(img)
+    write_video(str(path), iter(frames), 5, audio=tone(real_s))
+    data = bytearray(open(path, "rb").read())
+    i = data.find(b"\x44\x89\x88")  # Segment Info > Duration, float64, in milliseconds
+    assert i > 0
+    data[i + 3:i + 11] = struct.pack(">d", claimed_s * 1000.0)
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+def hostile_corpus(root) -> tuple[str, dict[str, str], dict[str, str]]:
+    """Every odd input of issue 11 and SPEC §6 in one folder, named by a manifest ``list.txt``;
+    returns (manifest, expected extract_faces status, expected score_videos status) per entry."""
+    root = str(root)
+    expected = bad_input_corpus(root)
+    j = lambda name: os.path.join(root, name)  # noqa: E731
+    for side in (2, 16):
+        write_video(j(f"tiny{side}.mp4"), (np.full((side, side, 3), 100, np.uint8) for _ in range(5)), 5,
+                    audio=tone(1.0))
+        expected[f"tiny{side}.mp4"] = "unsupported"
+    _unknown_codec_avi(j("unknown.avi")); expected["unknown.avi"] = "unsupported"
+    _lying_mkv(j("ten_hours.mkv")); expected["ten_hours.mkv"] = "ok"
+    _sideways_video(j("phone.mp4")); expected["phone.mp4"] = "ok"
+    patch = face_patch(40)
+    strip = np.full((40, 2000, 3), 100, np.uint8)
+    strip[:, 900:900 + patch.shape[1]] = patch
+    Image.fromarray(strip).save(j("strip.png")); expected["strip.png"] = "ok"
+    os.symlink(j("loop.mp4"), j("loop.mp4")); expected["loop.mp4"] = "corrupt"
+    face_video(os.path.join(os.path.dirname(root.rstrip("/")), "outside.mp4"), seconds=1.0)
+    entries = sorted(expected) + ["../outside.mp4", "s3://Bad_Bucket!/x.mp4", j("face.mp4")]
+    expected["../outside.mp4"] = expected["s3://Bad_Bucket!/x.mp4"] = "unsupported"
+    with open(j("list.txt"), "w") as f:
+        f.write("# every odd input\n" + "\n".join(entries) + "\n")
+    score = {k: v for k, v in expected.items() if not k.endswith(".png")}
+    score.update({"silent.mp4": "no_audio", "phone.mp4": "no_audio", "speech_only.m4a": "ok"})
+    return j("list.txt"), expected, score

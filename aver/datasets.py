@@ -26,6 +26,8 @@ class Manifest:
     """Usable rows, one dict each."""
     rejected: list[dict] = field(default_factory=list)
     """``{"line": n, "reason": ...}`` for each row that was skipped."""
+    images_root: str = ""
+    """The folder the records' image ``source`` URIs are under."""
 
 
 def _read_text(uri: str, storage_options: dict | None) -> str:
@@ -63,7 +65,7 @@ def read_affectnet(csv_uri: str, images_root: str | None = None, storage_options
     (image URI under ``images_root``, default the CSV's folder), ``box`` (x1, y1, x2, y2 pixels),
     ``label`` 0-7, ``valence``, ``arousal``. Labels 8-10 (none, uncertain, non-face) are skipped."""
     root = (images_root or _parent(csv_uri)).rstrip("/")
-    out = Manifest()
+    out = Manifest(images_root=root)
     reader = csv.reader(io.StringIO(_read_text(csv_uri, storage_options)))
     header = next(reader, None)
     if header is None or tuple(h.strip() for h in header[:9]) != AFFECTNET_COLUMNS:
@@ -116,7 +118,7 @@ def read_fec(csv_uri: str, images_root: str | None = None, storage_options: dict
     fetched copy under ``images_root`` (default: ``images/`` beside the CSV), named by
     :func:`fec_image_name`."""
     root = (images_root or _parent(csv_uri) + "/images").rstrip("/")
-    out = Manifest()
+    out = Manifest(images_root=root)
     for line, row in enumerate(csv.reader(io.StringIO(_read_text(csv_uri, storage_options))), start=1):
         row = [c.strip() for c in row]
         if not any(row):

@@ -3,16 +3,21 @@ crops. Cropping runs as Ray Data CPU tasks; unreadable images are dropped and co
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aver.datasets import read_affectnet, read_fec
+from aver.datasets import Manifest, read_affectnet, read_fec
 from aver.faces import crop_face
 from aver.losses import FaceLossConfig
-from aver.media import MediaError, load_image
+from aver.faults import MediaError
+from aver.media import load_image
+from aver.storage import redact, url_to_fs
 from aver.training import TrainConfig
+
+log = logging.getLogger("aver")
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +51,8 @@ class FaceTrainConfig(TrainConfig):
 def _crop(source: str, box=None, box_frac=None, margin: float = 0.2, storage_options=None) -> np.ndarray | None:
     try:
         image = load_image(source, storage_options=storage_options)
-    except MediaError:
+    except MediaError as e:
+        log.warning("dropped %s: %s", redact(source), e)  # counted in the task's log, never silent
         return None
     if box_frac is not None:
         h, w = image.shape[:2]
@@ -56,6 +62,24 @@ def _crop(source: str, box=None, box_frac=None, margin: float = 0.2, storage_opt
 
         return np.asarray(Image.fromarray(image).resize((CROP, CROP), Image.BILINEAR))
     return crop_face(image, box, size=CROP, margin=margin)
+
+
+def with_images(m: Manifest, sources, what: str, hint: str, storage_options=None) -> list[dict]:
+    """The records of ``m`` whose images (``sources(record)``) exist under ``m.images_root``, from
+    one listing of that folder. Says how many rows were used, rejected and left without an image;
+    none usable is an error that says what is missing and what to run."""
+    fs, root = url_to_fs(m.images_root, storage_options)
+    fs.invalidate_cache()
+    found = {p[len(root.rstrip("/")) + 1:] for p in fs.find(root)} if fs.isdir(root) else set()
+    prefix = m.images_root.rstrip("/") + "/"
+    kept = [r for r in m.records if all(not s.startswith(prefix) or s[len(prefix):] in found for s in sources(r))]
+    total = len(m.records) + len(m.rejected)
+    print(f"{what}: {len(kept)} of {total} rows used; {len(m.rejected)} rejected (malformed or unused "
+          f"labels), {len(m.records) - len(kept)} without their images under {redact(m.images_root)}", flush=True)
+    if not kept:
+        raise ValueError(f"0 of {len(m.records)} {what} rows have their images under {redact(m.images_root)}"
+                         f"{': ' + hint if hint and m.records else ''}")
+    return kept
 
 
 def _affectnet_batch(batch: dict, margin: float, storage_options) -> dict:
@@ -75,10 +99,11 @@ def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, margin: f
     import ray.data
 
     m = read_affectnet(csv_uri, images_root, storage_options)
-    if not m.records:
-        raise ValueError(f"no usable rows in {csv_uri} ({len(m.rejected)} rejected)")
+    records = with_images(m, lambda r: [r["source"]], f"AffectNet {redact(csv_uri)}",
+                          "is images_root (--affectnet-images) the folder of Manually_Annotated_Images?",
+                          storage_options)
     rows = [{"crop_id": r["crop_id"], "source": r["source"], "box": list(r["box"]), "label": r["label"]}
-            for r in m.records]
+            for r in records]
     ds = ray.data.from_items(rows).map_batches(
         _affectnet_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=64)
     return ds, m.rejected
@@ -111,11 +136,11 @@ def fec_dataset(csv_uri: str, images_root: str | None = None, *, margin: float =
     import ray.data
 
     m = read_fec(csv_uri, images_root, storage_options)
-    if not m.records:
-        raise ValueError(f"no usable triplets in {csv_uri} ({len(m.rejected)} rejected)")
+    records = with_images(m, lambda r: [f["source"] for f in r["faces"]], f"FEC triplets {redact(csv_uri)}",
+                          "run jobs/fetch_fec.py on this CSV first", storage_options)
     rows = [{"faces": [{"source": f["source"], "box_frac": list(f["box_frac"]), "crop_id": f["crop_id"]}
                        for f in r["faces"]],
-             "pair": list(r["pair"]), "odd": r["odd"], "type": r["type"]} for r in m.records]
+             "pair": list(r["pair"]), "odd": r["odd"], "type": r["type"]} for r in records]
     ds = ray.data.from_items(rows).map_batches(
         _fec_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=32)
     return ds, m.rejected
@@ -168,10 +193,9 @@ def to_student_input(images) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def labelled_face_data(cfg, job: str):
-    """(AffectNet dataset, FEC dataset) of a teacher or student config, reporting rejected rows."""
+def labelled_face_data(cfg):
+    """(AffectNet dataset, FEC dataset) of a teacher or student config; each says what it dropped."""
     so = cfg.storage_options or None
-    affectnet, rejected_a = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
-    fec, rejected_f = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
-    print(f"{job}: rejected {len(rejected_a)} AffectNet rows, {len(rejected_f)} FEC rows", flush=True)
+    affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
+    fec, _ = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
     return affectnet, fec

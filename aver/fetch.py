@@ -1,8 +1,9 @@
 """Fetching Google FEC images from their URLs into the flat layout the readers expect.
 
 Each URL is fetched once (skipped when its file exists), with a timeout and retries with
-backoff; every URL gets a status row (``ok``/``failed`` with the error). Only http(s) and
-file URLs are followed; what is written is always ``<images>/<fec_image_name(url)>``, so a
+backoff; every URL gets a status row (``ok``/``failed`` with the error). Only http(s) URLs are
+followed (``file://`` only with ``allow_file_urls``, which the offline demo corpus needs: a
+manifest must not copy local files into the output); what is written is always ``<images>/<fec_image_name(url)>``, so a
 manifest cannot make the job write anywhere else.
 """
 
@@ -43,6 +44,8 @@ class FetchConfig:
     """Responses larger than this are refused."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for manifest and output."""
+    allow_file_urls: bool = False
+    """Also copy ``file://`` URLs (the demo corpus's); off, they get a ``failed`` row."""
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0 or self.workers < 1 or self.max_bytes < 1:
@@ -50,8 +53,10 @@ class FetchConfig:
 
 
 def _download(url: str, cfg: FetchConfig) -> bytes:
-    if not url.lower().startswith(("http://", "https://", "file://")):
-        raise ValueError("only http(s) and file URLs are fetched")
+    schemes = ("http://", "https://", "file://") if cfg.allow_file_urls else ("http://", "https://")
+    if not url.lower().startswith(schemes):
+        raise ValueError("only http(s) URLs are fetched" + ("" if cfg.allow_file_urls else
+                                                             " (file:// needs --allow-file-urls)"))
     req = urllib.request.Request(url, headers={"User-Agent": "aver-fec-fetch/1"})
     with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:  # noqa: S310 - scheme checked above
         data = resp.read(cfg.max_bytes + 1)

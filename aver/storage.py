@@ -17,8 +17,10 @@ import fsspec
 _SECRET_QUERY = re.compile(
     r"(?i)([?&](?:x-amz-[a-z-]*|signature|sig|token|access_token|key|secret|password|aws[a-z_]*)=)[^&#\\s'\"]*"
 )
-# user-info of a URI anywhere in a text (``s3://KEY:SECRET@bucket``, ``https://user:pw@host``)
-_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]*@")
+# user-info of a URI anywhere in a text (``s3://KEY:SECRET@bucket``, ``https://user:pw@host``). A
+# raw AWS secret may hold "/" and "+": after "user:" everything up to the "@" is the password.
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@:\s'\"]+:[^@\s'\"]*|[^/@:\s'\"]+)@")
+_USERINFO_URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(?:([^/@:\s]+):([^@\s]*)|([^/@:\s]+))@(.*)$", re.S)
 _SECRET_OPTION = re.compile(r"(?i)(secret|token|password|passwd|key|credential|signature)")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 _secrets: set[str] = set()
@@ -61,28 +63,28 @@ def split_credentials(uri: str, storage_options: dict[str, Any] | None = None) -
     user-info is refused (ValueError, redacted)."""
     uri = str(uri)
     options = dict(storage_options or {})
-    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://([^/@]*)@(.*)$", uri)
+    m = _USERINFO_URI.match(uri)
     if not m:
         return uri, options
-    protocol, userinfo, rest = m.groups()
+    protocol, key, secret, user, rest = m.groups()
     if protocol.lower() not in ("s3", "s3a"):
         raise ValueError(f"credentials inside a {protocol}:// URI are not accepted: {redact(uri)}; "
                          "use --storage-options or the environment")
-    key, _, secret = userinfo.partition(":")
     from urllib.parse import unquote
 
-    key, secret = unquote(key), unquote(secret)
+    key, secret = unquote(key or user), unquote(secret or "")
+    register_secrets({"key": key, "secret": secret})
     for name, value in (("key", key), ("secret", secret)):
         if value and options.get(name, value) != value:
             raise ValueError(f"{redact(uri)}: its credentials differ from the storage options' {name}")
         if value:
             options[name] = value
-    register_secrets({"key": key, "secret": secret})
     return f"{protocol}://{rest}", options
 
 
 def has_userinfo(uri: str) -> bool:
-    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*@", str(uri)))
+    """Whether ``uri`` carries user-info (credentials) before its host or bucket."""
+    return bool(_USERINFO_URI.match(str(uri)))
 
 
 def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -139,7 +139,7 @@ def run(cfg: StudentTrainConfig) -> list[dict] | None:
     """Train (or resume) the student; returns the metric history, None when already finished."""
     if not begin(cfg, "train_student"):
         return None
-    affectnet, fec = labelled_face_data(cfg, "train_student")
+    affectnet, fec = labelled_face_data(cfg)
     print(f"train_student: distillation {'on' if cfg.targets else 'off'}", flush=True)
     datasets = {"affectnet": affectnet, "fec": fec}
     if cfg.unlabeled:

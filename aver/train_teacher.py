@@ -98,7 +98,7 @@ def run(cfg: TeacherTrainConfig) -> list[dict] | None:
     """Train (or resume) the teacher; returns the metric history, None when already finished."""
     if not begin(cfg, "train_teacher"):
         return None
-    affectnet, fec = labelled_face_data(cfg, "train_teacher")
+    affectnet, fec = labelled_face_data(cfg)
     loop = {"loss": asdict(cfg.loss)}
     datasets = {"affectnet": affectnet.select_columns(["image", "label"]),
                 "fec": fec.select_columns(["i", "j", "k", "type"])}

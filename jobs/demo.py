@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(write_corpus(corpus, seed=a.seed, size=a.size))
     for split in ("train", "test"):
         fetch(FetchConfig(manifest=os.path.join(corpus, "fec", f"faceexp-comparison-data-{split}-public.csv"),
-                          output=os.path.join(corpus, "fec")))
+                          output=os.path.join(corpus, "fec"), allow_file_urls=True))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)  # workers' per-epoch lines show here
     aff = os.path.join(corpus, "affectnet", "training.csv")
     aff_images = os.path.join(corpus, "affectnet", "Manually_Annotated_Images")

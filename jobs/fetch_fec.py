@@ -26,9 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=16, help="concurrent downloads (default 16)")
     p.add_argument("--max-bytes", type=int, default=20 * 2**20, help="refuse larger responses (default 20 MiB)")
     p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    p.add_argument("--allow-file-urls", action="store_true",
+                   help="also copy file:// URLs (local files; the offline demo corpus uses them)")
     a = p.parse_args(argv)
     run(FetchConfig(manifest=a.manifest, output=a.output, timeout_s=a.timeout_s, retries=a.retries,
-                    backoff_s=a.backoff_s, workers=a.workers, max_bytes=a.max_bytes, storage_options=a.storage_options))
+                    backoff_s=a.backoff_s, workers=a.workers, max_bytes=a.max_bytes, storage_options=a.storage_options,
+                    allow_file_urls=a.allow_file_urls))
     return 0
 
 

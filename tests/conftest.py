@@ -69,7 +69,7 @@ def small_corpus(tmp_path_factory):
     write_corpus(str(root), seed=7, size="small")
     for split in ("train", "test"):
         fetch(FetchConfig(manifest=str(root / "fec" / f"faceexp-comparison-data-{split}-public.csv"),
-                          output=str(root / "fec")))
+                          output=str(root / "fec"), allow_file_urls=True))
     return root
 
 

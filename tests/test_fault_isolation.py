@@ -235,6 +235,9 @@ def test_no_secret_in_output_logs_or_files(tmp_path, s3, random_models):
     face_video(tmp_path / "v.mp4", seconds=1.0)
     fs.put(str(tmp_path / "v.mp4"), f"{bucket}/sec/in/v.mp4")
     fs.pipe(f"{bucket}/sec/in/broken.mp4", b"not a video")
+    # a manifest naming inputs with credentials inside (refused, and said so without them)
+    (tmp_path / "list.txt").write_text(f"s3://{key}:{secret}@{bucket}/sec/in/v.mp4\n"
+                                       f"s3://{key}:{leak[2]}@Bad_Bucket!/sec/in/v.mp4\n")
     ray_tmp = f"/tmp/aver-secret-{os.getpid()}"
     env = {"RAY_TMPDIR": ray_tmp, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
     endpoint = {"client_kwargs": {"endpoint_url": s3["endpoint"]}}
@@ -249,12 +252,15 @@ def test_no_secret_in_output_logs_or_files(tmp_path, s3, random_models):
                      f"s3://{bucket}/sec/scores", "--model", str(random_models), "--actors", "1",
                      "--cpus-per-actor", "0.5",
                      "--storage-options", json.dumps({**endpoint, "key": key, "secret": secret})], env=env),
+            run_job(["jobs/extract_faces.py", "--input", str(tmp_path / "list.txt"), "--output",
+                     str(tmp_path / "listed"), "--actors", "1", "--cpus-per-actor", "0.5"], env=env),
         ]
         for r in runs:
             assert r.returncode == 0, r.stderr[-3000:]
             for s in leak:
                 assert s not in r.stdout and s not in r.stderr
         assert "ok=1" in runs[0].stdout and "corrupt=1" in runs[0].stdout
+        assert "unsupported=2" in runs[2].stdout
         logs = [p for p in glob.glob(f"{ray_tmp}/**/*", recursive=True) if os.path.isfile(p)]
         assert any(p.endswith("ray-data.log") for p in logs)
         for p in logs:
@@ -262,9 +268,9 @@ def test_no_secret_in_output_logs_or_files(tmp_path, s3, random_models):
             for s in leak:
                 assert s.encode() not in data, p
         fs.get(f"{bucket}/sec/scores", str(tmp_path / "scores"), recursive=True)
-        outputs = [p for p in glob.glob(f"{tmp_path}/faces/**/*", recursive=True)
-                   + glob.glob(f"{tmp_path}/scores/**/*", recursive=True) if os.path.isfile(p)]
-        assert len(outputs) >= 6
+        outputs = [p for d in ("faces", "scores", "listed") for p in glob.glob(f"{tmp_path}/{d}/**/*", recursive=True)
+                   if os.path.isfile(p)]
+        assert len(outputs) >= 8
         for p in outputs:
             text = _strings_in_parquet(p) if p.endswith(".parquet") else open(p, "rb").read().decode("latin-1")
             for s in leak:

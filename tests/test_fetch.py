@@ -60,3 +60,17 @@ def test_fetch_serves_some_fails_others_and_reruns(tmp_path, server):
     before = dict(_Handler.hits)
     assert run(cfg)["ok"] == 4
     assert _Handler.hits["/ok/1.jpg"] == before["/ok/1.jpg"]  # already fetched: not downloaded again
+
+
+def test_file_urls_only_when_allowed(tmp_path):
+    secret = tmp_path / "private.jpg"
+    secret.write_bytes(b"\xff\xd8 a local file the manifest must not copy")
+    url = secret.as_uri()
+    (tmp_path / "fec.csv").write_text(f"{url},0,1,0,1,{url},0,1,0,1,{url},0,1,0,1,ONE_CLASS_TRIPLET,r1,1\n")
+    cfg = dict(manifest=str(tmp_path / "fec.csv"), output=str(tmp_path / "out"), retries=0)
+    assert run(FetchConfig(**cfg)) == {"ok": 0, "failed": 1, "rejected_rows": 0}
+    assert not (tmp_path / "out" / "images").exists()
+    status = pq.read_table(tmp_path / "out" / "fetch_status" / "fec.parquet").to_pylist()
+    assert "--allow-file-urls" in status[0]["error"]
+    assert run(FetchConfig(**cfg, allow_file_urls=True))["ok"] == 1
+    assert (tmp_path / "out" / "images" / fec_image_name(url)).read_bytes() == secret.read_bytes()

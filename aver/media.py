@@ -137,7 +137,8 @@ def list_inputs(uri: str, storage_options: dict | None = None,
     elif lower.endswith((".txt", ".lst", ".csv", ".parquet")) and fs.isfile(path):
         entries = _manifest_sources(uri, storage_options)
         sources = [s for s, _ in entries]
-        refusals = {s: why for s, why in entries if why}
+        allowed = {s for s, why in entries if not why}  # one file named twice: an allowed entry wins
+        refusals = {s: why for s, why in entries if why and s not in allowed}
         extensions = ()  # a manifest names its files: take them all, decoding decides
     elif fs.isdir(path):
         paths = [p for p in fs.find(path) if not os.path.basename(p).startswith(".")]

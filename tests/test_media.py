@@ -131,3 +131,81 @@ def test_archives_of_images(tmp_path, archive):
     assert len({i.item_id for i in items}) == 2
     for i in items:
         assert load_image(i.source).shape == (30, 40, 3)
+
+
+def test_manifest_entries_stay_in_their_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    for name in ("m/a.mp4", "outside.mp4", "elsewhere.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "m" / "list.txt").write_text(
+        f"a.mp4\n../outside.mp4\nsub/../a.mp4\n{tmp_path / 'elsewhere.mp4'}\ns3://KEY:SECRET@b/x.mp4\n")
+    items = {i.source.rsplit("/", 1)[-1]: i for i in list_inputs(str(tmp_path / "m" / "list.txt"))}
+    assert sorted(items) == ["a.mp4", "elsewhere.mp4", "outside.mp4", "x.mp4"]  # sub/../a.mp4 is a.mp4
+    assert items["a.mp4"].refusal is None
+    assert "climbs out" in items["outside.mp4"].refusal
+    assert items["elsewhere.mp4"].refusal is None  # a local manifest may name absolute paths
+    assert items["x.mp4"].refusal and "SECRET" not in items["x.mp4"].source
+
+
+def test_remote_manifest_names_only_its_own_store(tmp_path, s3):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3["options"])
+    fs.pipe(f"{s3['bucket']}/man/list.txt",
+            b"a.mp4\n/etc/passwd\nfile:///etc/hosts\ns3://other-bucket/b.mp4\nhttp://host/c.mp4\n")
+    items = {i.source: i.refusal for i in list_inputs(f"s3://{s3['bucket']}/man/list.txt", s3["options"])}
+    assert items[f"s3://{s3['bucket']}/man/a.mp4"] is None and items["s3://other-bucket/b.mp4"] is None
+    for refused in ("/etc/passwd", "file:///etc/hosts", "http://host/c.mp4"):
+        assert items[refused] and "may only name s3://" in items[refused]
+
+
+def test_rotated_video_is_turned_upright(tmp_path):
+    from tests.media_fixtures import _sideways_video
+
+    upright = _sideways_video(tmp_path / "phone.mp4")
+    with VideoReader(str(tmp_path / "phone.mp4")) as r:
+        frames = list(r.frames(fps=10))
+    assert frames[0].image.shape == upright[0].shape == (320, 240, 3)
+    assert np.abs(frames[0].image.astype(int) - upright[0]).mean() < 15  # codec noise only
+    assert np.abs(np.rot90(frames[0].image, 1).astype(int) - np.rot90(upright[0], 1)).mean() < 15
+
+
+def test_duration_and_size_come_from_what_decodes(tmp_path):
+    from tests.media_fixtures import _lying_mkv, _unknown_codec_avi
+
+    _lying_mkv(tmp_path / "long.mkv", real_s=1.0, claimed_s=36000.0)
+    with VideoReader(str(tmp_path / "long.mkv")) as r:
+        assert len(list(r.frames(fps=5))) == 5 and r.decoded_s == pytest.approx(1.0)
+    with VideoReader(str(tmp_path / "long.mkv"), max_duration_s=0.5) as r, pytest.raises(MediaError) as e:
+        list(r.frames(fps=5))
+    assert e.value.status == "too_large" and "decoded timestamps" in str(e.value)
+    with pytest.raises(MediaError) as e:
+        read_audio(str(tmp_path / "long.mkv"), max_duration_s=0.5)
+    assert e.value.status == "too_large"
+    write_video(str(tmp_path / "tiny.mp4"), (np.zeros((16, 16, 3), np.uint8) for _ in range(3)), 5)
+    with VideoReader(str(tmp_path / "tiny.mp4")) as r, pytest.raises(MediaError) as e:
+        list(r.frames(fps=5))
+    assert e.value.status == "unsupported" and "16x16" in str(e.value)
+    _unknown_codec_avi(tmp_path / "x.avi")
+    with pytest.raises(MediaError) as e:
+        VideoReader(str(tmp_path / "x.avi"))
+    assert e.value.status == "unsupported" and "no decoder" in str(e.value)
+
+
+def test_storage_faults_while_decoding_are_not_verdicts(tmp_path, monkeypatch):
+    import errno as _errno
+
+    path = face_video(tmp_path / "v.mp4", seconds=1.0)
+    data = open(path, "rb").read()
+
+    class Flaky(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > len(data) // 2:
+                raise OSError(_errno.EBUSY, "Service Unavailable")
+            return super().read(n)
+
+    monkeypatch.setattr("aver.media._open", lambda source, so: (Flaky(data), len(data)))
+    with pytest.raises(OSError) as e:
+        with VideoReader(str(path)) as r:
+            list(r.frames(fps=5))
+    assert not isinstance(e.value, MediaError) and e.value.errno == _errno.EBUSY

@@ -27,3 +27,29 @@ def test_atomic_write_local_and_s3(tmp_path, s3):
     uri = f"s3://{s3['bucket']}/x/b.bin"
     write_bytes_atomic(uri, b"world", s3["options"])
     assert read_bytes(uri, s3["options"]) == b"world"
+
+
+def test_split_credentials_moves_them_to_the_options():
+    from aver.storage import split_credentials
+
+    assert split_credentials("s3://bucket/k", {"anon": False}) == ("s3://bucket/k", {"anon": False})
+    uri, so = split_credentials("s3://AKIA1:ab/c+d@bucket/p/x.mp4", {"client_kwargs": {}})
+    assert uri == "s3://bucket/p/x.mp4" and so == {"client_kwargs": {}, "key": "AKIA1", "secret": "ab/c+d"}
+    assert split_credentials("s3://AKIA1:ab%2Fc@bucket/k")[1]["secret"] == "ab/c"
+    with pytest.raises(ValueError) as e:
+        split_credentials("https://user:topsecret99@host/x")
+    assert "topsecret99" not in str(e.value)
+    with pytest.raises(ValueError):
+        split_credentials("s3://AKIA1:other@bucket/k", {"secret": "different"})
+
+
+def test_redact_removes_registered_values_and_aws_environment(monkeypatch):
+    from aver.storage import register_secrets
+
+    register_secrets({"client_kwargs": {"aws_secret_access_key": "nested-secret-1"}, "anon": False,
+                      "endpoint_url": "http://127.0.0.1:9000"})
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-2")
+    text = redact("botocore said nested-secret-1 and env-secret-2 at http://127.0.0.1:9000")
+    assert "nested-secret-1" not in text and "env-secret-2" not in text
+    assert "http://127.0.0.1:9000" in text  # not a secret
+    assert redact("s3://KEY:raw/secret+x@bucket/k") == "s3://***@bucket/k"

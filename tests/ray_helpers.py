@@ -42,3 +42,65 @@ def kill_when(args: list[str], ready, timeout: float = 240) -> None:
                 pass
         proc.wait()
         time.sleep(1)
+
+
+def stop_ray_cluster(temp_dir: str) -> None:
+    """End the Ray cluster started with ``--temp-dir=temp_dir`` and only it: its processes name
+    the folder on their command line, and its workers are their children (``ray stop`` would end
+    every Ray process of the user)."""
+    import psutil
+
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid not in me and any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
+                roots.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    family = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            family.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for p in family.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(family.values()), timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def ray_cli(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_jobs_api(address: str, env: dict, timeout: float = 120) -> None:
+    """Poll (bounded) until the head's job API answers: right after `ray start` it may not yet."""
+    deadline = time.time() + timeout
+    while True:
+        r = ray_cli(["job", "list", "--address", address], env, timeout=60)
+        if r.returncode == 0:
+            return
+        if time.time() > deadline:
+            raise TimeoutError(f"the Ray head at {address} never accepted jobs: {(r.stdout + r.stderr)[-2000:]}")
+        time.sleep(2)
+
+
+def submit_job(address: str, env: dict, entrypoint: list[str], timeout: float = 360) -> subprocess.CompletedProcess:
+    """`ray job submit` that waits while the head has no job agent yet ("No available agent to
+    submit job"); nothing was submitted then, so trying again cannot run the job twice."""
+    deadline = time.time() + timeout
+    while True:
+        r = ray_cli(["job", "submit", "--address", address, "--", *entrypoint], env,
+                    timeout=max(30, deadline - time.time()))
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.time() > deadline - 60:
+            return r
+        time.sleep(3)

@@ -103,7 +103,7 @@ def test_describe_names_the_type_and_redacts():
     from aver.storage import register_secrets
 
     register_secrets({"secret": "hunter2hunter2"})
-    text = describe(OSError(f"cannot open s3://AKIA:pw/x+y@bucket/k with hunter2hunter2"))
+    text = describe(OSError("cannot open s3://AKIA:pw/x+y@bucket/k with hunter2hunter2"))
     assert text.startswith("OSError: ") and "hunter2hunter2" not in text and "pw/x+y" not in text
 
 

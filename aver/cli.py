@@ -44,9 +44,17 @@ def add_actor_args(p: argparse.ArgumentParser, *, what: str) -> None:
     g.add_argument("--gpus-per-actor", type=float, default=0.0,
                    help="GPU share per actor, e.g. 0.25 puts four on a GPU (default 0: CPU)")
     g.add_argument("--storage-options", type=json.loads, default={},
-                   help="fsspec options as JSON, e.g. '{\"anon\": false}'")
+                   help="fsspec options as JSON, e.g. '{\"anon\": false}' (under ray job submit, prefer "
+                        "credentials from the environment: the job API records the command line)")
+    g.add_argument("--io-retries", type=int, default=4,
+                   help="tries per input and per output write on transient storage faults (default 4)")
+    g.add_argument("--retry-backoff-s", type=float, default=1.0,
+                   help="delay before the second try, doubling each try (default 1)")
 
 
 def actor_kwargs(a: argparse.Namespace) -> dict:
+    from aver.faults import RetryPolicy
+
     return {"actors": a.actors, "cpus_per_actor": a.cpus_per_actor, "gpus_per_actor": a.gpus_per_actor,
-            "storage_options": a.storage_options}
+            "storage_options": a.storage_options,
+            "retry": RetryPolicy(attempts=a.io_retries, backoff_s=a.retry_backoff_s)}

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from aver.cli import actor_kwargs, add_actor_args
+from aver.media import MAX_DURATION_S
 from aver.extract import ExtractFacesConfig, run
 from aver.faces import FaceDetectorConfig
 
@@ -32,12 +33,15 @@ def parse_args(argv: list[str] | None = None) -> ExtractFacesConfig:
     p.add_argument("--batch-size", type=int, default=32, help="frames per MTCNN batch (default 32; raise on GPUs)")
     p.add_argument("--images-per-unit", type=int, default=256, help="images processed and written together (default 256)")
     p.add_argument("--max-bytes", type=int, default=20 * 2**30, help="inputs larger than this get status too_large")
+    p.add_argument("--max-duration-s", type=float, default=MAX_DURATION_S,
+                   help=f"inputs that decode longer than this get status too_large (default {MAX_DURATION_S:.0f})")
     add_actor_args(p, what="detector")
     a = p.parse_args(argv)
     detector = FaceDetectorConfig(image_size=a.image_size, margin=a.margin, min_face_size=a.min_face_size,
                                   min_prob=a.min_prob, detect_max_side=a.detect_max_side, batch_size=a.batch_size)
     return ExtractFacesConfig(input=a.input, output=a.output, fps=a.fps, detector=detector,
-                              images_per_unit=a.images_per_unit, max_bytes=a.max_bytes, **actor_kwargs(a))
+                              images_per_unit=a.images_per_unit, max_bytes=a.max_bytes,
+                             max_duration_s=a.max_duration_s, **actor_kwargs(a))
 
 
 def main(argv: list[str] | None = None) -> int:

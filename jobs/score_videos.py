@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from aver.cli import actor_kwargs, add_actor_args
+from aver.media import MAX_DURATION_S
 from aver.faces import FaceDetectorConfig
 from aver.score import ScoreVideosConfig, run
 
@@ -36,12 +37,15 @@ def parse_args(argv: list[str] | None = None) -> ScoreVideosConfig:
     p.add_argument("--detect-batch-size", type=int, default=32, help="frames per MTCNN batch (default 32)")
     p.add_argument("--batch-size", type=int, default=64, help="face crops per student batch, windows per fusion batch (default 64)")
     p.add_argument("--max-bytes", type=int, default=20 * 2**30, help="inputs larger than this get status too_large")
+    p.add_argument("--max-duration-s", type=float, default=MAX_DURATION_S,
+                   help=f"inputs that decode longer than this get status too_large (default {MAX_DURATION_S:.0f})")
     add_actor_args(p, what="scoring")
     a = p.parse_args(argv)
     detector = FaceDetectorConfig(margin=a.margin, min_prob=a.min_prob, batch_size=a.detect_batch_size)
     return ScoreVideosConfig(input=a.input, output=a.output, model=a.model, fps=a.fps, window_s=a.window_s,
                              hop_s=a.hop_s, all_faces=a.all_faces, detector=detector, batch_size=a.batch_size,
-                             max_bytes=a.max_bytes, **actor_kwargs(a))
+                             max_bytes=a.max_bytes,
+                             max_duration_s=a.max_duration_s, **actor_kwargs(a))
 
 
 def main(argv: list[str] | None = None) -> int:

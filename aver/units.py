@@ -92,7 +92,9 @@ def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, 
     n_items_done = 0
     if chunked:
         by_id = dict(chunked)
-        ledger = _read_ledger(output, so, sorted(u for u in done if u.startswith(prefix + "-")), id_column)
+        single_ids = {uid for uid, _ in singles}  # a video named "images-..." is no chunk
+        ledger = _read_ledger(output, so, sorted(u for u in done if u.startswith(prefix + "-") and u not in single_ids),
+                              id_column)
         seen: set[str] = set()
         for uid, rows in ledger.items():
             seen.update(rows)
@@ -110,7 +112,7 @@ def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, 
         planned = {u["unit_id"] for u in units}
         for folder in output_folders:
             for name in list_names(join(output, folder), so):
-                if name.startswith(prefix + "-") and name not in done and name not in planned:
+                if name.startswith(prefix + "-") and name not in done | planned | single_ids:
                     remove(join(output, folder, f"{name}.parquet"), so)
     return Plan(units, n_complete, n_items_done)
 

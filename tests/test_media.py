@@ -93,9 +93,26 @@ def test_list_inputs_folder_glob_manifest(tmp_path):
 
 
 def test_item_ids_are_stable_and_distinct():
-    assert item_id_for("/data/x/clip 1.mp4") == item_id_for("/data/x/clip 1.mp4")
     assert item_id_for("/data/x/clip 1.mp4") != item_id_for("/data/y/clip 1.mp4")
     assert item_id_for("/data/x/clip 1.mp4").startswith("clip_1-")
+
+
+def test_item_and_unit_ids_agree_across_processes():
+    # Guards against: ids from Python's salted hash() (or anything process-local): a rerun in a new
+    # process would name every item and chunk anew, redo them all and duplicate their rows.
+    import subprocess
+    import sys
+
+    from aver.units import chunk_id
+
+    code = ("from aver.media import item_id_for; from aver.units import chunk_id; "
+            "print(item_id_for('/data/x/clip 1.mp4'), item_id_for('s3://b/k/a.jpg'), chunk_id('images', ['b', 'a']))")
+    here = f"{item_id_for('/data/x/clip 1.mp4')} {item_id_for('s3://b/k/a.jpg')} {chunk_id('images', ['a', 'b'])}"
+    for seed in ("1", "2"):
+        env = {"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == here.split()
 
 
 def test_write_video_round_trip(tmp_path):

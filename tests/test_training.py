@@ -80,3 +80,40 @@ def test_prefix_store_shares_outputs_between_runs_by_image_content(tmp_path):
     assert torch.equal(again[:3], out)
     second.save()
     assert len(PrefixStore(str(tmp_path / "p"), "run3").rows) == 6
+
+
+def test_restore_continues_from_the_saved_model_optimizer_epoch_and_history(tmp_path, monkeypatch):
+    # Guards against: restore ignoring the checkpoint Ray offers after a failure (training again
+    # from epoch 0 with fresh weights and optimizer moments).
+    import ray.train
+
+    from aver.training import report_epoch, restore
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    saved = {}
+
+    class Context:
+        def get_world_rank(self):
+            return 0
+
+    def report(metrics, checkpoint=None):
+        saved["dir"] = checkpoint.to_directory(str(tmp_path / "ckpt"))
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: Context())
+    monkeypatch.setattr(ray.train, "report", report)
+    history = report_epoch(3, {"loss": 0.5}, model, opt, [{"epoch": 2, "loss": 0.7}])
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(saved["dir"]))
+    fresh = nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    start, restored = restore(fresh, fresh_opt)
+    assert start == 4 and restored == history == [{"epoch": 2, "loss": 0.7}, {"epoch": 3, "loss": 0.5}]
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    moments = [s["exp_avg"] for s in opt.state_dict()["state"].values()]
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, fresh_opt.state_dict()["state"].values()))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    assert restore(nn.Linear(3, 2), None) == (0, [])  # a first run starts at epoch 0

@@ -47,8 +47,18 @@ def test_outputs_and_frame_features():
     assert out.prediction.shape == (3,)
     assert (out.prediction.abs() < 1).all()
     assert frames.shape == (3, 60, 128)
-    # frame features average (before the MLP) to what the pooled path sees
+
+
+def test_frame_features_pool_frequency_only_and_keep_time_order():
+    # Guards against: frame_features pooling over time, max- instead of mean-pooling over
+    # frequency, or reversing time (each step must be the MLP of that step's frequency average).
+    torch.manual_seed(0)
+    model = VGGishEmotion(hidden_dim=64).eval()
+    mel = torch.randn(2, 1, 96, 128)
     with torch.no_grad():
-        pooled = model.features(mel).mean(dim=(2, 3))
-        per_step = model.features(mel).mean(dim=3).mean(dim=2)
-    assert torch.allclose(pooled, per_step, atol=1e-5)
+        frames = model.frame_features(mel)
+        conv = model.features(mel)  # [2, 512, 12, 16]: time 96 / 8, frequency 128 / 8
+        expected = torch.stack([model.embeddings(conv[:, :, t, :].mean(dim=-1)) for t in range(conv.shape[2])], 1)
+    assert frames.shape == (2, 12, 128)
+    assert torch.allclose(frames, expected, atol=1e-5)
+    assert not torch.allclose(frames, frames.flip(1), atol=1e-3)  # steps differ, so their order is checked

@@ -164,3 +164,33 @@ def test_distill_fec_manifest_dedupes_crops(tmp_path, teachers, ray_local):
     assert run(cfg) == {"ok": 2, "corrupt": 1}  # three unique crops, image 3 never fetched
     status = read_folder(str(tmp_path / "out" / "status")).to_pandas()
     assert sorted(status["status"]) == ["corrupt", "ok", "ok"]
+
+
+def test_shared_trunk_path_equals_two_separate_forwards(tmp_path):
+    # Guards against: the path real teachers take (one FaceNet trunk shared by both, run once)
+    # differing from running each teacher whole: wrong teacher order, heads fed the wrong tensor.
+    from aver.distill import TeacherPair
+
+    torch.manual_seed(0)
+    t1, t2 = Teacher(d_face=128).eval(), Teacher(d_face=256).eval()
+    t2.trunk.load_state_dict(t1.trunk.state_dict())
+    save_checkpoint(t1, str(tmp_path / "t1.pt"))
+    save_checkpoint(t2, str(tmp_path / "t2.pt"))
+    pair = TeacherPair(DistillConfig(input="x", teachers=(str(tmp_path / "t1.pt"), str(tmp_path / "t2.pt")),
+                                     output=str(tmp_path / "out")))
+    assert pair.shared_trunk
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (140, 140, 3), dtype=np.uint8) for _ in range(3)]
+    got = pair.targets(images)
+    assert np.allclose(got, _expected_targets((t1, t2), images), atol=1e-5)
+    swapped = _expected_targets((t2, t1), images)
+    assert not np.allclose(got[:, :32], swapped[:, :32], atol=1e-3)  # the teachers' order matters
+
+
+def test_preprocess_keeps_rgb_order():
+    # Guards against: BGR/RGB swaps (a grey image cannot tell): a red crop stays red in channel 0.
+    red = np.zeros((140, 140, 3), np.uint8)
+    red[..., 0] = 255
+    x = preprocess([red], torch.device("cpu"))
+    assert torch.allclose(x[0, 0], torch.full((140, 140), 127.5 / 128))
+    assert torch.allclose(x[0, 2], torch.full((140, 140), -127.5 / 128))

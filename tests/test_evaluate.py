@@ -66,3 +66,49 @@ def test_students_sharing_a_prefix_are_embedded_as_if_alone():
             assert np.allclose(out[name]["j"], model(to_student_input(images[1:])).fec.numpy(), atol=1e-5)
     assert not np.allclose(out["a"]["i"], out["b"]["i"])
     assert labels[0].tolist() == [0, 1]
+
+
+def test_evaluate_against_known_answers_and_an_independent_forward(small_corpus, tmp_path, ray_local):
+    # Guards against: evaluate scoring the wrong FEC pair, or swapping the arousal and valence
+    # columns. FEC: every test triplet is rewritten so that its annotated pair is one picture twice,
+    # so the right pair is always the closest (accuracy exactly 1) and any other never is (0).
+    # RECOLA: CCC per column of a direct forward of the fusion model over the same windows.
+    import csv
+
+    import numpy as np
+
+    from aver.metrics import ccc
+    from aver.models import load_checkpoint
+    from aver.train_fusion import session_windows
+
+    data = tmp_path / "data"
+    (data / "fec").mkdir(parents=True)
+    for sub in ("affectnet", "recola"):
+        (data / sub).symlink_to(small_corpus / sub)
+    (data / "fec" / "images").symlink_to(small_corpus / "fec" / "images")
+    name = "faceexp-comparison-data-test-public.csv"
+    with open(small_corpus / "fec" / name) as f, open(data / "fec" / name, "w", newline="") as out:
+        for row in csv.reader(f):
+            row[5:10] = row[0:5]  # image 2 := image 1
+            csv.writer(out).writerow(row[:16] + ["rater", "3"])  # image 3 is the odd one
+    torch.manual_seed(1)
+    models = tmp_path / "models"
+    save_checkpoint(Student(), str(models / "student.pt"))
+    save_checkpoint(VGGishEmotion(), str(models / "vggish_arousal.pt"))
+    save_checkpoint(VGGishEmotion(), str(models / "vggish_valence.pt"))
+    save_checkpoint(FusionModel(1920, 256), str(models / "fusion.pt"))
+    metrics = run(EvaluateConfig(models=str(models), data=str(data), output=str(tmp_path / "eval"), window_s=4.8))
+    assert metrics["fec_triplet_accuracy"] == 1.0
+    c = {"recola": str(data / "recola"), "student": str(models / "student.pt"),
+         "vggish_arousal": str(models / "vggish_arousal.pt"), "vggish_valence": str(models / "vggish_valence.pt"),
+         "window_s": 4.8, "hop_s": 0.4, "target_s": 0.4, "fps": 5.0, "storage_options": {}, "featurizer_cpus": 1.0}
+    windows = session_windows(c, "dev").to_pandas()
+    fusion, _ = load_checkpoint(str(models / "fusion.pt"))
+    with torch.no_grad():
+        pred = fusion(torch.from_numpy(np.stack(windows["visual"]).astype(np.float32)),
+                      torch.from_numpy(np.stack(windows["audio"]).astype(np.float32))).numpy()
+    target = np.stack(windows["target"])
+    expected = {"arousal": ccc(target[:, 0], pred[:, 0]), "valence": ccc(target[:, 1], pred[:, 1])}
+    assert abs(expected["arousal"] - expected["valence"]) > 1e-3  # a swap would show
+    for dim in ("arousal", "valence"):
+        assert metrics["ccc"][dim]["fused"] == pytest.approx(expected[dim], abs=1e-5)

@@ -66,6 +66,17 @@ def test_tracker_picks_persistent_face_not_largest_once():
     assert tr.primary() != ids[0][0]
 
 
+def test_tracker_primary_is_the_larger_of_two_faces_always_there():
+    # Guards against: a primary track chosen by first appearance, count alone or the smaller face.
+    tr = FaceTracker()
+    small = Detection(np.array([10, 50, 50, 90.0]), 0.99)
+    large = Detection(np.array([200, 20, 300, 120.0]), 0.95)
+    for step in range(6):
+        ids = tr.update(step, [small, large] if step % 2 else [large, small])
+    assert tr.primary() == ids[1 if step % 2 else 0]
+    assert sorted(len(t.frames) for t in tr.tracks) == [6, 6]
+
+
 def test_tracker_starts_new_track_after_gap_or_jump():
     tr = FaceTracker(max_gap=2)
     a = tr.update(0, [Detection(np.array([0, 0, 50, 50.0]), 0.99)])[0]
@@ -86,3 +97,15 @@ def test_config_validation():
         FaceDetectorConfig(min_prob=2)
     with pytest.raises(ValueError):
         FaceDetectorConfig(batch_size=0)
+
+
+def test_crops_keep_rgb_order(detector):
+    # Guards against: BGR/RGB swaps in detection or cropping (grey test images cannot tell).
+    img, region = _scene(320, 240, 40, 60)
+    img = img.copy()
+    img[..., 0] = np.clip(img[..., 0].astype(int) + 80, 0, 255)  # a red cast over everything
+    img[..., 2] = img[..., 2] // 2
+    (det,) = detector.detect([img])[0][:1]
+    crop = np.asarray(Image.open(io.BytesIO(detector.crop(img, det.box))).convert("RGB")).astype(float)
+    r, g, b = crop[..., 0].mean(), crop[..., 1].mean(), crop[..., 2].mean()
+    assert r > g + 30 and g > b

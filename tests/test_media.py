@@ -72,6 +72,8 @@ def test_load_image_normalises_modes(tmp_path, mode):
     assert out.shape == (40, 50, 3) and out.dtype == np.uint8
     if mode in ("L", "I;16"):
         assert np.array_equal(out[..., 0], np.asarray(Image.fromarray(rgb).convert("L")))
+    if mode == "RGB":
+        assert np.array_equal(out, rgb)  # channel order kept (a colour image: grey could not tell)
 
 
 def test_list_inputs_folder_glob_manifest(tmp_path):

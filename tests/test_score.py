@@ -3,6 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from aver.outputs import read_folder
 from aver.score import ScoreVideosConfig, run
@@ -133,3 +134,48 @@ def test_all_faces_scores_every_track_and_the_default_only_the_primary(tmp_path,
     same = every[every["track_id"] == primary].reset_index(drop=True)
     assert np.allclose(same["arousal"], one["arousal"].reset_index(drop=True), atol=1e-6)
     assert (every["modality"] == "audio+visual").all()
+
+
+def _direct_audio_scores(wav: str, models, ends, model_file: str, window_s=9.6):
+    """What score_videos must write for an audio-only input, computed without its code: log-mel ->
+    both VGGish networks' frame features (0.32 s steps) -> the window ending at each step,
+    resampled by nearest index to 30 steps -> the fusion model with no visual input."""
+    from aver.audio import log_mel
+    from aver.media import read_audio
+    from aver.models import load_checkpoint
+
+    mel = log_mel(torch.from_numpy(read_audio(wav)), 16000)[None, None]
+    with torch.no_grad():
+        feats = torch.cat([load_checkpoint(str(models / f"vggish_{d}.pt"))[0].eval().frame_features(mel)[0]
+                           for d in ("arousal", "valence")], dim=1).numpy()
+        fusion = load_checkpoint(str(models / model_file))[0].eval()
+        times = np.arange(len(feats)) * 0.32
+        out = []
+        for end in ends:
+            inside = np.where((times >= max(0.0, end - window_s) - 1e-6) & (times < end - 1e-6))[0]
+            pick = inside[np.minimum(np.arange(30) * len(inside) // 30, len(inside) - 1)]
+            audio = torch.from_numpy(feats[pick][None].astype(np.float32))
+            out.append(fusion(torch.zeros(1, 48, 1920), audio)[0].numpy())
+    return np.array(out)
+
+
+def test_audio_rows_equal_a_direct_forward_and_the_fallback_zeroes_the_missing_face(
+        tmp_path, small_corpus, random_models, ray_local):
+    # Guards against: arousal and valence swapped in the output, the wrong window for a row, and a
+    # one-modality fallback (no fusion_audio.pt) that does anything but zero the visual input.
+    (tmp_path / "in").mkdir()
+    shutil.copy(small_corpus / "archive" / "podcast.wav", tmp_path / "in" / "podcast.wav")
+    partial = tmp_path / "models"
+    shutil.copytree(random_models, partial)
+    (partial / "fusion_audio.pt").unlink()
+    for models, model_file in ((random_models, "fusion_audio.pt"), (partial, "fusion.pt")):
+        out = tmp_path / f"out-{model_file}"
+        run(ScoreVideosConfig(input=str(tmp_path / "in"), output=str(out), model=str(models), cpus_per_actor=0.5,
+                              actors=1))
+        rows = read_folder(str(out / "scores")).to_pandas().sort_values("t_end_s")
+        assert (rows["modality"] == "audio").all() and len(rows) == 30
+        expected = _direct_audio_scores(str(tmp_path / "in" / "podcast.wav"), models, rows["t_end_s"].to_numpy(),
+                                        model_file)
+        assert np.allclose(rows["arousal"], expected[:, 0], atol=1e-4)
+        assert np.allclose(rows["valence"], expected[:, 1], atol=1e-4)
+        assert not np.allclose(expected[:, 0], expected[:, 1], atol=1e-3)

@@ -23,7 +23,13 @@ def test_two_workers_survive_a_mid_epoch_failure_and_resume(small_corpus, tmp_pa
     cfg = _cfg(small_corpus, tmp_path, num_workers=2, fail_at=(1, 1), max_failures=1)
     history = run(cfg)
     assert [h["epoch"] for h in history] == [0, 1]
-    assert (tmp_path / "runs" / "teacher128" / "injected_failure").exists()  # the failure did happen
+    marker = tmp_path / "runs" / "teacher128" / "injected_failure"
+    assert marker.exists()  # the failure did happen (epoch 1, step 1)
+    # Guards against: a restart that drops Ray's checkpoint and trains from epoch 0 again. The kept
+    # checkpoint of epoch 0 predates the failure: epoch 0 was trained once, epoch 1 resumed from it.
+    saved = {torch.load(p, weights_only=True)["epoch"]: p.stat().st_mtime
+             for p in (tmp_path / "runs" / "teacher128").glob("checkpoint_*/state.pt")}
+    assert sorted(saved) == [0, 1] and saved[0] < marker.stat().st_mtime < saved[1]
     model, meta = load_checkpoint(cfg.model_uri)
     assert isinstance(model, Teacher) and model.config.d_face == 128
     assert json.loads(meta["history"]) == history == load_history(cfg)

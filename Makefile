@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench mutate clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: setup
 
 bench: setup
 	$(PY) jobs/bench.py
+
+mutate: setup
+	$(PY) tests/mutation.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

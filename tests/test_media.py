@@ -1,4 +1,5 @@
 import io
+import os
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def test_item_and_unit_ids_agree_across_processes():
             "print(item_id_for('/data/x/clip 1.mp4'), item_id_for('s3://b/k/a.jpg'), chunk_id('images', ['b', 'a']))")
     here = f"{item_id_for('/data/x/clip 1.mp4')} {item_id_for('s3://b/k/a.jpg')} {chunk_id('images', ['a', 'b'])}"
     for seed in ("1", "2"):
-        env = {"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"}
+        env = dict(os.environ, PYTHONHASHSEED=seed)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == here.split()

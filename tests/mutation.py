@@ -1,0 +1,217 @@
+"""Does the suite catch what it claims to? Bugs are planted in a copy of the repository, one at a
+time, and the tests that guard the code are run against each: a bug they let through survives.
+
+  python tests/mutation.py --planted            # the known bugs (issue 12's table and more)
+  python tests/mutation.py --generic            # operator/constant mutants of the core modules
+  python tests/mutation.py --generic --only aver/losses.py --max-per-module 10
+
+``make mutate`` runs both. Survivors are listed at the end and in docs/testing.md with what was
+done about each. The copy is a temporary folder; nothing here touches the working tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (file, text to replace, replacement, tests that must fail)
+PLANTED = {
+    "frame_features max-pools frequency and reverses time": (
+        "aver/models/vggish.py", "x = self.features(mel).mean(dim=3).transpose(1, 2)",
+        "x = self.features(mel).amax(dim=3).flip(2).transpose(1, 2)", ["tests/models/test_vggish.py"]),
+    "item ids from the salted hash()": (
+        "aver/media.py", "hashlib.sha1(canonical.encode()).hexdigest()[:10]",
+        'format(hash(canonical) & 0xFFFFFFFFFF, "010x")', ["tests/test_media.py", "-k", "ids"]),
+    "chunk ids from the salted hash()": (
+        "aver/units.py", 'hashlib.sha1(chr(10).join(sorted(ids)).encode()).hexdigest()[:16]',
+        'format(hash(chr(10).join(sorted(ids))) & 0xFFFFFFFFFFFFFFFF, "016x")',
+        ["tests/test_media.py", "-k", "ids"]),
+    "restore drops the checkpoint Ray offers": (
+        "aver/training.py", "ckpt = ray.train.get_checkpoint()", "ckpt = None",
+        ["tests/test_training.py", "-k", "restore"]),
+    "evaluate swaps arousal and valence": (
+        "aver/evaluate.py", 'out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 0])',
+        'out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 1])',
+        ["tests/test_evaluate.py", "-k", "known_answers"]),
+    "evaluate scores the wrong FEC pair": (
+        "aver/evaluate.py", 'triplet_accuracy(e[name]["i"], e[name]["j"], e[name]["k"])',
+        'triplet_accuracy(e[name]["i"], e[name]["k"], e[name]["j"])',
+        ["tests/test_evaluate.py", "-k", "known_answers"]),
+    "a module-level ray.init() in aver/units.py": (
+        "aver/units.py", 'log = logging.getLogger("aver")\n',
+        'log = logging.getLogger("aver")\nimport ray\nray.init(num_cpus=1, include_dashboard=False)\n',
+        ["tests/test_import.py"]),
+    "score_videos swaps its arousal and valence columns": (
+        "aver/score.py", 'rows[i]["arousal"], rows[i]["valence"] = float(a), float(v)',
+        'rows[i]["arousal"], rows[i]["valence"] = float(v), float(a)', ["tests/test_score.py", "-k", "direct"]),
+    "the one-modality fallback feeds the face zeros the wrong way": (
+        "aver/score.py", "np.zeros((tv, 1920), np.float32)", "np.ones((tv, 1920), np.float32)",
+        ["tests/test_score.py", "-k", "direct"]),
+    "the primary track is the smallest face": (
+        "aver/faces.py", "return max(self.tracks, key=lambda t: t.score).track_id",
+        "return min(self.tracks, key=lambda t: t.score).track_id", ["tests/test_faces.py", "-k", "tracker"]),
+    "distill's shared trunk feeds the teachers in the wrong order": (
+        "aver/distill.py", "out = [t(trunk, after=\"trunk\") for t in self.teachers]",
+        "out = [t(trunk, after=\"trunk\") for t in self.teachers[::-1]]",
+        ["tests/test_distill.py", "-k", "shared_trunk"]),
+    "crops in BGR": (
+        "aver/faces.py", "return np.asarray(Image.fromarray(_as_rgb(image)).crop(region)",
+        "return np.asarray(Image.fromarray(_as_rgb(image)[..., ::-1].copy()).crop(region)",
+        ["tests/test_faces.py", "-k", "rgb"]),
+    "a transient fault recorded as corrupt": (
+        "aver/faults.py", '    if is_transient(exc):\n        return "failed"\n', "",
+        ["tests/test_faults.py"]),
+    "chunks named by position": (
+        "aver/units.py", "units.append({\"unit_id\": chunk_id(prefix, ids),",
+        "units.append({\"unit_id\": f\"{prefix}-{start // per_unit:06d}\",",
+        ["tests/test_fault_isolation.py", "-k", "adding"]),
+}
+
+# module -> the tests that guard it (for the generic pass)
+GUARDS = {
+    "aver/losses.py": ["tests/test_losses.py"],
+    "aver/metrics.py": ["tests/test_metrics.py"],
+    "aver/audio.py": ["tests/test_audio.py"],
+    "aver/models/fusion.py": ["tests/models/test_fusion.py"],
+    "aver/models/vggish.py": ["tests/models/test_vggish.py"],
+    "aver/faults.py": ["tests/test_faults.py"],
+    "aver/storage.py": ["tests/test_storage.py"],
+    "aver/features.py": ["tests/test_train_fusion.py", "-k", "window_slices"],
+    "aver/units.py": ["tests/test_media.py", "-k", "ids", "tests/test_fault_isolation.py", "-k",
+                      "adding or transient"],
+}
+
+_SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
+          ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+          ast.NotEq: ast.Eq, ast.And: ast.Or, ast.Or: ast.And, ast.Pow: ast.Mult}
+
+
+def _mutants(source: str):
+    """(line, description, mutated source) for each operator swap and constant change in functions."""
+    tree = ast.parse(source)
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Module)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    in_function = set()
+    for f in ast.walk(tree):
+        if isinstance(f, ast.FunctionDef):
+            in_function.update(id(n) for n in ast.walk(f))
+    targets = []
+    for node in ast.walk(tree):
+        if id(node) not in in_function or id(node) in docstrings:
+            continue
+        if isinstance(node, (ast.BinOp, ast.BoolOp)) and type(node.op) in _SWAPS:
+            targets.append((node, "op", None))
+        elif isinstance(node, ast.Compare) and type(node.ops[0]) in _SWAPS:
+            targets.append((node, "cmp", None))
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float) and not isinstance(node.value, bool):
+            targets.append((node, "const", None))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            targets.append((node, "bool", None))
+    for node, kind, _ in targets:
+        old = None
+        if kind == "op":
+            old, node.op = node.op, _SWAPS[type(node.op)]()
+            what = f"{type(old).__name__} -> {type(node.op).__name__}"
+        elif kind == "cmp":
+            old = node.ops[0]
+            node.ops[0] = _SWAPS[type(old)]()
+            what = f"{type(old).__name__} -> {type(node.ops[0]).__name__}"
+        elif kind == "const":
+            old = node.value
+            node.value = old + 1 if isinstance(old, int) else old * 2 + 0.5
+            what = f"{old!r} -> {node.value!r}"
+        else:
+            old, node.value = node.value, not node.value
+            what = f"{old} -> {node.value}"
+        mutated = ast.unparse(tree)
+        if kind == "op":
+            node.op = old
+        elif kind == "cmp":
+            node.ops[0] = old
+        else:
+            node.value = old
+        yield node.lineno, what, mutated
+
+
+def _run_tests(copy: str, tests: list[str], timeout: float) -> bool:
+    """True when the tests fail (the mutant is killed)."""
+    env = dict(os.environ, PYTHONPATH=copy, PYTHONDONTWRITEBYTECODE="1")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                           cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return True  # a mutant that hangs the tests is caught by their timeouts
+    return r.returncode != 0
+
+
+def _copy() -> str:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    dest = tempfile.mkdtemp(prefix="aver-mutants-")
+    for f in files:
+        os.makedirs(os.path.join(dest, os.path.dirname(f)), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, f), os.path.join(dest, f))
+    return dest
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--planted", action="store_true", help="run the named planted bugs")
+    p.add_argument("--generic", action="store_true", help="run operator/constant mutants of the core modules")
+    p.add_argument("--only", nargs="*", default=None, help="modules (generic) or bug names (planted) to run")
+    p.add_argument("--max-per-module", type=int, default=25, help="mutants per module, evenly spread (default 25)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per test run (default 600)")
+    a = p.parse_args()
+    if not (a.planted or a.generic):
+        a.planted = a.generic = True
+    copy = _copy()
+    survivors, total = [], 0
+    try:
+        jobs = []
+        if a.planted:
+            for name, (path, old, new, tests) in PLANTED.items():
+                if a.only and name not in a.only:
+                    continue
+                text = open(os.path.join(copy, path)).read()
+                if old not in text:
+                    raise SystemExit(f"planted bug {name!r}: {old!r} is no longer in {path}; update tests/mutation.py")
+                jobs.append((f"planted: {name}", path, text.replace(old, new, 1), tests))
+        if a.generic:
+            for path, tests in GUARDS.items():
+                if a.only and path not in a.only:
+                    continue
+                mutants = list(_mutants(open(os.path.join(copy, path)).read()))
+                step = max(1, len(mutants) // a.max_per_module)
+                for line, what, text in mutants[::step][:a.max_per_module]:
+                    jobs.append((f"{path}:{line} {what}", path, text, tests))
+        for tests in {tuple(t) for *_, t in jobs}:  # the unmutated copy must pass, or every mutant looks killed
+            if _run_tests(copy, list(tests), a.timeout):
+                raise SystemExit(f"the tests {' '.join(tests)} fail without any mutant: fix them first")
+        for label, path, text, tests in jobs:
+            original = open(os.path.join(copy, path)).read()
+            with open(os.path.join(copy, path), "w") as f:
+                f.write(text)
+            t = time.time()
+            killed = _run_tests(copy, tests, a.timeout)
+            with open(os.path.join(copy, path), "w") as f:
+                f.write(original)
+            total += 1
+            print(f"{'killed  ' if killed else 'SURVIVED'} {label} ({time.time() - t:.0f} s)", flush=True)
+            if not killed:
+                survivors.append(label)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    print(f"\n{total - len(survivors)} of {total} mutants killed; survivors:" + "".join(f"\n  {s}" for s in survivors))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

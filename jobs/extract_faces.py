@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> ExtractFacesConfig:
                                   min_prob=a.min_prob, detect_max_side=a.detect_max_side, batch_size=a.batch_size)
     return ExtractFacesConfig(input=a.input, output=a.output, fps=a.fps, detector=detector,
                               images_per_unit=a.images_per_unit, max_bytes=a.max_bytes,
-                             max_duration_s=a.max_duration_s, **actor_kwargs(a))
+                              max_duration_s=a.max_duration_s, **actor_kwargs(a))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,8 +44,7 @@ def parse_args(argv: list[str] | None = None) -> ScoreVideosConfig:
     detector = FaceDetectorConfig(margin=a.margin, min_prob=a.min_prob, batch_size=a.detect_batch_size)
     return ScoreVideosConfig(input=a.input, output=a.output, model=a.model, fps=a.fps, window_s=a.window_s,
                              hop_s=a.hop_s, all_faces=a.all_faces, detector=detector, batch_size=a.batch_size,
-                             max_bytes=a.max_bytes,
-                             max_duration_s=a.max_duration_s, **actor_kwargs(a))
+                             max_bytes=a.max_bytes, max_duration_s=a.max_duration_s, **actor_kwargs(a))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,9 +94,7 @@ def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``1 - CCC`` per output column (Eq. 1, population statistics), averaged over columns."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    p, t = pred.float(), target.float()
-    if p.ndim == 1:
-        p, t = p[:, None], t[:, None]
+    p, t = pred.float(), target.float()  # [B] or [B, columns]: statistics over dim 0 either way
     mp, mt = p.mean(0), t.mean(0)
     cov = ((p - mp) * (t - mt)).mean(0)
     ccc = 2 * cov / (p.var(0, unbiased=False) + t.var(0, unbiased=False) + (mp - mt).pow(2) + 1e-8)

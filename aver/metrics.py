@@ -19,8 +19,8 @@ def ccc(y_true, y_pred) -> float:
         raise ValueError(f"ccc needs two non-empty arrays of one length, got {t.size} and {p.size}")
     mt, mp = t.mean(), p.mean()
     denom = t.var() + p.var() + (mt - mp) ** 2
-    if denom == 0:
-        return 1.0 if np.array_equal(t, p) else 0.0
+    if denom == 0:  # both constant and equal: perfect agreement
+        return 1.0
     return float(2 * ((t - mt) * (p - mp)).mean() / denom)
 
 

@@ -72,8 +72,6 @@ class Plan:
     """``{"unit_id", "items": [...], "retry": bool}`` to process now."""
     n_complete: int
     """Units already complete (skipped)."""
-    n_items_done: int = 0
-    """Items of chunked inputs whose status is final already."""
 
 
 def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, dict]],
@@ -89,7 +87,6 @@ def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, 
     units = [{"unit_id": uid, "items": [item], "retry": uid in retry} for uid, item in singles
              if uid not in done or uid in retry]
     n_complete = sum(1 for uid, _ in singles if uid in done and uid not in retry)
-    n_items_done = 0
     if chunked:
         by_id = dict(chunked)
         single_ids = {uid for uid, _ in singles}  # a video named "images-..." is no chunk
@@ -99,11 +96,10 @@ def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, 
         for uid, rows in ledger.items():
             seen.update(rows)
             redo = [by_id[i] for i, st in rows.items() if st in RETRIED and i in by_id]
-            if uid in retry and redo:
+            if redo:  # its ledger says some items failed: the rerun does them (the marker says so too)
                 units.append({"unit_id": uid, "items": redo, "retry": True})
             else:
                 n_complete += 1
-            n_items_done += sum(st not in RETRIED for st in rows.values())
         new = sorted(i for i in by_id if i not in seen)
         for start in range(0, len(new), per_unit):
             ids = new[start:start + per_unit]
@@ -114,7 +110,7 @@ def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, 
             for name in list_names(join(output, folder), so):
                 if name.startswith(prefix + "-") and name not in done | planned | single_ids:
                     remove(join(output, folder, f"{name}.parquet"), so)
-    return Plan(units, n_complete, n_items_done)
+    return Plan(units, n_complete)
 
 
 def _read_ledger(output: str, so, names: list[str], id_column: str) -> dict[str, dict[str, str]]:

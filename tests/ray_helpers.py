@@ -14,6 +14,23 @@ def run_job(args: list[str], timeout: float = 240, env: dict | None = None) -> s
                           timeout=timeout)
 
 
+def kill_midway(args: list[str], output, total: int, timeout: float = 240, tries: int = 3) -> int:
+    """Start a job writing to ``output`` and SIGKILL it once 1 of ``total`` units is complete;
+    returns how many were complete. A kill that lands too late (all complete: a busy machine) is
+    tried again on a fresh output, so the test never depends on when the kill lands."""
+    import shutil
+
+    status = os.path.join(str(output), "status")
+    done = lambda: len([p for p in os.listdir(status) if p.endswith(".parquet") and not p.startswith(".")]) \
+        if os.path.isdir(status) else 0  # noqa: E731
+    for _ in range(tries):
+        shutil.rmtree(str(output), ignore_errors=True)
+        kill_when([*args, "--output", str(output)], lambda: done() >= 1, timeout=timeout)
+        if 1 <= done() < total:
+            return done()
+    raise AssertionError(f"the kill never landed midway in {tries} tries")
+
+
 def kill_when(args: list[str], ready, timeout: float = 240) -> None:
     """Start a job and SIGKILL its whole process group (driver and local Ray) once ``ready()``."""
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),

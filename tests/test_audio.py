@@ -83,3 +83,18 @@ def test_segment_shapes_and_padding():
     assert torch.allclose(padded[2, 0, 40:], torch.full((440, 4), math.log(0.01)))
     assert segment(mel, 480, hop=240).shape == (3, 1, 480, 4)
     assert segment(mel[:100], 480).shape == (0, 1, 480, 4)
+
+
+def test_log_mel_accepts_f_max_at_nyquist():
+    x = torch.randn(16000)
+    assert log_mel(x, 16000, f_max=8000).shape == (25, 128)
+    with pytest.raises(ValueError):
+        log_mel(x, 16000, f_max=8001)
+
+
+def test_segment_pads_the_tail_to_one_last_segment_only():
+    mel = torch.arange(12.0)[:, None].repeat(1, 4)  # 12 frames, 4 mel bins
+    seg = segment(mel, 4, hop=3, pad_last=True)  # starts 0, 3, 6, 9: the last one is 3 frames + 1 pad
+    assert seg.shape == (4, 1, 4, 4)
+    assert seg[-1, 0, :3, 0].tolist() == [9.0, 10.0, 11.0]
+    assert seg[-1, 0, 3, 0].item() == pytest.approx(math.log(0.01))

@@ -8,7 +8,7 @@ import io
 from aver.extract import ExtractFacesConfig, run
 from aver.outputs import read_folder
 from tests.media_fixtures import bad_input_corpus, face_patch, face_video
-from tests.ray_helpers import kill_when, run_job
+from tests.ray_helpers import kill_midway, run_job
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -67,11 +67,7 @@ def test_killed_job_rerun_equals_uninterrupted(tmp_path):
     args = ["jobs/extract_faces.py", "--input", str(tmp_path / "in"), "--cpus-per-actor", "0.5", "--actors", "1"]
     clean = run_job(args + ["--output", str(tmp_path / "clean")])
     assert clean.returncode == 0, clean.stderr[-3000:]
-    status_dir = tmp_path / "killed" / "status"
-    done = lambda: status_dir.exists() and len([p for p in status_dir.iterdir() if not p.name.startswith(".")]) >= 2  # noqa: E731
-    kill_when(args + ["--output", str(tmp_path / "killed")], done)
-    n_done = len(list(status_dir.glob("*.parquet")))
-    assert 2 <= n_done < 8, f"kill landed after {n_done} of 8 videos"
+    n_done = kill_midway(args, tmp_path / "killed", 8)
     rerun = run_job(args + ["--output", str(tmp_path / "killed")])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{n_done} units already complete" in rerun.stdout

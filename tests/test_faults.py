@@ -35,6 +35,7 @@ def _s3fs_error(code: str, http: int):
     (ValueError("Protocol not known: foo"), "unsupported"),
     (ZeroDivisionError("a bug"), "error"),
     (KeyError("x"), "error"),
+    (ValueError("a bug with a bad value"), "error"),
 ])
 def test_classify(exc, status):
     assert classify(exc) == status
@@ -110,3 +111,18 @@ def test_describe_names_the_type_and_redacts():
 def test_media_error_takes_content_statuses_only():
     with pytest.raises(ValueError):
         MediaError("failed", "a transient fault is not a verdict about the content")
+
+
+def test_http_faults_of_fetches():
+    import urllib.error
+
+    assert is_transient(urllib.error.URLError("timed out"))
+    for code, transient in ((500, True), (503, True), (429, True), (408, True), (404, False), (403, False)):
+        assert is_transient(urllib.error.HTTPError("http://x", code, "m", {}, None)) is transient, code
+
+
+def test_retry_policy_validation():
+    for bad in ({"attempts": 0}, {"backoff_s": -1.0}, {"max_backoff_s": -1.0}):
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
+    assert RetryPolicy(attempts=1, backoff_s=0.0, max_backoff_s=0.0).delay(5) == 0.0

@@ -58,3 +58,14 @@ def test_balanced_logreg_accuracy_on_imbalanced_blobs():
     assert balanced_logreg_accuracy(x[y != 7][:-1].tolist() + [x[y == 7][0]], y[y != 7][:-1].tolist() + [7], xt, yt) > 0.9
     # Random features give chance-level accuracy: the metric is not trivially high.
     assert balanced_logreg_accuracy(rng.standard_normal(x.shape), y, rng.standard_normal(xt.shape), yt) < 0.3
+
+
+def test_triplet_accuracy_counts_a_tie_as_a_miss():
+    # the annotated pair must be strictly the closest: here i is as far from j as from k
+    e_i, e_j, e_k = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]), np.array([[0.0, -1.0]])
+    assert triplet_accuracy(e_i, e_j, e_k) == 0.0
+
+
+def test_ccc_of_equal_constants_is_one():
+    assert ccc(np.full(5, 0.3), np.full(5, 0.3)) == 1.0
+    assert ccc(np.full(5, 0.3), np.full(5, -0.3)) == 0.0

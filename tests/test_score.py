@@ -7,7 +7,7 @@ import torch
 
 from aver.outputs import read_folder
 from aver.score import ScoreVideosConfig, run
-from tests.ray_helpers import kill_when, run_job
+from tests.ray_helpers import kill_midway, run_job
 
 pytestmark = pytest.mark.timeout(500)
 
@@ -78,11 +78,7 @@ def test_killed_job_rerun_equals_uninterrupted(tmp_path, small_corpus, random_mo
             "--actors", "1"]
     clean = run_job(args + ["--output", str(tmp_path / "clean")], timeout=300)
     assert clean.returncode == 0, clean.stderr[-3000:]
-    status_dir = tmp_path / "killed" / "status"
-    done = lambda: status_dir.exists() and len([p for p in status_dir.iterdir() if not p.name.startswith(".")]) >= 2  # noqa: E731
-    kill_when(args + ["--output", str(tmp_path / "killed")], done, timeout=300)
-    n_done = len(list(status_dir.glob("*.parquet")))
-    assert 2 <= n_done < 6, f"kill landed after {n_done} of 6 inputs"
+    n_done = kill_midway(args, tmp_path / "killed", 6, timeout=300)
     rerun = run_job(args + ["--output", str(tmp_path / "killed")], timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{n_done} already complete" in rerun.stdout

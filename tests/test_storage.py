@@ -53,3 +53,10 @@ def test_redact_removes_registered_values_and_aws_environment(monkeypatch):
     assert "nested-secret-1" not in text and "env-secret-2" not in text
     assert "http://127.0.0.1:9000" in text  # not a secret
     assert redact("s3://KEY:raw/secret+x@bucket/k") == "s3://***@bucket/k"
+
+
+def test_a_secret_inside_a_longer_one_is_redacted_whole():
+    from aver.storage import register_secrets
+
+    register_secrets({"key": "prefix12", "secret": "prefix12-and-more-secret"})
+    assert redact("x prefix12-and-more-secret y") == "x *** y"

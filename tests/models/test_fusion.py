@@ -45,3 +45,47 @@ def test_config_validation():
         FusionConfig(modalities=())
     with pytest.raises(ValueError):
         FusionModel(0, 128)
+
+
+def test_defaults_take_the_student_embedding_and_one_vggish():
+    model = FusionModel().eval()  # decisions.md: visual 1920 (DenseNet201 pooled), audio 128
+    with torch.no_grad():
+        assert model(torch.randn(2, 48, 1920), torch.randn(2, 30, 128)).shape == (2, 2)
+
+
+def test_pre_transform_layers_as_decided():
+    # decisions.md "Fusion pre-transforms": every 3rd step, k=1 conv to 2x64, k=3 conv, max-pool 2
+    # (ceil), k=5 conv to 64, adaptive average pool to 9 steps.
+    t = FusionModel(32, 16).visual_transform
+    convs = [m for m in t.body if isinstance(m, torch.nn.Conv1d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [(32, 128, 1), (128, 128, 3),
+                                                                                  (128, 64, 5)]
+    pools = [m for m in t.body if isinstance(m, torch.nn.MaxPool1d)]
+    assert len(pools) == 1 and pools[0].kernel_size == 2 and pools[0].stride == 2 and pools[0].ceil_mode
+    assert t.stride == 3
+
+
+def test_only_every_third_step_is_read():
+    torch.manual_seed(0)
+    model = FusionModel(8, 8).eval()
+    x = torch.randn(1, 30, 8)
+    y = x.clone()
+    y[:, 1::3] += 5.0  # steps the pre-transform skips
+    y[:, 2::3] -= 5.0
+    z = x.clone()
+    z[:, 0::3] += 5.0  # steps it reads
+    with torch.no_grad():
+        assert torch.allclose(model.visual_transform(x), model.visual_transform(y))
+        assert not torch.allclose(model.visual_transform(x), model.visual_transform(z))
+
+
+def test_each_window_is_scored_on_its_own():
+    # Guards against: the LSTM reading the batch as time (batch_first lost): a window's score would
+    # depend on the other windows of its batch.
+    torch.manual_seed(0)
+    model = FusionModel(8, 8).eval()
+    visual, audio = torch.randn(3, 12, 8), torch.randn(3, 6, 8)
+    with torch.no_grad():
+        together = model(visual, audio)
+        alone = torch.cat([model(visual[i:i + 1], audio[i:i + 1]) for i in range(3)])
+    assert torch.allclose(together, alone, atol=1e-6)

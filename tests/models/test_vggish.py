@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -62,3 +63,13 @@ def test_frame_features_pool_frequency_only_and_keep_time_order():
     assert frames.shape == (2, 12, 128)
     assert torch.allclose(frames, expected, atol=1e-5)
     assert not torch.allclose(frames, frames.flip(1), atol=1e-3)  # steps differ, so their order is checked
+
+
+def test_config_validation_and_documented_defaults():
+    from aver.models.vggish import VGGishConfig
+
+    for bad in ({"embedding_dim": 0}, {"hidden_dim": 0}, {"dropout": 1.0}, {"dropout": -0.1}):
+        with pytest.raises(ValueError):
+            VGGishConfig(**bad)
+    VGGishConfig(embedding_dim=1, hidden_dim=1, dropout=0.0)  # the smallest valid sizes
+    assert VGGishEmotion().config == VGGishConfig(embedding_dim=128, hidden_dim=4096, dropout=0.2)  # decisions.md

@@ -88,6 +88,7 @@ def test_segment_shapes_and_padding():
 def test_log_mel_accepts_f_max_at_nyquist():
     x = torch.randn(16000)
     assert log_mel(x, 16000, f_max=8000).shape == (25, 128)
+    assert log_mel(x, 16000, f_min=0.0).shape == (25, 128)
     with pytest.raises(ValueError):
         log_mel(x, 16000, f_max=8001)
 
@@ -98,3 +99,6 @@ def test_segment_pads_the_tail_to_one_last_segment_only():
     assert seg.shape == (4, 1, 4, 4)
     assert seg[-1, 0, :3, 0].tolist() == [9.0, 10.0, 11.0]
     assert seg[-1, 0, 3, 0].item() == pytest.approx(math.log(0.01))
+
+    seg = segment(torch.arange(12.0)[:, None].repeat(1, 4), 5, hop=3, pad_last=True)
+    assert seg.shape == (4, 1, 5, 4) and seg[-1, 0, :3, 0].tolist() == [9.0, 10.0, 11.0]  # starts 0, 3, 6, 9

@@ -154,7 +154,7 @@ def _rows(uri, so, key):
 
 @pytest.mark.parametrize("job", ["extract_faces", "distill", "score_videos"])
 def test_transient_s3_faults_are_retried_then_redone_by_a_rerun(job, tmp_path, s3, faulty, teachers, random_models,
-                                                                 ray_local):
+                                                                 ray_local, capsys):
     import fsspec
 
     proxy, so = faulty
@@ -185,8 +185,10 @@ def test_transient_s3_faults_are_retried_then_redone_by_a_rerun(job, tmp_path, s
     # 2. two inputs stay unreadable for the whole first run: failed, and only they
     victims = ["talk1.mp4", "talk2.mp4"] if job == "score_videos" else ["face002.jpg", "face004.jpg"]
     proxy.fail_keys = {f"/in/{v}" for v in victims}
+    capsys.readouterr()
     first = run("faulty")
     assert first == {"ok": clean["ok"] - 2, "failed": 2}
+    assert "2 inputs hit transient faults that outlived the retries: run the same command again" in capsys.readouterr().out
     id_col = "video_id" if job != "distill" else "item_id"
     status = read_folder(f"{bucket}/faulty/status", so).to_pandas()
     assert sorted(status.loc[status["status"] == "failed", "source"].map(_name)) == victims

@@ -119,3 +119,23 @@ def test_ccc_loss_gradient_improves_agreement():
     assert loss.item() < 0.2 < first
     with pytest.raises(ValueError):
         ccc_loss(torch.zeros(3), torch.zeros(4))
+
+
+def test_rkd_loss_at_small_scales_and_with_three_points():
+    # distances far below 1 (clamped only against sqrt(0)) and the smallest batch RKD takes
+    rng = np.random.default_rng(5)
+    s, t = 1e-2 * rng.standard_normal((5, 7)), 1e-2 * rng.standard_normal((5, 80))
+    assert rkd_loss(torch.tensor(s), torch.tensor(t)).item() == pytest.approx(_rkd_reference(s, t, 1.0, 2.0), rel=1e-4)
+    s3, t3 = rng.standard_normal((3, 7)), rng.standard_normal((3, 80))
+    assert rkd_loss(torch.tensor(s3), torch.tensor(t3)).item() == pytest.approx(_rkd_reference(s3, t3, 1.0, 2.0),
+                                                                                 rel=1e-5)
+    with pytest.raises(ValueError):
+        rkd_loss(torch.tensor(s3[:2]), torch.tensor(t3[:2]))
+
+
+def test_face_loss_config_takes_zero_weights_and_refuses_negative_ones():
+    from aver.losses import FaceLossConfig
+
+    FaceLossConfig(affectnet_weight=0.0, rkd_distance_weight=0.0)  # e.g. an ablation: a term switched off
+    with pytest.raises(ValueError):
+        FaceLossConfig(affectnet_weight=-0.1)

@@ -69,3 +69,30 @@ def test_triplet_accuracy_counts_a_tie_as_a_miss():
 def test_ccc_of_equal_constants_is_one():
     assert ccc(np.full(5, 0.3), np.full(5, 0.3)) == 1.0
     assert ccc(np.full(5, 0.3), np.full(5, -0.3)) == 0.0
+
+
+def test_triplet_accuracy_ties_on_either_side_and_scale():
+    e_i, e_j, e_k = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]), np.array([[-1.0, 0.0]])
+    assert triplet_accuracy(e_i, e_j, e_k) == 0.0  # j is as far from i as from k
+    rng = np.random.default_rng(0)
+    a, b, c = rng.standard_normal((3, 40, 8))
+    assert triplet_accuracy(a, b, c) == triplet_accuracy(1e-3 * a, 1e-3 * b, 1e-3 * c)  # only directions count
+
+
+def test_ccc_of_one_pair():
+    assert ccc(np.array([0.5]), np.array([0.5])) == 1.0
+
+
+def test_balanced_logreg_falls_back_to_c_one_for_a_class_seen_once():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    y = np.array([0] * 10 + [1] * 10 + [2])
+    x = rng.standard_normal((21, 5)) + y[:, None]
+    yt = np.array([0, 1, 2] * 5)
+    xt = rng.standard_normal((15, 5)) + yt[:, None]
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000))
+    expected = float((model.fit(x, y).predict(xt) == yt).mean())
+    assert balanced_logreg_accuracy(x, y, xt, yt) == pytest.approx(expected)

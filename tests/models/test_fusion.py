@@ -39,6 +39,9 @@ def test_short_and_long_windows_give_nine_steps():
 
 
 def test_config_validation():
+    FusionConfig(visual_dim=1, audio_dim=1, steps=1, channels=1, stride=1, hidden=1, layers=1)  # smallest valid
+    with pytest.raises(ValueError):
+        FusionConfig(stride=0)
     with pytest.raises(ValueError):
         FusionConfig(modalities=("video",))
     with pytest.raises(ValueError):
@@ -58,8 +61,8 @@ def test_pre_transform_layers_as_decided():
     # (ceil), k=5 conv to 64, adaptive average pool to 9 steps.
     t = FusionModel(32, 16).visual_transform
     convs = [m for m in t.body if isinstance(m, torch.nn.Conv1d)]
-    assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [(32, 128, 1), (128, 128, 3),
-                                                                                  (128, 64, 5)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.padding[0]) for c in convs] == [
+        (32, 128, 1, 0), (128, 128, 3, 1), (128, 64, 5, 2)]
     pools = [m for m in t.body if isinstance(m, torch.nn.MaxPool1d)]
     assert len(pools) == 1 and pools[0].kernel_size == 2 and pools[0].stride == 2 and pools[0].ceil_mode
     assert t.stride == 3

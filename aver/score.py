@@ -162,9 +162,8 @@ class VideoScorer:
         modality leaves the other to score."""
         from aver.report import timeline_png
 
-        tracker = FaceTracker()
-        found = with_retries(lambda: self._decode(item, tracker), self.cfg.retry, item.source)
-        tracks, video_s, video_error, audio, audio_s, audio_error = found
+        found = with_retries(lambda: self._decode(item), self.cfg.retry, item.source)  # a retry starts over
+        tracker, tracks, video_s, video_error, audio, audio_s, audio_error = found
         status["duration_s"] = round(max(video_s, audio_s), 6)
         status["n_frames"] = len(tracks.times) if tracks is not None else 0
         if tracks is None and audio is None:
@@ -180,11 +179,10 @@ class VideoScorer:
         files = {f"report/{item.item_id}.png": timeline_png(table, summary)} if rows else {}
         return parts, files
 
-    def _decode(self, item: InputItem, tracker: FaceTracker):
+    def _decode(self, item: InputItem):
         """Faces (tracked and embedded) and audio features of one input, each with the seconds
         really decoded and the content verdict that stopped it, if any."""
-        tracks, video_s, video_error = None, 0.0, None
-        tracker.__init__()  # a retried input starts over
+        tracker, tracks, video_s, video_error = FaceTracker(), None, 0.0, None
         if item.kind != "audio":
             try:
                 tracks, video_s, video_error = self._faces(item, tracker)
@@ -203,7 +201,7 @@ class VideoScorer:
                     audio, audio_error = None, MediaError("too_short", "audio shorter than one VGGish step")
             except MediaError as e:
                 audio_error = e
-        return tracks, video_s, video_error, audio, audio_s, audio_error
+        return tracker, tracks, video_s, video_error, audio, audio_s, audio_error
 
     def _faces(self, item: InputItem, tracker: FaceTracker) -> tuple[_Tracks, float, MediaError | None]:
         """Detect, track and embed faces chunk by chunk; a stream broken midway keeps what decoded."""

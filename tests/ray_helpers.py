@@ -86,7 +86,7 @@ def stop_ray_cluster(temp_dir: str) -> None:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(list(family.values()), timeout=15)
+    _, alive = psutil.wait_procs(list(family.values()), timeout=5)
     for p in alive:
         try:
             p.kill()

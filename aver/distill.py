@@ -22,7 +22,7 @@ from aver.datasets import is_affectnet_csv, is_fec_csv, read_affectnet, read_fec
 from aver.faces import crop_face
 from aver.faults import MediaError, is_transient, verdict, with_retries
 from aver.media import IMAGE_EXTENSIONS, list_inputs, load_image
-from aver.storage import redact, split_credentials, url_to_fs
+from aver.storage import redact, url_to_fs
 from aver.streaming import chunked, prefetch
 from aver.units import (ActorPoolConfig, Plan, actor_setup, batch_units, commit, guarded, map_units, plan,
                         run_units, summarise)
@@ -33,6 +33,8 @@ TEACHER_SIZE = 140
 
 @dataclass
 class DistillConfig(ActorPoolConfig):
+    uri_fields = ("input", "output")
+
     input: str
     """faces/ folder of extract_faces (or its parent), or a folder/glob/manifest of face images."""
     teachers: tuple[str, str]
@@ -53,8 +55,6 @@ class DistillConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.input, self.storage_options = split_credentials(self.input, self.storage_options)
-        self.output, self.storage_options = split_credentials(self.output, self.storage_options)
         self.teachers = tuple(self.teachers)
         if len(self.teachers) != 2:
             raise ValueError(f"distill needs exactly two teacher checkpoints, got {len(self.teachers)}")

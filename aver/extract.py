@@ -15,7 +15,7 @@ import pyarrow as pa
 from aver.faces import FaceDetector, FaceDetectorConfig, FaceTracker
 from aver.faults import MediaError, with_retries
 from aver.media import MAX_DURATION_S, InputItem, VideoReader, list_inputs, load_image
-from aver.storage import redact, split_credentials
+from aver.storage import redact
 from aver.streaming import chunked, prefetch
 from aver.units import (ActorPoolConfig, Plan, actor_setup, batch_units, commit, guarded, map_units, plan,
                         run_units, summarise)
@@ -35,6 +35,8 @@ FACES_SCHEMA = pa.schema([
 
 @dataclass
 class ExtractFacesConfig(ActorPoolConfig):
+    uri_fields = ("input", "output")
+
     input: str
     """Videos/images: a folder, a glob, a manifest (.txt/.csv/.parquet with `source`) or one file."""
     output: str
@@ -52,8 +54,6 @@ class ExtractFacesConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.input, self.storage_options = split_credentials(self.input, self.storage_options)
-        self.output, self.storage_options = split_credentials(self.output, self.storage_options)
         if self.fps <= 0 or self.fps > 120:
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
         if self.images_per_unit < 1:

@@ -28,7 +28,7 @@ from aver.features import AUDIO_STEP_S, audio_timeline, student_features, take
 from aver.faults import MediaError, verdict, with_retries
 from aver.media import MAX_DURATION_S, InputItem, VideoReader, list_inputs, read_audio
 from aver.outputs import join
-from aver.storage import redact, split_credentials
+from aver.storage import redact
 from aver.streaming import chunked, prefetch
 from aver.units import ActorPoolConfig, actor_setup, batch_units, commit, map_units, plan, run_units, summarise
 
@@ -67,6 +67,8 @@ MODEL_FILES = {"student": "student.pt", "vggish_arousal": "vggish_arousal.pt", "
 
 @dataclass
 class ScoreVideosConfig(ActorPoolConfig):
+    uri_fields = ("input", "output", "model")
+
     input: str
     """Videos and audio files: a folder, a glob, a manifest (.txt/.csv/.parquet) or one file."""
     output: str
@@ -93,9 +95,6 @@ class ScoreVideosConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("input", "output", "model"):
-            uri, self.storage_options = split_credentials(getattr(self, name), self.storage_options)
-            setattr(self, name, uri)
         if isinstance(self.detector, dict):
             self.detector = FaceDetectorConfig(**self.detector)
         if not 0 < self.fps <= 120:

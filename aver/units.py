@@ -23,14 +23,14 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from aver.faults import RETRIED, RetryPolicy, verdict, with_retries
 from aver.outputs import join, list_names, read_part, remove, status_table, write_table
-from aver.storage import redact, register_secrets, write_bytes_atomic
+from aver.storage import redact, register_secrets, split_credentials, write_bytes_atomic
 
 log = logging.getLogger("aver")
 
@@ -51,11 +51,17 @@ class ActorPoolConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     """Retries of transient storage/network faults, per input and per output write."""
 
+    uri_fields: ClassVar[tuple[str, ...]] = ()
+    """The job's URI fields: credentials in them (``s3://KEY:SECRET@bucket``) move to ``storage_options``."""
+
     def __post_init__(self) -> None:
         if self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
             raise ValueError("actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0")
         if isinstance(self.retry, dict):
             self.retry = RetryPolicy(**self.retry)
+        for name in self.uri_fields:
+            uri, self.storage_options = split_credentials(getattr(self, name), self.storage_options)
+            setattr(self, name, uri)
         register_secrets(self.storage_options)
 
 

@@ -6,6 +6,3 @@ explicitly (``aver.models``, ``aver.audio``, ``aver.losses``, ``aver.metrics``, 
 
 __version__ = "0.1.0"
 
-AFFECTNET_CLASSES: tuple[str, ...] = (
-    "Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt",
-)

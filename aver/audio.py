@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
+from aver.constants import SAMPLE_RATE
 
 
 def _hz_to_mel(hz: np.ndarray | float) -> np.ndarray:

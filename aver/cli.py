@@ -1,60 +1,138 @@
-"""Command-line flags the jobs share: every training job's (:class:`aver.training.TrainConfig`) and
-every actor-pool job's (:class:`aver.units.ActorPoolConfig`)."""
+"""Command lines built from the config dataclasses: one flag per field, its help the field's
+docstring, its default the field's default. Nested configs (``detector``, ``loss``, ``retry``) give
+prefixed flags (``--detector-min-prob``, ``--loss-affectnet-weight``, ``--retry-attempts``).
+
+A field's ``metadata`` may add ``choices`` or hide a testing-only flag (``{"cli": False}``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import json
+import sys
+import textwrap
+import types
+import typing
+from typing import Any, Callable
 
 
-def add_train_args(p: argparse.ArgumentParser, *, name: str, epochs: int, batch_size: int, lr: float) -> None:
-    g = p.add_argument_group("training (Ray Train)")
-    g.add_argument("--output", required=True, help="folder (local or fsspec URI) for runs/ checkpoints and models/")
-    g.add_argument("--name", default=name, help=f"run name; model at OUTPUT/models/NAME.pt (default {name})")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
-    g.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step per worker (default {batch_size})")
-    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
-    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
-                   help="constant, or cosine decay over the epochs (default constant)")
-    g.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (default 1)")
-    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
-    g.add_argument("--threads-per-worker", type=int, default=0,
-                   help="torch threads per worker (default 0: the machine's CPUs over the workers)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    g.add_argument("--max-failures", type=int, default=2, help="restarts from the last checkpoint (default 2)")
-    g.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
-    g.add_argument("--fail-at", type=int, nargs=2, default=None, metavar=("EPOCH", "STEP"),
-                   help=argparse.SUPPRESS)  # tests: inject one worker failure
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of ``cls`` and its dataclass bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                    isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) and \
+                    isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
-def train_kwargs(a: argparse.Namespace) -> dict:
-    return {"output": a.output, "name": a.name, "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
-            "weight_decay": a.weight_decay, "lr_schedule": a.lr_schedule, "num_workers": a.num_workers, "use_gpu": a.use_gpu,
-            "cpus_per_worker": a.cpus_per_worker, "threads_per_worker": a.threads_per_worker, "seed": a.seed,
-            "max_failures": a.max_failures,
-            "storage_options": a.storage_options, "fail_at": tuple(a.fail_at) if a.fail_at else None}
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
 
 
-def add_actor_args(p: argparse.ArgumentParser, *, what: str) -> None:
-    g = p.add_argument_group("actor pool (Ray Data)")
-    g.add_argument("--actors", type=int, default=0, help=f"{what} actors (default 0: one per GPU share, or CPUs-1)")
-    g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
-    g.add_argument("--gpus-per-actor", type=float, default=0.0,
-                   help="GPU share per actor, e.g. 0.25 puts four on a GPU (default 0: CPU)")
-    g.add_argument("--storage-options", type=json.loads, default={},
-                   help="fsspec options as JSON, e.g. '{\"anon\": false}' (under ray job submit, prefer "
-                        "credentials from the environment: the job API records the command line)")
-    g.add_argument("--io-retries", type=int, default=4,
-                   help="tries per input and per output write on transient storage faults (default 4)")
-    g.add_argument("--retry-backoff-s", type=float, default=1.0,
-                   help="delay before the second try, doubling each try (default 1)")
+def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, defaults: dict) -> None:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        name = prefix + f.name
+        flag = "--" + name.replace("_", "-")
+        default = defaults.get(f.name, dataclasses.MISSING)
+        if default is dataclasses.MISSING:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if dataclasses.is_dataclass(tp):
+            _add_fields(parser, tp, name + "_", {} if default is dataclasses.MISSING else dataclasses.asdict(default))
+            continue
+        kw: dict[str, Any] = {"dest": name}
+        if f.metadata.get("cli") is False:
+            kw["help"] = argparse.SUPPRESS
+        else:
+            shown = "" if default is False or default in (dataclasses.MISSING, None, "", {}) else f" (default {_show(default)})"
+            kw["help"] = (docs.get(f.name, "") + shown).replace("%", "%%")
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction if default is True else "store_true"
+        elif origin is tuple:
+            kw["type"] = args[0]
+            kw["nargs"] = "+" if len(args) == 2 and args[1] is Ellipsis else len(args)
+        elif origin is dict or tp is dict:
+            kw["type"] = json.loads
+        else:
+            kw["type"] = tp
+        if default is dataclasses.MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = default
+        parser.add_argument(flag, **kw)
 
 
-def actor_kwargs(a: argparse.Namespace) -> dict:
-    from aver.faults import RetryPolicy
+def _show(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return " ".join(str(v) for v in value)
+    return str(value)
 
-    return {"actors": a.actors, "cpus_per_actor": a.cpus_per_actor, "gpus_per_actor": a.gpus_per_actor,
-            "storage_options": a.storage_options,
-            "retry": RetryPolicy(attempts=a.io_retries, backoff_s=a.retry_backoff_s)}
+
+def _build(cls: type, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, values, prefix + f.name + "_")
+        elif prefix + f.name in values:
+            value = values[prefix + f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def parser_for(config_class: type, description: str | None = None, **defaults) -> argparse.ArgumentParser:
+    """An ArgumentParser with one flag per field of ``config_class`` (``defaults`` override the
+    dataclass's, e.g. a job's own run name)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_fields(p, config_class, "", defaults)
+    return p
+
+
+def parse(config_class: type, argv: list[str] | None = None, description: str | None = None, **defaults):
+    """The config ``argv`` describes (``sys.argv[1:]`` by default); a config that rejects the values
+    ends the program with its message, as argparse does."""
+    p = parser_for(config_class, description, **defaults)
+    values = vars(p.parse_args(argv))
+    try:
+        return _build(config_class, values)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+
+
+def main(config_class: type, run: Callable[[Any], Any], description: str | None = None,
+         argv: list[str] | None = None) -> int:
+    """A job's whole command line: parse its config, run it, exit 0."""
+    run(parse(config_class, argv, description))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("aver.cli is a library; run a job from jobs/")

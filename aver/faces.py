@@ -1,18 +1,25 @@
-"""Face detection (batched MTCNN), primary-track selection and 140x140 crops."""
+"""Face detection (batched MTCNN), tracks, 140x140 crops, and the one function that turns a video
+into tracked face crops (:func:`scan_video`), used by extract_faces, score_videos and fusion alike."""
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from aver.constants import CROP_SIZE
+from aver.faults import MediaError
+from aver.io.media import MAX_DURATION_S, VideoReader
+from aver.io.streaming import chunked, prefetch
+
 
 @dataclass
 class FaceDetectorConfig:
-    image_size: int = 140
+    image_size: int = CROP_SIZE
     """Side of the square face crop (the paper's 140 px)."""
     margin: float = 0.2
     """Extra context around the detected box, as a fraction of its larger side."""
@@ -127,7 +134,7 @@ def _as_rgb(frame: np.ndarray) -> np.ndarray:
     return frame
 
 
-def crop_face(image: np.ndarray, box, *, size: int = 140, margin: float = 0.2) -> np.ndarray:
+def crop_face(image: np.ndarray, box, *, size: int = CROP_SIZE, margin: float = 0.2) -> np.ndarray:
     """A square ``size`` x ``size`` RGB crop around ``box`` (x1, y1, x2, y2 pixels) enlarged by
     ``margin`` of its larger side; parts outside the image are black (never stretched, so faces on
     the edge of non-square frames keep their proportions)."""
@@ -198,3 +205,59 @@ class FaceTracker:
 
     def primary(self) -> int | None:
         return max(self.tracks, key=lambda t: t.score).track_id if self.tracks else None
+
+
+@dataclass
+class TrackedFrame:
+    """One sampled frame: where it is, and its faces as (track id, detection, JPEG crop)."""
+
+    step: int
+    """Sampled-frame number in the video (0, 1, ...)."""
+    index: int
+    """Frame index in the stream."""
+    timestamp_s: float
+    """Presentation time."""
+    faces: list[tuple[int, Detection, bytes]]
+
+
+@dataclass
+class VideoScan:
+    """What :func:`scan_video` saw of one video."""
+
+    tracker: FaceTracker
+    """The tracks; ``tracker.primary()`` is the primary face."""
+    n_frames: int
+    """Frames sampled."""
+    decoded_s: float
+    """Seconds really decoded."""
+    broken: MediaError | None
+    """The content error that stopped a stream broken midway (what came before is kept); None if whole."""
+
+
+def scan_video(source: str, detector: FaceDetector, on_frames: Callable[[list[TrackedFrame]], None], *,
+               fps: float, storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
+               max_duration_s: float = MAX_DURATION_S) -> VideoScan:
+    """Decode ``source`` at ``fps``, detect faces batch by batch and link them into tracks; each
+    batch of tracked frames goes to ``on_frames`` as it is done, so no video is ever held whole.
+    A stream broken midway keeps what decoded; one that decodes no frame raises ``too_short``."""
+    tracker = FaceTracker()
+    n, broken = 0, None
+    with VideoReader(source, storage_options=storage_options, max_bytes=max_bytes,
+                     max_duration_s=max_duration_s) as reader:
+        try:
+            for chunk in prefetch(chunked(reader.frames(fps), detector.config.batch_size)):
+                done = []
+                for frame, dets in zip(chunk, detector.detect([f.image for f in chunk])):
+                    ids = tracker.update(n, dets)
+                    done.append(TrackedFrame(n, frame.index, frame.timestamp_s,
+                                             [(tid, d, detector.crop(frame.image, d.box)) for tid, d in zip(ids, dets)]))
+                    n += 1
+                on_frames(done)
+        except MediaError as e:
+            if not n or e.status != "corrupt":
+                raise
+            broken = e
+        decoded_s = reader.decoded_s
+    if not n:
+        raise MediaError("too_short", "no frame decoded at the sampling rate")
+    return VideoScan(tracker, n, decoded_s, broken)

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from aver.storage import redact
+from aver.io.storage import redact
 
 log = logging.getLogger("aver")
 

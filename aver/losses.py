@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TRIPLET_TYPES = ("ONE_CLASS_TRIPLET", "TWO_CLASS_TRIPLET", "THREE_CLASS_TRIPLET")
-
 
 @dataclass
 class FaceLossConfig:
@@ -31,7 +29,7 @@ class FaceLossConfig:
                 raise ValueError(f"FaceLossConfig.{name} must be a non-negative number, got {value!r}")
 
     def margins(self, triplet_type: torch.Tensor) -> torch.Tensor:
-        """Per-triplet margins for type codes 0/1/2 (one-, two-, three-class)."""
+        """Per-triplet margins for type codes 0/1/2 (``aver.constants.FEC_TRIPLET_TYPES``)."""
         table = torch.tensor([self.margin_one_class, self.margin_two_class, self.margin_three_class],
                              device=triplet_type.device)
         return table[triplet_type.long()]

@@ -28,7 +28,7 @@ def _corpus(folder: str, n: int, seconds: float = 4.0, w: int = 1280, h: int = 7
     from PIL import Image
     from skimage import data
 
-    from aver.media import write_video
+    from aver.demo.media import write_video
 
     os.makedirs(folder, exist_ok=True)
     face = data.astronaut()[30:210, 140:310]
@@ -49,8 +49,8 @@ def _corpus(folder: str, n: int, seconds: float = 4.0, w: int = 1280, h: int = 7
 
 def _talking_corpus(folder: str, n: int, seconds: float) -> None:
     """720p videos with a moving face and a synthetic voice (what score_videos is for)."""
-    from aver.media import write_video
-    from aver.synth import smooth_trajectory, voice
+    from aver.demo.media import write_video
+    from aver.demo.corpus import smooth_trajectory, voice
 
     _corpus(folder, n, seconds=seconds)
     rng = np.random.default_rng(1)
@@ -131,12 +131,12 @@ def main() -> int:
     import ray
     import torch
 
-    from aver.distill import DistillConfig, preprocess, teacher_targets
-    from aver.distill import run as run_distill
-    from aver.extract import ExtractFacesConfig
-    from aver.extract import run as run_extract
+    from aver.pipelines.distill import DistillConfig, preprocess, teacher_targets
+    from aver.pipelines.distill import run as run_distill
+    from aver.pipelines.extract import ExtractFacesConfig
+    from aver.pipelines.extract import run as run_extract
     from aver.models import Teacher, save_checkpoint
-    from aver.outputs import read_folder
+    from aver.io.parts import read_folder
 
     work = tempfile.mkdtemp(prefix="aver-bench-")
     corpus = os.path.join(work, "videos")
@@ -165,8 +165,8 @@ def main() -> int:
     crops = (crops * (a.crops // max(1, len(crops)) + 1))[: a.crops]
     import pyarrow as pa
 
-    from aver.extract import FACES_SCHEMA
-    from aver.outputs import write_table
+    from aver.pipelines.extract import FACES_SCHEMA
+    from aver.io.parts import write_table
 
     rows = [{"video_id": "b", "source": "b", "crop_id": f"b-{i:07d}", "frame_index": i, "timestamp_s": 0.0,
              "track_id": 0, "box": [0.0, 0.0, 1.0, 1.0], "prob": 1.0, "crop": c} for i, c in enumerate(crops)]

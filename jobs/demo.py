@@ -29,24 +29,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from aver.distill import DistillConfig
-    from aver.distill import run as distill
-    from aver.evaluate import EvaluateConfig
-    from aver.evaluate import run as evaluate
-    from aver.fetch import FetchConfig
-    from aver.fetch import run as fetch
+    from aver.pipelines.distill import DistillConfig
+    from aver.pipelines.distill import run as distill
+    from aver.pipelines.evaluate import EvaluateConfig
+    from aver.pipelines.evaluate import run as evaluate
+    from aver.pipelines.fetch import FetchConfig
+    from aver.pipelines.fetch import run as fetch
     from aver.losses import FaceLossConfig
-    from aver.score import ScoreVideosConfig
-    from aver.score import run as score
-    from aver.synth import write_corpus
-    from aver.train_fusion import FusionTrainConfig
-    from aver.train_fusion import run as train_fusion
-    from aver.train_student import StudentTrainConfig
-    from aver.train_student import run as train_student
-    from aver.train_teacher import TeacherTrainConfig
-    from aver.train_teacher import run as train_teacher
-    from aver.train_vggish import VGGishTrainConfig
-    from aver.train_vggish import run as train_vggish
+    from aver.pipelines.score import ScoreVideosConfig
+    from aver.pipelines.score import run as score
+    from aver.demo.corpus import write_corpus
+    from aver.train.fusion import FusionTrainConfig
+    from aver.train.fusion import run as train_fusion
+    from aver.train.student import StudentTrainConfig
+    from aver.train.student import run as train_student
+    from aver.train.teacher import TeacherTrainConfig
+    from aver.train.teacher import run as train_teacher
+    from aver.train.vggish import VGGishTrainConfig
+    from aver.train.vggish import run as train_vggish
 
     out = os.path.abspath(a.output)
     corpus, models = os.path.join(out, "corpus"), os.path.join(out, "models")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aver.synth import SIZES, write_corpus
+from aver.demo.corpus import SIZES, write_corpus
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,8 +62,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """The demo corpus at size 'small' (seed 7) with its FEC images fetched, shared by the suite."""
-    from aver.fetch import FetchConfig, run as fetch
-    from aver.synth import write_corpus
+    from aver.pipelines.fetch import FetchConfig, run as fetch
+    from aver.demo.corpus import write_corpus
 
     root = tmp_path_factory.mktemp("small_corpus")
     write_corpus(str(root), seed=7, size="small")

@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from aver.media import write_video
+from aver.demo.media import write_video
 
 
 def face_patch(height: int = 120) -> np.ndarray:

@@ -28,40 +28,40 @@ PLANTED = {
         "aver/models/vggish.py", "x = self.features(mel).mean(dim=3).transpose(1, 2)",
         "x = self.features(mel).amax(dim=3).flip(2).transpose(1, 2)", ["tests/models/test_vggish.py"]),
     "item ids from the salted hash()": (
-        "aver/media.py", "hashlib.sha1(canonical.encode()).hexdigest()[:10]",
-        'format(hash(canonical) & 0xFFFFFFFFFF, "010x")', ["tests/test_media.py", "-k", "ids"]),
+        "aver/io/media.py", "hashlib.sha1(canonical.encode()).hexdigest()[:10]",
+        'format(hash(canonical) & 0xFFFFFFFFFF, "010x")', ["tests/io/test_media.py", "-k", "ids"]),
     "chunk ids from the salted hash()": (
-        "aver/units.py", 'hashlib.sha1(chr(10).join(sorted(ids)).encode()).hexdigest()[:16]',
+        "aver/pipelines/units.py", 'hashlib.sha1(chr(10).join(sorted(ids)).encode()).hexdigest()[:16]',
         'format(hash(chr(10).join(sorted(ids))) & 0xFFFFFFFFFFFFFFFF, "016x")',
-        ["tests/test_media.py", "-k", "ids"]),
+        ["tests/io/test_media.py", "-k", "ids"]),
     "restore drops the checkpoint Ray offers": (
-        "aver/training.py", "ckpt = ray.train.get_checkpoint()", "ckpt = None",
-        ["tests/test_training.py", "tests/test_train_teacher.py", "-k", "restore or failure"]),
+        "aver/train/harness.py", "ckpt = ray.train.get_checkpoint()", "ckpt = None",
+        ["tests/train/test_harness.py", "tests/train/test_face_teacher.py", "-k", "restore or failure"]),
     "evaluate swaps arousal and valence": (
-        "aver/evaluate.py", 'out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 0])',
+        "aver/pipelines/evaluate.py", 'out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 0])',
         'out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 1])',
-        ["tests/test_evaluate.py", "-k", "known_answers"]),
+        ["tests/pipelines/test_evaluate.py", "-k", "known_answers"]),
     "evaluate scores the wrong FEC pair": (
-        "aver/evaluate.py", 'triplet_accuracy(e[name]["i"], e[name]["j"], e[name]["k"])',
+        "aver/pipelines/evaluate.py", 'triplet_accuracy(e[name]["i"], e[name]["j"], e[name]["k"])',
         'triplet_accuracy(e[name]["i"], e[name]["k"], e[name]["j"])',
-        ["tests/test_evaluate.py", "-k", "known_answers"]),
-    "a module-level ray.init() in aver/units.py": (
-        "aver/units.py", 'log = logging.getLogger("aver")\n',
+        ["tests/pipelines/test_evaluate.py", "-k", "known_answers"]),
+    "a module-level ray.init() in aver/pipelines/units.py": (
+        "aver/pipelines/units.py", 'log = logging.getLogger("aver")\n',
         'log = logging.getLogger("aver")\nimport ray\nray.init(num_cpus=1, include_dashboard=False)\n',
         ["tests/test_import.py"]),
     "score_videos swaps its arousal and valence columns": (
-        "aver/score.py", 'rows[i]["arousal"], rows[i]["valence"] = float(a), float(v)',
-        'rows[i]["arousal"], rows[i]["valence"] = float(v), float(a)', ["tests/test_score.py", "-k", "direct"]),
+        "aver/pipelines/score.py", 'rows[i]["arousal"], rows[i]["valence"] = float(a), float(v)',
+        'rows[i]["arousal"], rows[i]["valence"] = float(v), float(a)', ["tests/pipelines/test_score.py", "-k", "direct"]),
     "the one-modality fallback feeds the face zeros the wrong way": (
-        "aver/score.py", "np.zeros((tv, 1920), np.float32)", "np.ones((tv, 1920), np.float32)",
-        ["tests/test_score.py", "-k", "direct"]),
+        "aver/pipelines/score.py", "np.zeros((tv, VISUAL_DIM), np.float32)", "np.ones((tv, VISUAL_DIM), np.float32)",
+        ["tests/pipelines/test_score.py", "-k", "direct"]),
     "the primary track is the smallest face": (
         "aver/faces.py", "return max(self.tracks, key=lambda t: t.score).track_id",
         "return min(self.tracks, key=lambda t: t.score).track_id", ["tests/test_faces.py", "-k", "tracker"]),
     "distill's shared trunk feeds the teachers in the wrong order": (
-        "aver/distill.py", "out = [t(trunk, after=\"trunk\") for t in self.teachers]",
+        "aver/pipelines/distill.py", "out = [t(trunk, after=\"trunk\") for t in self.teachers]",
         "out = [t(trunk, after=\"trunk\") for t in self.teachers[::-1]]",
-        ["tests/test_distill.py", "-k", "shared_trunk"]),
+        ["tests/pipelines/test_distill.py", "-k", "shared_trunk"]),
     "crops in BGR": (
         "aver/faces.py", "return np.asarray(Image.fromarray(_as_rgb(image)).crop(region)",
         "return np.asarray(Image.fromarray(_as_rgb(image)[..., ::-1].copy()).crop(region)",
@@ -70,9 +70,9 @@ PLANTED = {
         "aver/faults.py", '    if is_transient(exc):\n        return "failed"\n', "",
         ["tests/test_faults.py"]),
     "chunks named by position": (
-        "aver/units.py", "units.append({\"unit_id\": chunk_id(prefix, ids),",
+        "aver/pipelines/units.py", "units.append({\"unit_id\": chunk_id(prefix, ids),",
         "units.append({\"unit_id\": f\"{prefix}-{start // per_unit:06d}\",",
-        ["tests/test_fault_isolation.py", "-k", "adding"]),
+        ["tests/pipelines/test_fault_isolation.py", "-k", "adding"]),
 }
 
 # module -> the tests that guard it (for the generic pass)
@@ -83,9 +83,9 @@ GUARDS = {
     "aver/models/fusion.py": ["tests/models/test_fusion.py"],
     "aver/models/vggish.py": ["tests/models/test_vggish.py"],
     "aver/faults.py": ["tests/test_faults.py"],
-    "aver/storage.py": ["tests/test_storage.py"],
-    "aver/features.py": ["tests/test_features.py", "tests/test_train_fusion.py", "-k", "take or timeline or window or student"],
-    "aver/units.py": ["tests/test_units.py", "tests/test_media.py", "tests/test_fault_isolation.py", "-k",
+    "aver/io/storage.py": ["tests/io/test_storage.py"],
+    "aver/data/features.py": ["tests/data/test_features.py", "tests/train/test_fusion.py", "-k", "take or timeline or window or student"],
+    "aver/pipelines/units.py": ["tests/pipelines/test_units.py", "tests/io/test_media.py", "tests/pipelines/test_fault_isolation.py", "-k",
                       "actor or ids or adding"],
 }
 

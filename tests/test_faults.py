@@ -101,7 +101,7 @@ def test_with_retries_retries_transient_faults_only(monkeypatch):
 
 
 def test_describe_names_the_type_and_redacts():
-    from aver.storage import register_secrets
+    from aver.io.storage import register_secrets
 
     register_secrets({"secret": "hunter2hunter2"})
     text = describe(OSError("cannot open s3://AKIA:pw/x+y@bucket/k with hunter2hunter2"))

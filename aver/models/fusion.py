@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from aver.models._base import take_config
+
 MODALITIES = ("visual", "audio")
 
 
@@ -58,20 +60,23 @@ class _PreTransform(nn.Module):
 class FusionModel(nn.Module):
     """Model-level audio-visual fusion (Fig. 3): pre-transforms, 2-layer LSTM, tanh head.
 
+    Built from a :class:`FusionConfig` or its fields (``FusionModel(visual_dim, audio_dim)``).
+
     ``forward(visual [B,Tv,visual_dim], audio [B,Ta,audio_dim]) -> [B,2]`` in (-1,1), columns
     (arousal, valence). Each pre-transform yields ``[B,9,64]``; the fused sequence is ``[B,9,128]``.
     With ``modalities=("visual",)`` or ``("audio",)`` the other input is ignored and may be None.
     """
 
-    def __init__(self, visual_dim: int = 1920, audio_dim: int = 128, *, modalities: tuple[str, ...] = MODALITIES,
-                 steps: int = 9, channels: int = 64, stride: int = 3, hidden: int = 256, layers: int = 2) -> None:
+    config_class = FusionConfig
+
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__()
-        self.config = FusionConfig(visual_dim, audio_dim, tuple(modalities), steps, channels, stride, hidden, layers)
-        m = self.config.modalities
-        self.visual_transform = _PreTransform(visual_dim, channels, steps, stride) if "visual" in m else None
-        self.audio_transform = _PreTransform(audio_dim, channels, steps, stride) if "audio" in m else None
-        self.lstm = nn.LSTM(channels * len(m), hidden, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(hidden, 2)
+        self.config = c = take_config(FusionConfig, args, kwargs)
+        m = c.modalities
+        self.visual_transform = _PreTransform(c.visual_dim, c.channels, c.steps, c.stride) if "visual" in m else None
+        self.audio_transform = _PreTransform(c.audio_dim, c.channels, c.steps, c.stride) if "audio" in m else None
+        self.lstm = nn.LSTM(c.channels * len(m), c.hidden, num_layers=c.layers, batch_first=True)
+        self.head = nn.Linear(c.hidden, 2)
 
     def forward(self, visual: torch.Tensor | None, audio: torch.Tensor | None = None) -> torch.Tensor:
         parts = []

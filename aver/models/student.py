@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aver.weights import load_state_dict
+from aver.models._base import crops_to_batch, take_config
+from aver.models.weights import load_state_dict, same_weights
 
 
 @dataclass
@@ -33,6 +34,9 @@ class StudentOutput(NamedTuple):
     distill: torch.Tensor
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # torchvision's ImageNet DenseNet checkpoints still use 'norm.1'-style keys.
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
@@ -40,7 +44,8 @@ _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?
 class Student(nn.Module):
     """The distilled student (paper §3.1.2): torchvision DenseNet201 with three heads.
 
-    Input: float ``[B,3,H,W]`` RGB with ImageNet normalisation (140 px crops in the paper).
+    Built from a :class:`StudentConfig` or its fields. Input: float ``[B,3,H,W]`` RGB with ImageNet
+    normalisation (140 px crops in the paper), which :meth:`preprocess` makes of uint8 crops.
     Returns ``StudentOutput(embedding [B,1920], fec [B,32], affectnet [B,8], distill [B,80])``.
     ``forward(x, after=STAGE)`` takes the output of the backbone stage ``STAGE`` (one of ``stages``,
     e.g. ``"transition3"``) instead of images, for training on a cached frozen prefix;
@@ -51,16 +56,26 @@ class Student(nn.Module):
     stages = ("conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2", "transition2",
               "denseblock3", "transition3", "denseblock4", "norm5")
 
-    def __init__(self, *, fec_dim: int = 32, num_classes: int = 8, distill_dim: int = 80) -> None:
+    config_class = StudentConfig
+
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__()
         from torchvision.models import densenet201
 
-        self.config = StudentConfig(fec_dim, num_classes, distill_dim)
+        self.config = c = take_config(StudentConfig, args, kwargs)
         self.backbone = densenet201(weights=None)
         self.backbone.classifier = nn.Identity()  # backbone(x) is the pooled 1920-d feature
-        self.fec_head = nn.Linear(self.embedding_dim, fec_dim)
-        self.affectnet_head = nn.Linear(self.embedding_dim, num_classes)
-        self.distill_head = nn.Linear(self.embedding_dim, distill_dim)
+        self.fec_head = nn.Linear(self.embedding_dim, c.fec_dim)
+        self.affectnet_head = nn.Linear(self.embedding_dim, c.num_classes)
+        self.distill_head = nn.Linear(self.embedding_dim, c.distill_dim)
+
+    @staticmethod
+    def preprocess(images, device: torch.device | str | None = None) -> torch.Tensor:
+        """uint8 RGB crops -> float ``[B,3,140,140]`` with ImageNet normalisation, channels_last."""
+        x = crops_to_batch(images, device).float() / 255.0
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
     def _stage_index(self, stage: str) -> int:
         if stage not in self.stages:
@@ -74,8 +89,6 @@ class Student(nn.Module):
         """The deepest backbone stage up to which ``other`` has the same weights and buffers (students
         trained from one initialisation with the same frozen prefix): evaluating both can run that
         prefix once. None when the first stage already differs."""
-        from aver.models.checkpoint import same_weights
-
         shared = None
         for stage, mine, theirs in zip(self.stages, self.backbone.features, other.backbone.features):
             if not same_weights(mine, theirs):

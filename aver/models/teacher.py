@@ -7,7 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from aver.weights import load_state_dict
+from aver.models._base import crops_to_batch, take_config
+from aver.models.weights import load_state_dict
 
 
 @dataclass
@@ -66,7 +67,9 @@ def _facenet_trunk() -> nn.Sequential:
 class Teacher(nn.Module):
     """The paper's teacher (Fig. 1): a FaceNet trunk, a dense block and two output heads.
 
-    Input: float ``[B,3,140,140]`` RGB with facenet standardisation ``(x - 127.5) / 128``.
+    Built from a :class:`TeacherConfig` (``Teacher(TeacherConfig(d_face=256))``) or its fields
+    (``Teacher(d_face=256)``). Input: float ``[B,3,140,140]`` RGB with facenet standardisation
+    ``(x - 127.5) / 128``, which :meth:`preprocess` makes of uint8 crops.
     Returns ``FaceOutput(embedding [B,d_face], fec [B,32], affectnet [B,8] logits)``.
     Submodules in order: ``trunk`` (1792x3x3), ``reduce`` (512), ``dense`` (832),
     ``project`` (d_face), then global average pooling and the heads ``fec_head``, ``affectnet_head``.
@@ -76,16 +79,23 @@ class Teacher(nn.Module):
 
     stages = ("trunk",)
 
-    def __init__(self, d_face: int = 128, *, fec_dim: int = 32, num_classes: int = 8,
-                 dense_layers: int = 5, growth_rate: int = 64) -> None:
+    config_class = TeacherConfig
+
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__()
-        self.config = TeacherConfig(d_face, fec_dim, num_classes, dense_layers, growth_rate)
+        self.config = c = take_config(TeacherConfig, args, kwargs)
         self.trunk = _facenet_trunk()
         self.reduce = _conv_bn_relu(1792, 512)
-        self.dense = nn.Sequential(*[_DenseLayer(512 + i * growth_rate, growth_rate) for i in range(dense_layers)])
-        self.project = _conv_bn_relu(512 + dense_layers * growth_rate, d_face)
-        self.fec_head = nn.Linear(d_face, fec_dim)
-        self.affectnet_head = nn.Linear(d_face, num_classes)
+        self.dense = nn.Sequential(*[_DenseLayer(512 + i * c.growth_rate, c.growth_rate) for i in range(c.dense_layers)])
+        self.project = _conv_bn_relu(512 + c.dense_layers * c.growth_rate, c.d_face)
+        self.fec_head = nn.Linear(c.d_face, c.fec_dim)
+        self.affectnet_head = nn.Linear(c.d_face, c.num_classes)
+
+    @staticmethod
+    def preprocess(images, device: torch.device | str | None = None) -> torch.Tensor:
+        """uint8 RGB crops -> float ``[B,3,140,140]`` with facenet standardisation, channels_last."""
+        x = (crops_to_batch(images, device).float() - 127.5) / 128.0
+        return x.contiguous(memory_format=torch.channels_last)
 
     def prefix(self, until: str) -> nn.Module:
         if until not in self.stages:
@@ -104,7 +114,8 @@ class Teacher(nn.Module):
     @classmethod
     def from_facenet(cls, uri: str = "facenet-vggface2", *, sha256: str | None = None,
                      storage_options: dict | None = None, **kwargs) -> "Teacher":
-        """A teacher whose trunk holds facenet-pytorch VGGFace2 weights (registry name or any URI)."""
+        """A teacher whose trunk holds facenet-pytorch VGGFace2 weights (registry name or any URI);
+        ``kwargs`` are :class:`TeacherConfig` fields."""
         model = cls(**kwargs)
         state = load_state_dict(uri, sha256=sha256, storage_options=storage_options)
         wanted = model.trunk.state_dict().keys()

@@ -6,7 +6,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from aver.weights import load_state_dict
+from aver.models._base import take_config
+from aver.models.weights import load_state_dict
 
 
 @dataclass
@@ -49,7 +50,7 @@ def _vggish_convs() -> nn.Sequential:
 class VGGishEmotion(nn.Module):
     """The paper's modified VGGish (Fig. 2, Algorithm 2) for one affect dimension.
 
-    Input: log-mel ``[B,1,T,128]`` from :func:`aver.audio.log_mel` (T=480 by default, 40 ms hop).
+    Built from a :class:`VGGishConfig` or its fields. Input: log-mel ``[B,1,T,128]`` from :func:`aver.audio.log_mel` (T=480 by default, 40 ms hop).
     ``forward`` returns ``AudioOutput(embedding [B,128], prediction [B] in (-1,1))``;
     ``frame_features`` keeps time for fusion: ``[B,T//8,128]``, one step per 8 mel frames.
     ``forward(x, after="features")`` takes the conv stack's output instead of log-mel (training on
@@ -58,16 +59,23 @@ class VGGishEmotion(nn.Module):
 
     stages = ("features",)
 
-    def __init__(self, *, embedding_dim: int = 128, hidden_dim: int = 4096, dropout: float = 0.2) -> None:
+    config_class = VGGishConfig
+
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__()
-        self.config = VGGishConfig(embedding_dim, hidden_dim, dropout)
+        self.config = c = take_config(VGGishConfig, args, kwargs)
         self.features = _vggish_convs()
         self.embeddings = nn.Sequential(
-            nn.Linear(CONV_CHANNELS, hidden_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden_dim, embedding_dim), nn.ReLU(inplace=True),
+            nn.Linear(CONV_CHANNELS, c.hidden_dim), nn.ReLU(inplace=True), nn.Dropout(c.dropout),
+            nn.Linear(c.hidden_dim, c.hidden_dim), nn.ReLU(inplace=True), nn.Dropout(c.dropout),
+            nn.Linear(c.hidden_dim, c.embedding_dim), nn.ReLU(inplace=True),
         )
-        self.head = nn.Linear(embedding_dim, 1)
+        self.head = nn.Linear(c.embedding_dim, 1)
+
+    @staticmethod
+    def preprocess(mel) -> torch.Tensor:
+        """Log-mel ``[B,T,128]`` (from :func:`aver.audio.log_mel`) -> ``[B,1,T,128]``, channels_last."""
+        return torch.as_tensor(mel).float().unsqueeze(1).contiguous(memory_format=torch.channels_last)
 
     def prefix(self, until: str) -> nn.Module:
         if until not in self.stages:

@@ -1,0 +1,140 @@
+"""Ray Datasets of face crops for training: AffectNet images with labels, FEC triplets, unlabeled
+crops. Cropping runs as Ray Data CPU tasks; unreadable images are dropped and counted."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from aver.constants import CROP_SIZE
+from aver.data.manifests import Manifest, read_affectnet, read_fec
+from aver.faces import crop_face
+from aver.faults import MediaError
+from aver.io.media import load_image
+from aver.io.storage import redact, url_to_fs
+
+log = logging.getLogger("aver")
+
+
+def _crop(source: str, box=None, box_frac=None, margin: float = 0.2, storage_options=None) -> np.ndarray | None:
+    try:
+        image = load_image(source, storage_options=storage_options)
+    except MediaError as e:
+        log.warning("dropped %s: %s", redact(source), e)  # counted in the task's log, never silent
+        return None
+    if box_frac is not None:
+        h, w = image.shape[:2]
+        box = (box_frac[0] * w, box_frac[1] * h, box_frac[2] * w, box_frac[3] * h)
+    if box is None:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((CROP_SIZE, CROP_SIZE), Image.BILINEAR))
+    return crop_face(image, box, size=CROP_SIZE, margin=margin)
+
+
+def with_images(m: Manifest, sources, what: str, hint: str, storage_options=None) -> list[dict]:
+    """The records of ``m`` whose images (``sources(record)``) exist under ``m.images_root``, from
+    one listing of that folder. Says how many rows were used, rejected and left without an image;
+    none usable is an error that says what is missing and what to run."""
+    fs, root = url_to_fs(m.images_root, storage_options)
+    fs.invalidate_cache()
+    found = {p[len(root.rstrip("/")) + 1:] for p in fs.find(root)} if fs.isdir(root) else set()
+    prefix = m.images_root.rstrip("/") + "/"
+    kept = [r for r in m.records if all(not s.startswith(prefix) or s[len(prefix):] in found for s in sources(r))]
+    total = len(m.records) + len(m.rejected)
+    print(f"{what}: {len(kept)} of {total} rows used; {len(m.rejected)} rejected (malformed or unused "
+          f"labels), {len(m.records) - len(kept)} without their images under {redact(m.images_root)}", flush=True)
+    if not kept:
+        raise ValueError(f"0 of {len(m.records)} {what} rows have their images under {redact(m.images_root)}"
+                         f"{': ' + hint if hint and m.records else ''}")
+    return kept
+
+
+def _affectnet_batch(batch: dict, margin: float, storage_options) -> dict:
+    images, keep = [], []
+    for source, box in zip(batch["source"], batch["box"]):
+        crop = _crop(source, box=tuple(box), margin=margin, storage_options=storage_options)
+        keep.append(crop is not None)
+        images.append(crop if crop is not None else np.zeros((CROP_SIZE, CROP_SIZE, 3), np.uint8))
+    keep = np.array(keep, bool)
+    return {"crop_id": np.asarray(batch["crop_id"])[keep], "image": np.stack(images)[keep],
+            "label": np.asarray(batch["label"], np.int64)[keep]}
+
+
+def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
+                      storage_options: dict | None = None):
+    """Rows ``crop_id``, ``image`` (140x140x3 uint8), ``label`` (0-7); returns (dataset, rejected rows)."""
+    import ray.data
+
+    m = read_affectnet(csv_uri, images_root, storage_options)
+    records = with_images(m, lambda r: [r["source"]], f"AffectNet {redact(csv_uri)}",
+                          "is images_root (--affectnet-images) the folder of Manually_Annotated_Images?",
+                          storage_options)
+    rows = [{"crop_id": r["crop_id"], "source": r["source"], "box": list(r["box"]), "label": r["label"]}
+            for r in records]
+    ds = ray.data.from_items(rows).map_batches(
+        _affectnet_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=64)
+    return ds, m.rejected
+
+
+def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
+    out = {"i": [], "j": [], "k": [], "type": [], "i_id": [], "j_id": [], "k_id": []}
+    for faces, pair, odd, kind in zip(batch["faces"], batch["pair"], batch["odd"], batch["type"]):
+        crops = [_crop(f["source"], box_frac=tuple(f["box_frac"]), margin=margin, storage_options=storage_options)
+                 for f in faces]
+        if any(c is None for c in crops):
+            continue
+        out["i"].append(crops[int(pair[0])])
+        out["j"].append(crops[int(pair[1])])
+        out["k"].append(crops[int(odd)])
+        out["type"].append(int(kind))
+        for key, index in (("i_id", pair[0]), ("j_id", pair[1]), ("k_id", odd)):
+            out[key].append(faces[int(index)]["crop_id"])
+    empty = np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    return {**{k: np.stack(out[k]) if out[k] else empty for k in ("i", "j", "k")},
+            "type": np.asarray(out["type"], np.int64),
+            **{k: np.asarray(out[k], dtype=object) for k in ("i_id", "j_id", "k_id")}}
+
+
+def fec_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
+                storage_options: dict | None = None):
+    """Rows ``i``, ``j`` (the annotated most-similar pair), ``k`` (the odd one) as 140x140x3 uint8
+    crops, their crop ids ``i_id``/``j_id``/``k_id`` and ``type`` (0/1/2 = one/two/three-class);
+    triplets with a missing image are dropped."""
+    import ray.data
+
+    m = read_fec(csv_uri, images_root, storage_options)
+    records = with_images(m, lambda r: [f["source"] for f in r["faces"]], f"FEC triplets {redact(csv_uri)}",
+                          "run jobs/fetch_fec.py on this CSV first", storage_options)
+    rows = [{"faces": [{"source": f["source"], "box_frac": list(f["box_frac"]), "crop_id": f["crop_id"]}
+                       for f in r["faces"]],
+             "pair": list(r["pair"]), "odd": r["odd"], "type": r["type"]} for r in records]
+    ds = ray.data.from_items(rows).map_batches(
+        _fec_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=32)
+    return ds, m.rejected
+
+
+def _image_batch(batch: dict, storage_options) -> dict:
+    ids, images = [], []
+    for crop_id, source in zip(batch["crop_id"], batch["source"]):
+        crop = _crop(source, storage_options=storage_options)
+        if crop is not None:
+            ids.append(crop_id)
+            images.append(crop)
+    return {"crop_id": np.asarray(ids, dtype=object),
+            "image": np.stack(images) if images else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)}
+
+
+def unlabeled_dataset(uri: str, storage_options: dict | None = None):
+    """Rows ``crop_id`` (the image's item id, as distill names it) and ``image`` (resized to 140)."""
+    import ray.data
+
+    from aver.io.media import IMAGE_EXTENSIONS, list_inputs
+
+    items = [i for i in list_inputs(uri, storage_options, IMAGE_EXTENSIONS) if i.kind == "image"]
+    if not items:
+        raise ValueError(f"no images under {uri}")
+    rows = [{"crop_id": i.item_id, "source": i.source} for i in items]
+    return ray.data.from_items(rows).map_batches(_image_batch, fn_kwargs={"storage_options": storage_options},
+                                                 batch_size=64)

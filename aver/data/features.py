@@ -1,0 +1,154 @@
+"""Feature timelines for fusion (paper §3.3), shared by train_fusion, evaluate and score_videos.
+
+Visual: the student's 1920-d embedding and 8-class expression probabilities of every face track at
+``fps`` (:func:`face_features`, one pass through :func:`aver.faces.scan_video`). Audio: VGGish
+``frame_features`` of the arousal and of the valence network, concatenated (256-d), one step per 8
+log-mel frames (0.32 s). A fusion window takes a fixed number of steps of each (:func:`take`).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from aver.audio import log_mel
+from aver.constants import AFFECTNET_CLASSES, AUDIO_STEP_S
+from aver.faces import FaceDetector, FaceTracker, TrackedFrame, scan_video
+from aver.models import Student, VGGishConfig, autocast
+
+VISUAL_DIM = Student.embedding_dim
+"""Width of one visual step: the student's embedding."""
+AUDIO_DIM = 2 * VGGishConfig.embedding_dim
+"""Width of one audio step: the arousal and the valence network's frame features."""
+
+
+@dataclass
+class AudioTimeline:
+    times: np.ndarray
+    """Step start times [M] (0.32 s apart)."""
+    features: np.ndarray
+    """[M, 128 x number of VGGish networks]."""
+
+
+@dataclass
+class FaceFeatures:
+    """Student outputs of every face track of one video, per sampled frame."""
+
+    times: list[float] = field(default_factory=list)
+    """Time of each sampled frame."""
+    feats: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+    """track id -> {sampled-frame number: float16 embedding [1920]}."""
+    probs: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+    """track id -> {sampled-frame number: expression probabilities [8]}."""
+    tracker: FaceTracker | None = None
+    decoded_s: float = 0.0
+    broken: object = None
+    """The MediaError of a stream broken midway (frames before it are kept), else None."""
+
+    def track(self, track_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(present [N] bool, embeddings [N,1920] float16, probabilities [N,8]) of one track over all
+        sampled frames; zeros where the track has no face."""
+        n = len(self.times)
+        present = np.zeros(n, bool)
+        feats = np.zeros((n, VISUAL_DIM), np.float16)
+        probs = np.zeros((n, len(AFFECTNET_CLASSES)), np.float32)
+        steps = np.fromiter(self.feats.get(track_id, {}).keys(), int)
+        if len(steps):
+            present[steps] = True
+            feats[steps] = np.stack(list(self.feats[track_id].values()))
+            probs[steps] = np.stack(list(self.probs[track_id].values()))
+        return present, feats, probs
+
+    def primary(self) -> int | None:
+        """The primary track (on screen longest and largest), None when no face was found."""
+        return self.tracker.primary() if self.feats else None
+
+
+@torch.no_grad()
+def student_features(student: torch.nn.Module, jpegs: list[bytes], batch_size: int = 64,
+                     device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [N,1920], softmax probabilities [N,8]) of JPEG face crops."""
+    from PIL import Image
+
+    device = device or next(student.parameters()).device
+    embs, probs = [], []
+    for s in range(0, len(jpegs), batch_size):
+        imgs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs[s:s + batch_size]]
+        out = student(Student.preprocess(imgs, device))
+        embs.append(out.embedding.float().cpu().numpy())
+        probs.append(torch.softmax(out.affectnet.float(), dim=1).cpu().numpy())
+    if not embs:
+        return np.zeros((0, VISUAL_DIM), np.float32), np.zeros((0, len(AFFECTNET_CLASSES)), np.float32)
+    return np.concatenate(embs), np.concatenate(probs)
+
+
+def face_features(source: str, detector: FaceDetector, student: torch.nn.Module, *, fps: float,
+                  batch_size: int = 64, storage_options: dict | None = None, **limits) -> FaceFeatures:
+    """Detect, track and embed the faces of one video batch by batch (see :func:`aver.faces.scan_video`,
+    which takes ``limits``); raises its MediaError when nothing decoded."""
+    found = FaceFeatures()
+    device = next(student.parameters()).device
+
+    def embed(frames: list[TrackedFrame]) -> None:
+        crops, keys = [], []
+        for f in frames:
+            found.times.append(f.timestamp_s)
+            for tid, _, jpeg in f.faces:
+                crops.append(jpeg)
+                keys.append((tid, f.step))
+        if crops:
+            with torch.inference_mode(), autocast(device):
+                emb, prob = student_features(student, crops, batch_size, device)
+            for (tid, step), e, p in zip(keys, emb.astype(np.float16), prob):
+                found.feats.setdefault(tid, {})[step] = e
+                found.probs.setdefault(tid, {})[step] = p
+
+    scan = scan_video(source, detector, embed, fps=fps, storage_options=storage_options, **limits)
+    found.tracker, found.decoded_s, found.broken = scan.tracker, scan.decoded_s, scan.broken
+    return found
+
+
+@torch.no_grad()
+def audio_timeline(waveform: np.ndarray, sample_rate: int, vggish: list[torch.nn.Module]) -> AudioTimeline:
+    """VGGish frame features of the whole recording, one network after the other, concatenated."""
+    mel = log_mel(waveform, sample_rate)
+    width = sum(net.config.embedding_dim for net in vggish)
+    if mel.shape[0] < 8:
+        return AudioTimeline(np.zeros(0), np.zeros((0, width), np.float32))
+    x = mel[None, None]
+    feats = [net.frame_features(x.to(next(net.parameters()).device)).float().cpu().numpy()[0] for net in vggish]
+    f = np.concatenate(feats, axis=1)
+    return AudioTimeline(np.arange(len(f)) * AUDIO_STEP_S, f.astype(np.float32))
+
+
+def window_shape(window_s: float, fps: float) -> tuple[int, int]:
+    """(visual steps, audio steps) of one fusion window."""
+    return max(1, round(window_s * fps)), max(1, round(window_s / AUDIO_STEP_S))
+
+
+def window_slices(duration_s: float, window_s: float, hop_s: float) -> list[tuple[float, float]]:
+    """(start, end) of every full window inside ``duration_s``; one shorter window if the clip is shorter."""
+    if duration_s <= 0:
+        return []
+    if duration_s < window_s:
+        return [(0.0, duration_s)]
+    n = int(np.floor((duration_s - window_s) / hop_s + 1e-9)) + 1
+    return [(i * hop_s, i * hop_s + window_s) for i in range(n)]
+
+
+def in_span(times: np.ndarray, start: float, end: float) -> np.ndarray:
+    """[N] bool: which ``times`` fall in the half-open span [start, end)."""
+    return (times >= start - 1e-6) & (times < end - 1e-6)
+
+
+def take(times: np.ndarray, values: np.ndarray, start: float, end: float, length: int) -> np.ndarray:
+    """``length`` rows of ``values`` whose times fall in [start, end), resampled by nearest index
+    so every window has the same shape (zeros when the modality has nothing there)."""
+    inside = np.where(in_span(times, start, end))[0]
+    if len(inside) == 0:
+        return np.zeros((length, values.shape[1]), np.float32)
+    pick = inside[np.minimum((np.arange(length) * len(inside)) // length, len(inside) - 1)]
+    return values[pick].astype(np.float32)

@@ -1,0 +1,395 @@
+"""Finding inputs and decoding them: videos with PyAV (presentation timestamps), audio at 16 kHz,
+still images normalised to 8-bit RGB. Everything streams; nothing holds a whole video."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from aver.faults import MediaError, is_transient
+from aver.io.storage import has_userinfo, redact, url_to_fs
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp")
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
+ARCHIVE_EXTENSIONS = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar", ".tgz": "tar"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS + IMAGE_EXTENSIONS
+MIN_SIDE = 20
+"""Frames and images smaller than this on their short side hold no detectable face (MTCNN's
+smallest face is 20 px; its image pyramid is empty below that)."""
+MAX_DURATION_S = 4 * 3600.0
+"""Longest input decoded (by decoded timestamps, never the header): a longer one is ``too_large``."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    source: str
+    """URI of the input as listed (local path or fsspec URI)."""
+    item_id: str
+    """Stable id derived from the source path (same on every rerun)."""
+    kind: str
+    """'video', 'audio' or 'image' (by extension; decoding decides what it really holds)."""
+    refusal: str | None = None
+    """Why this listed entry is not read at all (e.g. a manifest entry outside the manifest's
+    folder); the input gets status ``unsupported`` with this message."""
+
+    def check(self) -> None:
+        """Raise ``unsupported`` for an entry that is not to be read (see ``refusal``)."""
+        if self.refusal:
+            raise MediaError("unsupported", self.refusal)
+
+
+def item_id_for(source: str) -> str:
+    """``<stem>-<10 hex of sha1(source)>``: readable, stable across reruns, unique per path."""
+    canonical = source if "://" in source else os.path.abspath(source)
+    stem = os.path.splitext(os.path.basename(canonical.split("::", 1)[0].rstrip("/")))[0]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:40] or "item"
+    return f"{safe}-{hashlib.sha1(canonical.encode()).hexdigest()[:10]}"
+
+
+def _kind(path: str) -> str:
+    ext = os.path.splitext(path.split("::", 1)[0])[1].lower()
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in AUDIO_EXTENSIONS:
+        return "audio"
+    return "video"
+
+
+def _join(uri: str, fs, path: str) -> str:
+    if "://" not in uri:
+        return path
+    protocol = uri.split("://", 1)[0]
+    return f"{protocol}://{path}"
+
+
+def _manifest_sources(uri: str, storage_options: dict | None) -> list[tuple[str, str | None]]:
+    fs, path = url_to_fs(uri, storage_options)
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["source"])
+        sources = [s for s in table.column("source").to_pylist() if s]
+        return [_manifest_entry(uri, fs, os.path.dirname(path), s) for s in sources]
+    with fs.open(path, "rt") as f:
+        text = f.read()
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if path.endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+        if rows and "source" not in rows[0]:
+            raise ValueError(f"manifest {redact(uri)} has no 'source' column")
+        sources = [r["source"].strip() for r in rows if r.get("source")]
+    else:
+        sources = [ln.strip() for ln in lines]
+    return [_manifest_entry(uri, fs, os.path.dirname(path), s) for s in sources]
+
+
+def _manifest_entry(manifest: str, fs, base: str, entry: str) -> tuple[str, str | None]:
+    """(source, refusal) of one manifest entry. Relative entries resolve under the manifest's
+    folder and may not climb out of it. A local manifest may also name absolute paths and URIs (it
+    is the user's own list); a remote one only URIs of its own store (``s3://...`` in an S3
+    manifest): it must not make a cluster node read the node's local files or other services."""
+    remote = "://" in manifest and not manifest.startswith("file://")
+    if has_userinfo(entry):
+        return redact(entry), "credentials inside manifest entries are not accepted: use --storage-options or the environment"
+    if "://" in entry or os.path.isabs(entry):
+        if not remote:
+            return entry, None
+        protocol = manifest.split("://", 1)[0]
+        if entry.startswith(protocol + "://") and "::" not in entry:
+            return entry, None
+        return entry, f"a {protocol}:// manifest may only name {protocol}:// URIs and relative paths"
+    resolved = os.path.normpath(os.path.join(base, entry))
+    if resolved != base and not resolved.startswith(base.rstrip("/") + "/"):
+        return _join(manifest, fs, resolved), f"manifest entry {entry!r} climbs out of the manifest's folder"
+    return _join(manifest, fs, resolved), None
+
+
+def _archive_sources(uri: str, lower: str, storage_options: dict | None) -> list[str]:
+    # Members are addressed as chained fsspec URIs, e.g. zip://faces/0001.jpg::s3://bucket/crops.zip
+    protocol = next(p for ext, p in ARCHIVE_EXTENSIONS.items() if lower.endswith(ext))
+    outer = uri if "://" in uri else os.path.abspath(uri)
+    fs, _ = url_to_fs(f"{protocol}://::{outer}", storage_options)
+    members = [m for m in fs.find("") if not os.path.basename(m).startswith(".")]
+    return [f"{protocol}://{m}::{outer}" for m in members]
+
+
+def list_inputs(uri: str, storage_options: dict | None = None,
+                extensions: tuple[str, ...] = MEDIA_EXTENSIONS) -> list[InputItem]:
+    """Inputs named by a folder (recursive), a glob, an archive (.zip/.tar/.tar.gz: its members),
+    a manifest (.txt/.lst one URI per line, .csv or .parquet with a ``source`` column) or a single
+    file; sorted, duplicates removed."""
+    fs, path = url_to_fs(uri, storage_options)
+    fs.invalidate_cache()
+    lower = path.lower()
+    refusals: dict[str, str] = {}
+    if any(ch in path for ch in "*?["):
+        # one listing with types (detail) instead of an isdir call per match
+        matches = fs.glob(path, detail=True)
+        sources = [_join(uri, fs, p) for p, info in matches.items()
+                   if not os.path.basename(p).startswith(".") and info.get("type") != "directory"]
+    elif lower.endswith(tuple(ARCHIVE_EXTENSIONS)) and fs.isfile(path):
+        sources = _archive_sources(uri, lower, storage_options)
+    elif lower.endswith((".txt", ".lst", ".csv", ".parquet")) and fs.isfile(path):
+        entries = _manifest_sources(uri, storage_options)
+        sources = [s for s, _ in entries]
+        allowed = {s for s, why in entries if not why}  # one file named twice: an allowed entry wins
+        refusals = {s: why for s, why in entries if why and s not in allowed}
+        extensions = ()  # a manifest names its files: take them all, decoding decides
+    elif fs.isdir(path):
+        paths = [p for p in fs.find(path) if not os.path.basename(p).startswith(".")]
+        sources = [_join(uri, fs, p) for p in paths]
+    elif fs.exists(path):
+        sources = [uri]
+        extensions = ()
+    else:
+        raise FileNotFoundError(f"input not found: {redact(uri)}")
+    if extensions:
+        sources = [s for s in sources if s.split("::", 1)[0].lower().endswith(extensions)]
+    unique = sorted(set(sources))
+    return [InputItem(s, item_id_for(s), _kind(s), refusals.get(s)) for s in unique]
+
+
+def _open(source: str, storage_options: dict | None):
+    """A binary file object and its size. A file that is not there (or not a file) is a
+    ``corrupt`` input; storage faults propagate, to be retried."""
+    if has_userinfo(source):
+        raise MediaError("unsupported", f"{redact(source)}: credentials inside input URIs are not accepted")
+    try:
+        if "://" not in source or (source.startswith("file://") and "::" not in source):
+            path = source[len("file://"):] if source.startswith("file://") else source
+            return open(path, "rb"), os.path.getsize(path)
+        fs, path = url_to_fs(source, storage_options)
+        if "::" in source:  # an archive member: read it while its archive filesystem is alive
+            with fs.open(path, "rb") as f:
+                data = f.read()
+            return io.BytesIO(data), len(data)
+        return fs.open(path, "rb"), fs.size(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise MediaError("corrupt", f"{redact(source)} cannot be read: {type(e).__name__}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MediaError("corrupt", f"{redact(source)} cannot be read: a symbolic link loop") from None
+        raise
+
+
+@dataclass
+class VideoFrame:
+    index: int
+    """Index of the frame in the decoded stream (0-based)."""
+    timestamp_s: float
+    """Presentation time in seconds from the stream's start."""
+    image: np.ndarray
+    """HxWx3 uint8 RGB."""
+
+
+def _av_error(source: str, e: Exception) -> Exception:
+    """What a decoder failure means: a storage fault propagates as it is (to be retried), anything
+    else is a ``corrupt`` input."""
+    if is_transient(e):
+        return e
+    return MediaError("corrupt", f"cannot decode {redact(source)}: {type(e).__name__}: {e}")
+
+
+class VideoReader:
+    """Streams frames of one video sampled at ``fps`` by presentation timestamp, turned upright by
+    the stream's display matrix.
+
+    Nothing is taken from the container header that decoding can contradict: sizes are checked on
+    decoded frames, and :attr:`decoded_s` / :attr:`n_decoded` say how much was really decoded.
+    Opening or decoding raises :class:`MediaError` (``corrupt``, ``no_video``, ``unsupported``,
+    ``too_large``); storage faults propagate unchanged.
+    """
+
+    def __init__(self, source: str, *, storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
+                 max_pixels: int = 7680 * 4320, max_duration_s: float = MAX_DURATION_S,
+                 min_side: int = MIN_SIDE) -> None:
+        import av
+
+        self.source = source
+        self.max_pixels, self.max_duration_s, self.min_side = max_pixels, max_duration_s, min_side
+        self.decoded_s = 0.0
+        """Seconds of video decoded so far (last frame's end relative to the first frame)."""
+        self.n_decoded = 0
+        """Frames decoded so far."""
+        f, size = _open(source, storage_options)
+        if size == 0:
+            f.close()
+            raise MediaError("corrupt", f"{redact(source)} is empty (0 bytes)")
+        if size > max_bytes:
+            f.close()
+            raise MediaError("too_large", f"{redact(source)} is {size} bytes, over the {max_bytes}-byte limit")
+        self._file = f
+        try:
+            self._container = av.open(f, mode="r", metadata_errors="ignore")
+        except Exception as e:  # noqa: BLE001 - any demuxer failure is a corrupt input
+            f.close()
+            raise _av_error(source, e) from None
+        if not self._container.streams.video:
+            kind = "audio only" if self._container.streams.audio else "no streams"
+            self.close()
+            raise MediaError("no_video", f"{redact(source)} has no video stream ({kind})")
+        vs = self._container.streams.video[0]
+        if vs.codec_context is None:  # FFmpeg has no decoder for this codec (an unknown fourcc)
+            self.close()
+            raise MediaError("unsupported", f"{redact(source)}: no decoder for its video codec")
+        self.has_audio = bool(self._container.streams.audio)
+
+    def frames(self, fps: float) -> Iterator[VideoFrame]:
+        """Frames at ``fps``: the first frame whose PTS reaches each multiple of 1/fps."""
+        if fps <= 0:
+            raise ValueError("fps must be positive")
+        vs = self._container.streams.video[0]
+        vs.thread_type = "AUTO"
+        start = None
+        next_t = 0.0
+        period = 1.0 / fps
+        index = -1
+        try:
+            for frame in self._container.decode(vs):
+                index += 1
+                if index == 0:
+                    self._check_size(frame.width, frame.height)
+                if frame.pts is None:
+                    continue
+                t = float(frame.pts * frame.time_base)
+                start = t if start is None else start
+                t -= start
+                if t > self.max_duration_s:
+                    raise MediaError("too_large", f"{redact(self.source)} runs longer than the "
+                                                  f"{self.max_duration_s:.0f} s limit (by decoded timestamps)")
+                step = float(frame.duration * frame.time_base) if frame.duration else 0.0
+                self.n_decoded = index + 1
+                self.decoded_s = max(self.decoded_s, t + step)
+                if t + 1e-6 < next_t:
+                    continue
+                next_t = (int((t + 1e-6) / period) + 1) * period
+                yield VideoFrame(index, round(t, 6), upright(frame.to_ndarray(format="rgb24"), frame.rotation))
+        except MediaError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken packet midway: report, keep what decoded
+            raise _av_error(self.source, e) from None
+
+    def _check_size(self, w: int, h: int) -> None:
+        if w * h > self.max_pixels:
+            raise MediaError("too_large", f"{redact(self.source)} is {w}x{h}, over {self.max_pixels} pixels")
+        if min(w, h) < self.min_side:
+            raise MediaError("unsupported", f"{redact(self.source)} is {w}x{h}: frames smaller than "
+                                            f"{self.min_side} px hold no detectable face")
+
+    def close(self) -> None:
+        try:
+            self._container.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._file.close()
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def upright(image: np.ndarray, rotation: float) -> np.ndarray:
+    """``image`` turned as its display matrix says: ``rotation`` degrees counter-clockwise (PyAV's
+    ``VideoFrame.rotation``; phones store portrait video sideways with such a matrix)."""
+    k = int(round((rotation or 0) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(image, k)) if k else image
+
+
+def read_audio(source: str, *, storage_options: dict | None = None, sample_rate: int = 16000,
+               max_duration_s: float = MAX_DURATION_S) -> np.ndarray:
+    """The first audio stream as mono float32 at ``sample_rate``; raises ``MediaError('no_audio')``,
+    and ``too_large`` past ``max_duration_s`` of decoded audio."""
+    import av
+
+    f, size = _open(source, storage_options)
+    with f:
+        if size == 0:
+            raise MediaError("corrupt", f"{redact(source)} is empty (0 bytes)")
+        try:
+            container = av.open(f, mode="r", metadata_errors="ignore")
+        except Exception as e:  # noqa: BLE001
+            raise _av_error(source, e) from None
+        with container:
+            if not container.streams.audio:
+                raise MediaError("no_audio", f"{redact(source)} has no audio stream")
+            if container.streams.audio[0].codec_context is None:
+                raise MediaError("unsupported", f"{redact(source)}: no decoder for its audio codec")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            chunks, n, limit = [], 0, int(max_duration_s * sample_rate)
+            try:
+                for frame in container.decode(container.streams.audio[0]):
+                    for out in resampler.resample(frame):
+                        chunks.append(out.to_ndarray().reshape(-1))
+                        n += chunks[-1].size
+                    if n > limit:
+                        raise MediaError("too_large", f"{redact(source)}: audio runs longer than the "
+                                                      f"{max_duration_s:.0f} s limit")
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            except MediaError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise _av_error(source, e) from None
+    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+
+
+def load_image(source: str, *, storage_options: dict | None = None, max_pixels: int = 100_000_000,
+               min_side: int = MIN_SIDE) -> np.ndarray:
+    """An image as HxWx3 uint8 RGB: grayscale/palette/RGBA/16-bit are normalised; huge, tiny or
+    undecodable images raise :class:`MediaError`."""
+    from PIL import Image
+
+    f, size = _open(source, storage_options)
+    with f:
+        if size == 0:
+            raise MediaError("corrupt", f"{redact(source)} is empty (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size is checked below
+                img = Image.open(f)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise MediaError("too_large", f"{redact(source)} is {w}x{h}, over {max_pixels} pixels")
+            if min(w, h) < min_side:
+                raise MediaError("unsupported", f"{redact(source)} is {w}x{h}, smaller than {min_side} px")
+            img.load()
+        except MediaError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise MediaError("too_large", f"{redact(source)}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            if is_transient(e):
+                raise
+            raise MediaError("corrupt", f"cannot decode image {redact(source)}: {type(e).__name__}: {e}") from None
+    return to_rgb8(img)
+
+
+def to_rgb8(img) -> np.ndarray:
+    """PIL image of any mode -> HxWx3 uint8 RGB (alpha composited on black, 16-bit scaled)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        arr = np.asarray(img, dtype=np.float32)
+        rgb = arr[..., :3] * (arr[..., 3:4] / 255.0)
+        return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()

@@ -1,0 +1,55 @@
+"""What the four networks share: building from a config, and turning crops into input batches."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from aver.constants import CROP_SIZE
+
+C = TypeVar("C")
+
+
+def take_config(config_class: type[C], args: tuple, kwargs: dict) -> C:
+    """``Model(config)`` or ``Model(*fields, **fields)``: the config either way, checked by its class."""
+    if len(args) == 1 and not kwargs and isinstance(args[0], config_class):
+        return args[0]
+    if any(isinstance(a, config_class) for a in args):
+        raise TypeError(f"pass a {config_class.__name__} alone, or its fields, not both")
+    names = [f.name for f in fields(config_class)]
+    if len(args) > len(names):
+        raise TypeError(f"{config_class.__name__} has {len(names)} fields, got {len(args)} positional values")
+    return config_class(**dict(zip(names, args)), **kwargs)
+
+
+def crops_to_batch(images, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 RGB crops (``[B,H,W,3]`` array or a list of HxWx3) -> uint8 ``[B,3,140,140]`` on
+    ``device`` (through pinned memory on CUDA); crops of another size are resized first."""
+    from PIL import Image
+
+    if not isinstance(images, np.ndarray) or images.shape[1:3] != (CROP_SIZE, CROP_SIZE):
+        images = np.stack([im if im.shape[:2] == (CROP_SIZE, CROP_SIZE)
+                           else np.asarray(Image.fromarray(im).resize((CROP_SIZE,) * 2, Image.BILINEAR))
+                           for im in images])
+    x = torch.as_tensor(images).permute(0, 3, 1, 2)
+    device = torch.device(device) if device is not None else x.device
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def autocast(device: torch.device, enabled: bool | None = None):
+    """bf16 autocast on CUDA (the GPU stages' precision); off on CPU, where bf16 is slower, unless
+    ``enabled`` says otherwise."""
+    on = device.type == "cuda" if enabled is None else enabled
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> device, through pinned memory and an asynchronous copy on CUDA."""
+    if x.device == device or device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)

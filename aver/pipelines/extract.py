@@ -1,0 +1,182 @@
+"""extract_faces: media -> ``faces/`` (one row per sampled frame, primary face track) + ``status/``.
+
+Work is cut into units (one video, or a chunk of images); each unit's rows go to
+``faces/<unit>.parquet`` and then its status rows to ``status/<unit>.parquet``, both written
+atomically, so a rerun skips exactly the units that completed and never duplicates a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from aver.faces import FaceDetector, FaceDetectorConfig, TrackedFrame, scan_video
+from aver.faults import with_retries
+from aver.io.media import MAX_DURATION_S, InputItem, list_inputs, load_image
+from aver.io.storage import redact
+from aver.pipelines.units import (ActorPoolConfig, Plan, actor_setup, batch_units, commit, guarded, map_units, plan,
+                        run_units, summarise)
+
+FACES_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("source", pa.string()),
+    ("crop_id", pa.string()),
+    ("frame_index", pa.int64()),
+    ("timestamp_s", pa.float64()),
+    ("track_id", pa.int32()),
+    ("box", pa.list_(pa.float32(), 4)),
+    ("prob", pa.float32()),
+    ("crop", pa.binary()),
+])
+
+
+@dataclass
+class ExtractFacesConfig(ActorPoolConfig):
+    uri_fields = ("input", "output")
+
+    input: str
+    """Videos/images: a folder, a glob, a manifest (.txt/.csv/.parquet with `source`) or one file."""
+    output: str
+    """Output folder (local or fsspec URI); gets faces/ and status/."""
+    fps: float = 5.0
+    """Frames sampled per second of video (by presentation timestamp)."""
+    detector: FaceDetectorConfig = field(default_factory=FaceDetectorConfig)
+    """MTCNN and crop settings."""
+    images_per_unit: int = 256
+    """Images handled (and written) together as one unit of work."""
+    max_bytes: int = 20 * 2**30
+    """Inputs larger than this get status too_large."""
+    max_duration_s: float = MAX_DURATION_S
+    """Videos that decode longer than this get status too_large (memory per video grows with it)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fps <= 0 or self.fps > 120:
+            raise ValueError(f"fps must be in (0, 120], got {self.fps}")
+        if self.images_per_unit < 1:
+            raise ValueError("images_per_unit must be >= 1")
+
+
+def crop_id(video_id: str, frame_index: int) -> str:
+    return f"{video_id}-{frame_index:07d}"
+
+
+def process_video(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConfig) -> tuple[pa.Table, dict]:
+    """All faces rows of one video (primary track; null rows without a face) and its status row;
+    whatever the video raises ends in the status row."""
+    status = {"video_id": item.item_id, "source": redact(item.source), "n_frames": 0, "duration_s": None}
+    result, failure = guarded(lambda: _video_rows(item, detector, cfg), cfg.retry, item.source)
+    if failure:
+        return _faces_table([]), {**status, "status": failure[0], "error": failure[1]}
+    rows, status_fields = result
+    return _faces_table(rows), {**status, **status_fields}
+
+
+def _video_rows(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConfig) -> tuple[list[dict], dict]:
+    item.check()
+    frames: list[TrackedFrame] = []  # small: boxes and JPEG crops, never decoded frames
+    scan = scan_video(item.source, detector, frames.extend, fps=cfg.fps, storage_options=cfg.storage_options,
+                      max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s)
+    source, primary = redact(item.source), scan.tracker.primary()
+    rows = []
+    for frame in frames:
+        hit = next(((d, jpeg) for tid, d, jpeg in frame.faces if tid == primary), None)
+        rows.append({
+            "video_id": item.item_id, "source": source, "crop_id": crop_id(item.item_id, frame.index),
+            "frame_index": frame.index, "timestamp_s": frame.timestamp_s,
+            "track_id": primary if hit else None,
+            "box": [float(v) for v in hit[0].box] if hit else None,
+            "prob": float(hit[0].prob) if hit else None,
+            "crop": hit[1] if hit else None,
+        })
+    status = {"n_frames": len(rows), "duration_s": round(scan.decoded_s, 6)}
+    if scan.broken is not None:
+        return rows, {**status, "status": scan.broken.status, "error": f"{scan.broken} (after {len(rows)} frames)"}
+    if primary is None:
+        return rows, {**status, "status": "no_face", "error": None}
+    return rows, {**status, "status": "ok", "error": None}
+
+
+def process_images(items: list[InputItem], detector: FaceDetector, cfg: ExtractFacesConfig) -> tuple[pa.Table, list[dict]]:
+    """One row per image (its most confident face, or nulls) and one status row per image; an
+    image that fails costs its own row only."""
+    rows, statuses, loaded = [], [], []
+    for item in items:
+        base = {"video_id": item.item_id, "source": redact(item.source), "duration_s": None, "n_frames": 0}
+        image, failure = guarded(lambda: item.check() or load_image(item.source, storage_options=cfg.storage_options),
+                                 cfg.retry, item.source)
+        if failure:
+            statuses.append({**base, "status": failure[0], "error": failure[1]})
+        else:
+            loaded.append((item, image))
+    try:
+        detections = detector.detect([img for _, img in loaded]) if loaded else []
+    except Exception:  # noqa: BLE001 - find the image that broke the batch: each alone
+        detections = [guarded(lambda: detector.detect([img])[0], cfg.retry, item.source) for item, img in loaded]
+    for (item, img), dets in zip(loaded, detections):
+        base = {"video_id": item.item_id, "source": redact(item.source), "duration_s": None}
+        if isinstance(dets, tuple):  # (detections, failure) from the one-by-one pass
+            dets, failure = dets
+            if failure:
+                statuses.append({**base, "n_frames": 0, "status": failure[0], "error": failure[1]})
+                continue
+        best = dets[0] if dets else None
+        rows.append({
+            "video_id": item.item_id, "source": redact(item.source), "crop_id": crop_id(item.item_id, 0),
+            "frame_index": 0, "timestamp_s": 0.0, "track_id": 0 if best else None,
+            "box": [float(v) for v in best.box] if best else None,
+            "prob": float(best.prob) if best else None,
+            "crop": detector.crop(img, best.box) if best else None,
+        })
+        statuses.append({**base, "n_frames": 1, "status": "ok" if best else "no_face", "error": None})
+    return _faces_table(rows), statuses
+
+
+def _faces_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
+
+
+def plan_units(items: list[InputItem], cfg: ExtractFacesConfig) -> Plan:
+    """Each video its own unit; images in chunks of pending images (see :mod:`aver.pipelines.units`)."""
+    return plan(cfg.output, cfg.storage_options,
+                singles=[(i.item_id, vars(i)) for i in items if i.kind != "image"],
+                chunked=[(i.item_id, vars(i)) for i in items if i.kind == "image"],
+                prefix="images", per_unit=cfg.images_per_unit, output_folders=("faces",))
+
+
+class FaceExtractor:
+    """Ray Data actor: holds one FaceDetector (GPU when given one) and processes whole units."""
+
+    def __init__(self, cfg: ExtractFacesConfig) -> None:
+        self.cfg = cfg
+        device = actor_setup(cfg, "FaceExtractor")
+        self.detector = FaceDetector(cfg.detector, device=str(device))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        return run_units(batch_units(batch), self.process, "video_id")
+
+    def process(self, unit: dict) -> list[dict]:
+        items = [InputItem(**i) for i in unit["items"]]
+        if items[0].kind == "image":
+            faces, statuses = process_images(items, self.detector, self.cfg)
+        else:
+            faces, status = process_video(items[0], self.detector, self.cfg)
+            statuses = [status]
+        commit(self.cfg.output, unit, {"faces": (faces, "video_id")}, statuses, id_column="video_id",
+               storage_options=self.cfg.storage_options, policy=self.cfg.retry)
+        return statuses
+
+
+def run(cfg: ExtractFacesConfig) -> dict[str, int]:
+    """Run the job on the current Ray cluster (``ray.init()`` starts a local one if none);
+    returns the count of each status among the inputs processed now."""
+    items = with_retries(lambda: list_inputs(cfg.input, cfg.storage_options), cfg.retry, cfg.input)
+    work = with_retries(lambda: plan_units(items, cfg), cfg.retry, cfg.output)
+    todo = work.units
+    print(f"extract_faces: {len(items)} inputs; {work.n_complete} units already complete, {len(todo)} to do "
+          f"({sum(len(u['items']) for u in todo)} inputs)", flush=True)
+    if not todo:
+        return {}
+    return summarise("extract_faces", map_units(todo, FaceExtractor, cfg))

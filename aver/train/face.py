@@ -1,0 +1,236 @@
+"""The face networks' training (Algorithm 1, §3.1.2): one loop for the teacher and the student.
+
+Every step draws an AffectNet batch and an FEC triplet batch and runs them through the network in
+one forward pass: L = L_FEC + alpha * L_AffectNet. With distillation targets (the student), the
+80-d head also learns RKD against the teachers' targets on every crop that has one, and an
+unlabeled batch joins each step, contributing RKD only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aver.data.faces import affectnet_dataset, fec_dataset, unlabeled_dataset
+from aver.io.parts import join, read_folder
+from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
+from aver.models import Student, StudentConfig, Teacher, TeacherConfig, autocast, to_device
+from aver.train.batches import ShardBatches, input_encoder, recalibrate_batchnorm
+from aver.train.harness import TrainConfig, begin, epochs, fit, maybe_fail, prepare_worker, report_epoch
+
+
+@dataclass
+class FaceTrainConfig(TrainConfig):
+    """What the teacher and the student train on (Algorithm 1): AffectNet and FEC, and the loss weights."""
+
+    affectnet: str = ""
+    """AffectNet training.csv (local or fsspec URI)."""
+    fec: str = ""
+    """Google FEC training CSV (images fetched)."""
+    affectnet_images: str | None = None
+    """AffectNet image folder (default: the CSV's folder)."""
+    fec_images: str | None = None
+    """Fetched FEC images (default: images/ beside the CSV)."""
+    loss: FaceLossConfig = field(default_factory=FaceLossConfig)
+    """Margins, alpha and the RKD weights (RKD: the student only)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.affectnet or not self.fec:
+            raise ValueError("training on faces needs both --affectnet and --fec")
+        if isinstance(self.loss, dict):
+            self.loss = FaceLossConfig(**self.loss)
+
+    @property
+    def targets_uri(self) -> str | None:
+        """distill output whose targets the 80-d head learns (RKD); None: no distillation."""
+        return None
+
+    @property
+    def unlabeled_uri(self) -> str | None:
+        """Unlabeled images that join every step (RKD only); None: none."""
+        return None
+
+
+@dataclass
+class TeacherTrainConfig(FaceTrainConfig):
+    name: str = "teacher128"
+    """Run name: checkpoints under OUTPUT/runs/NAME, final model OUTPUT/models/NAME.pt."""
+    d_face: int = TeacherConfig.d_face
+    """Face embedding width (the paper's two teachers: 128 and 256)."""
+    facenet: str | None = None
+    """facenet-pytorch VGGFace2 weights for the trunk (registry name or URI); None = random init."""
+    freeze: str | None = field(default=None, metadata={"choices": Teacher.stages})
+    """"trunk": train only the layers after the trunk, whose outputs are computed once and cached
+    (fast recipe; the trunk keeps its weights and BN statistics). None trains everything."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.d_face < 1:
+            raise ValueError("d_face must be positive")
+        if self.freeze is not None and self.freeze not in Teacher.stages:
+            raise ValueError(f"freeze must be None or one of {Teacher.stages}, got {self.freeze!r}")
+
+    def build_model(self, pretrained: bool = True) -> Teacher:
+        if pretrained and self.facenet:
+            return Teacher.from_facenet(self.facenet, storage_options=self.storage_options or None, d_face=self.d_face)
+        return Teacher(TeacherConfig(d_face=self.d_face))
+
+
+@dataclass
+class StudentTrainConfig(FaceTrainConfig):
+    name: str = "student"
+    """Run name: checkpoints under OUTPUT/runs/NAME, final model OUTPUT/models/NAME.pt."""
+    batch_size: int = 16
+    """Examples per step per worker (each step also takes as many FEC triplets)."""
+    targets: str | None = None
+    """distill.py output folder (targets/ with crop_id, target[80]); None trains without distillation."""
+    unlabeled: str | None = None
+    """Unlabeled face images (the PowderFaces role), distilled with the same teachers."""
+    imagenet: str | None = None
+    """torchvision DenseNet201 ImageNet weights (registry name or URI); None = random init."""
+    freeze: str | None = field(default=None, metadata={"choices": Student.stages})
+    """Backbone stage up to which the student stays frozen (e.g. "transition3": train denseblock4,
+    norm5 and the heads); its outputs are computed once and cached. None trains everything."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.freeze is not None and self.freeze not in Student.stages:
+            raise ValueError(f"freeze must be None or one of {Student.stages}, got {self.freeze!r}")
+        if self.unlabeled and not self.targets:
+            raise ValueError("unlabeled images only contribute through distillation: give --targets too")
+
+    @property
+    def targets_uri(self) -> str | None:
+        return self.targets
+
+    @property
+    def unlabeled_uri(self) -> str | None:
+        return self.unlabeled
+
+    def build_model(self, pretrained: bool = True) -> Student:
+        if pretrained and self.imagenet:
+            return Student.from_imagenet(self.imagenet, storage_options=self.storage_options or None)
+        return Student()
+
+
+class TargetTable:
+    """The distillation targets, looked up by crop id on each worker."""
+
+    def __init__(self, uri: str | None, storage_options: dict | None) -> None:
+        dim = StudentConfig.distill_dim
+        self.index: dict[str, int] = {}
+        self.matrix = np.zeros((0, dim), np.float32)
+        if uri:
+            table = read_folder(join(uri, "targets"), storage_options)
+            self.index = {c: i for i, c in enumerate(table["crop_id"].to_pylist())}
+            self.matrix = np.asarray(table["target"].to_pylist(), np.float32).reshape(-1, dim)
+
+    def lookup(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets [N,80], mask [N]) for ``ids``; crops without a target are masked out."""
+        rows = [self.index.get(str(i), -1) for i in ids]
+        mask = torch.tensor([r >= 0 for r in rows])
+        out = torch.zeros(len(rows), self.matrix.shape[1])
+        if mask.any():
+            out[mask] = torch.from_numpy(self.matrix[[r for r in rows if r >= 0]])
+        return out, mask
+
+
+def _triplet_correct(e_i: torch.Tensor, e_j: torch.Tensor, e_k: torch.Tensor) -> torch.Tensor:
+    d = lambda a, b: (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1)  # noqa: E731
+    return ((d(e_i, e_j) < d(e_i, e_k)) & (d(e_i, e_j) < d(e_j, e_k))).float().mean()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg: FaceTrainConfig = config["cfg"]
+    freeze = cfg.freeze
+    model, core, optimizer, start, history, device = prepare_worker(cfg, freeze=freeze)
+    loss_cfg = cfg.loss
+    distill = cfg.targets_uri is not None
+    targets = TargetTable(cfg.targets_uri, cfg.storage_options or None) if distill else None
+    encode, store = input_encoder(cfg, core, freeze, type(core).preprocess, device)
+
+    def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
+        return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, cfg.batch_size, cache=bool(freeze),
+                            seed=seed, store=store)
+
+    affectnet = source("affectnet", ("image",), cfg.seed)
+    fec = source("fec", ("i", "j", "k"), cfg.seed + 1)
+    unlabeled = source("unlabeled", ("image",), cfg.seed + 2) if cfg.unlabeled_uri else None
+    for epoch in epochs(cfg, start, optimizer):
+        model.train()
+        if freeze:
+            core.prefix(freeze).eval()
+        fec_iter = fec.cycle(epoch)
+        unl_iter = unlabeled.cycle(epoch) if unlabeled is not None else None
+        totals = dict.fromkeys(("loss", "loss_rkd") if distill else ("loss",), 0.0)
+        totals.update(dict.fromkeys(("loss_fec", "loss_affectnet", "accuracy", "triplet_accuracy"), 0.0))
+        steps = 0
+        for step, batch in enumerate(affectnet.epoch(epoch)):
+            maybe_fail(cfg, epoch, step)
+            trip = next(fec_iter)
+            parts = [batch["image"], trip["i"], trip["j"], trip["k"]]
+            if unl_iter is not None:
+                unl = next(unl_iter)
+                parts.append(unl["image"])
+            with autocast(device):  # one forward pass over every batch: DDP syncs BN buffers on each
+                out = model(to_device(torch.cat(parts), device), after=freeze)
+            out = type(out)(*(o.float() for o in out))
+            na, n = len(batch["image"]), len(trip["i"])
+            labels = torch.as_tensor(batch["label"]).long().to(device)
+            logits = out.affectnet[:na]
+            loss_aff = F.cross_entropy(logits, labels)
+            e_i, e_j, e_k = out.fec[na:na + n], out.fec[na + n:na + 2 * n], out.fec[na + 2 * n:na + 3 * n]
+            loss_fec = fec_triplet_loss(e_i, e_j, e_k, loss_cfg.margins(torch.as_tensor(trip["type"]).to(device)))
+            loss = loss_fec + loss_cfg.affectnet_weight * loss_aff
+            if distill:
+                ids = [*batch["crop_id"], *trip["i_id"], *trip["j_id"], *trip["k_id"]]
+                if unl_iter is not None:
+                    ids += list(unl["crop_id"])
+                target, mask = targets.lookup(ids)
+                loss_rkd = torch.zeros((), device=device)
+                if int(mask.sum()) >= 3:
+                    loss_rkd = rkd_loss(out.distill[mask.to(device)], target[mask].to(device),
+                                        distance_weight=loss_cfg.rkd_distance_weight,
+                                        angle_weight=loss_cfg.rkd_angle_weight)
+                loss = loss + loss_rkd
+                totals["loss_rkd"] += loss_rkd.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            totals["loss"] += loss.item()
+            totals["loss_fec"] += loss_fec.item()
+            totals["loss_affectnet"] += loss_aff.item()
+            totals["accuracy"] += (logits.argmax(1) == labels).float().mean().item()
+            totals["triplet_accuracy"] += _triplet_correct(e_i.detach(), e_j.detach(), e_k.detach()).item()
+            steps += 1
+        core.eval()
+        recalibrate_batchnorm(core, (b["image"].to(device) for b in affectnet.epoch(epoch)),
+                              forward=lambda x: core(x, after=freeze))
+        history = report_epoch(epoch, {k: v / max(steps, 1) for k, v in totals.items()}, model, optimizer, history)
+
+
+def run(cfg: FaceTrainConfig) -> list[dict] | None:
+    """Train (or resume) a teacher or a student; returns the metric history, None when already finished."""
+    job = "train_student" if isinstance(cfg, StudentTrainConfig) else "train_teacher"
+    if not begin(cfg, job):
+        return None
+    so = cfg.storage_options or None
+    affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
+    fec, _ = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
+    datasets = {"affectnet": affectnet, "fec": fec}
+    if isinstance(cfg, StudentTrainConfig):
+        print(f"{job}: distillation {'on' if cfg.targets else 'off'}", flush=True)
+    if cfg.unlabeled_uri:
+        datasets["unlabeled"] = unlabeled_dataset(cfg.unlabeled_uri, so)
+    if not cfg.targets_uri:  # the crop ids only serve the target lookup
+        datasets = {"affectnet": affectnet.select_columns(["image", "label"]),
+                    "fec": fec.select_columns(["i", "j", "k", "type"])}
+    history = fit(train_loop_per_worker, cfg, datasets)
+    print(f"{job}: wrote {cfg.model_uri}", flush=True)
+    return history

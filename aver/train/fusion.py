@@ -1,0 +1,109 @@
+"""train_fusion: the audio-visual fusion model (paper §3.3, Fig. 3) on RECOLA-layout sessions.
+
+Sessions are featurised once (primary-face crops -> student embeddings at ``fps``; audio ->
+VGGish frame features of the arousal and valence networks), cut into windows of ``window_s`` every
+``hop_s``, and the model learns the gold (arousal, valence) of each window's last ``target_s``
+with 1 - CCC per dimension. ``modalities`` trains the visual-only / audio-only variants (Table 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from aver.data.features import AUDIO_DIM, VISUAL_DIM
+from aver.data.recola import SessionWindows, session_windows
+from aver.io.parts import join
+from aver.metrics import ccc
+from aver.models import FusionConfig, FusionModel, to_device
+from aver.models.fusion import MODALITIES
+from aver.train.batches import ShardBatches
+from aver.train.harness import TrainConfig, begin, ccc_epoch, epochs, fit, prepare_worker, report_epoch, require_batches
+
+
+@dataclass
+class FusionTrainConfig(TrainConfig):
+    name: str = "fusion"
+    """Run name: final model OUTPUT/models/NAME.pt (the demo trains fusion, fusion_visual, fusion_audio)."""
+    epochs: int = 20
+    """Passes over the training windows."""
+    batch_size: int = 16
+    """Windows per step per worker (CCC needs at least 2)."""
+    recola: str = ""
+    """RECOLA root (recordings_video/, recordings_audio/, ratings_gold_standard/)."""
+    student: str = ""
+    """Student checkpoint (train_student output)."""
+    vggish_arousal: str = ""
+    """VGGish arousal checkpoint (train_vggish output)."""
+    vggish_valence: str = ""
+    """VGGish valence checkpoint."""
+    modalities: tuple[str, ...] = field(default=MODALITIES, metadata={"choices": MODALITIES})
+    """Inputs used: visual and audio (fused), or one of them."""
+    window_s: float = SessionWindows.window_s
+    """Window length fed to the fusion model."""
+    hop_s: float = SessionWindows.hop_s
+    """Training windows start every hop_s."""
+    target_s: float = SessionWindows.target_s
+    """The target is the mean gold label over the window's last target_s."""
+    fps: float = SessionWindows.fps
+    """Face sampling rate for visual features."""
+    featurizer_cpus: float = SessionWindows.featurizer_cpus
+    """CPUs of the featurising actor (student, VGGish and MTCNN together)."""
+    features_cache: str | None = None
+    """Folder for per-session feature timelines, reused by every run with the same models and fps
+    (the fused / visual-only / audio-only runs featurise once). Default OUTPUT/features."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.modalities = tuple(self.modalities)
+        if not self.recola or not self.student or not self.vggish_arousal or not self.vggish_valence:
+            raise ValueError("train_fusion needs --recola, --student, --vggish-arousal and --vggish-valence")
+        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}")
+        self.windows()  # checks the windowing
+        if self.batch_size < 2:
+            raise ValueError("CCC needs batches of at least 2 windows")
+
+    def windows(self) -> SessionWindows:
+        """How the sessions are featurised and windowed."""
+        return SessionWindows(recola=self.recola, student=self.student, vggish_arousal=self.vggish_arousal,
+                              vggish_valence=self.vggish_valence, window_s=self.window_s, hop_s=self.hop_s,
+                              target_s=self.target_s, fps=self.fps, featurizer_cpus=self.featurizer_cpus,
+                              features_cache=self.features_cache, storage_options=self.storage_options)
+
+    def build_model(self, pretrained: bool = True) -> FusionModel:
+        return FusionModel(FusionConfig(visual_dim=VISUAL_DIM, audio_dim=AUDIO_DIM, modalities=self.modalities))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg: FusionTrainConfig = config["cfg"]
+    model, _, optimizer, start, history, device = prepare_worker(cfg, optimizer=torch.optim.Adam)
+
+    def predict(batch):
+        return (model(to_device(batch["visual"], device), to_device(batch["audio"], device)),
+                to_device(torch.as_tensor(batch["target"]), device))
+
+    # Windows are small and reread every epoch: keep this worker's shard in memory (float16).
+    windows = ShardBatches(ray.train.get_dataset_shard("train"), ("visual", "audio"), torch.as_tensor, cfg.batch_size,
+                           cache=True, seed=cfg.seed, drop_last=True)
+    for epoch in epochs(cfg, start, optimizer):
+        loss, p, t = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, cfg, epoch)
+        metrics = {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
+        history = report_epoch(epoch, metrics, model, optimizer, history)
+
+
+def run(cfg: FusionTrainConfig) -> list[dict] | None:
+    """Featurise the train sessions and train (or resume) the fusion model."""
+    if not begin(cfg, "train_fusion"):
+        return None
+    if cfg.features_cache is None:
+        cfg.features_cache = join(cfg.output, "features", cfg.windows().features_key())
+    train = session_windows(cfg.windows(), "train").select_columns(["visual", "audio", "target"])
+    print(f"train_fusion: {train.count()} training windows of {cfg.window_s} s", flush=True)
+    require_batches(train.count(), cfg, f"{cfg.window_s} s training windows")
+    history = fit(train_loop_per_worker, cfg, {"train": train})
+    print(f"train_fusion: wrote {cfg.model_uri}", flush=True)
+    return history

@@ -1,0 +1,264 @@
+"""What every Ray Train job shares: its config, worker setup, the learning-rate schedule,
+checkpoint save/restore per epoch, resuming a rerun, fault injection for tests, and publishing the
+final aver checkpoint.
+
+Each job keeps its own ``train_loop_per_worker(config)``, which receives its config dataclass as
+``config["cfg"]``; models stay free of Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from aver.io.parts import join
+from aver.models import autocast, save_checkpoint
+from aver.io.storage import exists, read_bytes, url_to_fs, write_bytes_atomic
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    output: str
+    """Folder (local or fsspec URI) for Ray Train runs (checkpoints) and the final model."""
+    name: str
+    """Run name: checkpoints under OUTPUT/runs/NAME, final model OUTPUT/models/NAME.pt."""
+    epochs: int = 5
+    """Passes over the main training set."""
+    batch_size: int = 32
+    """Examples per step per worker."""
+    lr: float = 1e-3
+    """Learning rate."""
+    weight_decay: float = 1e-4
+    """Weight decay (AdamW)."""
+    lr_schedule: str = field(default="constant", metadata={"choices": LR_SCHEDULES})
+    """"constant", or "cosine": epoch e runs at lr * (1 + cos(pi * e / epochs)) / 2."""
+    num_workers: int = 1
+    """Data-parallel Ray Train workers."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (leave some for Ray Data on small machines)."""
+    seed: int = 0
+    """Seed for initialisation and shuffling."""
+    threads_per_worker: int = 0
+    """Torch threads per worker; 0 = the machine's CPUs over the workers (Ray alone would give a
+    1-CPU worker one thread and leave the rest of the machine idle)."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train may make; each resumes from the last checkpoint."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for OUTPUT (e.g. an S3 endpoint)."""
+    fail_at: tuple[int, int] | None = field(default=None, metadata={"cli": False})
+    """Testing only: raise once at (epoch, step) on rank 0 to exercise recovery."""
+
+    def build_model(self, pretrained: bool = True) -> torch.nn.Module:
+        """The network this run trains (``pretrained``: with the upstream weights the config names)."""
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("epochs, batch_size and num_workers must be >= 1")
+        if self.threads_per_worker < 0:
+            raise ValueError("threads_per_worker must be >= 0")
+        if self.lr <= 0 or self.weight_decay < 0 or self.cpus_per_worker <= 0 or self.max_failures < 0:
+            raise ValueError("lr > 0, weight_decay >= 0, cpus_per_worker > 0, max_failures >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        if self.fail_at is not None:
+            self.fail_at = tuple(self.fail_at)
+
+    @property
+    def model_uri(self) -> str:
+        return join(self.output, "models", f"{self.name}.pt")
+
+    @property
+    def metrics_uri(self) -> str:
+        return join(self.output, "models", f"{self.name}.metrics.json")
+
+
+def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, optimizer: type = torch.optim.AdamW) -> tuple:
+    """The common start of a train loop: seed and threads, ``cfg.build_model()`` frozen up to
+    ``freeze`` (``model.prefix``), channels_last, wrapped by Ray Train, an optimizer over what
+    trains, and the last checkpoint restored. Returns (model as wrapped, the model itself,
+    optimizer, first epoch, history, device)."""
+    import ray.train.torch
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers))
+    model = cfg.build_model()
+    if freeze:
+        model.prefix(freeze).requires_grad_(False)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+    core = model.module if hasattr(model, "module") else model
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, history = restore(model, opt)
+    return model, core, opt, start, history, ray.train.torch.get_device()
+
+
+def epochs(cfg: TrainConfig, start: int, optimizer: torch.optim.Optimizer):
+    """The epochs still to run, each with its learning rate set by ``lr_schedule``. The rate
+    depends only on the epoch, so a resumed run continues the schedule where it stopped."""
+    import math
+
+    for epoch in range(start, cfg.epochs):
+        lr = cfg.lr
+        if cfg.lr_schedule == "cosine":
+            lr *= (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        yield epoch
+
+
+def is_finished(cfg: TrainConfig) -> bool:
+    """True when the run's final model was published: a rerun must not retrain."""
+    return exists(cfg.model_uri, cfg.storage_options)
+
+
+def begin(cfg: TrainConfig, job: str) -> bool:
+    """Whether ``job`` has work to do: False (and says so) when its final model exists; otherwise
+    makes sure Ray is running (a local instance, or the cluster under ``ray job submit``)."""
+    import ray
+
+    if is_finished(cfg):
+        print(f"{job}: {cfg.model_uri} exists; nothing to do", flush=True)
+        return False
+    if not ray.is_initialized():
+        ray.init()
+    return True
+
+
+def ccc_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, predict: Callable,
+              cfg: TrainConfig, epoch: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One epoch of 1 - CCC regression (Algorithm 2, fusion): ``predict(batch) -> (pred, target)``.
+    Returns the mean loss and all predictions and targets of the epoch (on CPU)."""
+    from aver.losses import ccc_loss
+
+    model.train()
+    losses, preds, targets = [], [], []
+    for step, batch in enumerate(batches):
+        maybe_fail(cfg, epoch, step)
+        with autocast(next(model.parameters()).device):
+            pred, target = predict(batch)
+        pred, target = pred.float(), target.float()
+        loss = ccc_loss(pred, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        preds.append(pred.detach().float().cpu())
+        targets.append(target.float().cpu())
+    if not losses:
+        raise RuntimeError("an epoch without a single batch: the shard is smaller than one batch")
+    return sum(losses) / len(losses), torch.cat(preds), torch.cat(targets)
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[int, list[dict]]:
+    """Load the latest Ray Train checkpoint into ``model``/``optimizer``; (next epoch, history)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, []
+    with ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    target = model.module if hasattr(model, "module") else model
+    target.load_state_dict(state["model"])
+    if optimizer is not None and state.get("optimizer"):
+        optimizer.load_state_dict(state["optimizer"])
+    history = json.loads(state["history"])
+    print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+    return int(state["epoch"]) + 1, history
+
+
+def report_epoch(epoch: int, metrics: dict[str, float], model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | None, history: list[dict]) -> list[dict]:
+    """Report the epoch's metrics with a checkpoint (written by rank 0); returns the history."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
+    history = [*history, row]
+    print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"),
+          flush=True)
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(row, checkpoint=None)
+        return history
+    target = model.module if hasattr(model, "module") else model
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"epoch": epoch, "model": target.state_dict(),
+                    "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                    "history": json.dumps(history)}, os.path.join(d, "state.pt"))
+        ray.train.report(row, checkpoint=Checkpoint.from_directory(d))
+    return history
+
+
+def require_batches(n_examples: int, cfg: TrainConfig, what: str) -> None:
+    """Refuse to start a run that could not take a single step (CCC losses drop the last partial
+    batch): a run that reports metrics of zero steps would look like a perfect one."""
+    needed = cfg.batch_size * cfg.num_workers
+    if n_examples < needed:
+        raise ValueError(f"{n_examples} {what} cannot fill one batch of {cfg.batch_size} on each of "
+                         f"{cfg.num_workers} workers: lower --batch-size or give more data")
+
+
+def maybe_fail(cfg: TrainConfig, epoch: int, step: int) -> None:
+    """Raise once at ``fail_at`` on rank 0 (a marker in the run folder makes it once only)."""
+    import ray.train
+
+    if not cfg.fail_at or (epoch, step) != tuple(cfg.fail_at) or ray.train.get_context().get_world_rank() != 0:
+        return
+    marker = join(cfg.output, "runs", cfg.name, "injected_failure")
+    if exists(marker, cfg.storage_options):
+        return
+    write_bytes_atomic(marker, b"1", cfg.storage_options)
+    raise RuntimeError(f"injected failure at epoch {epoch}, step {step}")
+
+
+def _storage(cfg: TrainConfig) -> tuple[str, Any]:
+    if "://" not in cfg.output:
+        return os.path.abspath(join(cfg.output, "runs")), None
+    import pyarrow.fs
+
+    fs, path = url_to_fs(cfg.output, cfg.storage_options)
+    return join(path, "runs"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict) -> list[dict]:
+    """Run ``train_loop`` under a TorchTrainer (resuming a previous run of the same name), then
+    publish the last checkpoint's model as an aver checkpoint with its metric history."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = _storage(cfg)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    model = cfg.build_model(pretrained=False)
+    model.load_state_dict(state["model"])
+    history = json.loads(state["history"])
+    write_bytes_atomic(cfg.metrics_uri, json.dumps(history, indent=1).encode(), cfg.storage_options)
+    save_checkpoint(model.eval(), cfg.model_uri, meta={"history": json.dumps(history), "name": cfg.name},
+                    storage_options=cfg.storage_options)  # published last: its presence means finished
+    return history
+
+
+def load_history(cfg: TrainConfig) -> list[dict]:
+    return json.loads(read_bytes(cfg.metrics_uri, cfg.storage_options))

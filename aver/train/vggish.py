@@ -1,0 +1,94 @@
+"""train_vggish: Algorithm 2 — fine-tune the modified VGGish on RECOLA segments for one affect
+dimension with the negative CCC (as 1 - CCC) and Adam, data-parallel on Ray Train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from aver.data.recola import recola_audio_dataset
+from aver.metrics import ccc
+from aver.models import VGGishConfig, VGGishEmotion, to_device
+from aver.train.batches import ShardBatches, input_encoder
+from aver.train.harness import TrainConfig, begin, ccc_epoch, epochs, fit, prepare_worker, report_epoch, require_batches
+
+DIMENSIONS = ("arousal", "valence")
+
+
+@dataclass
+class VGGishTrainConfig(TrainConfig):
+    name: str = ""
+    """Run name (default vggish_DIMENSION): final model OUTPUT/models/NAME.pt."""
+    epochs: int = 10
+    """Passes over the training segments."""
+    batch_size: int = 8
+    """Segments per step per worker (CCC needs at least 2)."""
+    lr: float = 1e-4
+    """Learning rate (Adam)."""
+    recola: str = ""
+    """RECOLA root (recordings_audio/, ratings_gold_standard/...)."""
+    dimension: str = field(default="arousal", metadata={"choices": DIMENSIONS})
+    """Which affect dimension this network predicts (the paper trains one network per dimension)."""
+    audioset: str | None = None
+    """AudioSet VGGish weights (registry name 'vggish-audioset' or a URI); None = random init."""
+    segment_frames: int = 480
+    """Log-mel frames per segment (480 x 40 ms = 19.2 s)."""
+    hop_frames: int = 40
+    """Frames between training segment starts."""
+    dropout: float = VGGishConfig.dropout
+    """Dropout in the FC layers."""
+    freeze: str | None = field(default=None, metadata={"choices": VGGishEmotion.stages})
+    """"features": keep the conv stack as it is and train the FC layers and the head on its
+    outputs, computed once and cached (fast recipe). None trains everything."""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"vggish_{self.dimension}"
+        super().__post_init__()
+        if not self.recola:
+            raise ValueError("train_vggish needs --recola")
+        if self.dimension not in DIMENSIONS:
+            raise ValueError(f"dimension must be one of {DIMENSIONS}, got {self.dimension!r}")
+        if self.segment_frames < 8 or self.hop_frames < 1:
+            raise ValueError("segment_frames >= 8 and hop_frames >= 1")
+        if self.batch_size < 2:
+            raise ValueError("CCC needs batches of at least 2 segments")
+        if self.freeze is not None and self.freeze not in VGGishEmotion.stages:
+            raise ValueError(f"freeze must be None or one of {VGGishEmotion.stages}, got {self.freeze!r}")
+
+    def build_model(self, pretrained: bool = True) -> VGGishEmotion:
+        if pretrained and self.audioset:
+            return VGGishEmotion.from_audioset(self.audioset, dropout=self.dropout,
+                                               storage_options=self.storage_options or None)
+        return VGGishEmotion(dropout=self.dropout)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg: VGGishTrainConfig = config["cfg"]
+    model, core, optimizer, start, history, device = prepare_worker(cfg, freeze=cfg.freeze, optimizer=torch.optim.Adam)
+    encode, store = input_encoder(cfg, core, cfg.freeze, VGGishEmotion.preprocess, device)
+    data = ShardBatches(ray.train.get_dataset_shard("train"), ("mel",), encode, cfg.batch_size,
+                        cache=bool(cfg.freeze), seed=cfg.seed, drop_last=True, store=store)
+
+    def predict(batch):
+        pred = model(to_device(batch["mel"], device), after=cfg.freeze).prediction
+        return pred, to_device(torch.as_tensor(batch[cfg.dimension]).float(), device)
+
+    for epoch in epochs(cfg, start, optimizer):
+        loss, preds, targets = ccc_epoch(model, optimizer, data.epoch(epoch), predict, cfg, epoch)
+        history = report_epoch(epoch, {"loss": loss, "ccc": ccc(targets, preds)}, model, optimizer, history)
+
+
+def run(cfg: VGGishTrainConfig) -> list[dict] | None:
+    """Train (or resume) one VGGish network; returns the metric history, None when already finished."""
+    if not begin(cfg, "train_vggish"):
+        return None
+    train = recola_audio_dataset(cfg.recola, "train", segment_frames=cfg.segment_frames, hop_frames=cfg.hop_frames,
+                                 storage_options=cfg.storage_options or None)
+    train = train.materialize()
+    require_batches(train.count(), cfg, f"{cfg.segment_frames}-frame training segments")
+    history = fit(train_loop_per_worker, cfg, {"train": train.select_columns(["mel", "arousal", "valence"])})
+    print(f"train_vggish: wrote {cfg.model_uri}", flush=True)
+    return history

@@ -1,0 +1,29 @@
+import numpy as np
+import torch
+
+from aver.data.features import audio_timeline, student_features, take
+from aver.models import Student, VGGishEmotion
+
+
+def test_take_keeps_the_window_half_open():
+    times = np.arange(10) * 0.5
+    values = np.arange(10, dtype=np.float32)[:, None]
+    # [1.0, 3.0): times 1.0 .. 2.5, never 3.0, resampled by nearest index to 5 rows
+    assert take(times, values, 1.0, 3.0, 5)[:, 0].tolist() == [2, 2, 3, 4, 5]
+    assert take(times, values, 0.0, 0.5, 2)[:, 0].tolist() == [0, 0]
+
+
+def test_audio_timeline_steps_and_short_audio():
+    torch.manual_seed(0)
+    nets = [VGGishEmotion(hidden_dim=16).eval(), VGGishEmotion(hidden_dim=16).eval()]
+    short = audio_timeline(np.zeros(int(0.28 * 16000), np.float32), 16000, nets)  # 7 frames of 40 ms
+    assert short.times.shape == (0,) and short.features.shape == (0, 256)
+    one = audio_timeline(np.random.default_rng(0).standard_normal(int(0.32 * 16000)).astype(np.float32), 16000, nets)
+    assert one.times.tolist() == [0.0] and one.features.shape == (1, 256)  # 8 frames: one 0.32 s step
+    longer = audio_timeline(np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32), 16000, nets)
+    assert np.allclose(longer.times, np.arange(6) * 0.32)
+
+
+def test_student_features_of_no_crops():
+    emb, probs = student_features(Student().eval(), [])
+    assert emb.shape == (0, 1920) and probs.shape == (0, 8)

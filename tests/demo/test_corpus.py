@@ -1,0 +1,82 @@
+"""The demo corpus: deterministic, in the real layouts, read by the real readers."""
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from aver.data.manifests import read_affectnet, read_arff, read_fec, read_recola
+from aver.io.media import VideoReader, read_audio
+from aver.demo.corpus import PROTOTYPES, Identity, draw_face, expression_from_affect, sample_expression, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(str(root), seed=3, size="small")
+    return root
+
+
+def _digest(path):
+    return hashlib.sha1(open(path, "rb").read()).hexdigest()
+
+
+def test_corpus_is_deterministic_for_a_seed(corpus, tmp_path):
+    again = tmp_path / "again"
+    write_corpus(str(again), seed=3, size="small")
+    for rel in ("affectnet/training.csv", "recola/ratings_gold_standard/valence/train_1.arff",
+                "affectnet/Manually_Annotated_Images/tra000/training_00005.jpg"):
+        assert _digest(corpus / rel) == _digest(again / rel)
+    fec = lambda root: (root / "fec/faceexp-comparison-data-train-public.csv").read_text().replace(str(root), "")  # noqa: E731
+    assert fec(corpus) == fec(again)
+
+
+def test_affectnet_layout(corpus):
+    m = read_affectnet(str(corpus / "affectnet" / "training.csv"),
+                       images_root=str(corpus / "affectnet" / "Manually_Annotated_Images"))
+    assert len(m.records) == 96 and not m.rejected
+    assert sorted(set(r["label"] for r in m.records)) == list(range(8))
+    assert all(os.path.exists(r["source"]) for r in m.records)
+
+
+def test_fec_layout_and_majority(corpus):
+    m = read_fec(str(corpus / "fec" / "faceexp-comparison-data-train-public.csv"))
+    assert len(m.records) + len(m.rejected) == 60 and len(m.records) >= 50
+    assert {r["type"] for r in m.records} == {0, 1, 2}
+    assert all(f["url"].startswith("file://") for r in m.records for f in r["faces"])
+
+
+def test_recola_layout(corpus):
+    m = read_recola(str(corpus / "recola"))
+    assert [r["name"] for r in m.records] == ["dev_1", "train_1", "train_2"]
+    times, values, bad = read_arff(m.records[1]["arousal_arff"])
+    assert bad == 0 and len(times) == 300 and times[1] == pytest.approx(0.04)
+    assert max(abs(v) for v in values) <= 0.8 + 1e-6
+    with VideoReader(m.records[1]["video"]) as r:
+        assert r.has_audio and len(list(r.frames(5))) == 60 and r.decoded_s == pytest.approx(12.0, abs=0.3)
+    assert abs(read_audio(m.records[1]["audio"]).size - 12 * 16000) < 1024
+
+
+def test_recola_reader_reports_incomplete_sessions(corpus, tmp_path):
+    import shutil
+
+    shutil.copytree(corpus / "recola", tmp_path / "r")
+    os.remove(tmp_path / "r" / "ratings_gold_standard" / "valence" / "train_2.arff")
+    m = read_recola(str(tmp_path / "r"))
+    assert [r["name"] for r in m.records] == ["dev_1", "train_1"]
+    assert m.rejected[0]["line"] == "train_2"
+
+
+def test_expression_carries_the_label_not_identity():
+    rng = np.random.default_rng(0)
+    # Same expression, different identities differ; same identity, different expressions differ
+    # mainly in the mouth/eye region.
+    ident = Identity.random(rng)
+    happy = draw_face(PROTOTYPES[1], ident, 120).astype(float)
+    sad = draw_face(PROTOTYPES[2], ident, 120).astype(float)
+    diff = np.abs(happy - sad).mean(axis=2)
+    assert diff[80:, :].mean() > 3 * diff[:30, :].mean()  # mouth area changes, forehead does not
+    samples = np.stack([sample_expression(3, rng) for _ in range(200)])
+    assert np.argmin(np.linalg.norm(PROTOTYPES - samples.mean(0), axis=1)) == 3
+    assert expression_from_affect(0.8, 0.0)[0] > 0.5 and expression_from_affect(0.0, 0.8)[4] > 0.5

@@ -1,0 +1,117 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from aver.pipelines.evaluate import EvaluateConfig, face_metrics, run
+from aver.models import FusionModel, Student, VGGishEmotion, save_checkpoint
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
+    torch.manual_seed(0)
+    models = tmp_path / "models"
+    student = Student()
+    save_checkpoint(student, str(models / "student.pt"))
+    nodistill = copy.deepcopy(student)  # the ablation: same frozen prefix, other denseblock4
+    with torch.no_grad():
+        nodistill.backbone.features.denseblock4.denselayer1.conv1.weight.mul_(-1)
+    save_checkpoint(nodistill, str(models / "student_nodistill.pt"))
+    save_checkpoint(VGGishEmotion(), str(models / "vggish_arousal.pt"))
+    save_checkpoint(VGGishEmotion(), str(models / "vggish_valence.pt"))
+    save_checkpoint(FusionModel(1920, 256), str(models / "fusion.pt"))
+    save_checkpoint(FusionModel(1920, 256, modalities=("audio",)), str(models / "fusion_audio.pt"))
+    cfg = EvaluateConfig(models=str(models), data=str(small_corpus), output=str(tmp_path / "eval"), window_s=4.8,
+                         prefix_cache=str(tmp_path / "train"))
+    metrics = run(cfg)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved == metrics
+    # The shared prefix's outputs went to the training cache; a second pass reads them all back.
+    (store,) = (tmp_path / "train" / "cache").iterdir()
+    parts = sorted(store.iterdir())
+    assert len(parts) == 1 and len(torch.load(parts[0], weights_only=True)["keys"]) == 96 + 48 + 3 * 30
+    again = face_metrics(cfg, {"student": student, "student_nodistill": nodistill})
+    assert sorted(store.iterdir()) == parts
+    assert again["student"] == {k: metrics[k] for k in ("affectnet_accuracy", "fec_triplet_accuracy")}
+    for prefix in ("", "student_nodistill."):
+        assert 0 <= saved[f"{prefix}affectnet_accuracy"] <= 1 and 0 <= saved[f"{prefix}fec_triplet_accuracy"] <= 1
+    assert set(saved["ccc"]) == {"arousal", "valence"}
+    assert set(saved["ccc"]["arousal"]) == {"fused", "audio"}  # no visual-only model given
+    assert all(-1 <= v <= 1 for d in saved["ccc"].values() for v in d.values())
+    table = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "| affectnet_accuracy |" in table and "0.616" in table and "| ccc.valence.fused |" in table
+
+
+def test_students_sharing_a_prefix_are_embedded_as_if_alone():
+    import numpy as np
+
+    from aver.pipelines.evaluate import _embed
+
+    torch.manual_seed(0)
+    a = Student().eval()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.backbone.features.norm5.weight.mul_(2)
+        b.fec_head.weight.mul_(-1)
+    assert a.shared_stage(b) == "denseblock4"
+    images = np.random.default_rng(0).integers(0, 256, (3, 140, 140, 3), dtype=np.uint8)
+    batches = [{"i": images[:2], "j": images[1:], "label": np.array([0, 1])}]
+    encode = lambda im: a.prefix("denseblock4")(Student.preprocess(im))  # noqa: E731
+    out, labels = _embed({"a": a, "b": b}, encode, "denseblock4", batches, ("i", "j"), "fec")
+    with torch.no_grad():
+        for name, model in (("a", a), ("b", b)):
+            assert np.allclose(out[name]["j"], model(Student.preprocess(images[1:])).fec.numpy(), atol=1e-5)
+    assert not np.allclose(out["a"]["i"], out["b"]["i"])
+    assert labels[0].tolist() == [0, 1]
+
+
+def test_evaluate_against_known_answers_and_an_independent_forward(small_corpus, tmp_path, ray_local):
+    # Guards against: evaluate scoring the wrong FEC pair, or swapping the arousal and valence
+    # columns. FEC: every test triplet is rewritten so that its annotated pair is one picture twice,
+    # so the right pair is always the closest (accuracy exactly 1) and any other never is (0).
+    # RECOLA: CCC per column of a direct forward of the fusion model over the same windows.
+    import csv
+
+    import numpy as np
+
+    from aver.metrics import ccc
+    from aver.models import load_checkpoint
+    from aver.data.recola import SessionWindows, session_windows
+
+    data = tmp_path / "data"
+    (data / "fec").mkdir(parents=True)
+    for sub in ("affectnet", "recola"):
+        (data / sub).symlink_to(small_corpus / sub)
+    (data / "fec" / "images").symlink_to(small_corpus / "fec" / "images")
+    name = "faceexp-comparison-data-test-public.csv"
+    with open(small_corpus / "fec" / name) as f, open(data / "fec" / name, "w", newline="") as out:
+        for row in csv.reader(f):
+            row[5:10] = row[0:5]  # image 2 := image 1
+            csv.writer(out).writerow(row[:16] + ["rater", "3"])  # image 3 is the odd one
+    torch.manual_seed(1)
+    models = tmp_path / "models"
+    save_checkpoint(Student(), str(models / "student.pt"))
+    save_checkpoint(VGGishEmotion(), str(models / "vggish_arousal.pt"))
+    save_checkpoint(VGGishEmotion(), str(models / "vggish_valence.pt"))
+    fusion = FusionModel(1920, 256)
+    with torch.no_grad():
+        fusion.head.weight.mul_(30)  # outputs that vary, so the two columns' CCCs differ clearly
+    save_checkpoint(fusion, str(models / "fusion.pt"))
+    metrics = run(EvaluateConfig(models=str(models), data=str(data), output=str(tmp_path / "eval"), window_s=4.8))
+    assert metrics["fec_triplet_accuracy"] == 1.0
+    c = SessionWindows(recola=str(data / "recola"), student=str(models / "student.pt"),
+                       vggish_arousal=str(models / "vggish_arousal.pt"),
+                       vggish_valence=str(models / "vggish_valence.pt"), window_s=4.8, hop_s=0.4, target_s=0.4, fps=5.0)
+    windows = session_windows(c, "dev").to_pandas()
+    fusion, _ = load_checkpoint(str(models / "fusion.pt"))
+    with torch.no_grad():
+        pred = fusion(torch.from_numpy(np.stack(windows["visual"]).astype(np.float32)),
+                      torch.from_numpy(np.stack(windows["audio"]).astype(np.float32))).numpy()
+    target = np.stack(windows["target"])
+    for dim, col in (("arousal", 0), ("valence", 1)):
+        right = ccc(target[:, col], pred[:, col])
+        wrong = [ccc(target[:, col], pred[:, 1 - col]), ccc(target[:, 1 - col], pred[:, 1 - col])]
+        assert all(abs(w - right) > 0.05 * abs(right) for w in wrong)  # so a swap would show
+        assert metrics["ccc"][dim]["fused"] == pytest.approx(right, rel=1e-3)

@@ -1,0 +1,113 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+import io
+
+from aver.pipelines.extract import ExtractFacesConfig, run
+from aver.io.parts import read_folder
+from tests.media_fixtures import bad_input_corpus, face_patch, face_video
+from tests.ray_helpers import kill_midway, run_job
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def _cfg(inp, out, **kw):
+    return ExtractFacesConfig(input=str(inp), output=str(out), cpus_per_actor=0.5, actors=1, **kw)
+
+
+def test_bad_inputs_get_one_status_each_and_null_rows(tmp_path, ray_local):
+    expected = bad_input_corpus(tmp_path / "in")
+    counts = run(_cfg(tmp_path / "in", tmp_path / "out"))
+    status = read_folder(str(tmp_path / "out" / "status")).to_pandas()
+    assert len(status) == len(expected) == sum(counts.values())
+    got = {os.path.basename(s): st for s, st in zip(status["source"], status["status"])}
+    assert got == expected
+    faces = read_folder(str(tmp_path / "out" / "faces")).to_pandas()
+    by_name = {os.path.basename(s): g.sort_values("frame_index") for s, g in faces.groupby("source")}
+    # 2 s at 10 fps sampled at 5 fps: 10 rows per video, timestamps every 0.2 s
+    assert len(by_name["face.mp4"]) == 10
+    assert np.allclose(by_name["face.mp4"]["timestamp_s"], np.arange(10) * 0.2, atol=1e-3)
+    assert by_name["face.mp4"]["crop"].notna().all() and by_name["portrait.mp4"]["crop"].notna().all()
+    nf = by_name["noface.mp4"]
+    assert len(nf) == 10 and nf[["box", "prob", "crop", "track_id"]].isna().all().all()
+    # face for the first second only: crops then nulls, never invented values
+    ftn = by_name["face_then_none.mp4"]["crop"].notna().tolist()
+    assert ftn[:4] == [True] * 4 and ftn[-4:] == [False] * 4
+    ntf = by_name["none_then_face.mp4"]["crop"].notna().tolist()
+    assert ntf[:4] == [False] * 4 and ntf[-4:] == [True] * 4
+    for name in ("gray.png", "rgba.png", "gray16.png"):
+        assert by_name[name]["crop"].notna().all()
+    crop = Image.open(io.BytesIO(by_name["portrait.mp4"]["crop"].iloc[0]))
+    assert crop.size == (140, 140) and crop.mode == "RGB"
+    box = by_name["portrait.mp4"]["box"].iloc[0]
+    assert len(box) == 4 and 0 <= box[0] < box[2] <= 240 and 0 <= box[1] < box[3] <= 320
+    for name in ("empty.mp4", "text.mp4", "truncated.mp4", "speech_only.m4a", "huge.png", "tiny.png"):
+        assert name not in by_name
+        assert status.loc[status["source"].str.endswith(name), "error"].str.len().iloc[0] > 0
+
+
+def test_rerun_skips_complete_work_and_never_duplicates(tmp_path, ray_local):
+    for i in range(2):
+        face_video(tmp_path / "in" / f"v{i}.mp4", seconds=1.0)
+    assert sum(run(_cfg(tmp_path / "in", tmp_path / "out")).values()) == 2
+    before = read_folder(str(tmp_path / "out" / "faces"))
+    assert run(_cfg(tmp_path / "in", tmp_path / "out")) == {}
+    face_video(tmp_path / "in" / "v2.mp4", seconds=1.0)
+    assert run(_cfg(tmp_path / "in", tmp_path / "out")) == {"ok": 1}
+    after = read_folder(str(tmp_path / "out" / "faces")).to_pandas()
+    assert len(after) == len(before) + 5
+    assert not after.duplicated(["video_id", "frame_index"]).any()
+
+
+def test_killed_job_rerun_equals_uninterrupted(tmp_path):
+    for i in range(8):
+        face_video(tmp_path / "in" / f"v{i}.mp4", seconds=3.0)
+    args = ["jobs/extract_faces.py", "--input", str(tmp_path / "in"), "--cpus-per-actor", "0.5", "--actors", "1"]
+    clean = run_job(args + ["--output", str(tmp_path / "clean")])
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    n_done = kill_midway(args, tmp_path / "killed", 8)
+    rerun = run_job(args + ["--output", str(tmp_path / "killed")])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{n_done} units already complete" in rerun.stdout
+    key = ["video_id", "frame_index"]
+    a = read_folder(str(tmp_path / "clean" / "faces")).to_pandas().sort_values(key).reset_index(drop=True)
+    b = read_folder(str(tmp_path / "killed" / "faces")).to_pandas().sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) == 8 * 15
+    assert a[key + ["timestamp_s", "prob", "crop"]].equals(b[key + ["timestamp_s", "prob", "crop"]])
+    sa = read_folder(str(tmp_path / "clean" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
+    sb = read_folder(str(tmp_path / "killed" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
+    assert sa.equals(sb)
+
+
+def test_s3_input_and_output(tmp_path, s3, ray_local):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3["options"])
+    face_video(tmp_path / "v.mp4", seconds=1.0)
+    fs.put(str(tmp_path / "v.mp4"), f"{s3['bucket']}/in/v.mp4")
+    fs.pipe(f"{s3['bucket']}/in/broken.mp4", b"not a video")
+    cfg = _cfg(f"s3://{s3['bucket']}/in/", f"s3://{s3['bucket']}/run1", storage_options=s3["options"])
+    assert run(cfg) == {"ok": 1, "corrupt": 1}
+    status = read_folder(f"s3://{s3['bucket']}/run1/status", s3["options"]).to_pandas()
+    assert sorted(status["status"]) == ["corrupt", "ok"]
+    assert all(s.startswith("s3://aver-test/in/") for s in status["source"])
+    faces = read_folder(f"s3://{s3['bucket']}/run1/faces", s3["options"]).to_pandas()
+    assert len(faces) == 5 and faces["crop"].notna().all()
+    assert run(cfg) == {}  # complete on S3 too: nothing redone
+
+
+def test_zip_archive_of_face_crops(tmp_path, ray_local):
+    import zipfile
+
+    buf = io.BytesIO()
+    Image.fromarray(face_patch(160)).save(buf, format="JPEG")
+    with zipfile.ZipFile(tmp_path / "powderfaces.zip", "w") as z:
+        z.writestr("p/0001.jpg", buf.getvalue())
+        z.writestr("p/0002.jpg", buf.getvalue())
+        z.writestr("p/0003.jpg", b"broken")
+    assert run(_cfg(tmp_path / "powderfaces.zip", tmp_path / "out")) == {"ok": 2, "corrupt": 1}
+    faces = read_folder(str(tmp_path / "out" / "faces")).to_pandas()
+    assert len(faces) == 2 and faces["crop"].notna().all()
+    assert faces["source"].str.startswith("zip://p/000").all()

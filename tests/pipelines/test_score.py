@@ -1,0 +1,177 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from aver.io.parts import read_folder
+from aver.pipelines.score import ScoreVideosConfig, run
+from tests.ray_helpers import kill_midway, run_job
+
+pytestmark = pytest.mark.timeout(500)
+
+# The demo corpus's archive: what each input holds and how it must come out.
+EXPECTED = {  # name: (status, modalities its rows may use)
+    "interview.mp4": ("ok", {"audio+visual", "audio"}),
+    "face_leaves.mp4": ("ok", {"audio+visual", "audio"}),
+    "silent_face.mp4": ("no_audio", {"visual", "none"}),
+    "no_face.mp4": ("no_face", {"audio"}),
+    "podcast.wav": ("ok", {"audio"}),
+    "broken.mp4": ("corrupt", set()),
+}
+
+
+def test_mixed_archive_rows_flags_status_and_report(tmp_path, small_corpus, random_models, ray_local):
+    out = tmp_path / "out"
+    counts = run(ScoreVideosConfig(input=str(small_corpus / "archive"), output=str(out), model=str(random_models),
+                                   cpus_per_actor=0.5, actors=1))
+    assert sum(counts.values()) == len(EXPECTED)
+    status = read_folder(str(out / "status")).to_pandas()
+    assert len(status) == len(EXPECTED) and status["video_id"].is_unique
+    got = {os.path.basename(s): st for s, st in zip(status["source"], status["status"])}
+    assert got == {k: v[0] for k, v in EXPECTED.items()}
+    scores = read_folder(str(out / "scores")).to_pandas()
+    names = dict(zip(status["video_id"], (os.path.basename(s) for s in status["source"])))
+    scores["name"] = scores["video_id"].map(names)
+    assert "broken.mp4" not in set(scores["name"])
+    for name, rows in scores.groupby("name"):
+        assert set(rows["modality"]) <= EXPECTED[name][1], name
+        # 12 s inputs, one row per 0.4 s step (one track at most here)
+        assert len(rows) == 30 and np.allclose(np.sort(rows["t_end_s"]), np.arange(1, 31) * 0.4), name
+        scored = rows[rows["modality"] != "none"]
+        assert scored[["arousal", "valence"]].notna().all().all(), name
+        assert scored[["arousal", "valence"]].abs().le(1).all().all(), name
+        assert rows.loc[rows["modality"] == "none", ["arousal", "valence"]].isna().all().all()
+        has_face = rows["face_detected"]
+        assert rows.loc[has_face, "expression_probs"].map(lambda p: abs(sum(p) - 1) < 1e-4).all()
+        assert rows.loc[~has_face, "expression_probs"].isna().all()
+    by_name = {n: g.sort_values("t_end_s") for n, g in scores.groupby("name")}
+    # MTCNN misses some drawn faces (expressions it has never seen), never the faceless frames
+    assert by_name["interview.mp4"]["face_detected"].any() and by_name["silent_face.mp4"]["face_detected"].any()
+    assert not by_name["no_face.mp4"]["face_detected"].any() and by_name["no_face.mp4"]["track_id"].isna().all()
+    leaves = by_name["face_leaves.mp4"]["face_detected"].to_numpy()
+    assert leaves[:15].any() and not leaves[15:].any()  # the face leaves halfway through (6 s)
+    summary = read_folder(str(out / "summary")).to_pandas().set_index("video_id")
+    assert sorted(summary.index.map(names)) == sorted(n for n in EXPECTED if n != "broken.mp4")
+    assert summary.loc[summary.index.map(names) == "silent_face.mp4", "has_audio"].item() is False
+    assert summary.loc[summary.index.map(names) == "no_face.mp4", "dominant_expression"].isna().all()
+    report = out / "report"
+    html = (report / "index.html").read_text()
+    for vid in status["video_id"]:
+        assert vid in html
+    assert (report / "circumplex.png").stat().st_size > 5000
+    pngs = {p.stem for p in report.glob("*.png")} - {"circumplex"}
+    assert pngs == set(summary.index)
+    # a rerun finds everything complete and rewrites nothing but the report
+    again = run(ScoreVideosConfig(input=str(small_corpus / "archive"), output=str(out), model=str(random_models),
+                                  cpus_per_actor=0.5, actors=1))
+    assert again == {} and len(read_folder(str(out / "scores")).to_pandas()) == len(scores)
+
+
+def test_killed_job_rerun_equals_uninterrupted(tmp_path, small_corpus, random_models):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        shutil.copy(small_corpus / "archive" / "interview.mp4", src / f"talk{i}.mp4")
+    args = ["jobs/score_videos.py", "--input", str(src), "--model", str(random_models), "--cpus-per-actor", "0.5",
+            "--actors", "1"]
+    clean = run_job(args + ["--output", str(tmp_path / "clean")], timeout=300)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    n_done = kill_midway(args, tmp_path / "killed", 6, timeout=300)
+    rerun = run_job(args + ["--output", str(tmp_path / "killed")], timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{n_done} already complete" in rerun.stdout
+    key = ["video_id", "track_id", "t_end_s"]
+    a = read_folder(str(tmp_path / "clean" / "scores")).to_pandas().sort_values(key).reset_index(drop=True)
+    b = read_folder(str(tmp_path / "killed" / "scores")).to_pandas().sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) == 6 * 30
+    assert a.drop(columns="expression_probs").equals(b.drop(columns="expression_probs"))
+    assert np.array_equal(np.stack(a["expression_probs"].dropna()), np.stack(b["expression_probs"].dropna()))
+    sa = read_folder(str(tmp_path / "clean" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
+    sb = read_folder(str(tmp_path / "killed" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
+    assert sa.equals(sb)
+
+
+def _two_faces(path, seconds=3.0, fps=10):
+    from aver.demo.media import write_video
+    from tests.media_fixtures import face_patch, tone
+
+    big, small = face_patch(120), face_patch(80)
+    frames = []
+    for _ in range(int(seconds * fps)):
+        img = np.full((240, 400, 3), 90, np.uint8)
+        img[60:180, 10:10 + big.shape[1]] = big
+        img[80:160, 260:260 + small.shape[1]] = small
+        frames.append(img)
+    write_video(str(path), iter(frames), fps, audio=tone(seconds))
+
+
+def test_all_faces_scores_every_track_and_the_default_only_the_primary(tmp_path, random_models):
+    from aver.io.media import list_inputs
+    from aver.pipelines.score import VideoScorer
+
+    (tmp_path / "in").mkdir()
+    _two_faces(tmp_path / "in" / "two.mp4")
+    item = list_inputs(str(tmp_path / "in"))[0]
+    found = {}
+    for all_faces in (False, True):
+        out = tmp_path / f"out{int(all_faces)}"
+        cfg = ScoreVideosConfig(input=str(tmp_path / "in"), output=str(out), model=str(random_models),
+                                all_faces=all_faces)
+        [status] = VideoScorer(cfg).process({"unit_id": item.item_id, "items": [vars(item)], "retry": False})
+        assert status["status"] == "ok"
+        found[all_faces] = read_folder(str(out / "scores")).to_pandas()
+    one, every = found[False], found[True]
+    assert one["track_id"].nunique() == 1 and len(one) == 7  # 3 s: steps ending at 0.4, 0.8, ... 2.8 s
+    assert every["track_id"].nunique() == 2 and len(every) == 2 * len(one)
+    primary = one["track_id"].iloc[0]
+    # the primary track (larger face) scores the same with or without --all-faces
+    same = every[every["track_id"] == primary].reset_index(drop=True)
+    assert np.allclose(same["arousal"], one["arousal"].reset_index(drop=True), atol=1e-6)
+    assert (every["modality"] == "audio+visual").all()
+
+
+def _direct_audio_scores(wav: str, models, ends, model_file: str, window_s=9.6):
+    """What score_videos must write for an audio-only input, computed without its code: log-mel ->
+    both VGGish networks' frame features (0.32 s steps) -> the window ending at each step,
+    resampled by nearest index to 30 steps -> the fusion model with no visual input."""
+    from aver.audio import log_mel
+    from aver.io.media import read_audio
+    from aver.models import load_checkpoint
+
+    mel = log_mel(torch.from_numpy(read_audio(wav)), 16000)[None, None]
+    with torch.no_grad():
+        feats = torch.cat([load_checkpoint(str(models / f"vggish_{d}.pt"))[0].eval().frame_features(mel)[0]
+                           for d in ("arousal", "valence")], dim=1).numpy()
+        fusion = load_checkpoint(str(models / model_file))[0].eval()
+        times = np.arange(len(feats)) * 0.32
+        out = []
+        for end in ends:
+            inside = np.where((times >= max(0.0, end - window_s) - 1e-6) & (times < end - 1e-6))[0]
+            pick = inside[np.minimum(np.arange(30) * len(inside) // 30, len(inside) - 1)]
+            audio = torch.from_numpy(feats[pick][None].astype(np.float32))
+            out.append(fusion(torch.zeros(1, 48, 1920), audio)[0].numpy())
+    return np.array(out)
+
+
+def test_audio_rows_equal_a_direct_forward_and_the_fallback_zeroes_the_missing_face(
+        tmp_path, small_corpus, random_models, ray_local):
+    # Guards against: arousal and valence swapped in the output, the wrong window for a row, and a
+    # one-modality fallback (no fusion_audio.pt) that does anything but zero the visual input.
+    (tmp_path / "in").mkdir()
+    shutil.copy(small_corpus / "archive" / "podcast.wav", tmp_path / "in" / "podcast.wav")
+    partial = tmp_path / "models"
+    shutil.copytree(random_models, partial)
+    (partial / "fusion_audio.pt").unlink()
+    for models, model_file in ((random_models, "fusion_audio.pt"), (partial, "fusion.pt")):
+        out = tmp_path / f"out-{model_file}"
+        run(ScoreVideosConfig(input=str(tmp_path / "in"), output=str(out), model=str(models), cpus_per_actor=0.5,
+                              actors=1))
+        rows = read_folder(str(out / "scores")).to_pandas().sort_values("t_end_s")
+        assert (rows["modality"] == "audio").all() and len(rows) == 30
+        expected = _direct_audio_scores(str(tmp_path / "in" / "podcast.wav"), models, rows["t_end_s"].to_numpy(),
+                                        model_file)
+        assert np.allclose(rows["arousal"], expected[:, 0], atol=1e-4)
+        assert np.allclose(rows["valence"], expected[:, 1], atol=1e-4)
+        assert not np.allclose(expected[:, 0], expected[:, 1], atol=1e-3)

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+
+from aver.pipelines.distill import DistillConfig
+from aver.pipelines.distill import run as distill
+from aver.models import Student, Teacher, load_checkpoint, save_checkpoint
+from aver.train.face import StudentTrainConfig, TargetTable, run
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_target_table_lookup(tmp_path):
+    import pyarrow as pa
+
+    from aver.pipelines.distill import TARGETS_SCHEMA
+    from aver.io.parts import write_table
+
+    m = np.arange(160, dtype=np.float32).reshape(2, 80)
+    write_table(str(tmp_path / "targets" / "p.parquet"), pa.table(
+        {"crop_id": ["a", "b"], "target": pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), 80)},
+        schema=TARGETS_SCHEMA))
+    t, mask = TargetTable(str(tmp_path), None).lookup(["b", "zz", "a"])
+    assert mask.tolist() == [True, False, True]
+    assert torch.equal(t[0], torch.from_numpy(m[1])) and torch.equal(t[2], torch.from_numpy(m[0]))
+
+
+def test_student_distils_from_teacher_targets_with_unlabeled_data(small_corpus, tmp_path, ray_local):
+    torch.manual_seed(0)
+    teachers = []
+    for d in (128, 256):
+        save_checkpoint(Teacher(d_face=d), str(tmp_path / f"t{d}.pt"))
+        teachers.append(str(tmp_path / f"t{d}.pt"))
+    aff = str(small_corpus / "affectnet" / "training.csv")
+    fec = str(small_corpus / "fec" / "faceexp-comparison-data-train-public.csv")
+    images = str(small_corpus / "affectnet" / "Manually_Annotated_Images")
+    for source, root in ((aff, images), (fec, None), (str(small_corpus / "unlabeled"), None)):
+        distill(DistillConfig(input=source, images_root=root, teachers=tuple(teachers), output=str(tmp_path / "d"),
+                              actors=1, cpus_per_actor=0.5, batch_size=32))
+    assert len(TargetTable(str(tmp_path / "d"), None).index) > 96 + 24
+    cfg = StudentTrainConfig(output=str(tmp_path), name="student", affectnet=aff, affectnet_images=images, fec=fec,
+                             targets=str(tmp_path / "d"), unlabeled=str(small_corpus / "unlabeled"), epochs=1,
+                             batch_size=4, cpus_per_worker=0.5, freeze="transition3")
+    history = run(cfg)
+    assert history[0]["loss_rkd"] > 0 and history[0]["loss_fec"] > 0 and history[0]["loss_affectnet"] > 0
+    model, _ = load_checkpoint(cfg.model_uri)
+    assert isinstance(model, Student)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 140, 140)).distill.shape == (2, 80)
+
+
+def test_config_needs_targets_for_unlabeled(tmp_path):
+    with pytest.raises(ValueError, match="targets"):
+        StudentTrainConfig(output=str(tmp_path), name="s", affectnet="a", fec="f", unlabeled="u")

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+
+from aver.models import Teacher, load_checkpoint
+from aver.train.face import TeacherTrainConfig, run
+from aver.train.harness import load_history
+from tests.ray_helpers import run_job
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _cfg(corpus, out, **kw):
+    return TeacherTrainConfig(
+        output=str(out), name=kw.pop("name", "teacher128"), epochs=kw.pop("epochs", 2), batch_size=8,
+        cpus_per_worker=0.5, affectnet=str(corpus / "affectnet" / "training.csv"),
+        affectnet_images=str(corpus / "affectnet" / "Manually_Annotated_Images"),
+        fec=str(corpus / "fec" / "faceexp-comparison-data-train-public.csv"), freeze="trunk", **kw)
+
+
+def test_two_workers_survive_a_mid_epoch_failure_and_resume(small_corpus, tmp_path, ray_local):
+    cfg = _cfg(small_corpus, tmp_path, num_workers=2, fail_at=(1, 1), max_failures=1)
+    history = run(cfg)
+    assert [h["epoch"] for h in history] == [0, 1]
+    marker = tmp_path / "runs" / "teacher128" / "injected_failure"
+    assert marker.exists()  # the failure did happen (epoch 1, step 1)
+    # Guards against: a restart that drops Ray's checkpoint and trains from epoch 0 again. The kept
+    # checkpoint of epoch 0 predates the failure: epoch 0 was trained once, epoch 1 resumed from it.
+    saved = {torch.load(p, weights_only=True)["epoch"]: p.stat().st_mtime
+             for p in (tmp_path / "runs" / "teacher128").glob("checkpoint_*/state.pt")}
+    assert sorted(saved) == [0, 1] and saved[0] < marker.stat().st_mtime < saved[1]
+    model, meta = load_checkpoint(cfg.model_uri)
+    assert isinstance(model, Teacher) and model.config.d_face == 128
+    assert json.loads(meta["history"]) == history == load_history(cfg)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 140, 140))
+    assert out.fec.shape == (2, 32) and torch.isfinite(out.affectnet).all()
+    # A finished run is not trained again.
+    assert run(cfg) is None
+
+
+def test_cli_trains_and_reports_metrics(small_corpus, tmp_path):
+    args = ["jobs/train_teacher.py", "--affectnet", str(small_corpus / "affectnet" / "training.csv"),
+            "--affectnet-images", str(small_corpus / "affectnet" / "Manually_Annotated_Images"),
+            "--fec", str(small_corpus / "fec" / "faceexp-comparison-data-train-public.csv"),
+            "--output", str(tmp_path), "--name", "t256", "--d-face", "256", "--epochs", "1",
+            "--batch-size", "8", "--freeze", "trunk", "--cpus-per-worker", "0.5"]
+    out = run_job(args, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    history = json.loads((tmp_path / "models" / "t256.metrics.json").read_text())
+    assert history[0]["epoch"] == 0 and 0 <= history[0]["accuracy"] <= 1 and history[0]["loss"] > 0
+    model, _ = load_checkpoint(str(tmp_path / "models" / "t256.pt"))
+    assert model.config.d_face == 256
+    again = run_job(args, timeout=200)
+    assert again.returncode == 0 and "nothing to do" in again.stdout

@@ -1,0 +1,121 @@
+import pytest
+import torch
+from torch import nn
+
+from aver.data.prefix_store import PrefixStore
+from aver.train.batches import recalibrate_batchnorm
+from aver.train.harness import TrainConfig, epochs
+
+
+def test_recalibrate_batchnorm_uses_exact_averages_of_trainable_layers():
+    torch.manual_seed(0)
+    frozen = nn.BatchNorm1d(4)
+    frozen.requires_grad_(False)
+    model = nn.Sequential(frozen, nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model.eval()
+    data = [torch.randn(16, 4) * 3 + 5 for _ in range(3)]
+    recalibrate_batchnorm(model, iter(data))
+    with torch.no_grad():
+        z = torch.cat([model[1](model[0](x)) for x in data])
+    assert torch.allclose(model[2].running_mean, z.mean(0), atol=1e-5)
+    assert torch.allclose(frozen.running_mean, torch.zeros(4))  # frozen statistics untouched
+    assert not model[2].training and model[2].momentum == 0.1
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError):
+        TrainConfig(output="o", name="a/b")
+    with pytest.raises(ValueError):
+        TrainConfig(output="o", name="x", epochs=0)
+
+
+def test_epochs_set_the_learning_rate_of_each_epoch_and_resume_mid_schedule():
+    import math
+
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(output="o", name="n", lr_schedule="step")
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    seen = lambda cfg, start: [(e, opt.param_groups[0]["lr"]) for e in epochs(cfg, start, opt)]  # noqa: E731
+    assert seen(TrainConfig(output="o", name="n", epochs=3, lr=0.1), 0) == [(0, 0.1), (1, 0.1), (2, 0.1)]
+    cosine = TrainConfig(output="o", name="n", epochs=4, lr=0.1, lr_schedule="cosine")
+    full = seen(cosine, 0)
+    assert [e for e, _ in full] == [0, 1, 2, 3]
+    assert [lr for _, lr in full] == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
+    assert full[-1][1] > 0  # the last epoch still learns
+    assert seen(cosine, 2) == full[2:]  # a resumed run continues the schedule
+
+
+def test_require_batches_refuses_runs_without_a_step():
+    from aver.train.harness import require_batches
+
+    cfg = TrainConfig(output="o", name="x", batch_size=8, num_workers=2)
+    require_batches(16, cfg, "windows")
+    with pytest.raises(ValueError, match="15 windows cannot fill one batch of 8 on each of 2 workers"):
+        require_batches(15, cfg, "windows")
+
+
+def test_prefix_store_shares_outputs_between_runs_by_image_content(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    calls = []
+
+    def encode(x):
+        calls.append(len(x))
+        return torch.as_tensor(x).float().permute(0, 3, 1, 2) / 255  # stands in for a frozen prefix
+
+    first = PrefixStore(str(tmp_path / "p"), "run1")
+    out = first.encode(images[:3], encode)
+    assert calls == [3] and out.dtype == torch.float16 and out.shape == (3, 3, 8, 8)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # as the models run
+    assert torch.allclose(out.float(), encode(images[:3]), atol=1e-3)
+    calls.clear()
+    first.save()
+    first.save()  # nothing new: no empty part
+    assert [p.name for p in (tmp_path / "p").iterdir()] == ["run1-0.pt"]
+    second = PrefixStore(str(tmp_path / "p"), "run2")
+    changed = images.copy()
+    changed[1, 0, 0, 0] ^= 1  # a changed image is a miss, never a stale hit
+    again = second.encode(np.concatenate([images[:3], changed[1:2], images[3:]]), encode)
+    assert calls == [3]  # only the changed image and the two new ones were computed
+    assert torch.equal(again[:3], out)
+    second.save()
+    assert len(PrefixStore(str(tmp_path / "p"), "run3").rows) == 6
+
+
+def test_restore_continues_from_the_saved_model_optimizer_epoch_and_history(tmp_path, monkeypatch):
+    # Guards against: restore ignoring the checkpoint Ray offers after a failure (training again
+    # from epoch 0 with fresh weights and optimizer moments).
+    import ray.train
+
+    from aver.train.harness import report_epoch, restore
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    saved = {}
+
+    class Context:
+        def get_world_rank(self):
+            return 0
+
+    def report(metrics, checkpoint=None):
+        saved["dir"] = checkpoint.to_directory(str(tmp_path / "ckpt"))
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: Context())
+    monkeypatch.setattr(ray.train, "report", report)
+    history = report_epoch(3, {"loss": 0.5}, model, opt, [{"epoch": 2, "loss": 0.7}])
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(saved["dir"]))
+    fresh = nn.Linear(3, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    start, restored = restore(fresh, fresh_opt)
+    assert start == 4 and restored == history == [{"epoch": 2, "loss": 0.7}, {"epoch": 3, "loss": 0.5}]
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    moments = [s["exp_avg"] for s in opt.state_dict()["state"].values()]
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, fresh_opt.state_dict()["state"].values()))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    assert restore(nn.Linear(3, 2), None) == (0, [])  # a first run starts at epoch 0

@@ -17,6 +17,134 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
+
+from aver.demo.corpus import write_corpus
+from aver.losses import FaceLossConfig
+from aver.pipelines.distill import DistillConfig
+from aver.pipelines.distill import run as distill
+from aver.pipelines.evaluate import EvaluateConfig
+from aver.pipelines.evaluate import run as evaluate
+from aver.pipelines.fetch import FetchConfig
+from aver.pipelines.fetch import run as fetch
+from aver.pipelines.score import ScoreVideosConfig
+from aver.pipelines.score import run as score
+from aver.train.face import StudentTrainConfig, TeacherTrainConfig
+from aver.train.face import run as train_face
+from aver.train.fusion import FusionTrainConfig
+from aver.train.fusion import run as train_fusion
+from aver.train.vggish import VGGishTrainConfig
+from aver.train.vggish import run as train_vggish
+
+
+@dataclass
+class Demo:
+    """Where the demo writes and how long it trains."""
+
+    out: str
+    seed: int
+    size: str
+    epochs_scale: float
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def epochs(self, n: int) -> int:
+        return max(1, round(n * self.epochs_scale))
+
+    @property
+    def cpus(self) -> float:  # single-actor stages reserve every CPU
+        return float(os.cpu_count() or 1)
+
+    @property
+    def common(self) -> dict:
+        # One worker per stage reserving 1 CPU (Ray Data feeds it from the rest); it still runs torch
+        # on every core (threads_per_worker=0).
+        return {"output": self.out, "cpus_per_worker": 1.0, "seed": self.seed}
+
+    @property
+    def faces(self) -> dict:
+        corpus = self.path("corpus")
+        return {"affectnet": os.path.join(corpus, "affectnet", "training.csv"),
+                "affectnet_images": os.path.join(corpus, "affectnet", "Manually_Annotated_Images"),
+                "fec": os.path.join(corpus, "fec", "faceexp-comparison-data-train-public.csv")}
+
+
+def corpus(d: Demo) -> None:
+    import ray
+
+    if not os.path.exists(d.path("corpus", "recola")):
+        print(write_corpus(d.path("corpus"), seed=d.seed, size=d.size))
+    for split in ("train", "test"):
+        fec = d.path("corpus", "fec")
+        fetch(FetchConfig(manifest=os.path.join(fec, f"faceexp-comparison-data-{split}-public.csv"), output=fec,
+                          allow_file_urls=True))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)  # workers' per-epoch lines show here
+
+
+def teachers(d: Demo) -> None:
+    for dim in (128, 256):
+        print(f"teacher d_face={dim}", flush=True)
+        train_face(TeacherTrainConfig(**d.common, **d.faces, name=f"teacher{dim}", epochs=d.epochs(14), batch_size=32,
+                                      lr=2e-3, lr_schedule="cosine", d_face=dim, freeze="trunk"))
+
+
+def distill_targets(d: Demo) -> None:
+    corpus = d.path("corpus")
+    teacher_uris = (d.path("models", "teacher128.pt"), d.path("models", "teacher256.pt"))
+    for source, root in ((d.faces["affectnet"], d.faces["affectnet_images"]), (d.faces["fec"], None),
+                         (os.path.join(corpus, "unlabeled"), None)):
+        distill(DistillConfig(input=source, images_root=root, teachers=teacher_uris, output=d.path("distill"),
+                              batch_size=64, actors=1, cpus_per_actor=d.cpus))
+
+
+def students(d: Demo) -> None:
+    for name, targets in (("student", d.path("distill")), ("student_nodistill", None)):
+        print(name, flush=True)
+        train_face(StudentTrainConfig(
+            **d.common, **d.faces, name=name, epochs=d.epochs(5), batch_size=32, lr=1e-3, lr_schedule="cosine",
+            targets=targets, unlabeled=d.path("corpus", "unlabeled") if targets else None, freeze="transition3",
+            loss=FaceLossConfig(rkd_distance_weight=5.0, rkd_angle_weight=10.0)))
+
+
+def vggish(d: Demo) -> None:
+    for dim in ("arousal", "valence"):
+        train_vggish(VGGishTrainConfig(**d.common, name=f"vggish_{dim}", recola=d.path("corpus", "recola"),
+                                       dimension=dim, epochs=d.epochs(8), batch_size=16, lr=1e-4, segment_frames=96,
+                                       hop_frames=20, freeze="features"))
+
+
+def fusion(d: Demo) -> None:
+    for name, modalities in (("fusion", ("visual", "audio")), ("fusion_visual", ("visual",)),
+                             ("fusion_audio", ("audio",))):
+        print(name, flush=True)
+        train_fusion(FusionTrainConfig(
+            **d.common, name=name, recola=d.path("corpus", "recola"), student=d.path("models", "student.pt"),
+            vggish_arousal=d.path("models", "vggish_arousal.pt"), vggish_valence=d.path("models", "vggish_valence.pt"),
+            modalities=modalities, epochs=d.epochs(10), batch_size=16, lr=1e-3, featurizer_cpus=d.cpus))
+
+
+def evaluation(d: Demo) -> None:
+    evaluate(EvaluateConfig(models=d.path("models"), data=d.path("corpus"), output=d.path("eval"), prefix_cache=d.out,
+                            featurizer_cpus=d.cpus))
+
+
+def archive(d: Demo) -> None:
+    score(ScoreVideosConfig(input=d.path("corpus", "archive"), output=d.path("scores"), model=d.path("models"),
+                            actors=1, cpus_per_actor=d.cpus))
+
+
+STAGES = [
+    ("corpus: generate it, fetch the FEC images, start Ray", corpus),
+    ("teachers d_face 128 and 256 (random FaceNet trunk, frozen; the same trunk for both, as in the paper)",
+     teachers),
+    ("distill: both teachers' targets for AffectNet, FEC and the unlabeled faces", distill_targets),
+    ("students, distilled and not (random DenseNet201, frozen up to transition3)", students),
+    ("VGGish arousal and valence (random conv stack, frozen; the FC layers train)", vggish),
+    ("fusion: fused, visual-only, audio-only", fusion),
+    ("evaluate (Tables 1-5)", evaluation),
+    ("score_videos on the demo archive (speech + face, face only, audio only, no face, broken)", archive),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,91 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="medium", choices=["small", "medium"], help="corpus size (default medium)")
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (default 1)")
     a = p.parse_args(argv)
-
-    import ray
-
-    from aver.pipelines.distill import DistillConfig
-    from aver.pipelines.distill import run as distill
-    from aver.pipelines.evaluate import EvaluateConfig
-    from aver.pipelines.evaluate import run as evaluate
-    from aver.pipelines.fetch import FetchConfig
-    from aver.pipelines.fetch import run as fetch
-    from aver.losses import FaceLossConfig
-    from aver.pipelines.score import ScoreVideosConfig
-    from aver.pipelines.score import run as score
-    from aver.demo.corpus import write_corpus
-    from aver.train.fusion import FusionTrainConfig
-    from aver.train.fusion import run as train_fusion
-    from aver.train.student import StudentTrainConfig
-    from aver.train.student import run as train_student
-    from aver.train.teacher import TeacherTrainConfig
-    from aver.train.teacher import run as train_teacher
-    from aver.train.vggish import VGGishTrainConfig
-    from aver.train.vggish import run as train_vggish
-
-    out = os.path.abspath(a.output)
-    corpus, models = os.path.join(out, "corpus"), os.path.join(out, "models")
+    d = Demo(os.path.abspath(a.output), a.seed, a.size, a.epochs_scale)
     started = time.time()
-
-    def stage(name: str) -> None:
-        print(f"\n=== [{time.time() - started:6.0f} s] {name}", flush=True)
-
-    ep = lambda n: max(1, round(n * a.epochs_scale))  # noqa: E731
-    cpus = float(os.cpu_count() or 1)
-    # One worker per stage reserving 1 CPU (Ray Data feeds it from the rest); it still runs torch
-    # on every core (threads_per_worker=0). Single-actor stages reserve every CPU.
-    common = {"output": out, "cpus_per_worker": 1.0}
-    stage("corpus")
-    if not os.path.exists(os.path.join(corpus, "recola")):
-        print(write_corpus(corpus, seed=a.seed, size=a.size))
-    for split in ("train", "test"):
-        fetch(FetchConfig(manifest=os.path.join(corpus, "fec", f"faceexp-comparison-data-{split}-public.csv"),
-                          output=os.path.join(corpus, "fec"), allow_file_urls=True))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)  # workers' per-epoch lines show here
-    aff = os.path.join(corpus, "affectnet", "training.csv")
-    aff_images = os.path.join(corpus, "affectnet", "Manually_Annotated_Images")
-    fec = os.path.join(corpus, "fec", "faceexp-comparison-data-train-public.csv")
-    teachers = []
-    for d in (128, 256):
-        stage(f"teacher d_face={d} (random FaceNet trunk, frozen; same trunk for both, as in the paper)")
-        cfg = TeacherTrainConfig(**common, name=f"teacher{d}", epochs=ep(14), batch_size=32, lr=2e-3,
-                                 lr_schedule="cosine", affectnet=aff, affectnet_images=aff_images, fec=fec, d_face=d,
-                                 freeze="trunk", seed=a.seed)
-        train_teacher(cfg)
-        teachers.append(cfg.model_uri)
-    stage("distill")
-    for source, root in ((aff, aff_images), (fec, None), (os.path.join(corpus, "unlabeled"), None)):
-        distill(DistillConfig(input=source, images_root=root, teachers=tuple(teachers),
-                              output=os.path.join(out, "distill"), batch_size=64, actors=1, cpus_per_actor=cpus))
-    for name, targets in (("student", os.path.join(out, "distill")), ("student_nodistill", None)):
-        stage(f"{name} (random DenseNet201, frozen up to transition3)")
-        train_student(StudentTrainConfig(
-            **common, name=name, epochs=ep(5), batch_size=32, lr=1e-3, lr_schedule="cosine", affectnet=aff,
-            affectnet_images=aff_images, fec=fec, targets=targets,
-            unlabeled=os.path.join(corpus, "unlabeled") if targets else None, freeze="transition3",
-            loss=FaceLossConfig(rkd_distance_weight=5.0, rkd_angle_weight=10.0), seed=a.seed))
-    recola = os.path.join(corpus, "recola")
-    for dim in ("arousal", "valence"):
-        stage(f"VGGish {dim} (random conv stack, frozen; FC layers train)")
-        train_vggish(VGGishTrainConfig(**common, name=f"vggish_{dim}", recola=recola, dimension=dim, epochs=ep(8),
-                                       batch_size=16, lr=1e-4, segment_frames=96, hop_frames=20, freeze="features",
-                                       seed=a.seed))
-    for name, modalities in (("fusion", ("visual", "audio")), ("fusion_visual", ("visual",)),
-                             ("fusion_audio", ("audio",))):
-        stage(name)
-        train_fusion(FusionTrainConfig(
-            **common, name=name, recola=recola, student=os.path.join(models, "student.pt"),
-            vggish_arousal=os.path.join(models, "vggish_arousal.pt"),
-            vggish_valence=os.path.join(models, "vggish_valence.pt"), modalities=modalities, epochs=ep(10),
-            batch_size=16, lr=1e-3, window_s=9.6, hop_s=0.4, featurizer_cpus=cpus, seed=a.seed))
-    stage("evaluate")
-    evaluate(EvaluateConfig(models=models, data=corpus, output=os.path.join(out, "eval"), prefix_cache=out,
-                            featurizer_cpus=cpus))
-    stage("score_videos on the demo archive (speech + face, face only, audio only, no face, broken)")
-    score(ScoreVideosConfig(input=os.path.join(corpus, "archive"), output=os.path.join(out, "scores"), model=models,
-                            actors=1, cpus_per_actor=cpus))
-    print(f"\ndemo finished in {time.time() - started:.0f} s; models in {models}, metrics in "
-          f"{os.path.join(out, 'eval', 'metrics.json')}\nreport: file://{os.path.join(out, 'scores', 'report', 'index.html')}")
+    for title, stage in STAGES:
+        print(f"\n=== [{time.time() - started:6.0f} s] {title}", flush=True)
+        stage(d)
+    print(f"\ndemo finished in {time.time() - started:.0f} s; models in {d.path('models')}, metrics in "
+          f"{d.path('eval', 'metrics.json')}\nreport: file://{d.path('scores', 'report', 'index.html')}")
     return 0
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from aver.models import Teacher
 from aver.pipelines.distill import DistillConfig, run, teacher_targets
 from aver.pipelines.extract import FACES_SCHEMA
 from aver.models import Teacher, save_checkpoint

@@ -1,0 +1,65 @@
+"""Command lines built from the config dataclasses: flags, defaults and help come from the fields."""
+
+import dataclasses
+
+import pytest
+
+from aver.cli import field_docs, parse, parser_for
+from aver.faces import FaceDetectorConfig
+from aver.faults import RetryPolicy
+from aver.pipelines.distill import DistillConfig
+from aver.pipelines.score import ScoreVideosConfig
+from aver.train.face import TeacherTrainConfig
+from aver.train.fusion import FusionTrainConfig
+from aver.train.vggish import VGGishTrainConfig
+
+
+def test_defaults_are_the_dataclass_defaults():
+    # Guards against a CLI restating (and drifting from) a config's defaults.
+    cfg = parse(ScoreVideosConfig, ["--input", "in", "--output", "out", "--model", "m"])
+    assert cfg == ScoreVideosConfig(input="in", output="out", model="m")
+    assert cfg.detector == FaceDetectorConfig() and cfg.retry == RetryPolicy()
+
+
+def test_nested_tuple_and_json_flags_reach_the_config():
+    cfg = parse(ScoreVideosConfig, ["--input", "i", "--output", "o", "--model", "m", "--detector-min-prob", "0.5",
+                                    "--detector-thresholds", "0.1", "0.2", "0.3", "--retry-attempts", "7",
+                                    "--storage-options", '{"anon": true}', "--all-faces", "--batch-size", "3",
+                                    "--detector-batch-size", "5"])
+    assert cfg.detector.min_prob == 0.5 and cfg.detector.thresholds == (0.1, 0.2, 0.3)
+    assert cfg.detector.batch_size == 5 and cfg.batch_size == 3  # same field name, two configs
+    assert cfg.retry.attempts == 7 and cfg.all_faces and cfg.storage_options == {"anon": True}
+    d = parse(DistillConfig, ["--input", "i", "--output", "o", "--teachers", "a.pt", "b.pt"])
+    assert d.teachers == ("a.pt", "b.pt")
+    f = parse(FusionTrainConfig, ["--output", "o", "--recola", "r", "--student", "s", "--vggish-arousal", "a",
+                                  "--vggish-valence", "v", "--modalities", "audio"])
+    assert f.modalities == ("audio",) and f.name == "fusion" and f.epochs == 20
+
+
+def test_job_defaults_live_in_the_config_subclass():
+    t = parse(TeacherTrainConfig, ["--output", "o", "--affectnet", "a.csv", "--fec", "f.csv", "--freeze", "trunk"])
+    assert t.name == "teacher128" and t.freeze == "trunk"
+    v = parse(VGGishTrainConfig, ["--output", "o", "--recola", "r", "--dimension", "valence"])
+    assert v.name == "vggish_valence" and v.lr == 1e-4 and v.batch_size == 8
+
+
+def test_bad_values_are_a_usage_error_with_the_configs_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(ScoreVideosConfig, ["--input", "i", "--output", "o", "--model", "m", "--fps", "0"])
+    assert e.value.code == 2 and "fps must be in (0, 120]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # choices come from field metadata
+        parse(TeacherTrainConfig, ["--output", "o", "--affectnet", "a", "--fec", "f", "--lr-schedule", "step"])
+    with pytest.raises(SystemExit):  # a required field is a required flag
+        parse(ScoreVideosConfig, ["--input", "i", "--output", "o"])
+
+
+def test_help_documents_every_field_with_its_docstring():
+    text = parser_for(ScoreVideosConfig).format_help()
+    docs = field_docs(ScoreVideosConfig)
+    for f in dataclasses.fields(ScoreVideosConfig):
+        if dataclasses.is_dataclass(f.type) or f.name in ("detector", "retry"):
+            continue
+        assert "--" + f.name.replace("_", "-") in text
+        assert docs[f.name].split()[0] in text
+    assert "--detector-min-prob" in text and "(default 0.9)" in text
+    assert "--fail-at" not in parser_for(TeacherTrainConfig).format_help()  # testing-only flag stays hidden

@@ -206,13 +206,28 @@ class SessionFeaturizer:
                 "target": np.stack(out["target"]) if out["target"] else np.zeros((0, 2), np.float32)}
 
 
+def _sessions(cfg: SessionWindows, split: str) -> list[dict]:
+    sessions = [r for r in read_recola(cfg.recola, cfg.storage_options or None).records if r["split"] == split]
+    if not sessions:
+        raise ValueError(f"no {split} sessions under {redact(cfg.recola)}")
+    return sessions
+
+
+def count_windows(cfg: SessionWindows, split: str) -> int:
+    """How many windows :func:`session_windows` will cut from ``split``: from the gold labels alone,
+    so a run that cannot train is refused before any session is featurised."""
+    total = 0
+    for record in _sessions(cfg, split):
+        duration = len(session_labels(record, cfg.storage_options or None)) * STEP_S
+        total += sum(end - start >= cfg.window_s - 1e-6 for start, end in window_slices(duration, cfg.window_s, cfg.hop_s))
+    return total
+
+
 def session_windows(cfg: SessionWindows, split: str):
     """Materialised Ray Dataset of fusion windows for the sessions of ``split``."""
     import ray.data
 
-    sessions = [r for r in read_recola(cfg.recola, cfg.storage_options or None).records if r["split"] == split]
-    if not sessions:
-        raise ValueError(f"no {split} sessions under {redact(cfg.recola)}")
+    sessions = _sessions(cfg, split)
     ds = ray.data.from_items(sessions, override_num_blocks=len(sessions))
     ds = ds.map_batches(SessionFeaturizer, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, concurrency=1,
                         num_cpus=cfg.featurizer_cpus)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aver.data.features import AUDIO_DIM, VISUAL_DIM
-from aver.data.recola import SessionWindows, session_windows
+from aver.data.recola import SessionWindows, count_windows, session_windows
 from aver.io.parts import join
 from aver.metrics import ccc
 from aver.models import FusionConfig, FusionModel, to_device
@@ -99,11 +99,12 @@ def run(cfg: FusionTrainConfig) -> list[dict] | None:
     """Featurise the train sessions and train (or resume) the fusion model."""
     if not begin(cfg, "train_fusion"):
         return None
+    n = count_windows(cfg.windows(), "train")
+    require_batches(n, cfg, f"{cfg.window_s} s training windows")  # before featurising anything
     if cfg.features_cache is None:
         cfg.features_cache = join(cfg.output, "features", cfg.windows().features_key())
     train = session_windows(cfg.windows(), "train").select_columns(["visual", "audio", "target"])
-    print(f"train_fusion: {train.count()} training windows of {cfg.window_s} s", flush=True)
-    require_batches(train.count(), cfg, f"{cfg.window_s} s training windows")
+    print(f"train_fusion: {n} training windows of {cfg.window_s} s", flush=True)
     history = fit(train_loop_per_worker, cfg, {"train": train})
     print(f"train_fusion: wrote {cfg.model_uri}", flush=True)
     return history

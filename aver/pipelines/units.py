@@ -221,16 +221,12 @@ def actor_setup(cfg: ActorPoolConfig, who: str):
     actor has not run ``__post_init__``), size torch's threads, pick its device."""
     register_secrets(cfg.storage_options)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
-    actor_threads(cfg.cpus_per_actor)
-    return actor_device(cfg.gpus_per_actor, who)
-
-
-def actor_threads(cpus_per_actor: float) -> None:
-    """Torch threads for an actor: its CPU reservation, rounded (Ray sets OMP_NUM_THREADS=1 for
-    fractional or 1-CPU actors; an actor holding 2 CPUs should use both)."""
     import torch
 
-    torch.set_num_threads(max(1, int(round(cpus_per_actor))))
+    # Threads = the CPU reservation, rounded: Ray sets OMP_NUM_THREADS=1 for fractional or 1-CPU
+    # actors, and an actor holding 2 CPUs should use both.
+    torch.set_num_threads(max(1, int(round(cfg.cpus_per_actor))))
+    return actor_device(cfg.gpus_per_actor, who)
 
 
 def actor_device(gpus_per_actor: float, who: str):

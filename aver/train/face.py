@@ -223,14 +223,13 @@ def run(cfg: FaceTrainConfig) -> list[dict] | None:
     so = cfg.storage_options or None
     affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
     fec, _ = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
+    if not cfg.targets_uri:  # the crop ids only serve the target lookup
+        affectnet, fec = affectnet.select_columns(["image", "label"]), fec.select_columns(["i", "j", "k", "type"])
     datasets = {"affectnet": affectnet, "fec": fec}
     if isinstance(cfg, StudentTrainConfig):
         print(f"{job}: distillation {'on' if cfg.targets else 'off'}", flush=True)
     if cfg.unlabeled_uri:
         datasets["unlabeled"] = unlabeled_dataset(cfg.unlabeled_uri, so)
-    if not cfg.targets_uri:  # the crop ids only serve the target lookup
-        datasets = {"affectnet": affectnet.select_columns(["image", "label"]),
-                    "fec": fec.select_columns(["i", "j", "k", "type"])}
     history = fit(train_loop_per_worker, cfg, datasets)
     print(f"{job}: wrote {cfg.model_uri}", flush=True)
     return history

@@ -109,9 +109,13 @@ class FaceDetector:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR)), size[0] / w
 
+    def crop_array(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """The configured crop of ``box`` (see :func:`crop_face`), HxWx3 uint8."""
+        return crop_face(frame, box, size=self.config.image_size, margin=self.config.margin)
+
     def crop(self, frame: np.ndarray, box: np.ndarray) -> bytes:
-        """The configured crop of ``box`` (see :func:`crop_face`) as JPEG bytes."""
-        face = crop_face(frame, box, size=self.config.image_size, margin=self.config.margin)
+        """The configured crop of ``box`` as JPEG bytes (what extract_faces stores)."""
+        face = self.crop_array(frame, box)
         buf = io.BytesIO()
         Image.fromarray(face).save(buf, format="JPEG", quality=self.config.jpeg_quality)
         return buf.getvalue()
@@ -209,7 +213,7 @@ class FaceTracker:
 
 @dataclass
 class TrackedFrame:
-    """One sampled frame: where it is, and its faces as (track id, detection, JPEG crop)."""
+    """One sampled frame: where it is, and its faces as (track id, detection, crop: JPEG bytes or array)."""
 
     step: int
     """Sampled-frame number in the video (0, 1, ...)."""
@@ -217,7 +221,7 @@ class TrackedFrame:
     """Frame index in the stream."""
     timestamp_s: float
     """Presentation time."""
-    faces: list[tuple[int, Detection, bytes]]
+    faces: list[tuple[int, Detection, bytes | np.ndarray]]
 
 
 @dataclass
@@ -236,11 +240,14 @@ class VideoScan:
 
 def scan_video(source: str, detector: FaceDetector, on_frames: Callable[[list[TrackedFrame]], None], *,
                fps: float, storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
-               max_duration_s: float = MAX_DURATION_S) -> VideoScan:
+               max_duration_s: float = MAX_DURATION_S, jpeg: bool = True) -> VideoScan:
     """Decode ``source`` at ``fps``, detect faces batch by batch and link them into tracks; each
     batch of tracked frames goes to ``on_frames`` as it is done, so no video is ever held whole.
+    Crops are JPEG bytes (kept, as extract_faces does) or, with ``jpeg=False``, arrays for a model
+    that uses them at once (never encoded to be decoded again).
     A stream broken midway keeps what decoded; one that decodes no frame raises ``too_short``."""
     tracker = FaceTracker()
+    crop = detector.crop if jpeg else detector.crop_array
     n, broken = 0, None
     with VideoReader(source, storage_options=storage_options, max_bytes=max_bytes,
                      max_duration_s=max_duration_s) as reader:
@@ -250,7 +257,7 @@ def scan_video(source: str, detector: FaceDetector, on_frames: Callable[[list[Tr
                 for frame, dets in zip(chunk, detector.detect([f.image for f in chunk])):
                     ids = tracker.update(n, dets)
                     done.append(TrackedFrame(n, frame.index, frame.timestamp_s,
-                                             [(tid, d, detector.crop(frame.image, d.box)) for tid, d in zip(ids, dets)]))
+                                             [(tid, d, crop(frame.image, d.box)) for tid, d in zip(ids, dets)]))
                     n += 1
                 on_frames(done)
         except MediaError as e:

@@ -5,7 +5,10 @@
 (b) distill crops/s over the bare two-teacher forward pass in one process on the same crops;
 (c) peak RSS (driver + local Ray workers) of extract_faces on a corpus 4x as large as another;
 (d) score_videos: seconds of video scored per second of wall time (face + speech, 720p);
-(e) peak RSS of score_videos on an archive 4x as large as another.
+(e) peak RSS of score_videos on an archive 4x as large as another;
+(f) distill reading crops from a local S3 behind a proxy adding 20 ms to every request, over the
+    bare teacher pair on the same crops in memory (I/O hidden behind the models);
+(g) planning an input of 100k files against 25k: seconds and driver peak RSS.
 Writes the figures to --report (default docs/benchmarks.md).
 """
 
@@ -129,12 +132,29 @@ def extract_speed(work: str, corpus: str, n_videos: int, cpus: float) -> str:
     naive = n_naive / (time.perf_counter() - t)
     t = time.perf_counter()
     # One actor with every CPU: the same machine share the one-process baselines get.
-    run_extract(ExtractFacesConfig(input=corpus, output=os.path.join(work, "faces"), actors=1, cpus_per_actor=cpus))
+    run_extract(ExtractFacesConfig(input=corpus, output=os.path.join(work, "faces"), **_one_actor(cpus)))
     ours = n_naive / (time.perf_counter() - t)
     return (f"## (a) extract_faces vs naive per-frame MTCNN\n\n{n_videos} videos, 1280x720, 8 s, "
             f"{n_naive} sampled frames at 5 fps.\n\n| | frames/s |\n|---|---|\n"
             f"| naive facenet-pytorch loop | {naive:.1f} |\n| extract_faces (1 actor, all CPUs, Ray Data) | {ours:.1f} |\n\n"
             f"**Ratio {ours / naive:.2f}x** (target >= 2x).\n")
+
+
+def _one_actor(cpus: float) -> dict:
+    """One model actor with every CPU but half of one, left to the load and write tasks (their work
+    is small beside the models'; torch in the actor still gets every CPU's thread)."""
+    return {"actors": 1, "cpus_per_actor": cpus - 0.5, "cpus_per_task": 0.5}
+
+
+def _one_actor_flags(cpus: float) -> list[str]:
+    return [arg for k, v in _one_actor(cpus).items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _bench_crops(work: str, n_crops: int) -> list[bytes]:
+    from aver.io.parts import read_folder
+
+    crops = read_folder(os.path.join(work, "faces", "faces")).to_pandas()["crop"].dropna().tolist()
+    return (crops * (n_crops // max(1, len(crops)) + 1))[:n_crops]
 
 
 def distill_efficiency(work: str, n_crops: int, cpus: float) -> str:
@@ -143,15 +163,13 @@ def distill_efficiency(work: str, n_crops: int, cpus: float) -> str:
     import torch
     from PIL import Image
 
-    from aver.io.parts import read_folder, write_table
+    from aver.io.parts import write_table
     from aver.models import Teacher, save_checkpoint
     from aver.pipelines.distill import DistillConfig, teacher_targets
     from aver.pipelines.distill import run as run_distill
     from aver.pipelines.extract import FACES_SCHEMA
 
-    faces = read_folder(os.path.join(work, "faces", "faces")).to_pandas()
-    crops = faces["crop"].dropna().tolist()
-    crops = (crops * (n_crops // max(1, len(crops)) + 1))[:n_crops]
+    crops = _bench_crops(work, n_crops)
     rows = [{"video_id": "b", "source": "b", "crop_id": f"b-{i:07d}", "frame_index": i, "timestamp_s": 0.0,
              "track_id": 0, "box": [0.0, 0.0, 1.0, 1.0], "prob": 1.0, "crop": c} for i, c in enumerate(crops)]
     write_table(os.path.join(work, "crops", "faces", "b.parquet"), pa.Table.from_pylist(rows, schema=FACES_SCHEMA))
@@ -167,11 +185,95 @@ def distill_efficiency(work: str, n_crops: int, cpus: float) -> str:
     bare = len(crops) / (time.perf_counter() - t)
     t = time.perf_counter()
     run_distill(DistillConfig(input=os.path.join(work, "crops"), teachers=tuple(uris),
-                              output=os.path.join(work, "distill"), batch_size=64, actors=1, cpus_per_actor=cpus))
+                              output=os.path.join(work, "distill"), batch_size=64, **_one_actor(cpus)))
     pipe = len(crops) / (time.perf_counter() - t)
     return (f"## (b) distill vs bare teacher forward\n\n{len(crops)} crops, both teachers, fp32 on CPU.\n\n"
             f"| | crops/s |\n|---|---|\n| bare forward, one process | {bare:.1f} |\n"
             f"| distill job (1 actor, all CPUs) | {pipe:.1f} |\n\n**Ratio {pipe / bare:.2f}** (target >= 0.8).\n")
+
+
+def remote_distill_efficiency(work: str, n_crops: int, cpus: float, latency_s: float = 0.02) -> str:
+    """(f) distill over crops on a local S3 behind a proxy adding ``latency_s`` to every request,
+    against the bare teacher pair on the same crops in memory (needs (b)'s teachers)."""
+    import fsspec
+    import torch
+    from PIL import Image
+
+    from aver.demo.s3proxy import S3Proxy, local_s3
+    from aver.models import Teacher, load_checkpoint
+    from aver.pipelines.distill import DistillConfig, teacher_targets
+    from aver.pipelines.distill import run as run_distill
+
+    crops = _bench_crops(work, n_crops)
+    uris = [os.path.join(work, f"t{i}.pt") for i in range(2)]
+    teachers = [load_checkpoint(u)[0].eval() for u in uris]
+    images = [np.asarray(Image.open(io.BytesIO(c)).convert("RGB")) for c in crops]
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(images), 64):
+            teacher_targets(*(m(Teacher.preprocess(images[s:s + 64])) for m in teachers))
+    bare = len(crops) / (time.perf_counter() - t)
+    with local_s3("bench") as store:
+        proxy = S3Proxy(store["endpoint"], latency_s=latency_s)
+        try:
+            fs = fsspec.filesystem("s3", **store["options"])
+            for i, c in enumerate(crops):
+                fs.pipe(f"bench/crops/c{i:05d}.jpg", c)
+            for i, u in enumerate(uris):
+                fs.put(u, f"bench/teachers/t{i}.pt")
+            so = proxy.options(store["options"])
+            t = time.perf_counter()
+            run_distill(DistillConfig(input="s3://bench/crops/", teachers=("s3://bench/teachers/t0.pt",
+                                                                           "s3://bench/teachers/t1.pt"),
+                                      output="s3://bench/distill/", storage_options=so, batch_size=64,
+                                      images_per_unit=256, **_one_actor(cpus)))
+            pipe = len(crops) / (time.perf_counter() - t)
+            requests = proxy.requests
+        finally:
+            proxy.close()
+    return (f"## (f) distill from S3 with {latency_s * 1000:.0f} ms per request vs bare teacher forward\n\n"
+            f"{len(crops)} crops stored as single JPEG objects on a local S3 (moto) behind a proxy adding "
+            f"{latency_s * 1000:.0f} ms to each of the job's {requests} requests (reads of crops and teachers, "
+            f"listing, writes); both teachers, fp32 on CPU.\n\n"
+            f"| | crops/s |\n|---|---|\n| bare forward, crops in memory | {bare:.1f} |\n"
+            f"| distill job, crops on S3 (load tasks, 1 model actor) | {pipe:.1f} |\n\n"
+            f"**Ratio {pipe / bare:.2f}** (target >= 0.8).\n")
+
+
+_PLAN = """
+import resource, sys, time
+t = time.perf_counter()
+from aver.io.media import list_inputs
+from aver.pipelines.extract import ExtractFacesConfig, plan_units
+cfg = ExtractFacesConfig(input=sys.argv[1], output=sys.argv[2])
+start = time.perf_counter()
+work = plan_units(list_inputs(cfg.input), cfg)
+print(len(work.units), time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def planning_scale(work: str, small: int = 25_000, large: int = 100_000) -> str:
+    """(g) planning (one listing, unit formation against an empty output) of 100k files against 25k."""
+    figures = {}
+    for n in (small, large):
+        folder = os.path.join(work, f"plan{n}")
+        for i in range(n):  # 100 files a folder, as an image archive might be laid out
+            sub = os.path.join(folder, f"d{i // 100:04d}")
+            if i % 100 == 0:
+                os.makedirs(sub, exist_ok=True)
+            open(os.path.join(sub, f"img{i:06d}.jpg"), "wb").close()
+        out = subprocess.run([sys.executable, "-c", _PLAN, folder, os.path.join(work, f"plan-out{n}")], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout.split()
+        figures[n] = (int(out[0]), float(out[1]), float(out[2]))
+    (u1, t1, r1), (u4, t4, r4) = figures[small], figures[large]
+    per_item = (r4 - r1) * 2**20 / (large - small)
+    return (f"## (g) planning {large // 1000}k vs {small // 1000}k inputs\n\n"
+            f"extract_faces' driver: one recursive listing of a folder of images (100 per sub-folder), ids, "
+            f"chunks of 256 against an empty output; a fresh process each (its peak RSS includes the "
+            f"interpreter, torch and aver).\n\n| files | units | seconds | driver peak RSS MiB |\n|---|---|---|---|\n"
+            f"| {small} | {u1} | {t1:.2f} | {r1:.0f} |\n| {large} | {u4} | {t4:.2f} | {r4:.0f} |\n\n"
+            f"**Time ratio {t4 / t1:.2f}** (target <= 4.5), **RSS ratio {r4 / r1:.2f}** (target <= 1.5); "
+            f"about {per_item:.0f} bytes of driver memory per planned file.\n")
 
 
 def extract_memory(work: str, cpus: float) -> str:
@@ -179,7 +281,7 @@ def extract_memory(work: str, cpus: float) -> str:
     small, large = os.path.join(work, "rss1"), os.path.join(work, "rss4")
     _corpus(small, 2, seconds=4.0)
     _corpus(large, 8, seconds=4.0)
-    job = ["jobs/extract_faces.py", "--actors", "1", "--cpus-per-actor", str(cpus)]
+    job = ["jobs/extract_faces.py", *_one_actor_flags(cpus)]
     rss1 = peak_rss_of_job(job + ["--input", small, "--output", os.path.join(work, "o1")])
     rss4 = peak_rss_of_job(job + ["--input", large, "--output", os.path.join(work, "o4")])
     return (f"## (c) extract_faces peak RSS, 1x vs 4x corpus\n\nDriver plus local Ray processes, "
@@ -191,7 +293,7 @@ def _score_job(work: str, cpus: float) -> list[str]:
     models = os.path.join(work, "models")
     if not os.path.exists(models):
         _random_models(models)
-    return ["jobs/score_videos.py", "--model", models, "--actors", "1", "--cpus-per-actor", str(cpus)]
+    return ["jobs/score_videos.py", "--model", models, *_one_actor_flags(cpus)]
 
 
 def score_speed(work: str, n_videos: int, cpus: float) -> str:
@@ -254,10 +356,12 @@ def main() -> int:
     ray.init(include_dashboard=False, log_to_driver=False)  # (a) and (b) run in this process
     lines.append(extract_speed(work, corpus, a.videos, cpus))
     lines.append(distill_efficiency(work, a.crops, cpus))
+    lines.append(remote_distill_efficiency(work, a.crops, cpus))
     ray.shutdown()  # (c)-(e) run the jobs as a user would, each with its own local Ray
     lines.append(extract_memory(work, cpus))
     lines.append(score_speed(work, a.score_videos, cpus))
     lines.append(score_memory(work, cpus))
+    lines.append(planning_scale(work))
     lines.append(HOW)
     report = "\n".join(lines)
     print(report)

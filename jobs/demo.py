@@ -53,8 +53,13 @@ class Demo:
         return max(1, round(n * self.epochs_scale))
 
     @property
-    def cpus(self) -> float:  # single-actor stages reserve every CPU
+    def cpus(self) -> float:  # single-worker stages reserve every CPU
         return float(os.cpu_count() or 1)
+
+    @property
+    def one_actor(self) -> dict:
+        """One model actor with every CPU but half of one, left to the load and write tasks."""
+        return {"actors": 1, "cpus_per_actor": self.cpus - 0.5, "cpus_per_task": 0.5}
 
     @property
     def common(self) -> dict:
@@ -95,7 +100,7 @@ def distill_targets(d: Demo) -> None:
     for source, root in ((d.faces["affectnet"], d.faces["affectnet_images"]), (d.faces["fec"], None),
                          (os.path.join(corpus, "unlabeled"), None)):
         distill(DistillConfig(input=source, images_root=root, teachers=teacher_uris, output=d.path("distill"),
-                              batch_size=64, actors=1, cpus_per_actor=d.cpus))
+                              batch_size=64, **d.one_actor))
 
 
 def students(d: Demo) -> None:
@@ -131,7 +136,7 @@ def evaluation(d: Demo) -> None:
 
 def archive(d: Demo) -> None:
     score(ScoreVideosConfig(input=d.path("corpus", "archive"), output=d.path("scores"), model=d.path("models"),
-                            actors=1, cpus_per_actor=d.cpus))
+                            **d.one_actor))
 
 
 STAGES = [

@@ -8,7 +8,6 @@ log-mel frames (0.32 s). A fusion window takes a fixed number of steps of each (
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,16 +67,13 @@ class FaceFeatures:
 
 
 @torch.no_grad()
-def student_features(student: torch.nn.Module, jpegs: list[bytes], batch_size: int = 64,
+def student_features(student: torch.nn.Module, crops: list[np.ndarray], batch_size: int = 64,
                      device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings [N,1920], softmax probabilities [N,8]) of JPEG face crops."""
-    from PIL import Image
-
+    """(embeddings [N,1920], softmax probabilities [N,8]) of uint8 RGB face crops."""
     device = device or next(student.parameters()).device
     embs, probs = [], []
-    for s in range(0, len(jpegs), batch_size):
-        imgs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs[s:s + batch_size]]
-        out = student(Student.preprocess(imgs, device))
+    for s in range(0, len(crops), batch_size):
+        out = student(Student.preprocess(crops[s:s + batch_size], device))
         embs.append(out.embedding.float().cpu().numpy())
         probs.append(torch.softmax(out.affectnet.float(), dim=1).cpu().numpy())
     if not embs:
@@ -96,8 +92,8 @@ def face_features(source: str, detector: FaceDetector, student: torch.nn.Module,
         crops, keys = [], []
         for f in frames:
             found.times.append(f.timestamp_s)
-            for tid, _, jpeg in f.faces:
-                crops.append(jpeg)
+            for tid, _, crop in f.faces:
+                crops.append(crop)
                 keys.append((tid, f.step))
         if crops:
             with torch.inference_mode(), autocast(device):
@@ -106,21 +102,43 @@ def face_features(source: str, detector: FaceDetector, student: torch.nn.Module,
                 found.feats.setdefault(tid, {})[step] = e
                 found.probs.setdefault(tid, {})[step] = p
 
-    scan = scan_video(source, detector, embed, fps=fps, storage_options=storage_options, **limits)
+    scan = scan_video(source, detector, embed, fps=fps, storage_options=storage_options, jpeg=False, **limits)
     found.tracker, found.decoded_s, found.broken = scan.tracker, scan.decoded_s, scan.broken
     return found
 
 
+VGGISH_CONTEXT = 64
+"""Log-mel frames of context on each side of a chunk: more than the frame features' receptive
+field (46 frames), and a multiple of their 8-frame step, so chunked features equal whole ones."""
+
+
 @torch.no_grad()
-def audio_timeline(waveform: np.ndarray, sample_rate: int, vggish: list[torch.nn.Module]) -> AudioTimeline:
-    """VGGish frame features of the whole recording, one network after the other, concatenated."""
+def chunked_frame_features(net: torch.nn.Module, mel: torch.Tensor, chunk: int = 4096) -> np.ndarray:
+    """``net.frame_features`` of ``[T, n_mels]`` as ``[T // 8, dim]``, computed ``chunk`` frames at a
+    time with :data:`VGGISH_CONTEXT` frames of context on each side: memory (GPU included) stays
+    bounded however long the recording, and the result equals one forward over all of it."""
+    if chunk % 8 or chunk < 8:
+        raise ValueError("chunk must be a positive multiple of 8 log-mel frames")
+    device = next(net.parameters()).device
+    n_steps, ctx = mel.shape[0] // 8, VGGISH_CONTEXT
+    out = []
+    for start in range(0, n_steps * 8, chunk):
+        lo, hi = max(0, start - ctx), min(mel.shape[0], start + chunk + ctx)
+        f = net.frame_features(mel[lo:hi][None, None].to(device)).float().cpu().numpy()[0]
+        first = (start - lo) // 8
+        out.append(f[first:first + min(chunk, n_steps * 8 - start) // 8])
+    return np.concatenate(out) if out else np.zeros((0, net.config.embedding_dim), np.float32)
+
+
+def audio_timeline(waveform: np.ndarray, sample_rate: int, vggish: list[torch.nn.Module],
+                   chunk: int = 4096) -> AudioTimeline:
+    """VGGish frame features of a recording (in bounded chunks, see :func:`chunked_frame_features`),
+    one network after the other, concatenated."""
     mel = log_mel(waveform, sample_rate)
     width = sum(net.config.embedding_dim for net in vggish)
     if mel.shape[0] < 8:
         return AudioTimeline(np.zeros(0), np.zeros((0, width), np.float32))
-    x = mel[None, None]
-    feats = [net.frame_features(x.to(next(net.parameters()).device)).float().cpu().numpy()[0] for net in vggish]
-    f = np.concatenate(feats, axis=1)
+    f = np.concatenate([chunked_frame_features(net, mel, chunk) for net in vggish], axis=1)
     return AudioTimeline(np.arange(len(f)) * AUDIO_STEP_S, f.astype(np.float32))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,13 +22,13 @@ import torch
 from aver.constants import CROP_SIZE
 from aver.data.manifests import is_affectnet_csv, is_fec_csv, read_affectnet, read_fec
 from aver.faces import crop_face
-from aver.faults import MediaError, is_transient, verdict, with_retries
-from aver.io.media import IMAGE_EXTENSIONS, InputItem, list_inputs, load_image
+from aver.faults import MediaError, is_transient, with_retries
+from aver.io.media import IMAGE_EXTENSIONS, InputItem, items_in_listing, list_inputs, load_image
 from aver.io.storage import redact, url_to_fs
-from aver.io.streaming import chunked, prefetch
 from aver.models import StudentConfig, Teacher, autocast, load_checkpoint, same_weights
-from aver.pipelines.units import (ActorPoolConfig, Plan, actor_setup, batch_units, commit, guarded, map_units, plan,
-                        run_units, summarise)
+from aver.models._base import crops_to_batch
+from aver.pipelines.units import (ActorPoolConfig, ModelStage, Plan, actor_setup, commit, connect, guarded, plan,
+                                  run_stages, summarise)
 
 DISTILL_DIM = StudentConfig.distill_dim
 """Width of a target: [t1.fec, t1.affectnet, t2.fec, t2.affectnet], what the student's distill head learns."""
@@ -45,7 +46,9 @@ class DistillConfig(ActorPoolConfig):
     output: str
     """Output folder; gets targets/ and status/."""
     batch_size: int = 256
-    """Crops per teacher forward pass."""
+    """Crops per teacher forward pass (gathered across units)."""
+    units_per_call: int = 4
+    """Units whose crops one model-actor call gathers (a faces part holds a few hundred crops)."""
     images_per_unit: int = 1024
     """Crops handled (and written) together when the input is images or a manifest."""
     images_root: str | None = None
@@ -56,13 +59,16 @@ class DistillConfig(ActorPoolConfig):
     precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})
     """'bf16' autocast, 'fp32', or 'auto' (bf16 on CUDA, fp32 on CPU)."""
 
+    def storage_uris(self) -> list[tuple[str, str]]:
+        return super().storage_uris() + [("teachers", t) for t in self.teachers]
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.teachers = tuple(self.teachers)
         if len(self.teachers) != 2:
             raise ValueError(f"distill needs exactly two teacher checkpoints, got {len(self.teachers)}")
-        if self.batch_size < 1 or self.images_per_unit < 1:
-            raise ValueError("batch_size >= 1 and images_per_unit >= 1")
+        if self.batch_size < 1 or self.images_per_unit < 1 or self.units_per_call < 1:
+            raise ValueError("batch_size, images_per_unit and units_per_call >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
@@ -79,7 +85,7 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _crop_entries(cfg: DistillConfig) -> tuple[str, list[dict], int]:
+def _crop_entries(cfg: DistillConfig, listing: list[InputItem] | None) -> tuple[str, list[dict], int]:
     """What to crop for a non-faces/ input: (prefix, entries, rejected manifest rows)."""
     if is_affectnet_csv(cfg.input, cfg.storage_options):
         m = read_affectnet(cfg.input, cfg.images_root, cfg.storage_options)
@@ -90,7 +96,8 @@ def _crop_entries(cfg: DistillConfig) -> tuple[str, list[dict], int]:
         unique = {f["crop_id"]: f for r in m.records for f in r["faces"]}
         return "fec", [{"item_id": f["crop_id"], "source": f["source"], "box_frac": f["box_frac"]}
                        for f in sorted(unique.values(), key=lambda f: f["crop_id"])], len(m.rejected)
-    images = [i for i in list_inputs(cfg.input, cfg.storage_options, IMAGE_EXTENSIONS) if i.kind == "image"]
+    images = [i for i in (listing if listing is not None else list_inputs(cfg.input, cfg.storage_options,
+                                                                           IMAGE_EXTENSIONS)) if i.kind == "image"]
     return "images", [{"item_id": i.item_id, "source": i.source, "refusal": i.refusal} for i in images], 0
 
 
@@ -100,17 +107,20 @@ def plan_units(cfg: DistillConfig) -> Plan:
     fs, path = url_to_fs(cfg.input, cfg.storage_options)
     fs.invalidate_cache()
     protocol = cfg.input.split("://", 1)[0] + "://" if "://" in cfg.input else ""
-    if fs.isdir(path):
-        if fs.isdir(path.rstrip("/") + "/faces"):
-            path = path.rstrip("/") + "/faces"
-        parts = sorted(p for p in fs.ls(path, detail=False)
-                       if p.endswith(".parquet") and not os.path.basename(p).startswith("."))
-        if parts:
-            names = [os.path.basename(p)[: -len(".parquet")] for p in parts]
+    listing = None
+    if fs.isdir(path):  # one recursive listing: faces/ parts if there are any, else the images in it
+        root = path.rstrip("/")
+        files = fs.find(root)
+        parts = {folder: sorted(p for p in files if os.path.dirname(p) == folder and p.endswith(".parquet")
+                                and not os.path.basename(p).startswith(".")) for folder in (root + "/faces", root)}
+        found = parts[root + "/faces"] or parts[root]
+        if found:
+            names = [os.path.basename(p)[: -len(".parquet")] for p in found]
             return plan(cfg.output, cfg.storage_options, id_column="item_id",
                         singles=[(n, {"item_id": n, "source": protocol + p, "kind": "faces"})
-                                 for n, p in zip(names, parts)])
-    prefix, entries, rejected = _crop_entries(cfg)
+                                 for n, p in zip(names, found)])
+        listing = items_in_listing(cfg.input, files, IMAGE_EXTENSIONS)
+    prefix, entries, rejected = _crop_entries(cfg, listing)
     if rejected:
         print(f"distill: {rejected} manifest rows rejected (malformed or unused labels)", flush=True)
     return plan(cfg.output, cfg.storage_options, singles=[], chunked=[(e["item_id"], e) for e in entries],
@@ -129,8 +139,56 @@ def _read_faces_part(uri: str, storage_options) -> pa.Table:
     return table.filter(pc.is_valid(table["crop"]))
 
 
-class TeacherPair:
-    """Ray Data actor: both teachers on one device; turns whole units into target parts."""
+def _as_crops(images: list[np.ndarray]) -> np.ndarray:
+    """``[n,140,140,3]`` uint8; images of another size resized as the teachers' preprocess would."""
+    if not images:
+        return np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    return np.ascontiguousarray(crops_to_batch(images).permute(0, 2, 3, 1).numpy())
+
+
+def load_unit(unit: dict, cfg: DistillConfig) -> dict:
+    """Load stage (CPU task): a unit's crops as one ``[n,140,140,3]`` array with their ids. A faces
+    part is one GET whose undecodable crops are skipped and counted; a chunk of images reads
+    ``io_threads`` at a time, each read, retried and judged on its own (its status row)."""
+    so = cfg.storage_options
+    if unit["items"][0].get("kind") == "faces":
+        item = unit["items"][0]
+        table = with_retries(lambda: _read_faces_part(item["source"], so), cfg.retry, item["source"])
+        ids, images, skipped = [], [], []
+        for crop_id, data in zip(table["crop_id"].to_pylist(), table["crop"].to_pylist()):
+            try:
+                images.append(_decode_jpeg(data))
+                ids.append(crop_id)
+            except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
+                skipped.append(f"{crop_id}: {type(e).__name__}")
+        return {"unit": unit, "ids": ids, "images": _as_crops(images), "skipped": skipped}
+
+    def load(entry: dict) -> np.ndarray:
+        InputItem(entry["source"], entry["item_id"], "image", entry.get("refusal")).check()
+        image = load_image(entry["source"], storage_options=so)
+        box, frac = entry.get("box"), entry.get("box_frac")
+        if frac is not None:
+            h, w = image.shape[:2]
+            box = (frac[0] * w, frac[1] * h, frac[2] * w, frac[3] * h)
+        return crop_face(image, box, size=CROP_SIZE, margin=cfg.margin) if box is not None else image
+
+    with ThreadPoolExecutor(min(cfg.io_threads, len(unit["items"]))) as pool:
+        loaded = list(pool.map(lambda e: guarded(lambda: load(e), cfg.retry, e["source"]), unit["items"]))
+    ids, images, statuses = [], [], []
+    for entry, (image, failure) in zip(unit["items"], loaded):
+        row = {"item_id": entry["item_id"], "source": redact(entry["source"])}
+        if failure:
+            statuses.append({**row, "status": failure[0], "error": failure[1], "n_frames": 0})
+        else:
+            images.append(image)
+            ids.append(entry["item_id"])
+            statuses.append({**row, "status": "ok", "n_frames": 1})
+    return {"unit": unit, "ids": ids, "images": _as_crops(images), "statuses": statuses}
+
+
+class TeacherPair(ModelStage):
+    """Model stage (Ray Data actor): both teachers on one device; the crops of several units go
+    through them in batches of ``batch_size``."""
 
     def __init__(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
@@ -147,7 +205,7 @@ class TeacherPair:
         self.autocast = autocast(self.device, enabled=use_bf16)
 
     @torch.inference_mode()
-    def targets(self, images: list[np.ndarray]) -> np.ndarray:
+    def targets(self, images: np.ndarray) -> np.ndarray:
         x = Teacher.preprocess(images, self.device)
         with self.autocast:
             if self.shared_trunk:
@@ -157,87 +215,51 @@ class TeacherPair:
                 out = [t(x) for t in self.teachers]
         return teacher_targets(*out).cpu().numpy()
 
-    def _faces_crops(self, unit: dict, status: dict):
-        """(crop ids, images, []) batches of a faces/ part; undecodable crops are counted in ``status``."""
-        item = unit["items"][0]
-        table = with_retries(lambda: _read_faces_part(item["source"], self.cfg.storage_options), self.cfg.retry,
-                             item["source"])
-        for batch in chunked(zip(table["crop_id"].to_pylist(), table["crop"].to_pylist()), self.cfg.batch_size):
-            ids, images = [], []
-            for crop_id, data in batch:
-                try:
-                    images.append(_decode_jpeg(data))
-                    ids.append(crop_id)
-                except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
-                    status["skipped"].append(f"{crop_id}: {type(e).__name__}")
-            yield ids, images, []
+    def run(self, records: list[dict]) -> None:
+        images = np.concatenate([r["images"] for r in records])
+        size = self.cfg.batch_size
+        out = [self.targets(images[s:s + size]) for s in range(0, len(images), size)]
+        targets = np.concatenate(out) if out else np.zeros((0, DISTILL_DIM), np.float32)
+        start = 0
+        for r in records:
+            r["targets"] = targets[start:start + len(r["ids"])]
+            start += len(r["ids"])
 
-    def _manifest_crops(self, unit: dict):
-        """(crop ids, images, status rows) batches of a chunk of crops; each crop is read, retried
-        and judged on its own."""
-        so = self.cfg.storage_options
 
-        def load(entry: dict) -> np.ndarray:
-            InputItem(entry["source"], entry["item_id"], "image", entry.get("refusal")).check()
-            image = load_image(entry["source"], storage_options=so)
-            box, frac = entry.get("box"), entry.get("box_frac")  # numpy arrays once through Ray Data
-            if frac is not None:
-                h, w = image.shape[:2]
-                box = (frac[0] * w, frac[1] * h, frac[2] * w, frac[3] * h)
-            return crop_face(image, box, size=CROP_SIZE, margin=self.cfg.margin) if box is not None else image
-
-        for batch in chunked(iter(unit["items"]), self.cfg.batch_size):
-            ids, images, statuses = [], [], []
-            for entry in batch:
-                row = {"item_id": entry["item_id"], "source": redact(entry["source"])}
-                image, failure = guarded(lambda: load(entry), self.cfg.retry, entry["source"])
-                if failure:
-                    statuses.append({**row, "status": failure[0], "error": failure[1], "n_frames": 0})
-                else:
-                    images.append(image)
-                    ids.append(entry["item_id"])
-                    statuses.append({**row, "status": "ok", "n_frames": 1})
-            yield ids, images, statuses
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        return run_units(batch_units(batch), self.process, "item_id")
-
-    def process(self, unit: dict) -> list[dict]:
-        faces = unit["items"][0].get("kind") == "faces"
-        ids, targets, statuses = [], [], []
-        part = {"item_id": unit["unit_id"], "source": redact(unit["items"][0]["source"]), "skipped": []}
-        try:
-            for crop_ids, images, rows in prefetch(self._faces_crops(unit, part) if faces
-                                                   else self._manifest_crops(unit)):
-                if images:
-                    targets.append(self.targets(images))
-                    ids += crop_ids
-                statuses += rows
-        except Exception as e:  # noqa: BLE001 - a faces part, or the model, failed: the unit's rows say so
-            status, error = verdict(e, unit["unit_id"])
-            ids, targets = [], []
-            statuses = [{**({"item_id": i["item_id"], "source": redact(i["source"])}), "status": status,
-                         "error": error, "n_frames": 0} for i in unit["items"]]
-        else:
-            if faces:
-                skipped = part.pop("skipped")
-                error = f"{len(skipped)} undecodable crops skipped: {'; '.join(skipped[:5])}" if skipped else None
-                statuses = [{**part, "status": "ok", "error": error, "n_frames": len(ids)}]
-        matrix = np.concatenate(targets) if targets else np.zeros((0, DISTILL_DIM), np.float32)
-        table = pa.table({"crop_id": pa.array(ids, pa.string()),
-                          "target": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), DISTILL_DIM)},
-                         schema=TARGETS_SCHEMA)
-        commit(self.cfg.output, unit, {"targets": (table, "crop_id")}, statuses, id_column="item_id",
-               storage_options=self.cfg.storage_options, policy=self.cfg.retry)
-        return statuses
+def write_unit(record: dict, cfg: DistillConfig) -> list[dict]:
+    """Write stage (CPU task): ``targets/<unit>.parquet`` then the unit's status rows."""
+    unit = record["unit"]
+    ids, targets = record.get("ids", []), record.get("targets")
+    if "failure" in record:  # a faces part, or the model, failed: the unit's rows say so
+        status, error = record["failure"]
+        ids, targets = [], None
+        statuses = [{"item_id": i["item_id"], "source": redact(i["source"]), "status": status, "error": error,
+                     "n_frames": 0} for i in unit["items"]]
+    elif "skipped" in record:
+        skipped = record["skipped"]
+        error = f"{len(skipped)} undecodable crops skipped: {'; '.join(skipped[:5])}" if skipped else None
+        statuses = [{"item_id": unit["unit_id"], "source": redact(unit["items"][0]["source"]), "status": "ok",
+                     "error": error, "n_frames": len(ids)}]
+    else:
+        statuses = record["statuses"]
+    matrix = targets if targets is not None else np.zeros((0, DISTILL_DIM), np.float32)
+    table = pa.table({"crop_id": pa.array(ids, pa.string()),
+                      "target": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()),
+                                                                  DISTILL_DIM)},
+                     schema=TARGETS_SCHEMA)
+    commit(cfg.output, unit, {"targets": (table, "crop_id")}, statuses, id_column="item_id",
+           storage_options=cfg.storage_options, policy=cfg.retry)
+    return statuses
 
 
 def run(cfg: DistillConfig) -> dict[str, int]:
     """Run on the current Ray cluster (a local one if none); returns the count of each status
     among the inputs processed now."""
+    connect(cfg)
     work = with_retries(lambda: plan_units(cfg), cfg.retry, cfg.input)
     print(f"distill: {work.n_complete} units already complete, {len(work.units)} to do "
           f"({sum(len(u['items']) for u in work.units)} inputs)", flush=True)
     if not work.units:
         return {}
-    return summarise("distill", map_units(work.units, TeacherPair, cfg))
+    return summarise("distill", run_stages(work.units, cfg, load=load_unit, model=TeacherPair, write=write_unit,
+                                           id_column="item_id", units_per_call=cfg.units_per_call))

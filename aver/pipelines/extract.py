@@ -7,6 +7,7 @@ atomically, so a rerun skips exactly the units that completed and never duplicat
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +17,8 @@ from aver.faces import FaceDetector, FaceDetectorConfig, TrackedFrame, scan_vide
 from aver.faults import with_retries
 from aver.io.media import MAX_DURATION_S, InputItem, list_inputs, load_image
 from aver.io.storage import redact
-from aver.pipelines.units import (ActorPoolConfig, Plan, actor_setup, batch_units, commit, guarded, map_units, plan,
-                        run_units, summarise)
+from aver.pipelines.units import (ActorPoolConfig, ModelStage, Plan, actor_setup, commit, connect, guarded, plan,
+                                  run_stages, summarise)
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -46,6 +47,8 @@ class ExtractFacesConfig(ActorPoolConfig):
     """MTCNN and crop settings."""
     images_per_unit: int = 256
     """Images handled (and written) together as one unit of work."""
+    units_per_call: int = 1
+    """Units per model-actor call (image chunks detected together)."""
     max_bytes: int = 20 * 2**30
     """Inputs larger than this get status too_large."""
     max_duration_s: float = MAX_DURATION_S
@@ -55,8 +58,8 @@ class ExtractFacesConfig(ActorPoolConfig):
         super().__post_init__()
         if self.fps <= 0 or self.fps > 120:
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
-        if self.images_per_unit < 1:
-            raise ValueError("images_per_unit must be >= 1")
+        if self.images_per_unit < 1 or self.units_per_call < 1:
+            raise ValueError("images_per_unit and units_per_call must be >= 1")
 
 
 def crop_id(video_id: str, frame_index: int) -> str:
@@ -99,22 +102,30 @@ def _video_rows(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConfig
     return rows, {**status, "status": "ok", "error": None}
 
 
-def process_images(items: list[InputItem], detector: FaceDetector, cfg: ExtractFacesConfig) -> tuple[pa.Table, list[dict]]:
-    """One row per image (its most confident face, or nulls) and one status row per image; an
-    image that fails costs its own row only."""
-    rows, statuses, loaded = [], [], []
-    for item in items:
-        base = {"video_id": item.item_id, "source": redact(item.source), "duration_s": None, "n_frames": 0}
-        image, failure = guarded(lambda: item.check() or load_image(item.source, storage_options=cfg.storage_options),
-                                 cfg.retry, item.source)
+def load_images(items: list[InputItem],
+                cfg: ExtractFacesConfig) -> tuple[list[tuple[InputItem, np.ndarray]], list[dict]]:
+    """The images that load (``io_threads`` reads in flight), and a status row for each that does not."""
+    def load(item: InputItem):
+        return guarded(lambda: item.check() or load_image(item.source, storage_options=cfg.storage_options),
+                       cfg.retry, item.source)
+
+    with ThreadPoolExecutor(min(cfg.io_threads, len(items))) as pool:
+        results = list(pool.map(load, items))
+    loaded, statuses = [], []
+    for item, (image, failure) in zip(items, results):
         if failure:
-            statuses.append({**base, "status": failure[0], "error": failure[1]})
+            statuses.append({"video_id": item.item_id, "source": redact(item.source), "duration_s": None,
+                             "n_frames": 0, "status": failure[0], "error": failure[1]})
         else:
             loaded.append((item, image))
-    try:
-        detections = detector.detect([img for _, img in loaded]) if loaded else []
-    except Exception:  # noqa: BLE001 - find the image that broke the batch: each alone
-        detections = [guarded(lambda: detector.detect([img])[0], cfg.retry, item.source) for item, img in loaded]
+    return loaded, statuses
+
+
+def image_rows(loaded: list[tuple[InputItem, np.ndarray]], detections: list, detector: FaceDetector,
+               cfg: ExtractFacesConfig) -> tuple[list[dict], list[dict]]:
+    """One faces row per image (its most confident face, or nulls) and one status row per image;
+    a detection given as ``(None, failure)`` (the image broke the detector) costs its own row only."""
+    rows, statuses = [], []
     for (item, img), dets in zip(loaded, detections):
         base = {"video_id": item.item_id, "source": redact(item.source), "duration_s": None}
         if isinstance(dets, tuple):  # (detections, failure) from the one-by-one pass
@@ -131,7 +142,7 @@ def process_images(items: list[InputItem], detector: FaceDetector, cfg: ExtractF
             "crop": detector.crop(img, best.box) if best else None,
         })
         statuses.append({**base, "n_frames": 1, "status": "ok" if best else "no_face", "error": None})
-    return _faces_table(rows), statuses
+    return rows, statuses
 
 
 def _faces_table(rows: list[dict]) -> pa.Table:
@@ -146,32 +157,64 @@ def plan_units(items: list[InputItem], cfg: ExtractFacesConfig) -> Plan:
                 prefix="images", per_unit=cfg.images_per_unit, output_folders=("faces",))
 
 
-class FaceExtractor:
-    """Ray Data actor: holds one FaceDetector (GPU when given one) and processes whole units."""
+def load_unit(unit: dict, cfg: ExtractFacesConfig) -> dict:
+    """Load stage (CPU task): a chunk's images read and decoded. A video is decoded in the model
+    stage for now (see docs/decisions.md, issue 14)."""
+    items = [InputItem(**i) for i in unit["items"]]
+    if items[0].kind != "image":
+        return {"unit": unit}
+    loaded, statuses = load_images(items, cfg)
+    return {"unit": unit, "images": loaded, "statuses": statuses}
+
+
+class FaceExtractor(ModelStage):
+    """Model stage (Ray Data actor): one FaceDetector (GPU when given one); the images of several
+    chunks are detected together; a video is scanned whole."""
 
     def __init__(self, cfg: ExtractFacesConfig) -> None:
         self.cfg = cfg
         device = actor_setup(cfg, "FaceExtractor")
         self.detector = FaceDetector(cfg.detector, device=str(device))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        return run_units(batch_units(batch), self.process, "video_id")
+    def run(self, records: list[dict]) -> None:
+        chunks = [r for r in records if "images" in r]
+        loaded = [pair for r in chunks for pair in r["images"]]
+        try:
+            detections = self.detector.detect([img for _, img in loaded]) if loaded else []
+        except Exception:  # noqa: BLE001 - find the image that broke the batch: each alone
+            detections = [guarded(lambda: self.detector.detect([img])[0], self.cfg.retry, item.source)
+                          for item, img in loaded]
+        start = 0
+        for r in chunks:
+            n = len(r["images"])
+            rows, statuses = image_rows(r["images"], detections[start:start + n], self.detector, self.cfg)
+            r["faces"], r["statuses"] = _faces_table(rows), r["statuses"] + statuses
+            start += n
+        for r in records:
+            if "images" not in r:
+                faces, status = process_video(InputItem(**r["unit"]["items"][0]), self.detector, self.cfg)
+                r["faces"], r["statuses"] = faces, [status]
 
-    def process(self, unit: dict) -> list[dict]:
-        items = [InputItem(**i) for i in unit["items"]]
-        if items[0].kind == "image":
-            faces, statuses = process_images(items, self.detector, self.cfg)
-        else:
-            faces, status = process_video(items[0], self.detector, self.cfg)
-            statuses = [status]
-        commit(self.cfg.output, unit, {"faces": (faces, "video_id")}, statuses, id_column="video_id",
-               storage_options=self.cfg.storage_options, policy=self.cfg.retry)
-        return statuses
+
+def write_unit(record: dict, cfg: ExtractFacesConfig) -> list[dict]:
+    """Write stage (CPU task): ``faces/<unit>.parquet`` then the unit's status rows."""
+    unit = record["unit"]
+    if "failure" in record:
+        status, error = record["failure"]
+        faces = _faces_table([])
+        statuses = [{"video_id": i["item_id"], "source": redact(i["source"]), "duration_s": None, "n_frames": 0,
+                     "status": status, "error": error} for i in unit["items"]]
+    else:
+        faces, statuses = record["faces"], record["statuses"]
+    commit(cfg.output, unit, {"faces": (faces, "video_id")}, statuses, id_column="video_id",
+           storage_options=cfg.storage_options, policy=cfg.retry)
+    return statuses
 
 
 def run(cfg: ExtractFacesConfig) -> dict[str, int]:
     """Run the job on the current Ray cluster (``ray.init()`` starts a local one if none);
     returns the count of each status among the inputs processed now."""
+    connect(cfg)
     items = with_retries(lambda: list_inputs(cfg.input, cfg.storage_options), cfg.retry, cfg.input)
     work = with_retries(lambda: plan_units(items, cfg), cfg.retry, cfg.output)
     todo = work.units
@@ -179,4 +222,5 @@ def run(cfg: ExtractFacesConfig) -> dict[str, int]:
           f"({sum(len(u['items']) for u in todo)} inputs)", flush=True)
     if not todo:
         return {}
-    return summarise("extract_faces", map_units(todo, FaceExtractor, cfg))
+    return summarise("extract_faces", run_stages(todo, cfg, load=load_unit, model=FaceExtractor, write=write_unit,
+                                                 id_column="video_id", units_per_call=cfg.units_per_call))

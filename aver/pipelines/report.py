@@ -4,16 +4,20 @@ circumplex PNG (valence x arousal) of the whole archive."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from aver.constants import AFFECTNET_CLASSES
-from aver.io.parts import join, read_folder
-from aver.io.storage import exists, write_bytes_atomic
+from aver.io.parts import join, read_part
+from aver.io.storage import exists, read_bytes, url_to_fs, write_bytes_atomic
 
 SCORES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -89,6 +93,10 @@ def timeline_png(scores: pa.Table, summary: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+LABELLED_POINTS = 100
+"""Up to this many inputs the circumplex labels each and draws its spread; beyond, plain dots."""
+
+
 def circumplex_png(summary: pa.Table) -> bytes:
     """Each input's mean (valence, arousal) on the circumplex, coloured by its dominant expression."""
     from matplotlib.patches import Circle
@@ -99,9 +107,13 @@ def circumplex_png(summary: pa.Table) -> bytes:
     ax.add_patch(Circle((0, 0), 1, fill=False, color="#cccccc"))
     ax.axhline(0, color="#cccccc", lw=0.8)
     ax.axvline(0, color="#cccccc", lw=0.8)
-    for _, r in df.iterrows():
-        name = r["dominant_expression"]
-        colour = CLASS_COLOURS[AFFECTNET_CLASSES.index(name)] if name in AFFECTNET_CLASSES else "#000000"
+    n = len(df)
+    colours = [CLASS_COLOURS[AFFECTNET_CLASSES.index(n)] if n in AFFECTNET_CLASSES else "#000000"
+               for n in df["dominant_expression"]]
+    if len(df) > LABELLED_POINTS:  # an archive: one dot per input, no labels or error bars to drown it
+        ax.scatter(df["valence_mean"], df["arousal_mean"], c=colours, s=6, alpha=0.6, linewidths=0)
+        df = df.iloc[:0]
+    for (_, r), colour in zip(df.iterrows(), colours):
         ax.errorbar(r["valence_mean"], r["arousal_mean"], xerr=r["valence_std"], yerr=r["arousal_std"],
                     fmt="o", color=colour, ms=7, alpha=0.85, elinewidth=0.8)
         ax.annotate(str(r["video_id"])[:24], (r["valence_mean"], r["arousal_mean"]), fontsize=6,
@@ -111,7 +123,7 @@ def circumplex_png(summary: pa.Table) -> bytes:
     ax.set_aspect("equal")
     ax.set_xlabel("valence")
     ax.set_ylabel("arousal")
-    ax.set_title(f"archive circumplex ({len(df)} scored inputs)", fontsize=9)
+    ax.set_title(f"archive circumplex ({n} scored inputs)", fontsize=9)
     return _png(fig)
 
 
@@ -121,48 +133,120 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else html.escape(str(value))
 
 
-def index_html(status: list[dict], summary: dict[str, dict], timelines: set[str]) -> str:
-    """The archive page: one row per input with its status and summary, its timeline below."""
-    cols = ("status", "duration_s", "modalities", "face_coverage", "arousal_mean", "valence_mean",
-            "dominant_expression")
-    head = "".join(f"<th>{c}</th>" for c in ("input", *cols))
-    body = []
-    for s in sorted(status, key=lambda r: r["video_id"]):
-        vid = s["video_id"]
-        row = {**s, **summary.get(vid, {}), "status": s["status"]}
-        cells = "".join(f"<td>{_fmt(row.get(c))}</td>" for c in cols)
-        err = f"<div class=err>{html.escape(s['error'])}</div>" if s.get("error") else ""
-        body.append(f"<tr><td><b>{html.escape(vid)}</b><div class=src>{html.escape(str(s['source']))}</div>{err}</td>"
-                    f"{cells}</tr>")
-        if vid in timelines:
-            body.append(f"<tr><td colspan={len(cols) + 1}><img src=\"{html.escape(vid)}.png\" "
-                        f"alt=\"timeline of {html.escape(vid)}\"></td></tr>")
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>aver report</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ddd;
-padding:4px 8px;vertical-align:top}}.src{{color:#777;font-size:80%}}.err{{color:#b00;font-size:80%}}
-img{{max-width:100%}}</style></head><body>
-<h1>aver: arousal, valence and expressions</h1>
-<p>{len(status)} inputs. Scores are in [-1, 1]; rows say which modalities each score used.</p>
+COLUMNS = ("status", "duration_s", "modalities", "face_coverage", "arousal_mean", "valence_mean", "dominant_expression")
+STYLE = """<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ddd;
+padding:4px 8px;vertical-align:top}.src{color:#777;font-size:80%}.err{color:#b00;font-size:80%}
+img{max-width:100%}</style>"""
+
+
+def page_name(number: int) -> str:
+    return f"page-{number:05d}.html"
+
+
+def _cells(s: dict, summary: dict[str, dict]) -> str:
+    row = {**s, **summary.get(s["video_id"], {}), "status": s["status"]}
+    return "".join(f"<td>{_fmt(row.get(c))}</td>" for c in COLUMNS)
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>{STYLE}"
+            f"</head><body>\n{body}\n</body></html>\n")
+
+
+def index_html(status: list[dict], summary: dict[str, dict], page_size: int) -> str:
+    """The archive page: counts per status, the circumplex, and one row per input (sorted by id)
+    linking to the page that holds its timeline (``page_size`` inputs per page)."""
+    counts: dict[str, int] = {}
+    for s in status:
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    head = "".join(f"<th>{c}</th>" for c in ("input", *COLUMNS))
+    rows = []
+    for i, s in enumerate(sorted(status, key=lambda r: r["video_id"])):
+        vid = html.escape(s["video_id"])
+        rows.append(f"<tr><td><a href=\"{page_name(i // page_size + 1)}#{vid}\">{vid}</a></td>{_cells(s, summary)}</tr>")
+    pages = " ".join(f"<a href=\"{page_name(n + 1)}\">{n + 1}</a>" for n in range(-(-len(status) // page_size)))
+    return _page("aver report", f"""<h1>aver: arousal, valence and expressions</h1>
+<p>{len(status)} inputs ({html.escape(", ".join(f"{k}={v}" for k, v in sorted(counts.items())))}). Scores are in
+[-1, 1]; rows say which modalities each score used. Timelines, {page_size} inputs a page: {pages}</p>
 <img src="circumplex.png" alt="archive circumplex" style="max-width:480px">
 <table><tr>{head}</tr>
+{chr(10).join(rows)}
+</table>""")
+
+
+def inputs_page_html(status: list[dict], summary: dict[str, dict], timelines: set[str], number: int,
+                     n_pages: int) -> str:
+    """One page of inputs: each with its status, summary, error and timeline."""
+    head = "".join(f"<th>{c}</th>" for c in ("input", *COLUMNS))
+    body = []
+    for s in status:
+        vid = s["video_id"]
+        err = f"<div class=err>{html.escape(s['error'])}</div>" if s.get("error") else ""
+        body.append(f"<tr id=\"{html.escape(vid)}\"><td><b>{html.escape(vid)}</b><div class=src>"
+                    f"{html.escape(str(s['source']))}</div>{err}</td>{_cells(s, summary)}</tr>")
+        if vid in timelines:
+            body.append(f"<tr><td colspan={len(COLUMNS) + 1}><img src=\"{html.escape(vid)}.png\" loading=\"lazy\" "
+                        f"alt=\"timeline of {html.escape(vid)}\"></td></tr>")
+    nav = " ".join(f"<a href=\"{page_name(n)}\">{'<b>' + str(n) + '</b>' if n == number else n}</a>"
+                   for n in range(1, n_pages + 1))
+    return _page(f"aver report, page {number}", f"""<p><a href="index.html">index</a> | pages: {nav}</p>
+<table><tr>{head}</tr>
 {chr(10).join(body)}
-</table></body></html>
-"""
+</table>""")
 
 
-def build_report(output: str, storage_options: dict | None = None) -> str:
-    """(Re)write ``report/index.html`` and ``report/circumplex.png`` from ``status/`` and ``summary/``."""
-
-    so = storage_options or None
-    status = read_folder(join(output, "status"), so).to_pylist()
+def _listing(folder: str, so) -> dict[str, str]:
+    """``{part name: version}`` of a folder's complete parts from one listing (size and time)."""
+    fs, path = url_to_fs(folder, so)
+    fs.invalidate_cache()
     try:
-        table = read_folder(join(output, "summary"), so)
-    except FileNotFoundError:  # nothing scored yet (every input failed)
-        table = SUMMARY_SCHEMA.empty_table()
-    summary = {r["video_id"]: r for r in table.to_pylist()}
+        infos = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for info in infos:
+        name = os.path.basename(info["name"].rstrip("/"))
+        if name.endswith(".parquet") and not name.startswith("."):
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+            out[name[: -len(".parquet")]] = f"{info.get('size')}:{stamp}"
+    return out
+
+
+def _read_parts(folder: str, names: list[str], so, threads: int = 32) -> list[dict]:
+    def read(name: str) -> list[dict]:
+        table = read_part(join(folder, f"{name}.parquet"), so)
+        return table.to_pylist() if table is not None else []
+
+    with ThreadPoolExecutor(threads) as pool:
+        return [row for rows in pool.map(read, names) for row in rows]
+
+
+def build_report(output: str, storage_options: dict | None = None, page_size: int = 200) -> tuple[str, bool]:
+    """(Re)write ``report/``: ``index.html``, ``circumplex.png`` and ``page-NNNNN.html`` pages of
+    ``page_size`` inputs, from ``status/`` and ``summary/`` read in parallel; nothing is written
+    when no part changed since the last build (``report/_built``). Returns the index URI and
+    whether it was rebuilt."""
+    so = storage_options or None
+    folders = {name: _listing(join(output, name), so) for name in ("status", "summary")}
+    stamp = hashlib.sha256(json.dumps(folders, sort_keys=True).encode()).hexdigest()
+    uri, built = join(output, "report", "index.html"), join(output, "report", "_built")
+    if exists(uri, so) and exists(built, so) and read_bytes(built, so).decode() == stamp:
+        return uri, False
+    status = sorted(_read_parts(join(output, "status"), sorted(folders["status"]), so), key=lambda r: r["video_id"])
+    rows = _read_parts(join(output, "summary"), sorted(folders["summary"]), so)
+    table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA) if rows else SUMMARY_SCHEMA.empty_table()
+    summary = {r["video_id"]: r for r in rows}
+    fs, report = url_to_fs(join(output, "report"), so)
+    try:
+        timelines = {os.path.basename(p)[:-4] for p in fs.ls(report, detail=False) if p.endswith(".png")}
+    except FileNotFoundError:
+        timelines = set()
     write_bytes_atomic(join(output, "report", "circumplex.png"), circumplex_png(table), so)
-    timelines = {vid for vid in summary if exists(join(output, "report", f"{vid}.png"), so)}
-    uri = join(output, "report", "index.html")
-    write_bytes_atomic(uri, index_html(status, summary, timelines).encode(), so)
-    return uri
+    n_pages = -(-len(status) // page_size)
+    for number in range(1, n_pages + 1):
+        chunk = status[(number - 1) * page_size:number * page_size]
+        page = inputs_page_html(chunk, summary, timelines, number, n_pages)
+        write_bytes_atomic(join(output, "report", page_name(number)), page.encode(), so)
+    write_bytes_atomic(uri, index_html(status, summary, page_size).encode(), so)
+    write_bytes_atomic(built, stamp.encode(), so)
+    return uri, True

@@ -10,7 +10,7 @@ alone (``audio``: no face in the window, or an audio file), or nothing (``none``
 
 Per input, written atomically in this order: ``scores/<id>.parquet``, ``summary/<id>.parquet``,
 ``report/<id>.png``, then ``status/<id>.parquet`` (its presence means "complete"). The run ends by
-rebuilding ``report/index.html`` and ``report/circumplex.png`` from ``summary/``.
+rebuilding ``report/`` (index, pages, circumplex) from ``status/`` and ``summary/`` when they changed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from aver.io.storage import redact
 from aver.io.streaming import chunked
 from aver.models import autocast, load_checkpoint
 from aver.pipelines.report import SCORES_SCHEMA, SUMMARY_SCHEMA, build_report, timeline_png
-from aver.pipelines.units import ActorPoolConfig, actor_setup, batch_units, commit, map_units, plan, run_units, summarise
+from aver.pipelines.units import ActorPoolConfig, ModelStage, actor_setup, commit, connect, plan, run_stages, summarise
 
 MODEL_FILES = {"student": "student.pt", "vggish_arousal": "vggish_arousal.pt", "vggish_valence": "vggish_valence.pt",
                "fused": "fusion.pt", "visual": "fusion_visual.pt", "audio": "fusion_audio.pt"}
@@ -63,6 +63,8 @@ class ScoreVideosConfig(ActorPoolConfig):
     """MTCNN and crop settings."""
     batch_size: int = 64
     """Face crops per student batch and windows per fusion batch."""
+    report_page_size: int = 200
+    """Inputs per report page (the index lists every input and links to its page)."""
     max_bytes: int = 20 * 2**30
     """Inputs larger than this get status too_large."""
     max_duration_s: float = MAX_DURATION_S
@@ -76,12 +78,34 @@ class ScoreVideosConfig(ActorPoolConfig):
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
         if self.window_s <= 0 or self.hop_s <= 0 or self.hop_s > self.window_s:
             raise ValueError("need window_s > 0 and 0 < hop_s <= window_s")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        if self.batch_size < 1 or self.report_page_size < 1:
+            raise ValueError("batch_size and report_page_size must be >= 1")
 
 
-class VideoScorer:
-    """Ray Data actor: every model of the pipeline on one device; scores whole inputs."""
+def load_unit(unit: dict, cfg: ScoreVideosConfig) -> dict:
+    """Load stage (CPU task): nothing yet; an input is decoded in the model stage for now (see
+    docs/decisions.md, issue 14)."""
+    return {"unit": unit}
+
+
+def write_unit(record: dict, cfg: ScoreVideosConfig) -> list[dict]:
+    """Write stage (CPU task): scores/, summary/, the timeline PNG, then the status row."""
+    unit = record["unit"]
+    if "failure" in record:
+        status, error = record["failure"]
+        item = unit["items"][0]
+        parts, files = {}, {}
+        statuses = [{"video_id": item["item_id"], "source": redact(item["source"]), "n_frames": 0,
+                     "duration_s": None, "status": status, "error": error}]
+    else:
+        parts, files, statuses = record["parts"], record["files"], record["statuses"]
+    commit(cfg.output, unit, parts, statuses, id_column="video_id", storage_options=cfg.storage_options,
+           policy=cfg.retry, files=files)
+    return statuses
+
+
+class VideoScorer(ModelStage):
+    """Model stage (Ray Data actor): every model of the pipeline on one device; scores whole inputs."""
 
     def __init__(self, cfg: ScoreVideosConfig) -> None:
         from aver.io.storage import exists
@@ -99,24 +123,22 @@ class VideoScorer:
         self.detector = FaceDetector(cfg.detector, device=str(self.device))
         self.autocast = autocast(self.device)
 
-    def __call__(self, batch: dict) -> dict:
-        return run_units(batch_units(batch), self.process, "video_id")
+    def run(self, records: list[dict]) -> None:
+        for r in records:
+            r["parts"], r["files"], r["statuses"] = self.process(r["unit"])
 
-    def process(self, unit: dict) -> list[dict]:
+    def process(self, unit: dict) -> tuple[dict, dict, list[dict]]:
+        """One input's output parts, report files and status row; whatever it raises ends in the row."""
         item = InputItem(**unit["items"][0])
-        cfg, so = self.cfg, self.cfg.storage_options
         status: dict[str, Any] = {"video_id": item.item_id, "source": redact(item.source), "n_frames": 0,
                                   "duration_s": None, "status": "ok", "error": None}
-        parts, files = {}, {}
         try:
             item.check()
             parts, files = self.score(item, status)
         except Exception as e:  # noqa: BLE001 - whatever one input raises ends in its status row
             status["status"], status["error"] = verdict(e, item.source)
             parts, files = {}, {}
-        commit(cfg.output, unit, parts, [status], id_column="video_id", storage_options=so, policy=cfg.retry,
-               files=files)
-        return [status]
+        return parts, files, [status]
 
     # -- one input -------------------------------------------------------------------------
     def score(self, item: InputItem, status: dict) -> tuple[dict, dict]:
@@ -266,6 +288,7 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
     count of each status among the inputs processed now."""
     from aver.io.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 
+    connect(cfg)
     listed = with_retries(lambda: list_inputs(cfg.input, cfg.storage_options, VIDEO_EXTENSIONS + AUDIO_EXTENSIONS),
                           cfg.retry, cfg.input)
     items = [i for i in listed if i.kind != "image"]
@@ -273,8 +296,9 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
                         cfg.retry, cfg.output)
     print(f"score_videos: {len(items)} inputs; {work.n_complete} already complete, {len(work.units)} to do",
           flush=True)
-    counts = summarise("score_videos", map_units(work.units, VideoScorer, cfg), ()) if work.units else {}
+    stages = run_stages(work.units, cfg, load=load_unit, model=VideoScorer, write=write_unit, id_column="video_id")
+    counts = summarise("score_videos", stages, ()) if work.units else {}
     if items:
-        index = build_report(cfg.output, cfg.storage_options)
-        print(f"score_videos: report at {redact(index)}", flush=True)
+        index, rebuilt = build_report(cfg.output, cfg.storage_options, cfg.report_page_size)
+        print(f"score_videos: report {'at' if rebuilt else 'unchanged at'} {redact(index)}", flush=True)
     return counts

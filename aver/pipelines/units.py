@@ -1,5 +1,17 @@
 """Units of work shared by the batch jobs (extract_faces, distill, score_videos): planning what is
-left to do, committing a unit's outputs exactly once, and running units through Ray Data actors.
+left to do, committing a unit's outputs exactly once, and running units through Ray Data stages.
+
+A job is three stages, Ray Data's batch-inference shape (:func:`run_stages`):
+
+1. **load** (CPU tasks, any node): read the unit's inputs (many requests in flight), decode,
+   crop, resize; a unit becomes a *record* holding arrays ready for the model.
+2. **model** (:class:`ModelStage`, an autoscaling actor pool, GPU when asked): several units'
+   records per call, their arrays gathered into large batches; the models and nothing else.
+3. **write** (CPU tasks, any node): commit the unit's parts, status last; returns its status rows.
+
+A record is a plain dict pickled into one ``record`` column: units differ in what they hold
+(variable crop counts, status rows with nulls) and Arrow's type inference would turn tuples into
+arrays and nulls into errors; one binary column crosses the object store untouched.
 
 A unit is one video (or one faces/ part) or a chunk of items (images, crops). Its outputs are
 ``<folder>/<unit>.parquet`` for each output folder and then ``status/<unit>.parquet``, one row
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +43,7 @@ import pyarrow.compute as pc
 
 from aver.faults import RETRIED, RetryPolicy, verdict, with_retries
 from aver.io.parts import join, list_names, read_part, remove, status_table, write_table
-from aver.io.storage import redact, register_secrets, split_credentials, write_bytes_atomic
+from aver.io.storage import is_local, redact, register_secrets, split_credentials, write_bytes_atomic
 
 log = logging.getLogger("aver")
 
@@ -40,12 +53,18 @@ class ActorPoolConfig:
     """The actor pool of a Ray Data job (extract_faces, distill, score_videos) and its storage."""
 
     actors: int = 0
-    """Actors; 0 picks one per GPU share, or CPUs - 1 (at least 1) without GPUs."""
+    """Most model actors; 0: no cap (the pool grows while the cluster has room, e.g. as GPU nodes join)."""
     cpus_per_actor: float = 1.0
-    """CPUs reserved per actor (decoding runs inside it, in a prefetch thread)."""
+    """CPUs reserved per model actor (it only runs the models: reading and decoding are CPU tasks)."""
     gpus_per_actor: float = 0.0
-    """GPU share per actor (e.g. 0.25 puts four actors on one GPU); 0 runs on CPU. On CUDA the
+    """GPU share per model actor (e.g. 0.25 puts four actors on one GPU); 0 runs on CPU. On CUDA the
     models run in bf16 autocast, channels_last."""
+    cpus_per_task: float = 1.0
+    """CPUs per load/write task (read, decode, crop; commit), which run on any node's CPUs."""
+    io_threads: int = 16
+    """Reads in flight per load task (remote storage is latency-bound)."""
+    shared_fs: bool = False
+    """Local paths are on a filesystem every node mounts (NFS, Lustre): allow them on a multi-node cluster."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for inputs, models and output (e.g. an S3 endpoint, credentials)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -54,9 +73,15 @@ class ActorPoolConfig:
     uri_fields: ClassVar[tuple[str, ...]] = ()
     """The job's URI fields: credentials in them (``s3://KEY:SECRET@bucket``) move to ``storage_options``."""
 
+    def storage_uris(self) -> list[tuple[str, str]]:
+        """``(field, URI)`` of everything the job's tasks and actors read or write."""
+        return [(name, getattr(self, name)) for name in self.uri_fields]
+
     def __post_init__(self) -> None:
-        if self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
-            raise ValueError("actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0")
+        if self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0 or self.cpus_per_task <= 0:
+            raise ValueError("actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0, cpus_per_task > 0")
+        if self.io_threads < 1:
+            raise ValueError("io_threads >= 1")
         if isinstance(self.retry, dict):
             self.retry = RetryPolicy(**self.retry)
         for name in self.uri_fields:
@@ -176,17 +201,68 @@ def commit(output: str, unit: dict, parts: dict[str, tuple[pa.Table, str]], stat
         with_retries(lambda: remove(marker, so), policy, marker)
 
 
-def run_units(units: Iterator[dict], process: Callable[[dict], dict], id_column: str) -> dict[str, list]:
-    """Actor body: ``process(unit)`` for each unit (it commits and returns its status rows); a
-    unit whose bookkeeping itself fails is reported as not recorded, and the actor goes on."""
-    out: dict[str, list] = {"unit_id": [], "item_id": [], "status": [], "error": []}
-    for unit in units:
+def _unrecorded(unit: dict, error: tuple[str, str], id_column: str) -> list[dict]:
+    status, text = error
+    return [{id_column: item.get("item_id", unit["unit_id"]), "status": "unrecorded", "error": f"{status}: {text}"}
+            for item in unit["items"]]
+
+
+def _load_stage(batch: dict, load: Callable, cfg: ActorPoolConfig) -> dict:
+    """CPU task: ``load(unit, cfg)`` for each unit; whatever it raises is the unit's ``failure``."""
+    register_secrets(cfg.storage_options)
+    records = []
+    for blob in batch["record"]:
+        unit = pickle.loads(blob)["unit"]
         try:
-            rows = process(unit)
-        except Exception as e:  # noqa: BLE001 - e.g. the output store is down: nothing recorded
-            status, error = verdict(e, f"unit {unit['unit_id']}")
-            rows = [{id_column: item.get("item_id", unit["unit_id"]), "status": "unrecorded",
-                     "error": f"{status}: {error}"} for item in unit["items"]]
+            record = load(unit, cfg)
+        except Exception as e:  # noqa: BLE001 - the write stage turns it into the unit's status rows
+            record = {"unit": unit, "failure": verdict(e, f"unit {unit['unit_id']}")}
+        records.append(pickle.dumps(record, protocol=5))
+    return {"unit_id": list(batch["unit_id"]), "record": records}
+
+
+class ModelStage:
+    """Base of a job's model stage, a Ray Data actor: ``__init__(cfg)`` loads the models once and
+    :meth:`run` fills in what they compute for the records of several units at a time (gathered
+    into large batches). A unit whose content breaks a shared batch is found by running each
+    unit alone; it gets its ``failure``, the others their results. The record keys in ``consumed``
+    (the model inputs) are dropped before the records go on to the write stage."""
+
+    consumed: ClassVar[tuple[str, ...]] = ("images",)
+
+    def run(self, records: list[dict]) -> None:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict) -> dict:
+        records = [pickle.loads(b) for b in batch["record"]]
+        todo = [r for r in records if "failure" not in r]
+        try:
+            if todo:
+                self.run(todo)
+        except Exception:  # noqa: BLE001 - isolate the unit that broke the batch
+            for r in todo:
+                try:
+                    self.run([r])
+                except Exception as e:  # noqa: BLE001
+                    r["failure"] = verdict(e, f"unit {r['unit']['unit_id']}")
+        for r in records:
+            for key in self.consumed:
+                r.pop(key, None)
+        return {"unit_id": list(batch["unit_id"]), "record": [pickle.dumps(r, protocol=5) for r in records]}
+
+
+def _write_stage(batch: dict, write: Callable, cfg: ActorPoolConfig, id_column: str) -> dict:
+    """CPU task: ``write(record, cfg)`` commits a unit and returns its status rows; a unit whose
+    commit itself fails (e.g. the output store is down) is reported as not recorded."""
+    register_secrets(cfg.storage_options)
+    out: dict[str, list] = {"unit_id": [], "item_id": [], "status": [], "error": []}
+    for blob in batch["record"]:
+        record = pickle.loads(blob)
+        unit = record["unit"]
+        try:
+            rows = write(record, cfg)
+        except Exception as e:  # noqa: BLE001 - nothing recorded: the rerun does the unit again
+            rows = _unrecorded(unit, verdict(e, f"unit {unit['unit_id']}"), id_column)
         for r in rows:
             out["unit_id"].append(unit["unit_id"])
             out["item_id"].append(r[id_column])
@@ -195,25 +271,14 @@ def run_units(units: Iterator[dict], process: Callable[[dict], dict], id_column:
     return out
 
 
-def batch_units(batch: dict) -> Iterator[dict]:
-    """The units of a Ray Data batch as dicts (``items`` as plain dicts)."""
-    for i in range(len(batch["unit_id"])):
-        yield {"unit_id": batch["unit_id"][i], "retry": bool(batch["retry"][i]),
-               "items": [dict(x) for x in batch["items"][i]]}
+def model_pool(cfg: ActorPoolConfig, n_units: int):
+    """The model stage's actor pool: from one actor up to ``--actors`` (no cap when 0), never more
+    than the units. It grows while the cluster has room for one more actor's CPU and GPU share,
+    e.g. as the autoscaler adds GPU nodes; it is never sized from a count of CPUs."""
+    from ray.data import ActorPoolStrategy
 
-
-def actor_count(actors: int, cpus_per_actor: float, gpus_per_actor: float, n_units: int) -> int:
-    """Actors to start: as asked, else one per GPU share, else CPUs - 1; never more than units."""
-    import ray
-
-    if actors:
-        return max(1, min(actors, n_units))
-    res = ray.cluster_resources()
-    if gpus_per_actor > 0 and res.get("GPU", 0) > 0:
-        n = int(res["GPU"] / gpus_per_actor)
-    else:
-        n = int(res.get("CPU", 1) / cpus_per_actor) - 1  # leave room for Ray Data's own tasks
-    return max(1, min(n, n_units))
+    most = min(cfg.actors, n_units) if cfg.actors else max(1, n_units)
+    return ActorPoolStrategy(min_size=1, max_size=most)
 
 
 def actor_setup(cfg: ActorPoolConfig, who: str):
@@ -245,21 +310,47 @@ def actor_device(gpus_per_actor: float, who: str):
     return torch.device("cpu")
 
 
-def map_units(units: list[dict], actor_cls: type, cfg: ActorPoolConfig) -> Iterator:
-    """Stream ``units`` through ``actor_cls(cfg)`` actors, as many as ``cfg`` asks; yields the
-    actors' result batches (pandas). Starts a local Ray if none is running (under ``ray job
-    submit`` this connects to the cluster)."""
+def connect(cfg: ActorPoolConfig) -> None:
+    """Join the Ray cluster (``ray.init()``: under ``ray job submit`` the job's cluster, else a new
+    local one) and refuse node-local paths on a multi-node cluster: each node would read its own
+    disk and write outputs there, where no rerun finds them. ``--shared-fs`` says the paths are
+    mounted everywhere."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    remote_args = {"num_cpus": cfg.cpus_per_actor}
-    if cfg.gpus_per_actor > 0:
-        remote_args["num_gpus"] = cfg.gpus_per_actor
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(actor_cls, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
-                        concurrency=actor_count(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, len(units)),
-                        **remote_args)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes < 2 or cfg.shared_fs:
+        return
+    local = [(name, uri) for name, uri in cfg.storage_uris() if uri and is_local(str(uri).rsplit("::", 1)[-1])]
+    if local:
+        named = ", ".join(f"--{name.replace('_', '-')} {redact(str(uri))}" for name, uri in local)
+        raise ValueError(f"{named}: local path{'s' if len(local) > 1 else ''} on a Ray cluster of {nodes} nodes; "
+                         "tasks and actors run on any node, and each would see its own disk (outputs scattered, "
+                         "reruns blind to them). Use a store every node reaches (s3://, gs://, ...), or pass "
+                         "--shared-fs if these paths are on a filesystem every node mounts.")
+
+
+def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict, Any], dict],
+               model: type[ModelStage], write: Callable[[dict, Any], list[dict]], id_column: str,
+               units_per_call: int = 1) -> Iterator:
+    """Stream ``units`` through load tasks -> ``model`` actors (``units_per_call`` units per call)
+    -> write tasks; yields the status rows (pandas batches) as units complete."""
+    import ray
+
+    connect(cfg)
+    cpu = {"num_cpus": cfg.cpus_per_task}
+    # max_restarts: a model actor lost with its node comes back wherever a GPU share is free; it also
+    # keeps Ray Data from fusing the load tasks into the actors when both ask for the same CPUs.
+    gpu = {"num_cpus": cfg.cpus_per_actor, "max_restarts": -1,
+           **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {})}
+    rows = [{"unit_id": u["unit_id"], "record": pickle.dumps({"unit": u}, protocol=5)} for u in units]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(_load_stage, fn_kwargs={"load": load, "cfg": cfg}, batch_size=1, **cpu)
+    ds = ds.map_batches(model, fn_constructor_kwargs={"cfg": cfg}, batch_size=units_per_call,
+                        compute=model_pool(cfg, len(units)), **gpu)
+    ds = ds.map_batches(_write_stage, fn_kwargs={"write": write, "cfg": cfg, "id_column": id_column}, batch_size=1,
+                        **cpu)
     yield from ds.iter_batches(batch_size=None, batch_format="pandas")
 
 

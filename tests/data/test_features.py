@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from aver.data.features import audio_timeline, student_features, take
+from aver.data.features import audio_timeline, chunked_frame_features, student_features, take
 from aver.models import Student, VGGishEmotion
 
 
@@ -22,6 +22,21 @@ def test_audio_timeline_steps_and_short_audio():
     assert one.times.tolist() == [0.0] and one.features.shape == (1, 256)  # 8 frames: one 0.32 s step
     longer = audio_timeline(np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32), 16000, nets)
     assert np.allclose(longer.times, np.arange(6) * 0.32)
+
+
+def test_vggish_in_bounded_chunks_equals_one_forward_over_the_whole_recording():
+    # Guards against: a chunk boundary without enough context (features near every boundary would
+    # differ), the wrong output offset of a chunk, or a lost or doubled step at the end.
+    torch.manual_seed(0)
+    net = VGGishEmotion(hidden_dim=16).eval()
+    for frames in (1003, 96, 8):  # not a multiple of 8; exactly a few chunks; one step
+        mel = torch.randn(frames, 128)
+        with torch.no_grad():
+            whole = net.frame_features(mel[None, None])[0].numpy()
+        for chunk in (16, 64, 4096):
+            got = chunked_frame_features(net, mel, chunk)
+            assert got.shape == whole.shape == (frames // 8, 128)
+            assert np.allclose(got, whole, atol=1e-5), (frames, chunk, np.abs(got - whole).max())
 
 
 def test_student_features_of_no_crops():

@@ -86,6 +86,8 @@ def test_list_inputs_folder_glob_manifest(tmp_path):
     names = lambda items: sorted(i.source.rsplit("/", 1)[-1] for i in items)  # noqa: E731
     assert names(list_inputs(str(tmp_path))) == ["a.mp4", "b.MOV", "c.png", "d.mkv"]
     assert names(list_inputs(str(tmp_path / "*.mp4"))) == ["a.mp4"]
+    assert names(list_inputs(str(tmp_path / "*"))) == ["a.mp4", "b.MOV", "c.png"]  # `*` stays in its folder
+    assert names(list_inputs(str(tmp_path / "**" / "*.mkv"))) == ["d.mkv"]
     (tmp_path / "m.txt").write_text("a.mp4\n# comment\nsub/d.mkv\n")
     assert names(list_inputs(str(tmp_path / "m.txt"))) == ["a.mp4", "d.mkv"]
     (tmp_path / "m.csv").write_text("source,label\na.mp4,1\nc.png,2\n")
@@ -94,6 +96,31 @@ def test_list_inputs_folder_glob_manifest(tmp_path):
     assert kinds["c.png"] == "image" and kinds["a.mp4"] == "video"
     with pytest.raises(FileNotFoundError):
         list_inputs(str(tmp_path / "nope"))
+
+
+def test_a_glob_is_one_listing(tmp_path, monkeypatch):
+    # Guards against: a call per match (fs.glob asks isdir of each; quadratic on s3fs's cache).
+    from fsspec.implementations.local import LocalFileSystem
+
+    for i in range(300):
+        (tmp_path / f"v{i:03d}.mp4").write_bytes(b"x")
+    calls, depth = [], [0]
+
+    def counted(name, real):
+        def call(self, *a, **k):  # counts the calls list_inputs makes, not those inside fsspec's own
+            if not depth[0]:
+                calls.append(name)
+            depth[0] += 1
+            try:
+                return real(self, *a, **k)
+            finally:
+                depth[0] -= 1
+        return call
+
+    for name in ("find", "ls", "isdir", "isfile", "info", "exists", "glob"):
+        monkeypatch.setattr(LocalFileSystem, name, counted(name, getattr(LocalFileSystem, name)))
+    assert len(list_inputs(str(tmp_path / "v*.mp4"))) == 300
+    assert calls == ["find"]
 
 
 def test_item_ids_are_stable_and_distinct():

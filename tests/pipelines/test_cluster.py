@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from aver.io.parts import read_folder
-from tests.conftest import _free_port
+from aver.demo.s3proxy import free_port
 from tests.media_fixtures import face_video
 from tests.ray_helpers import ROOT, ray_cli, stop_ray_cluster, submit_job, wait_for_jobs_api
 
@@ -23,14 +23,14 @@ def ray_head():
                PATH=BIN + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     temp_dir = f"/tmp/aver-ray-{os.getpid()}"
-    dash = _free_port()
+    dash = free_port()
     try:
         # Every port of its own: a Ray started earlier in this test session (ray.init() of another
         # test) holds the fixed defaults (the job agent's 52365, the client server's 10001); sharing
         # them leaves this head without a job agent ("No available agent to submit job").
-        start = ray_cli(["start", "--head", "--num-cpus=2", "--num-gpus=1", f"--port={_free_port()}",
+        start = ray_cli(["start", "--head", "--num-cpus=2", "--num-gpus=1", f"--port={free_port()}",
                          f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+                         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
                          "--include-dashboard=true"], env, timeout=180)
         assert start.returncode == 0, start.stderr[-3000:]
         address = f"http://127.0.0.1:{dash}"

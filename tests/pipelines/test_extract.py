@@ -62,19 +62,19 @@ def test_rerun_skips_complete_work_and_never_duplicates(tmp_path, ray_local):
 
 
 def test_killed_job_rerun_equals_uninterrupted(tmp_path):
-    for i in range(8):
-        face_video(tmp_path / "in" / f"v{i}.mp4", seconds=3.0)
+    for i in range(4):
+        face_video(tmp_path / "in" / f"v{i}.mp4", seconds=2.0)
     args = ["jobs/extract_faces.py", "--input", str(tmp_path / "in"), "--cpus-per-actor", "0.5", "--actors", "1"]
     clean = run_job(args + ["--output", str(tmp_path / "clean")])
     assert clean.returncode == 0, clean.stderr[-3000:]
-    n_done = kill_midway(args, tmp_path / "killed", 8)
+    n_done = kill_midway(args, tmp_path / "killed", 4)
     rerun = run_job(args + ["--output", str(tmp_path / "killed")])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{n_done} units already complete" in rerun.stdout
     key = ["video_id", "frame_index"]
     a = read_folder(str(tmp_path / "clean" / "faces")).to_pandas().sort_values(key).reset_index(drop=True)
     b = read_folder(str(tmp_path / "killed" / "faces")).to_pandas().sort_values(key).reset_index(drop=True)
-    assert len(a) == len(b) == 8 * 15
+    assert len(a) == len(b) == 4 * 10
     assert a[key + ["timestamp_s", "prob", "crop"]].equals(b[key + ["timestamp_s", "prob", "crop"]])
     sa = read_folder(str(tmp_path / "clean" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
     sb = read_folder(str(tmp_path / "killed" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)

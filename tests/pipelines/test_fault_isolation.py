@@ -22,7 +22,7 @@ from aver.pipelines.score import ScoreVideosConfig
 from aver.pipelines.score import run as score
 from tests.media_fixtures import face_patch, face_video, hostile_corpus
 from tests.ray_helpers import run_job
-from tests.s3_faults import FaultyS3
+from aver.demo.s3proxy import S3Proxy
 
 pytestmark = pytest.mark.timeout(600)
 FAST = RetryPolicy(attempts=4, backoff_s=0.05)
@@ -136,7 +136,7 @@ def test_adding_one_image_processes_that_image_only(tmp_path, teachers, ray_loca
 
 @pytest.fixture
 def faulty(s3):
-    proxy = FaultyS3(s3["endpoint"])
+    proxy = S3Proxy(s3["endpoint"])
     yield proxy, proxy.options(s3["options"])
     proxy.close()
 

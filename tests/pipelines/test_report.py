@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from aver.pipelines.report import circumplex_png, index_html, timeline_png
+from aver.pipelines.report import build_report, circumplex_png, index_html, inputs_page_html, timeline_png
 from aver.pipelines.score import SCORES_SCHEMA, SUMMARY_SCHEMA
 
 
@@ -37,15 +37,51 @@ def test_timeline_png_has_its_size_and_is_not_blank():
     assert red.sum() > 200
 
 
-def test_circumplex_and_index():
+def test_circumplex_index_and_pages():
     table = pa.Table.from_pylist([_summary("a"), {**_summary("b"), "valence_mean": 0.5, "dominant_expression": None}],
                                  schema=SUMMARY_SCHEMA)
     img = np.asarray(Image.open(io.BytesIO(circumplex_png(table))).convert("RGB")).astype(float)
     assert img.shape == (600, 600, 3) and img.std() > 10
     status = [{"video_id": "a", "source": "/a/a.mp4", "status": "ok", "error": None},
               {"video_id": "z<b>", "source": "/a/z.mp4", "status": "corrupt", "error": "cannot decode <x>"}]
-    page = index_html(status, {"a": _summary("a")}, {"a"})
-    assert page.count("<tr>") == 1 + 2 + 1  # header, two inputs, one timeline
-    assert 'src="a.png"' in page and "circumplex.png" in page
-    assert "z&lt;b&gt;" in page and "cannot decode &lt;x&gt;" in page  # escaped, never raw HTML
-    assert "http" not in page  # opens offline from disk
+    index = index_html(status, {"a": _summary("a")}, page_size=1)
+    assert index.count("<tr>") == 1 + 2  # header, two inputs; no timelines on the index
+    assert 'href="page-00001.html#a"' in index and 'href="page-00002.html#z&lt;b&gt;"' in index
+    assert "corrupt=1, ok=1" in index and "circumplex.png" in index
+    first = inputs_page_html(status[:1], {"a": _summary("a")}, {"a"}, 1, 2)
+    second = inputs_page_html(status[1:], {}, set(), 2, 2)
+    assert 'src="a.png"' in first and 'id="a"' in first and ".png" not in second
+    assert "z&lt;b&gt;" in second and "cannot decode &lt;x&gt;" in second  # escaped, never raw HTML
+    assert not any("http" in page for page in (index, first, second))  # opens offline from disk
+
+
+def test_build_report_pages_an_archive_and_is_rebuilt_only_when_parts_change(tmp_path):
+    # Guards against: one page holding every timeline (20k images), and a no-op rerun re-reading
+    # every part to write the same report again.
+    from aver.io.parts import status_table, write_table
+
+    out = tmp_path / "out"
+    ids = [f"v{i}" for i in range(5)]
+    for vid in ids:
+        write_table(str(out / "status" / f"{vid}.parquet"),
+                    status_table([{"video_id": vid, "source": f"/a/{vid}.mp4", "status": "ok", "error": None}]))
+        write_table(str(out / "summary" / f"{vid}.parquet"), pa.Table.from_pylist([_summary(vid)], schema=SUMMARY_SCHEMA))
+    (out / "report").mkdir()
+    (out / "report" / "v3.png").write_bytes(timeline_png(_scores(), _summary("v3")))
+    uri, rebuilt = build_report(str(out), page_size=2)
+    assert rebuilt and uri.endswith("index.html")
+    pages = sorted(p.name for p in (out / "report").glob("page-*.html"))
+    assert pages == ["page-00001.html", "page-00002.html", "page-00003.html"]
+    texts = [(out / "report" / p).read_text() for p in pages]
+    for i, vid in enumerate(ids):  # each input on exactly the page the index links it to
+        assert [f'id="{vid}"' in t for t in texts] == [j == i // 2 for j in range(3)]
+        assert f'href="page-{i // 2 + 1:05d}.html#{vid}"' in (out / "report" / "index.html").read_text()
+    assert 'src="v3.png"' in texts[1] and texts[1].count("<img") == 1
+    before = (out / "report" / "index.html").stat().st_mtime_ns
+    assert build_report(str(out), page_size=2) == (uri, False)
+    assert (out / "report" / "index.html").stat().st_mtime_ns == before
+    # a part rewritten under its own name (a retried unit) counts as a change
+    write_table(str(out / "status" / "v1.parquet"),
+                status_table([{"video_id": "v1", "source": "/a/v1.mp4", "status": "corrupt", "error": "late"}]))
+    assert build_report(str(out), page_size=2) == (uri, True)
+    assert "corrupt=1, ok=4" in (out / "report" / "index.html").read_text()

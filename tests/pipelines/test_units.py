@@ -1,21 +1,20 @@
 import pytest
 
-from aver.pipelines.units import ActorPoolConfig, actor_count
+from aver.pipelines.units import ActorPoolConfig, model_pool
 
 
 def test_actor_pool_config_validation():
-    for bad in ({"actors": -1}, {"cpus_per_actor": 0.0}, {"gpus_per_actor": -0.5}):
+    for bad in ({"actors": -1}, {"cpus_per_actor": 0.0}, {"gpus_per_actor": -0.5}, {"cpus_per_task": 0},
+                {"io_threads": 0}):
         with pytest.raises(ValueError):
             ActorPoolConfig(**bad)
 
 
-def test_actor_count(monkeypatch):
-    import ray
-
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
-    assert actor_count(0, 1.0, 0.0, 100) == 7  # one CPU left for Ray Data's own tasks
-    assert actor_count(0, 0.5, 0.0, 3) == 3  # never more actors than units
-    assert actor_count(2, 1.0, 0.0, 100) == 2  # as asked
-    assert actor_count(0, 1.0, 0.25, 100) == 7  # GPU shares asked, no GPU node yet: by the CPUs
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
-    assert actor_count(0, 1.0, 0.25, 100) == 8  # four per GPU
+def test_model_pool_grows_with_the_cluster_and_is_capped_by_actors():
+    # Guards against: a pool sized once from the cluster's CPUs (a GPU job at cold start got
+    # CPUs - 1 CPU actors and never grew when GPU nodes joined).
+    pool = model_pool(ActorPoolConfig(gpus_per_actor=0.5), n_units=1000)
+    assert (pool.min_size, pool.max_size) == (1, 1000)  # no cap but the work: Ray Data grows it as room appears
+    pool = model_pool(ActorPoolConfig(actors=3, gpus_per_actor=0.5), n_units=1000)
+    assert (pool.min_size, pool.max_size) == (1, 3)  # --actors caps
+    assert model_pool(ActorPoolConfig(actors=3), n_units=2).max_size == 2  # never more actors than units

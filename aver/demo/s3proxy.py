@@ -1,24 +1,72 @@
-"""A fault-injecting HTTP proxy in front of the local moto S3: answers 503 SlowDown to chosen
-requests, so the jobs meet real S3 errors through s3fs and botocore (on 127.0.0.1 only)."""
+"""A local S3 for tests and benchmarks: ``moto_server`` on 127.0.0.1 (:func:`local_s3`), and an
+HTTP proxy in front of it (:class:`S3Proxy`) that adds latency or answers 503 SlowDown to chosen
+requests, so the jobs meet real S3 behaviour through s3fs and botocore."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
 from urllib.parse import urlsplit
 
 _SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ServiceUnavailable</Code>'
               b"<Message>Service is unavailable, try again</Message></Error>")
 
 
-class FaultyS3:
-    """``endpoint`` forwards to ``upstream``; ``fail_keys`` (substrings of the path) answer 503 to
-    every request while set, and ``fail_next`` answers 503 to that many requests whose path holds
-    ``fail_next_key`` (any request when empty)."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, upstream: str) -> None:
+
+@contextlib.contextmanager
+def local_s3(bucket: str) -> Iterator[dict]:
+    """A moto S3 server with ``bucket``; yields ``{"options": fsspec options, "endpoint", "bucket"}``."""
+    port = free_port()
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        endpoint = f"http://127.0.0.1:{port}"
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        options = {"key": "test", "secret": "test",
+                   "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        yield {"options": options, "endpoint": endpoint, "bucket": bucket}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class S3Proxy:
+    """``endpoint`` forwards to ``upstream`` after ``latency_s`` (a distant store); ``fail_keys``
+    (substrings of the path) answer 503 to every request while set, and ``fail_next`` answers 503
+    to that many requests whose path holds ``fail_next_key`` (any request when empty)."""
+
+    def __init__(self, upstream: str, latency_s: float = 0.0) -> None:
         self.upstream = urlsplit(upstream)
+        self.latency_s = latency_s
+        self.requests = 0
+        """Requests forwarded or failed so far."""
         self.fail_keys: set[str] = set()
         self.fail_next = 0
         self.fail_next_key = ""
@@ -34,6 +82,8 @@ class FaultyS3:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.latency_s:
+                    time.sleep(proxy.latency_s)
                 if proxy._should_fail(self.command, self.path):
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -67,6 +117,7 @@ class FaultyS3:
 
     def _should_fail(self, method: str, path: str) -> bool:
         with self._lock:
+            self.requests += 1
             if self.fail_next > 0 and self.fail_next_key in path:
                 self.fail_next -= 1
                 self.failed.append(f"{method} {path}")

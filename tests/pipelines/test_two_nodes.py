@@ -1,0 +1,265 @@
+"""The batch jobs on a real two-node Ray cluster on this machine: a head with CPUs only and a node
+that declares a GPU (CUDA cannot reach it here, so the models fall back to the CPU), each node
+with its own --temp-dir and ports; inputs, checkpoints and outputs on a local S3 (moto), as on a
+cluster whose nodes share no disk. The jobs run as drivers connected to the head (RAY_ADDRESS).
+
+What this shows: outputs exactly once; load/write tasks on the CPU-only head and the model actors
+only on the GPU node (Ray's state API); a GPU pool that starts with no GPU in the cluster grows
+when the GPU node joins; the GPU node's raylet killed mid-run, the node restarted and the job
+rerun: the rows equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from aver.io.parts import read_folder
+from aver.demo.s3proxy import free_port
+from tests.media_fixtures import face_video
+from tests.pipelines.test_fault_isolation import _images, _rows, _same_rows
+from tests.ray_helpers import ROOT, ray_cli, stop_ray_cluster
+
+BIN = os.path.dirname(sys.executable)
+
+
+class TwoNodes:
+    """A head (CPUs only, dashboard for the state API) and GPU nodes added and killed at will."""
+
+    def __init__(self) -> None:
+        # No token authentication (tests/pipelines/test_cluster.py covers it): this process reads
+        # the state API too, and nothing outside 127.0.0.1 reaches these ports.
+        self.env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=BIN + os.pathsep + os.environ.get("PATH", ""),
+                        RAY_USAGE_STATS_ENABLED="0")
+        self.env.pop("RAY_ADDRESS", None)
+        self.temp_dirs: list[str] = []
+        self.gpu_temp: str | None = None
+        port, dash = free_port(), free_port()
+        self.address, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+        self._start(["--head", "--num-cpus=2", "--num-gpus=0", f"--port={port}", "--include-dashboard=true",
+                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                     f"--ray-client-server-port={free_port()}"], "head")
+        self._wait_nodes(1)
+        self.head_id = self.alive_nodes()[0]["node_id"]
+
+    def _start(self, args: list[str], name: str) -> str:
+        temp_dir = f"/tmp/aver-2n-{os.getpid()}-{name}-{len(self.temp_dirs)}"
+        self.temp_dirs.append(temp_dir)
+        # every port its own: two nodes on one machine (and any Ray an earlier test left running)
+        ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+        r = ray_cli(["start", *args, *ports, f"--temp-dir={temp_dir}"], self.env, timeout=180)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        return temp_dir
+
+    def alive_nodes(self) -> list[dict]:
+        from ray.util.state import list_nodes
+
+        return [n for n in list_nodes(address=self.dashboard, detail=True) if n["state"] == "ALIVE"]
+
+    def _wait_nodes(self, n: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if len(self.alive_nodes()) == n:
+                    return
+            except Exception:  # noqa: BLE001 - the dashboard is not up yet
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"the cluster never had {n} alive nodes")
+
+    def add_gpu_node(self) -> str:
+        """Start a node declaring one GPU and wait until it has joined; returns its node id."""
+        before = {n["node_id"] for n in self.alive_nodes()}
+        self.gpu_temp = self._start([f"--address={self.address}", "--num-cpus=1", "--num-gpus=2"], "gpu")
+        self._wait_nodes(len(before) + 1)
+        return next(n["node_id"] for n in self.alive_nodes() if n["node_id"] not in before)
+
+    def kill_gpu_raylet(self) -> None:
+        """SIGKILL the GPU node's raylet (a node lost mid-run), then end what is left of that node."""
+        for p in psutil.process_iter(["name", "cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "raylet" in (p.info["name"] or "") and self.gpu_temp in cmd:
+                p.send_signal(signal.SIGKILL)
+        stop_ray_cluster(self.gpu_temp)
+
+    def run_job(self, args: list[str], **kw) -> subprocess.Popen:
+        env = dict(self.env, RAY_ADDRESS=self.address, PYTHONPATH=ROOT)
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+    def placement(self) -> dict[str, set[str]]:
+        """``{task or actor name: node ids}`` of everything the cluster ran so far."""
+        from ray.util.state import list_actors, list_tasks
+
+        where: dict[str, set[str]] = {}
+        for t in list_tasks(address=self.dashboard, detail=True, limit=10000, raise_on_missing_output=False):
+            if t.get("node_id"):
+                where.setdefault(t["name"], set()).add(t["node_id"])
+        for a in list_actors(address=self.dashboard, detail=True, limit=10000, raise_on_missing_output=False):
+            if a.get("node_id"):
+                where.setdefault(f"actor:{a['class_name']}:{a.get('repr_name') or a.get('name') or ''}",
+                                 set()).add(a["node_id"])
+        return where
+
+    def actor_count(self, name: str) -> int:
+        from ray.util.state import list_actors
+
+        return sum(1 for a in list_actors(address=self.dashboard, detail=True, limit=10000)
+                   if name in (a.get("repr_name") or "") + a["class_name"])
+
+    def shutdown(self) -> None:
+        for temp_dir in reversed(self.temp_dirs):
+            stop_ray_cluster(temp_dir)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    nodes = TwoNodes()
+    try:
+        yield nodes
+    finally:
+        nodes.shutdown()
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return -9, out
+    return proc.returncode, out
+
+
+def _status_parts(fs, uri: str) -> int:
+    fs.invalidate_cache()
+    try:
+        return sum(1 for p in fs.ls(uri, detail=False) if p.endswith(".parquet"))
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def s3_inputs(s3, tmp_path_factory):
+    """Face images, two teachers and the score models on S3."""
+    import fsspec
+
+    from aver.models import FusionModel, Student, Teacher, VGGishEmotion, save_checkpoint
+
+    fs = fsspec.filesystem("s3", **s3["options"])
+    local = tmp_path_factory.mktemp("two_nodes")
+    bucket = f"s3://{s3['bucket']}/two-nodes"
+    _images(local / "images", 12)
+    for i in range(2):
+        face_video(local / "videos" / f"talk{i}.mp4", seconds=1.2)
+    torch.manual_seed(0)
+    save_checkpoint(Teacher(d_face=128).eval(), str(local / "teachers" / "t128.pt"))
+    save_checkpoint(Teacher(d_face=256).eval(), str(local / "teachers" / "t256.pt"))
+    save_checkpoint(Student().eval(), str(local / "models" / "student.pt"))
+    for dim in ("arousal", "valence"):
+        save_checkpoint(VGGishEmotion().eval(), str(local / "models" / f"vggish_{dim}.pt"))
+    save_checkpoint(FusionModel(1920, 256).eval(), str(local / "models" / "fusion.pt"))
+    for folder in ("images", "videos", "teachers", "models"):
+        for path in sorted(glob.glob(str(local / folder / "*"))):
+            fs.put(path, f"{bucket}/{folder}/{os.path.basename(path)}")
+    return {"bucket": bucket, "so": s3["options"], "fs": fs}
+
+
+def _distill_args(inp, output: str, **flags) -> list[str]:
+    args = ["jobs/distill.py", "--input", f"{inp['bucket']}/images/", "--teachers", f"{inp['bucket']}/teachers/t128.pt",
+            f"{inp['bucket']}/teachers/t256.pt", "--output", output, "--storage-options", json.dumps(inp["so"]),
+            "--gpus-per-actor", "1", "--cpus-per-actor", "0.5", "--images-per-unit", "1", "--units-per-call", "1"]
+    for k, v in flags.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _model_actors(where: dict[str, set[str]], name: str) -> set[str]:
+    nodes = [n for key, n in where.items() if key.startswith("actor:") and name in key]
+    assert nodes, f"no {name} actor in the state API: {sorted(where)}"
+    return set().union(*nodes)
+
+
+def _cpu_task_nodes(where: dict[str, set[str]], stage: str) -> set[str]:
+    nodes = [n for key, n in where.items() if not key.startswith("actor:") and stage in key]
+    assert nodes, f"no {stage} task in the state API: {sorted(where)}"
+    return set().union(*nodes)
+
+
+@pytest.mark.timeout(600)
+def test_gpu_pool_waits_for_the_gpu_node_then_cpu_stages_run_anywhere_and_models_on_the_gpu(cluster, s3_inputs):
+    inp, fs = s3_inputs, s3_inputs["fs"]
+    out = f"{inp['bucket']}/distill-first"
+    job = cluster.run_job(_distill_args(inp, out))
+    # Guards against: a pool sized from the CPUs at start (a GPU job on a head without GPUs ran its
+    # models on CPU actors and never used the GPU nodes that joined later).
+    time.sleep(20)
+    assert job.poll() is None and _status_parts(fs, f"{out}/status") == 0, "ran without a GPU in the cluster"
+    gpu_node = cluster.add_gpu_node()
+    rc, log = _finish(job)
+    assert rc == 0, log[-4000:]
+    assert "distill: ok=12" in log
+    targets = _rows(f"{out}/targets", inp["so"], ["crop_id"])  # no crop twice
+    assert len(targets) == 12 and np.allclose(np.linalg.norm(np.stack(targets["target"])[:, :32], axis=1), 1, atol=1e-4)
+    where = cluster.placement()
+    assert _model_actors(where, "TeacherPair") == {gpu_node}  # the models only where the GPU is
+    assert cluster.actor_count("TeacherPair") == 2  # from none to one per GPU of the node that joined
+    assert cluster.head_id in _cpu_task_nodes(where, "_load_stage")  # CPU stages on the CPU-only head too
+    assert cluster.head_id in _cpu_task_nodes(where, "_write_stage")
+
+
+@pytest.mark.timeout(600)
+def test_score_videos_on_two_nodes_writes_each_input_once(cluster, s3_inputs):
+    inp = s3_inputs
+    if len(cluster.alive_nodes()) < 2:
+        cluster.add_gpu_node()
+    gpu_nodes = {n["node_id"] for n in cluster.alive_nodes()} - {cluster.head_id}
+    out = f"{inp['bucket']}/score"
+    job = cluster.run_job(["jobs/score_videos.py", "--input", f"{inp['bucket']}/videos/", "--model",
+                           f"{inp['bucket']}/models", "--output", out, "--storage-options", json.dumps(inp["so"]),
+                           "--gpus-per-actor", "1", "--cpus-per-actor", "0.5"])
+    rc, log = _finish(job)
+    assert rc == 0, log[-4000:]
+    assert "score_videos: ok=2" in log
+    scores = _rows(f"{out}/scores", inp["so"], ["video_id", "track_id", "t_end_s"])
+    assert len(scores) == 2 * 3 and scores["video_id"].nunique() == 2  # 1.2 s: steps at 0.4, 0.8, 1.2 s
+    assert len(read_folder(f"{out}/status", inp["so"])) == 2
+    assert _model_actors(cluster.placement(), "VideoScorer") <= gpu_nodes
+
+
+@pytest.mark.timeout(900)
+def test_gpu_node_killed_mid_run_then_rerun_equals_uninterrupted(cluster, s3_inputs):
+    inp, fs = s3_inputs, s3_inputs["fs"]
+    if len(cluster.alive_nodes()) < 2:
+        cluster.add_gpu_node()
+    clean = f"{inp['bucket']}/distill-clean"
+    rc, log = _finish(cluster.run_job(_distill_args(inp, clean)))
+    assert rc == 0, log[-4000:]
+    for attempt in range(3):
+        out = f"{inp['bucket']}/distill-killed-{attempt}"
+        job = cluster.run_job(_distill_args(inp, out))
+        deadline = time.time() + 240
+        while time.time() < deadline and job.poll() is None and _status_parts(fs, f"{out}/status") < 1:
+            time.sleep(0.2)
+        cluster.kill_gpu_raylet()
+        done = _status_parts(fs, f"{out}/status")
+        cluster.add_gpu_node()
+        _finish(job, timeout=240)  # it may finish on the new node, fail, or hang: the rerun decides
+        if 1 <= done < 12:
+            break
+    else:
+        pytest.fail("the kill never landed mid-run")
+    rc, log = _finish(cluster.run_job(_distill_args(inp, out)))
+    assert rc == 0, log[-4000:]
+    for folder, key in (("targets", ["crop_id"]), ("status", ["item_id"])):
+        _same_rows(_rows(f"{clean}/{folder}", inp["so"], key), _rows(f"{out}/{folder}", inp["so"], key), folder)

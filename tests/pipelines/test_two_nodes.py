@@ -218,6 +218,22 @@ def test_gpu_pool_waits_for_the_gpu_node_then_cpu_stages_run_anywhere_and_models
     assert cluster.head_id in _cpu_task_nodes(where, "_write_stage")
 
 
+@pytest.mark.timeout(300)
+def test_local_paths_are_refused_on_two_nodes_unless_shared(cluster, s3_inputs, tmp_path):
+    # Guards against: a local --output on a multi-node cluster (each node writes its own disk, and
+    # reruns cannot see what other nodes wrote).
+    inp = s3_inputs
+    if len(cluster.alive_nodes()) < 2:
+        cluster.add_gpu_node()
+    rc, log = _finish(cluster.run_job(_distill_args(inp, str(tmp_path / "out"))), timeout=120)
+    assert rc != 0 and f"--output {tmp_path / 'out'}: local path on a Ray cluster of 2 nodes" in log
+    assert "--shared-fs" in log and not (tmp_path / "out").exists()  # refused before anything was written
+    # said to be shared (here it is: both nodes are on this machine), the same command runs
+    rc, log = _finish(cluster.run_job(_distill_args(inp, str(tmp_path / "out")) + ["--shared-fs"]), timeout=240)
+    assert rc == 0 and "distill: ok=12" in log, log[-4000:]
+    assert len(read_folder(str(tmp_path / "out" / "status"))) == 12
+
+
 @pytest.mark.timeout(600)
 def test_score_videos_on_two_nodes_writes_each_input_once(cluster, s3_inputs):
     inp = s3_inputs
@@ -242,9 +258,11 @@ def test_gpu_node_killed_mid_run_then_rerun_equals_uninterrupted(cluster, s3_inp
     inp, fs = s3_inputs, s3_inputs["fs"]
     if len(cluster.alive_nodes()) < 2:
         cluster.add_gpu_node()
-    clean = f"{inp['bucket']}/distill-clean"
-    rc, log = _finish(cluster.run_job(_distill_args(inp, clean)))
-    assert rc == 0, log[-4000:]
+    clean = f"{inp['bucket']}/distill-first"  # the uninterrupted run of the first test, same flags
+    if _status_parts(fs, f"{clean}/status") != 12:
+        clean = f"{inp['bucket']}/distill-clean"
+        rc, log = _finish(cluster.run_job(_distill_args(inp, clean)))
+        assert rc == 0, log[-4000:]
     for attempt in range(3):
         out = f"{inp['bucket']}/distill-killed-{attempt}"
         job = cluster.run_job(_distill_args(inp, out))

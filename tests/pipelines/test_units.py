@@ -18,3 +18,26 @@ def test_model_pool_grows_with_the_cluster_and_is_capped_by_actors():
     pool = model_pool(ActorPoolConfig(actors=3, gpus_per_actor=0.5), n_units=1000)
     assert (pool.min_size, pool.max_size) == (1, 3)  # --actors caps
     assert model_pool(ActorPoolConfig(actors=3), n_units=2).max_size == 2  # never more actors than units
+
+
+def test_a_unit_that_breaks_a_shared_model_batch_fails_alone():
+    # Guards against: one bad unit failing every unit gathered into the same model call.
+    import pickle
+
+    from aver.pipelines.units import ModelStage
+
+    class Doubler(ModelStage):
+        def run(self, records):
+            if any(r["images"] < 0 for r in records):
+                raise ValueError("negative input")
+            for r in records:
+                r["out"] = 2 * r["images"]
+
+    records = [{"unit": {"unit_id": f"u{i}", "items": []}, "images": v} for i, v in enumerate((1, -1, 3))]
+    records.append({"unit": {"unit_id": "u3", "items": []}, "failure": ("corrupt", "could not load")})
+    batch = {"unit_id": [r["unit"]["unit_id"] for r in records], "record": [pickle.dumps(r) for r in records]}
+    out = [pickle.loads(b) for b in Doubler()(batch)["record"]]
+    assert [r.get("out") for r in out] == [2, None, 6, None]
+    assert out[1]["failure"][0] == "error" and "negative input" in out[1]["failure"][1]
+    assert out[3]["failure"] == ("corrupt", "could not load")  # a load failure passes through untouched
+    assert not any("images" in r for r in out)  # the model inputs do not travel on to the write tasks

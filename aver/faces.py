@@ -4,17 +4,18 @@ into tracked face crops (:func:`scan_video`), used by extract_faces, score_video
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from aver.constants import CROP_SIZE
-from aver.faults import MediaError
-from aver.io.media import MAX_DURATION_S, VideoReader
-from aver.io.streaming import chunked, prefetch
+from aver.faults import MediaError, RetryPolicy, is_transient
+from aver.io.media import MAX_DURATION_S, VideoFrame, VideoReader
+from aver.io.streaming import prefetch
 
 
 @dataclass
@@ -238,33 +239,100 @@ class VideoScan:
     """The content error that stopped a stream broken midway (what came before is kept); None if whole."""
 
 
+@dataclass
+class Decoded:
+    """What decoding saw of one video, filled in as :func:`frame_segments` goes."""
+
+    n_frames: int = 0
+    """Frames sampled (and handed on)."""
+    decoded_s: float = 0.0
+    """Seconds really decoded."""
+    broken: MediaError | None = None
+    """The content error that stopped a stream broken midway (what came before is kept); None if whole."""
+
+
+def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    h, w = image.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    return np.asarray(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                    Image.BILINEAR))
+
+
+def frame_segments(source: str, decoded: Decoded, *, fps: float, size: int, retry: RetryPolicy | None = None,
+                   max_side: int | None = None, storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
+                   max_duration_s: float = MAX_DURATION_S) -> Iterator[list[VideoFrame]]:
+    """The frames of ``source`` sampled at ``fps``, ``size`` at a time, each at most ``max_side``
+    pixels on its longer side. A storage fault midway is retried as ``retry`` says by reading the
+    video again and skipping the frames already handed on; a stream broken midway ends with the
+    last whole segment (``decoded.broken``; one broken in its first segment raises ``corrupt``);
+    one that decodes no frame raises ``too_short``."""
+    retry = retry or RetryPolicy(attempts=1)
+    attempt = 0
+    while True:
+        try:
+            with VideoReader(source, storage_options=storage_options, max_bytes=max_bytes,
+                             max_duration_s=max_duration_s) as reader:
+                skip, chunk = decoded.n_frames, []
+                try:
+                    for frame in reader.frames(fps):
+                        if skip:
+                            skip -= 1
+                            continue
+                        chunk.append(VideoFrame(frame.index, frame.timestamp_s, _fit(frame.image, max_side)))
+                        if len(chunk) == size:
+                            decoded.n_frames += len(chunk)
+                            yield chunk
+                            chunk = []
+                except MediaError as e:  # broken midway: keep the segments handed on, drop the partial one
+                    if not decoded.n_frames or e.status != "corrupt":
+                        raise
+                    decoded.broken, chunk = e, []
+                decoded.n_frames += len(chunk)
+                decoded.decoded_s = reader.decoded_s
+                if chunk:
+                    yield chunk
+            break
+        except Exception as e:  # noqa: BLE001 - only storage faults are tried again
+            if not is_transient(e) or attempt == retry.attempts - 1:
+                raise
+            time.sleep(retry.delay(attempt))
+            attempt += 1
+    if not decoded.n_frames:
+        raise MediaError("too_short", "no frame decoded at the sampling rate")
+
+
+def detect_frames(detector: FaceDetector, frames: list[np.ndarray], *,
+                  jpeg: bool = True) -> list[list[tuple[Detection, bytes | np.ndarray]]]:
+    """Each frame's faces as (detection, crop), best first; crops are JPEG bytes or arrays."""
+    crop = detector.crop if jpeg else detector.crop_array
+    return [[(d, crop(image, d.box)) for d in dets] for image, dets in zip(frames, detector.detect(frames))]
+
+
+def track_frames(tracker: FaceTracker, frames: Iterable[tuple[int, float, list[tuple[Detection, object]]]],
+                 start: int = 0) -> list[TrackedFrame]:
+    """Link detected frames, given in order as (frame index, time, [(detection, crop)]) from
+    sampled-frame number ``start`` on, into ``tracker``'s tracks."""
+    done = []
+    for step, (index, timestamp_s, faces) in enumerate(frames, start):
+        ids = tracker.update(step, [d for d, _ in faces])
+        done.append(TrackedFrame(step, index, timestamp_s, [(tid, d, c) for tid, (d, c) in zip(ids, faces)]))
+    return done
+
+
 def scan_video(source: str, detector: FaceDetector, on_frames: Callable[[list[TrackedFrame]], None], *,
                fps: float, storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
                max_duration_s: float = MAX_DURATION_S, jpeg: bool = True) -> VideoScan:
-    """Decode ``source`` at ``fps``, detect faces batch by batch and link them into tracks; each
-    batch of tracked frames goes to ``on_frames`` as it is done, so no video is ever held whole.
-    Crops are JPEG bytes (kept, as extract_faces does) or, with ``jpeg=False``, arrays for a model
-    that uses them at once (never encoded to be decoded again).
-    A stream broken midway keeps what decoded; one that decodes no frame raises ``too_short``."""
-    tracker = FaceTracker()
-    crop = detector.crop if jpeg else detector.crop_array
-    n, broken = 0, None
-    with VideoReader(source, storage_options=storage_options, max_bytes=max_bytes,
-                     max_duration_s=max_duration_s) as reader:
-        try:
-            for chunk in prefetch(chunked(reader.frames(fps), detector.config.batch_size)):
-                done = []
-                for frame, dets in zip(chunk, detector.detect([f.image for f in chunk])):
-                    ids = tracker.update(n, dets)
-                    done.append(TrackedFrame(n, frame.index, frame.timestamp_s,
-                                             [(tid, d, crop(frame.image, d.box)) for tid, d in zip(ids, dets)]))
-                    n += 1
-                on_frames(done)
-        except MediaError as e:
-            if not n or e.status != "corrupt":
-                raise
-            broken = e
-        decoded_s = reader.decoded_s
-    if not n:
-        raise MediaError("too_short", "no frame decoded at the sampling rate")
-    return VideoScan(tracker, n, decoded_s, broken)
+    """Decode ``source`` at ``fps``, detect faces batch by batch and link them into tracks, in one
+    process (fusion featurising); each batch of tracked frames goes to ``on_frames`` as it is done,
+    so no video is ever held whole. Crops are JPEG bytes or, with ``jpeg=False``, arrays for a
+    model that uses them at once. The batch jobs run the same steps as Ray Data stages."""
+    tracker, decoded, n = FaceTracker(), Decoded(), 0
+    for chunk in prefetch(frame_segments(source, decoded, fps=fps, size=detector.config.batch_size,
+                                         storage_options=storage_options, max_bytes=max_bytes,
+                                         max_duration_s=max_duration_s)):
+        found = detect_frames(detector, [f.image for f in chunk], jpeg=jpeg)
+        on_frames(track_frames(tracker, ((f.index, f.timestamp_s, faces) for f, faces in zip(chunk, found)), n))
+        n += len(chunk)
+    return VideoScan(tracker, decoded.n_frames, decoded.decoded_s, decoded.broken)

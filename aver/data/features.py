@@ -134,7 +134,11 @@ def audio_timeline(waveform: np.ndarray, sample_rate: int, vggish: list[torch.nn
                    chunk: int = 4096) -> AudioTimeline:
     """VGGish frame features of a recording (in bounded chunks, see :func:`chunked_frame_features`),
     one network after the other, concatenated."""
-    mel = log_mel(waveform, sample_rate)
+    return mel_timeline(log_mel(waveform, sample_rate), vggish, chunk)
+
+
+def mel_timeline(mel: torch.Tensor, vggish: list[torch.nn.Module], chunk: int = 4096) -> AudioTimeline:
+    """:func:`audio_timeline` of a log-mel ``[T, n_mels]`` already computed (where the audio was decoded)."""
     width = sum(net.config.embedding_dim for net in vggish)
     if mel.shape[0] < 8:
         return AudioTimeline(np.zeros(0), np.zeros((0, width), np.float32))

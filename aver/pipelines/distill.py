@@ -47,8 +47,6 @@ class DistillConfig(ActorPoolConfig):
     """Output folder; gets targets/ and status/."""
     batch_size: int = 256
     """Crops per teacher forward pass (gathered across units)."""
-    units_per_call: int = 4
-    """Units whose crops one model-actor call gathers (a faces part holds a few hundred crops)."""
     images_per_unit: int = 1024
     """Crops handled (and written) together when the input is images or a manifest."""
     images_root: str | None = None
@@ -67,8 +65,8 @@ class DistillConfig(ActorPoolConfig):
         self.teachers = tuple(self.teachers)
         if len(self.teachers) != 2:
             raise ValueError(f"distill needs exactly two teacher checkpoints, got {len(self.teachers)}")
-        if self.batch_size < 1 or self.images_per_unit < 1 or self.units_per_call < 1:
-            raise ValueError("batch_size, images_per_unit and units_per_call >= 1")
+        if self.batch_size < 1 or self.images_per_unit < 1:
+            raise ValueError("batch_size >= 1 and images_per_unit >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
@@ -226,8 +224,9 @@ class TeacherPair(ModelStage):
             start += len(r["ids"])
 
 
-def write_unit(record: dict, cfg: DistillConfig) -> list[dict]:
-    """Write stage (CPU task): ``targets/<unit>.parquet`` then the unit's status rows."""
+def write_unit(records: list[dict], cfg: DistillConfig) -> list[dict]:
+    """Write task: ``targets/<unit>.parquet`` then the unit's status rows."""
+    [record] = records
     unit = record["unit"]
     ids, targets = record.get("ids", []), record.get("targets")
     if "failure" in record:  # a faces part, or the model, failed: the unit's rows say so
@@ -262,4 +261,4 @@ def run(cfg: DistillConfig) -> dict[str, int]:
     if not work.units:
         return {}
     return summarise("distill", run_stages(work.units, cfg, load=load_unit, model=TeacherPair, write=write_unit,
-                                           id_column="item_id", units_per_call=cfg.units_per_call))
+                                           id_column="item_id", records_per_call=cfg.records_per_call))

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from aver.faces import FaceDetector, FaceDetectorConfig, TrackedFrame, scan_video
+from aver.faces import (Decoded, FaceDetector, FaceDetectorConfig, FaceTracker, TrackedFrame, detect_frames,
+                        frame_segments, track_frames)
 from aver.faults import with_retries
-from aver.io.media import MAX_DURATION_S, InputItem, list_inputs, load_image
+from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, list_inputs, load_image
 from aver.io.storage import redact
 from aver.pipelines.units import (ActorPoolConfig, ModelStage, Plan, actor_setup, commit, connect, guarded, plan,
                                   run_stages, summarise)
@@ -47,42 +49,29 @@ class ExtractFacesConfig(ActorPoolConfig):
     """MTCNN and crop settings."""
     images_per_unit: int = 256
     """Images handled (and written) together as one unit of work."""
-    units_per_call: int = 1
-    """Units per model-actor call (image chunks detected together)."""
     max_bytes: int = 20 * 2**30
     """Inputs larger than this get status too_large."""
     max_duration_s: float = MAX_DURATION_S
-    """Videos that decode longer than this get status too_large (memory per video grows with it)."""
+    """Videos that decode longer than this get status too_large."""
+    frame_max_side: int = FRAME_MAX_SIDE
+    """Sampled frames larger than this on their longer side are downscaled where they are decoded."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.fps <= 0 or self.fps > 120:
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
-        if self.images_per_unit < 1 or self.units_per_call < 1:
-            raise ValueError("images_per_unit and units_per_call must be >= 1")
+        if self.images_per_unit < 1:
+            raise ValueError("images_per_unit must be >= 1")
 
 
 def crop_id(video_id: str, frame_index: int) -> str:
     return f"{video_id}-{frame_index:07d}"
 
 
-def process_video(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConfig) -> tuple[pa.Table, dict]:
-    """All faces rows of one video (primary track; null rows without a face) and its status row;
-    whatever the video raises ends in the status row."""
-    status = {"video_id": item.item_id, "source": redact(item.source), "n_frames": 0, "duration_s": None}
-    result, failure = guarded(lambda: _video_rows(item, detector, cfg), cfg.retry, item.source)
-    if failure:
-        return _faces_table([]), {**status, "status": failure[0], "error": failure[1]}
-    rows, status_fields = result
-    return _faces_table(rows), {**status, **status_fields}
-
-
-def _video_rows(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConfig) -> tuple[list[dict], dict]:
-    item.check()
-    frames: list[TrackedFrame] = []  # small: boxes and JPEG crops, never decoded frames
-    scan = scan_video(item.source, detector, frames.extend, fps=cfg.fps, storage_options=cfg.storage_options,
-                      max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s)
-    source, primary = redact(item.source), scan.tracker.primary()
+def video_rows(item: InputItem, frames: list[TrackedFrame], primary: int | None,
+               decoded: Decoded) -> tuple[pa.Table, dict]:
+    """All faces rows of one tracked video (primary track; null rows without a face) and its status row."""
+    source = redact(item.source)
     rows = []
     for frame in frames:
         hit = next(((d, jpeg) for tid, d, jpeg in frame.faces if tid == primary), None)
@@ -94,12 +83,13 @@ def _video_rows(item: InputItem, detector: FaceDetector, cfg: ExtractFacesConfig
             "prob": float(hit[0].prob) if hit else None,
             "crop": hit[1] if hit else None,
         })
-    status = {"n_frames": len(rows), "duration_s": round(scan.decoded_s, 6)}
-    if scan.broken is not None:
-        return rows, {**status, "status": scan.broken.status, "error": f"{scan.broken} (after {len(rows)} frames)"}
-    if primary is None:
-        return rows, {**status, "status": "no_face", "error": None}
-    return rows, {**status, "status": "ok", "error": None}
+    status = {"video_id": item.item_id, "source": source, "n_frames": len(rows),
+              "duration_s": round(decoded.decoded_s, 6), "status": "ok", "error": None}
+    if decoded.broken is not None:
+        status.update(status=decoded.broken.status, error=f"{decoded.broken} (after {len(rows)} frames)")
+    elif primary is None:
+        status["status"] = "no_face"
+    return _faces_table(rows), status
 
 
 def load_images(items: list[InputItem],
@@ -157,19 +147,31 @@ def plan_units(items: list[InputItem], cfg: ExtractFacesConfig) -> Plan:
                 prefix="images", per_unit=cfg.images_per_unit, output_folders=("faces",))
 
 
-def load_unit(unit: dict, cfg: ExtractFacesConfig) -> dict:
-    """Load stage (CPU task): a chunk's images read and decoded. A video is decoded in the model
-    stage for now (see docs/decisions.md, issue 14)."""
+def load_unit(unit: dict, cfg: ExtractFacesConfig) -> dict | Iterator[dict]:
+    """Load stage (CPU task): a chunk's images read and decoded, or a video's sampled frames in
+    segments of ``detector.batch_size`` and a last record saying what decoding saw."""
     items = [InputItem(**i) for i in unit["items"]]
-    if items[0].kind != "image":
-        return {"unit": unit}
-    loaded, statuses = load_images(items, cfg)
-    return {"unit": unit, "images": loaded, "statuses": statuses}
+    if items[0].kind == "image":
+        loaded, statuses = load_images(items, cfg)
+        return {"unit": unit, "images": loaded, "statuses": statuses}
+    return _video_segments(unit, items[0], cfg)
+
+
+def _video_segments(unit: dict, item: InputItem, cfg: ExtractFacesConfig) -> Iterator[dict]:
+    item.check()
+    decoded = Decoded()
+    for frames in frame_segments(item.source, decoded, fps=cfg.fps, size=cfg.detector.batch_size, retry=cfg.retry,
+                                 max_side=cfg.frame_max_side, storage_options=cfg.storage_options,
+                                 max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s):
+        yield {"unit": unit, "frames": frames}
+    yield {"unit": unit, "decoded": decoded}
 
 
 class FaceExtractor(ModelStage):
     """Model stage (Ray Data actor): one FaceDetector (GPU when given one); the images of several
-    chunks are detected together; a video is scanned whole."""
+    chunks, or the frames of several video segments, are detected together."""
+
+    consumed = ("images", "frames")
 
     def __init__(self, cfg: ExtractFacesConfig) -> None:
         self.cfg = cfg
@@ -190,22 +192,33 @@ class FaceExtractor(ModelStage):
             rows, statuses = image_rows(r["images"], detections[start:start + n], self.detector, self.cfg)
             r["faces"], r["statuses"] = _faces_table(rows), r["statuses"] + statuses
             start += n
-        for r in records:
-            if "images" not in r:
-                faces, status = process_video(InputItem(**r["unit"]["items"][0]), self.detector, self.cfg)
-                r["faces"], r["statuses"] = faces, [status]
+        segments = [r for r in records if r.get("frames")]
+        frames = [f for r in segments for f in r["frames"]]
+        found = detect_frames(self.detector, [f.image for f in frames]) if frames else []
+        start = 0
+        for r in segments:
+            n = len(r["frames"])
+            r["detected"] = [(f.index, f.timestamp_s, faces) for f, faces in zip(r["frames"], found[start:start + n])]
+            start += n
 
 
-def write_unit(record: dict, cfg: ExtractFacesConfig) -> list[dict]:
-    """Write stage (CPU task): ``faces/<unit>.parquet`` then the unit's status rows."""
-    unit = record["unit"]
-    if "failure" in record:
-        status, error = record["failure"]
+def write_unit(records: list[dict], cfg: ExtractFacesConfig) -> list[dict]:
+    """Write task: ``faces/<unit>.parquet`` then the unit's status rows. A video's records come in
+    order: its segments' detections are linked into tracks here, and the primary track kept."""
+    unit = records[0]["unit"]
+    failed = next((r["failure"] for r in records if "failure" in r), None)
+    if failed:
+        status, error = failed
         faces = _faces_table([])
         statuses = [{"video_id": i["item_id"], "source": redact(i["source"]), "duration_s": None, "n_frames": 0,
                      "status": status, "error": error} for i in unit["items"]]
+    elif "faces" in records[0]:
+        faces, statuses = records[0]["faces"], records[0]["statuses"]
     else:
-        faces, statuses = record["faces"], record["statuses"]
+        tracker = FaceTracker()
+        frames = track_frames(tracker, (f for r in records for f in r.get("detected", ())))
+        faces, status = video_rows(InputItem(**unit["items"][0]), frames, tracker.primary(), records[-1]["decoded"])
+        statuses = [status]
     commit(cfg.output, unit, {"faces": (faces, "video_id")}, statuses, id_column="video_id",
            storage_options=cfg.storage_options, policy=cfg.retry)
     return statuses
@@ -223,4 +236,4 @@ def run(cfg: ExtractFacesConfig) -> dict[str, int]:
     if not todo:
         return {}
     return summarise("extract_faces", run_stages(todo, cfg, load=load_unit, model=FaceExtractor, write=write_unit,
-                                                 id_column="video_id", units_per_call=cfg.units_per_call))
+                                                 id_column="video_id", records_per_call=cfg.records_per_call))

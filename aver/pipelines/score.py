@@ -1,9 +1,9 @@
 """score_videos: a media archive -> per-time-step arousal/valence and expression probabilities.
 
-One unit of work per input file, streamed inside one actor that holds every model: decode at
-``fps`` -> MTCNN + tracks -> student embeddings and 8-class probabilities per face crop (chunk by
-chunk, so no video is ever held whole) -> VGGish frame features of the audio -> fusion over
-sliding windows. Each step of ``hop_s`` gets one row per scored face track (the primary one, or
+One unit of work per input file, in three stages: a CPU task decodes frames at ``fps`` (segment
+by segment, so no video is ever held whole) and the audio's log-mel; model actors run MTCNN, the
+student (embeddings and 8-class probabilities per face crop) and VGGish (frame features, in bounded
+chunks); a write task links the faces into tracks and runs the fusion model over sliding windows. Each step of ``hop_s`` gets one row per scored face track (the primary one, or
 every track with ``all_faces``) from the window of ``window_s`` ending there. A row uses what is
 there: both modalities (``audio+visual``), the face alone (``visual``: no audio track), the voice
 alone (``audio``: no face in the window, or an audio file), or nothing (``none``: null scores).
@@ -16,19 +16,21 @@ rebuilding ``report/`` (index, pages, circumplex) from ``status/`` and ``summary
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from aver.constants import AFFECTNET_CLASSES, SAMPLE_RATE
-from aver.data.features import (AUDIO_DIM, VISUAL_DIM, FaceFeatures, audio_timeline, face_features, in_span, take,
+from aver.audio import log_mel
+from aver.data.features import (AUDIO_DIM, VISUAL_DIM, FaceFeatures, in_span, mel_timeline, student_features, take,
                                 window_shape)
 from aver.data.recola import SessionWindows
-from aver.faces import FaceDetector, FaceDetectorConfig
+from aver.faces import (Decoded, FaceDetector, FaceDetectorConfig, FaceTracker, detect_frames, frame_segments,
+                        track_frames)
 from aver.faults import MediaError, verdict, with_retries
-from aver.io.media import MAX_DURATION_S, InputItem, list_inputs, read_audio
+from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, list_inputs, read_audio
 from aver.io.parts import join
 from aver.io.storage import redact
 from aver.io.streaming import chunked
@@ -68,7 +70,9 @@ class ScoreVideosConfig(ActorPoolConfig):
     max_bytes: int = 20 * 2**30
     """Inputs larger than this get status too_large."""
     max_duration_s: float = MAX_DURATION_S
-    """Inputs that decode longer than this get status too_large (the audio is held whole)."""
+    """Inputs that decode longer than this get status too_large (the audio's log-mel is held whole)."""
+    frame_max_side: int = FRAME_MAX_SIDE
+    """Sampled frames larger than this on their longer side are downscaled where they are decoded."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,168 +86,208 @@ class ScoreVideosConfig(ActorPoolConfig):
             raise ValueError("batch_size and report_page_size must be >= 1")
 
 
-def load_unit(unit: dict, cfg: ScoreVideosConfig) -> dict:
-    """Load stage (CPU task): nothing yet; an input is decoded in the model stage for now (see
-    docs/decisions.md, issue 14)."""
-    return {"unit": unit}
-
-
-def write_unit(record: dict, cfg: ScoreVideosConfig) -> list[dict]:
-    """Write stage (CPU task): scores/, summary/, the timeline PNG, then the status row."""
-    unit = record["unit"]
-    if "failure" in record:
-        status, error = record["failure"]
-        item = unit["items"][0]
-        parts, files = {}, {}
-        statuses = [{"video_id": item["item_id"], "source": redact(item["source"]), "n_frames": 0,
-                     "duration_s": None, "status": status, "error": error}]
-    else:
-        parts, files, statuses = record["parts"], record["files"], record["statuses"]
-    commit(cfg.output, unit, parts, statuses, id_column="video_id", storage_options=cfg.storage_options,
-           policy=cfg.retry, files=files)
-    return statuses
+def load_unit(unit: dict, cfg: ScoreVideosConfig) -> Iterator[dict]:
+    """Load stage (CPU task): a video's sampled frames in segments of ``detector.batch_size``,
+    then a last record with what decoding saw, the audio's log-mel (decoded once) and the verdict
+    that stopped either modality, if any."""
+    item = InputItem(**unit["items"][0])
+    item.check()
+    decoded, video_error = None, None
+    if item.kind != "audio":
+        decoded = Decoded()
+        try:
+            for frames in frame_segments(item.source, decoded, fps=cfg.fps, size=cfg.detector.batch_size,
+                                         retry=cfg.retry, max_side=cfg.frame_max_side,
+                                         storage_options=cfg.storage_options, max_bytes=cfg.max_bytes,
+                                         max_duration_s=cfg.max_duration_s):
+                yield {"unit": unit, "frames": frames}
+            video_error = decoded.broken
+        except MediaError as e:  # no usable video: what was handed on is dropped, the audio may score
+            decoded, video_error = None, e
+    last = {"unit": unit, "decoded": decoded, "video_error": video_error, "mel": None, "audio_s": 0.0,
+            "audio_error": None}
+    if not (video_error is not None and video_error.status in ("corrupt", "too_large") and decoded is None):
+        try:
+            wave = with_retries(lambda: read_audio(item.source, storage_options=cfg.storage_options or None,
+                                                   max_duration_s=cfg.max_duration_s), cfg.retry, item.source)
+            last["audio_s"] = len(wave) / SAMPLE_RATE
+            mel = log_mel(wave, SAMPLE_RATE)
+            if mel.shape[0] < 8:
+                last["audio_error"] = MediaError("too_short", "audio shorter than one VGGish step")
+            else:
+                last["mel"] = mel.numpy()
+        except MediaError as e:
+            last["audio_error"] = e
+    yield last
 
 
 class VideoScorer(ModelStage):
-    """Model stage (Ray Data actor): every model of the pipeline on one device; scores whole inputs."""
+    """Model stage (Ray Data actor): MTCNN, the student and both VGGish networks on one device.
+    The frames of several segments are detected and their faces embedded together; the audio's
+    log-mel goes through VGGish in bounded chunks."""
+
+    consumed = ("frames", "mel")
 
     def __init__(self, cfg: ScoreVideosConfig) -> None:
-        from aver.io.storage import exists
-
         self.cfg = cfg
         so = cfg.storage_options or None
         self.device = actor_setup(cfg, "score_videos VideoScorer")
         self.models: dict[str, torch.nn.Module] = {}
-        for key, name in MODEL_FILES.items():
-            uri = join(cfg.model, name)
-            if key in ("visual", "audio") and not exists(uri, so):
-                continue  # one-modality rows fall back to the fused model with that input zeroed
-            model, _ = load_checkpoint(uri, storage_options=so)
+        for key in ("student", "vggish_arousal", "vggish_valence"):
+            model, _ = load_checkpoint(join(cfg.model, MODEL_FILES[key]), storage_options=so)
             self.models[key] = model.to(self.device, memory_format=torch.channels_last).eval()
         self.detector = FaceDetector(cfg.detector, device=str(self.device))
         self.autocast = autocast(self.device)
 
+    @torch.inference_mode()
     def run(self, records: list[dict]) -> None:
+        segments = [r for r in records if r.get("frames")]
+        frames = [f for r in segments for f in r["frames"]]
+        found = detect_frames(self.detector, [f.image for f in frames], jpeg=False) if frames else []
+        crops = [crop for faces in found for _, crop in faces]
+        with self.autocast:
+            emb, prob = student_features(self.models["student"], crops, self.cfg.batch_size, self.device)
+        k = 0
+        embedded = []
+        for faces in found:
+            embedded.append([(d, (emb[k + i].astype(np.float16), prob[k + i])) for i, (d, _) in enumerate(faces)])
+            k += len(faces)
+        start = 0
+        for r in segments:
+            n = len(r["frames"])
+            r["detected"] = [(f.index, f.timestamp_s, faces)
+                             for f, faces in zip(r["frames"], embedded[start:start + n])]
+            start += n
         for r in records:
-            r["parts"], r["files"], r["statuses"] = self.process(r["unit"])
+            if r.get("mel") is not None:
+                with self.autocast:
+                    r["audio"] = mel_timeline(torch.from_numpy(r["mel"]), [self.models["vggish_arousal"],
+                                                                           self.models["vggish_valence"]])
 
-    def process(self, unit: dict) -> tuple[dict, dict, list[dict]]:
-        """One input's output parts, report files and status row; whatever it raises ends in the row."""
-        item = InputItem(**unit["items"][0])
-        status: dict[str, Any] = {"video_id": item.item_id, "source": redact(item.source), "n_frames": 0,
-                                  "duration_s": None, "status": "ok", "error": None}
+
+_FUSION: dict[tuple[str, str], torch.nn.Module] = {}
+"""Fusion models loaded by this worker process, by (model folder, key): write tasks reuse them."""
+
+
+def _fusion_models(cfg: ScoreVideosConfig) -> dict[str, torch.nn.Module]:
+    from aver.io.storage import exists
+
+    so = cfg.storage_options or None
+    found = {}
+    for key in ("fused", "visual", "audio"):
+        if (cfg.model, key) not in _FUSION:
+            uri = join(cfg.model, MODEL_FILES[key])
+            if key != "fused" and not exists(uri, so):
+                continue  # one-modality rows fall back to the fused model with that input zeroed
+            _FUSION[cfg.model, key] = load_checkpoint(uri, storage_options=so)[0].eval()
+        found[key] = _FUSION[cfg.model, key]
+    return found
+
+
+def write_unit(records: list[dict], cfg: ScoreVideosConfig) -> list[dict]:
+    """Write task: the input's faces linked into tracks, the fusion windows scored (on this task's
+    CPU: the fusion model is small beside the others), then scores/, summary/, the timeline PNG and
+    last the status row."""
+    unit = records[0]["unit"]
+    item = InputItem(**unit["items"][0])
+    status: dict[str, Any] = {"video_id": item.item_id, "source": redact(item.source), "n_frames": 0,
+                              "duration_s": None, "status": "ok", "error": None}
+    failed = next((r["failure"] for r in records if "failure" in r), None)
+    parts, files = {}, {}
+    if failed:
+        status["status"], status["error"] = failed
+    else:
         try:
-            item.check()
-            parts, files = self.score(item, status)
+            parts, files = _score(item, records, status, cfg)
         except Exception as e:  # noqa: BLE001 - whatever one input raises ends in its status row
             status["status"], status["error"] = verdict(e, item.source)
             parts, files = {}, {}
-        return parts, files, [status]
+    commit(cfg.output, unit, parts, [status], id_column="video_id", storage_options=cfg.storage_options,
+           policy=cfg.retry, files=files)
+    return [status]
 
-    # -- one input -------------------------------------------------------------------------
-    def score(self, item: InputItem, status: dict) -> tuple[dict, dict]:
-        """Score one input: fills ``status`` and returns its output parts and report files.
-        Storage faults are retried here (the whole input again); a content verdict about one
-        modality leaves the other to score."""
-        found = with_retries(lambda: self._decode(item), self.cfg.retry, item.source)  # a retry starts over
-        tracks, video_error, audio, audio_s, audio_error = found
-        video_s = tracks.decoded_s if tracks is not None else 0.0
-        status["duration_s"] = round(max(video_s, audio_s), 6)
-        status["n_frames"] = len(tracks.times) if tracks is not None else 0
-        if tracks is None and audio is None:
-            err = video_error or audio_error
-            raise err
-        track_ids = self._scored_tracks(tracks)
-        rows = self._rows(item.item_id, status["duration_s"], tracks, track_ids, audio)
-        status.update(_status_of(item, tracks, track_ids, audio, video_error, audio_error))
-        summary = summarise_scores(item, status, rows, tracks, audio is not None)
-        table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
-        parts = {"scores": (table, "video_id"),
-                 "summary": (pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA), "video_id")}
-        files = {f"report/{item.item_id}.png": timeline_png(table, summary)} if rows else {}
-        return parts, files
 
-    def _decode(self, item: InputItem):
-        """Faces (tracked and embedded) and audio features of one input, each with the content
-        verdict that stopped it, if any; a stream broken midway keeps what decoded."""
-        cfg, tracks, video_error = self.cfg, None, None
-        if item.kind != "audio":
-            try:
-                tracks = face_features(item.source, self.detector, self.models["student"], fps=cfg.fps,
-                                       batch_size=cfg.batch_size, storage_options=cfg.storage_options,
-                                       max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s)
-                video_error = tracks.broken
-            except MediaError as e:
-                video_error = e
-        audio, audio_s, audio_error = None, 0.0, None
-        if not (video_error is not None and video_error.status in ("corrupt", "too_large") and tracks is None):
-            try:
-                with torch.inference_mode(), self.autocast:
-                    wave = read_audio(item.source, storage_options=cfg.storage_options or None,
-                                      max_duration_s=cfg.max_duration_s)
-                    audio_s = len(wave) / SAMPLE_RATE
-                    audio = audio_timeline(wave, SAMPLE_RATE, [self.models["vggish_arousal"],
-                                                               self.models["vggish_valence"]])
-                if len(audio.times) == 0:
-                    audio, audio_error = None, MediaError("too_short", "audio shorter than one VGGish step")
-            except MediaError as e:
-                audio_error = e
-        return tracks, video_error, audio, audio_s, audio_error
+def _tracks(records: list[dict], decoded: Decoded) -> FaceFeatures:
+    tracker, found = FaceTracker(), FaceFeatures()
+    for frame in track_frames(tracker, (f for r in records for f in r.get("detected", ()))):
+        found.times.append(frame.timestamp_s)
+        for tid, _, (emb, prob) in frame.faces:
+            found.feats.setdefault(tid, {})[frame.step] = emb
+            found.probs.setdefault(tid, {})[frame.step] = prob
+    found.tracker, found.decoded_s, found.broken = tracker, decoded.decoded_s, decoded.broken
+    return found
 
-    def _scored_tracks(self, tracks: FaceFeatures | None) -> list[int]:
-        if tracks is None or not tracks.feats:
-            return []
-        if self.cfg.all_faces:
-            return sorted(tracks.feats)
-        return [tracks.primary()]
 
-    def _rows(self, video_id: str, duration: float, tracks: FaceFeatures | None, track_ids: list[int],
-              audio) -> list[dict]:
-        """One row per (track, step); with no face track, one audio (or empty) row per step."""
-        cfg = self.cfg
-        tv, ta = window_shape(cfg.window_s, cfg.fps)
-        ends = np.arange(1, int(np.floor(duration / cfg.hop_s + 1e-9)) + 1) * cfg.hop_s
-        if len(ends) == 0 and duration > 0:
-            ends = np.array([duration])
-        times = np.asarray(tracks.times) if tracks is not None else np.zeros(0)
-        rows: list[dict] = []
-        windows: dict[str, list[tuple[int, np.ndarray | None, np.ndarray | None]]] = {}
-        for tid in (track_ids or [None]):
-            present, feats, probs = tracks.track(tid) if tid is not None else (np.zeros(len(times), bool), None, None)
-            for end in ends:
-                start, w_start = end - cfg.hop_s, max(0.0, end - cfg.window_s)
-                in_row = present & in_span(times, start, end)
-                in_window = present & in_span(times, w_start, end)
-                has_audio = audio is not None and bool(np.any(in_span(audio.times, w_start, end)))
-                vis = take(times, feats, w_start, end, tv) if in_window.any() else None
-                aud = take(audio.times, audio.features, w_start, end, ta) if has_audio else None
-                modality = ("audio+visual" if vis is not None and aud is not None else "visual" if vis is not None
-                            else "audio" if aud is not None else "none")
-                row = {"video_id": video_id, "track_id": tid, "t_start_s": float(start), "t_end_s": float(end),
-                       "arousal": None, "valence": None, "face_detected": bool(in_row.any()), "modality": modality,
-                       "expression_probs": probs[in_row].mean(0).tolist() if in_row.any() else None}
-                rows.append(row)
-                if modality != "none":
-                    windows.setdefault(modality, []).append((len(rows) - 1, vis, aud))
-        for modality, items in windows.items():
-            self._fuse(modality, items, rows, tv, ta)
-        return rows
+def _score(item: InputItem, records: list[dict], status: dict, cfg: ScoreVideosConfig) -> tuple[dict, dict]:
+    """Score one input: fills ``status`` and returns its output parts and report files; a content
+    verdict about one modality leaves the other to score."""
+    last = records[-1]
+    tracks = _tracks(records, last["decoded"]) if last["decoded"] is not None else None
+    video_error, audio, audio_error = last["video_error"], last.get("audio"), last["audio_error"]
+    video_s = tracks.decoded_s if tracks is not None else 0.0
+    status["duration_s"] = round(max(video_s, last["audio_s"]), 6)
+    status["n_frames"] = len(tracks.times) if tracks is not None else 0
+    if tracks is None and audio is None:
+        raise video_error or audio_error
+    track_ids = _scored_tracks(tracks, cfg.all_faces)
+    rows = score_rows(cfg, item.item_id, status["duration_s"], tracks, track_ids, audio, _fusion_models(cfg))
+    status.update(_status_of(item, tracks, track_ids, audio, video_error, audio_error))
+    summary = summarise_scores(item, status, rows, tracks, audio is not None)
+    table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+    parts = {"scores": (table, "video_id"),
+             "summary": (pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA), "video_id")}
+    files = {f"report/{item.item_id}.png": timeline_png(table, summary)} if rows else {}
+    return parts, files
 
-    @torch.inference_mode()
-    def _fuse(self, modality: str, items: list, rows: list[dict], tv: int, ta: int) -> None:
-        key = {"audio+visual": "fused", "visual": "visual", "audio": "audio"}[modality]
-        model = self.models.get(key, self.models["fused"])
-        for part in chunked(iter(items), self.cfg.batch_size):
-            vis = torch.from_numpy(np.stack([v if v is not None else np.zeros((tv, VISUAL_DIM), np.float32)
-                                             for _, v, _ in part]).astype(np.float32))
-            aud = torch.from_numpy(np.stack([a if a is not None else np.zeros((ta, AUDIO_DIM), np.float32)
-                                             for _, _, a in part]).astype(np.float32))
-            if self.device.type == "cuda":
-                vis, aud = vis.pin_memory(), aud.pin_memory()
-            with self.autocast:
-                pred = model(vis.to(self.device, non_blocking=True), aud.to(self.device, non_blocking=True))
-            for (i, _, _), (a, v) in zip(part, pred.float().cpu().numpy()):
-                rows[i]["arousal"], rows[i]["valence"] = float(a), float(v)
+
+def _scored_tracks(tracks: FaceFeatures | None, all_faces: bool) -> list[int]:
+    if tracks is None or not tracks.feats:
+        return []
+    return sorted(tracks.feats) if all_faces else [tracks.primary()]
+
+
+def score_rows(cfg: ScoreVideosConfig, video_id: str, duration: float, tracks: FaceFeatures | None,
+               track_ids: list[int], audio, models: dict[str, torch.nn.Module]) -> list[dict]:
+    """One row per (track, step); with no face track, one audio (or empty) row per step."""
+    tv, ta = window_shape(cfg.window_s, cfg.fps)
+    ends = np.arange(1, int(np.floor(duration / cfg.hop_s + 1e-9)) + 1) * cfg.hop_s
+    if len(ends) == 0 and duration > 0:
+        ends = np.array([duration])
+    times = np.asarray(tracks.times) if tracks is not None else np.zeros(0)
+    rows: list[dict] = []
+    windows: dict[str, list[tuple[int, np.ndarray | None, np.ndarray | None]]] = {}
+    for tid in (track_ids or [None]):
+        present, feats, probs = tracks.track(tid) if tid is not None else (np.zeros(len(times), bool), None, None)
+        for end in ends:
+            start, w_start = end - cfg.hop_s, max(0.0, end - cfg.window_s)
+            in_row = present & in_span(times, start, end)
+            in_window = present & in_span(times, w_start, end)
+            has_audio = audio is not None and bool(np.any(in_span(audio.times, w_start, end)))
+            vis = take(times, feats, w_start, end, tv) if in_window.any() else None
+            aud = take(audio.times, audio.features, w_start, end, ta) if has_audio else None
+            modality = ("audio+visual" if vis is not None and aud is not None else "visual" if vis is not None
+                        else "audio" if aud is not None else "none")
+            row = {"video_id": video_id, "track_id": tid, "t_start_s": float(start), "t_end_s": float(end),
+                   "arousal": None, "valence": None, "face_detected": bool(in_row.any()), "modality": modality,
+                   "expression_probs": probs[in_row].mean(0).tolist() if in_row.any() else None}
+            rows.append(row)
+            if modality != "none":
+                windows.setdefault(modality, []).append((len(rows) - 1, vis, aud))
+    for modality, items in windows.items():
+        model = models.get({"audio+visual": "fused", "visual": "visual", "audio": "audio"}[modality], models["fused"])
+        _fuse(model, items, rows, tv, ta, cfg.batch_size)
+    return rows
+
+
+@torch.inference_mode()
+def _fuse(model: torch.nn.Module, items: list, rows: list[dict], tv: int, ta: int, batch_size: int) -> None:
+    for part in chunked(iter(items), batch_size):
+        vis = torch.from_numpy(np.stack([v if v is not None else np.zeros((tv, VISUAL_DIM), np.float32)
+                                         for _, v, _ in part]).astype(np.float32))
+        aud = torch.from_numpy(np.stack([a if a is not None else np.zeros((ta, AUDIO_DIM), np.float32)
+                                         for _, _, a in part]).astype(np.float32))
+        for (i, _, _), (a, v) in zip(part, model(vis, aud).float().numpy()):
+            rows[i]["arousal"], rows[i]["valence"] = float(a), float(v)
 
 
 def _status_of(item: InputItem, tracks, track_ids, audio, video_error, audio_error) -> dict:
@@ -296,7 +340,8 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
                         cfg.retry, cfg.output)
     print(f"score_videos: {len(items)} inputs; {work.n_complete} already complete, {len(work.units)} to do",
           flush=True)
-    stages = run_stages(work.units, cfg, load=load_unit, model=VideoScorer, write=write_unit, id_column="video_id")
+    stages = run_stages(work.units, cfg, load=load_unit, model=VideoScorer, write=write_unit, id_column="video_id",
+                        records_per_call=cfg.records_per_call)
     counts = summarise("score_videos", stages, ()) if work.units else {}
     if items:
         index, rebuilt = build_report(cfg.output, cfg.storage_options, cfg.report_page_size)

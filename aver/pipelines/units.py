@@ -63,6 +63,9 @@ class ActorPoolConfig:
     """CPUs per load/write task (read, decode, crop; commit), which run on any node's CPUs."""
     io_threads: int = 16
     """Reads in flight per load task (remote storage is latency-bound)."""
+    records_per_call: int = 4
+    """Records one model-actor call takes (a unit, or a segment of a video): their crops or frames
+    are batched together, so model batches are not cut at unit boundaries."""
     shared_fs: bool = False
     """Local paths are on a filesystem every node mounts (NFS, Lustre): allow them on a multi-node cluster."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -80,8 +83,8 @@ class ActorPoolConfig:
     def __post_init__(self) -> None:
         if self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0 or self.cpus_per_task <= 0:
             raise ValueError("actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0, cpus_per_task > 0")
-        if self.io_threads < 1:
-            raise ValueError("io_threads >= 1")
+        if self.io_threads < 1 or self.records_per_call < 1:
+            raise ValueError("io_threads >= 1 and records_per_call >= 1")
         if isinstance(self.retry, dict):
             self.retry = RetryPolicy(**self.retry)
         for name in self.uri_fields:
@@ -207,26 +210,40 @@ def _unrecorded(unit: dict, error: tuple[str, str], id_column: str) -> list[dict
             for item in unit["items"]]
 
 
-def _load_stage(batch: dict, load: Callable, cfg: ActorPoolConfig) -> dict:
-    """CPU task: ``load(unit, cfg)`` for each unit; whatever it raises is the unit's ``failure``."""
+def _load_stage(batch: dict, load: Callable, cfg: ActorPoolConfig) -> Iterator[dict]:
+    """CPU task: ``load(unit, cfg)`` for each unit, a record or an iterator of records (a video's
+    segments), each handed on as soon as it is made; whatever it raises ends the unit with a
+    record holding its ``failure``."""
     register_secrets(cfg.storage_options)
-    records = []
     for blob in batch["record"]:
         unit = pickle.loads(blob)["unit"]
+        segment, held = 0, None
         try:
-            record = load(unit, cfg)
-        except Exception as e:  # noqa: BLE001 - the write stage turns it into the unit's status rows
-            record = {"unit": unit, "failure": verdict(e, f"unit {unit['unit_id']}")}
-        records.append(pickle.dumps(record, protocol=5))
-    return {"unit_id": list(batch["unit_id"]), "record": records}
+            made = load(unit, cfg)
+            for record in ([made] if isinstance(made, dict) else made):
+                if held is not None:
+                    yield _row(unit, segment, False, held)
+                    segment += 1
+                held = record
+        except Exception as e:  # noqa: BLE001 - the write task turns it into the unit's status rows
+            if held is not None:
+                yield _row(unit, segment, False, held)
+                segment += 1
+            held = {"unit": unit, "failure": verdict(e, f"unit {unit['unit_id']}")}
+        yield _row(unit, segment, True, held)
+
+
+def _row(unit: dict, segment: int, last: bool, record: dict) -> dict:
+    return {"unit_id": [unit["unit_id"]], "segment": [segment], "last": [last],
+            "record": [pickle.dumps(record, protocol=5)]}
 
 
 class ModelStage:
     """Base of a job's model stage, a Ray Data actor: ``__init__(cfg)`` loads the models once and
-    :meth:`run` fills in what they compute for the records of several units at a time (gathered
-    into large batches). A unit whose content breaks a shared batch is found by running each
-    unit alone; it gets its ``failure``, the others their results. The record keys in ``consumed``
-    (the model inputs) are dropped before the records go on to the write stage."""
+    :meth:`run` fills in what they compute for several records at a time (units, or segments of
+    videos), gathered into large batches. A record whose content breaks a shared batch is found by
+    running each alone; it gets its ``failure``, the others their results. The record keys in
+    ``consumed`` (the model inputs) are dropped before the records go on to the write task."""
 
     consumed: ClassVar[tuple[str, ...]] = ("images",)
 
@@ -239,7 +256,7 @@ class ModelStage:
         try:
             if todo:
                 self.run(todo)
-        except Exception:  # noqa: BLE001 - isolate the unit that broke the batch
+        except Exception:  # noqa: BLE001 - isolate the record that broke the batch
             for r in todo:
                 try:
                     self.run([r])
@@ -248,27 +265,22 @@ class ModelStage:
         for r in records:
             for key in self.consumed:
                 r.pop(key, None)
-        return {"unit_id": list(batch["unit_id"]), "record": [pickle.dumps(r, protocol=5) for r in records]}
+        return {**batch, "record": [pickle.dumps(r, protocol=5) for r in records]}
 
 
-def _write_stage(batch: dict, write: Callable, cfg: ActorPoolConfig, id_column: str) -> dict:
-    """CPU task: ``write(record, cfg)`` commits a unit and returns its status rows; a unit whose
-    commit itself fails (e.g. the output store is down) is reported as not recorded."""
+def _write_task(write: Callable, cfg: ActorPoolConfig, id_column: str, blobs: list[bytes]) -> dict:
+    """Ray task: ``write(records, cfg)`` commits a unit from its records (in order) and returns its
+    status rows; a unit whose commit itself fails (e.g. the output store is down) is reported as
+    not recorded."""
     register_secrets(cfg.storage_options)
-    out: dict[str, list] = {"unit_id": [], "item_id": [], "status": [], "error": []}
-    for blob in batch["record"]:
-        record = pickle.loads(blob)
-        unit = record["unit"]
-        try:
-            rows = write(record, cfg)
-        except Exception as e:  # noqa: BLE001 - nothing recorded: the rerun does the unit again
-            rows = _unrecorded(unit, verdict(e, f"unit {unit['unit_id']}"), id_column)
-        for r in rows:
-            out["unit_id"].append(unit["unit_id"])
-            out["item_id"].append(r[id_column])
-            out["status"].append(r["status"])
-            out["error"].append(r.get("error") or "")
-    return out
+    records = [pickle.loads(b) for b in blobs]
+    unit = records[0]["unit"]
+    try:
+        rows = write(records, cfg)
+    except Exception as e:  # noqa: BLE001 - nothing recorded: the rerun does the unit again
+        rows = _unrecorded(unit, verdict(e, f"unit {unit['unit_id']}"), id_column)
+    return {"item_id": [r[id_column] for r in rows], "status": [r["status"] for r in rows],
+            "error": [r.get("error") or "" for r in rows]}
 
 
 def model_pool(cfg: ActorPoolConfig, n_units: int):
@@ -331,11 +343,15 @@ def connect(cfg: ActorPoolConfig) -> None:
                          "--shared-fs if these paths are on a filesystem every node mounts.")
 
 
-def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict, Any], dict],
-               model: type[ModelStage], write: Callable[[dict, Any], list[dict]], id_column: str,
-               units_per_call: int = 1) -> Iterator:
-    """Stream ``units`` through load tasks -> ``model`` actors (``units_per_call`` units per call)
-    -> write tasks; yields the status rows (pandas batches) as units complete."""
+def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict, Any], dict | Iterator[dict]],
+               model: type[ModelStage], write: Callable[[list[dict], Any], list[dict]], id_column: str,
+               records_per_call: int = 1) -> Iterator[dict]:
+    """Stream ``units`` through load tasks -> ``model`` actors (``records_per_call`` records per
+    call) -> one write task per unit; yields each unit's status rows as it completes.
+
+    The write task of a unit starts when all its records are through the models: this driver
+    gathers them (small: model outputs, never frames) as they stream out of Ray Data, so a video
+    cut into segments is committed whole, in order, with no barrier over the dataset."""
     import ray
 
     connect(cfg)
@@ -347,11 +363,26 @@ def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict,
     rows = [{"unit_id": u["unit_id"], "record": pickle.dumps({"unit": u}, protocol=5)} for u in units]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(_load_stage, fn_kwargs={"load": load, "cfg": cfg}, batch_size=1, **cpu)
-    ds = ds.map_batches(model, fn_constructor_kwargs={"cfg": cfg}, batch_size=units_per_call,
+    ds = ds.map_batches(model, fn_constructor_kwargs={"cfg": cfg}, batch_size=records_per_call,
                         compute=model_pool(cfg, len(units)), **gpu)
-    ds = ds.map_batches(_write_stage, fn_kwargs={"write": write, "cfg": cfg, "id_column": id_column}, batch_size=1,
-                        **cpu)
-    yield from ds.iter_batches(batch_size=None, batch_format="pandas")
+    write_unit = ray.remote(_write_task).options(name="write_unit", **cpu)
+    gathered: dict[str, dict[int, bytes]] = {}
+    n_records: dict[str, int] = {}
+    pending: list = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for uid, segment, last, blob in zip(batch["unit_id"], batch["segment"], batch["last"], batch["record"]):
+            got = gathered.setdefault(uid, {})
+            got[int(segment)] = blob
+            if last:
+                n_records[uid] = int(segment) + 1
+            if len(got) == n_records.get(uid):
+                pending.append(write_unit.remote(write, cfg, id_column, [got[i] for i in range(len(got))]))
+                del gathered[uid], n_records[uid]
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
+        yield from ray.get(done)
+    while pending:
+        done, pending = ray.wait(pending)
+        yield from ray.get(done)
 
 
 def summarise(job: str, batches: Iterator, verbose_statuses: tuple[str, ...] = ("ok",)) -> dict[str, int]:

@@ -109,18 +109,21 @@ def _two_faces(path, seconds=3.0, fps=10):
 
 def test_all_faces_scores_every_track_and_the_default_only_the_primary(tmp_path, random_models):
     from aver.io.media import list_inputs
-    from aver.pipelines.score import VideoScorer
+    from aver.pipelines.score import VideoScorer, load_unit, write_unit
 
     (tmp_path / "in").mkdir()
     _two_faces(tmp_path / "in" / "two.mp4")
     item = list_inputs(str(tmp_path / "in"))[0]
     found = {}
     for all_faces in (False, True):
-        cfg = ScoreVideosConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(random_models),
+        out = tmp_path / f"out{int(all_faces)}"
+        cfg = ScoreVideosConfig(input=str(tmp_path / "in"), output=str(out), model=str(random_models),
                                 all_faces=all_faces)
-        parts, _, [status] = VideoScorer(cfg).process({"unit_id": item.item_id, "items": [vars(item)], "retry": False})
+        records = list(load_unit({"unit_id": item.item_id, "items": [vars(item)], "retry": False}, cfg))
+        VideoScorer(cfg).run(records)  # the three stages in this process
+        [status] = write_unit(records, cfg)
         assert status["status"] == "ok"
-        found[all_faces] = parts["scores"][0].to_pandas()
+        found[all_faces] = read_folder(str(out / "scores")).to_pandas()
     one, every = found[False], found[True]
     assert one["track_id"].nunique() == 1 and len(one) == 7  # 3 s: steps ending at 0.4, 0.8, ... 2.8 s
     assert every["track_id"].nunique() == 2 and len(every) == 2 * len(one)

@@ -45,11 +45,15 @@ class TwoNodes:
         self.gpu_temp: str | None = None
         port, dash = free_port(), free_port()
         self.address, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
-        self._start(["--head", "--num-cpus=2", "--num-gpus=0", f"--port={port}", "--include-dashboard=true",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                     f"--ray-client-server-port={free_port()}"], "head")
-        self._wait_nodes(1)
-        self.head_id = self.alive_nodes()[0]["node_id"]
+        try:
+            self._start(["--head", "--num-cpus=2", "--num-gpus=0", f"--port={port}", "--include-dashboard=true",
+                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                         f"--ray-client-server-port={free_port()}"], "head")
+            self._wait_nodes(1)
+            self.head_id = self.alive_nodes()[0]["node_id"]
+        except BaseException:  # a head that never became ready is still ours to end
+            self.shutdown()
+            raise
 
     def _start(self, args: list[str], name: str) -> str:
         temp_dir = f"/tmp/aver-2n-{os.getpid()}-{name}-{len(self.temp_dirs)}"
@@ -178,7 +182,7 @@ def s3_inputs(s3, tmp_path_factory):
 def _distill_args(inp, output: str, **flags) -> list[str]:
     args = ["jobs/distill.py", "--input", f"{inp['bucket']}/images/", "--teachers", f"{inp['bucket']}/teachers/t128.pt",
             f"{inp['bucket']}/teachers/t256.pt", "--output", output, "--storage-options", json.dumps(inp["so"]),
-            "--gpus-per-actor", "1", "--cpus-per-actor", "0.5", "--images-per-unit", "1", "--units-per-call", "1"]
+            "--gpus-per-actor", "1", "--cpus-per-actor", "0.5", "--images-per-unit", "1", "--records-per-call", "1"]
     for k, v in flags.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -215,7 +219,7 @@ def test_gpu_pool_waits_for_the_gpu_node_then_cpu_stages_run_anywhere_and_models
     assert _model_actors(where, "TeacherPair") == {gpu_node}  # the models only where the GPU is
     assert cluster.actor_count("TeacherPair") == 2  # from none to one per GPU of the node that joined
     assert cluster.head_id in _cpu_task_nodes(where, "_load_stage")  # CPU stages on the CPU-only head too
-    assert cluster.head_id in _cpu_task_nodes(where, "_write_stage")
+    assert cluster.head_id in _cpu_task_nodes(where, "write_unit")
 
 
 @pytest.mark.timeout(300)

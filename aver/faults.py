@@ -52,6 +52,9 @@ class MediaError(Exception):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # it travels between stages inside records
+        return MediaError, (self.status, str(self))
+
 
 @dataclass
 class RetryPolicy:

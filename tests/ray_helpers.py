@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -121,3 +123,22 @@ def submit_job(address: str, env: dict, entrypoint: list[str], timeout: float = 
         if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.time() > deadline - 60:
             return r
         time.sleep(3)
+
+
+def same_rows(a, b, what: str) -> None:
+    """Equal row sets (pandas, same order); floats (boxes, probabilities, targets, scores) to batching
+    noise: model calls batch the crops and frames of several units together, so a rerun puts an
+    input in other batches, and batched MTCNN / model outputs move by ~1e-6."""
+    assert list(a.columns) == list(b.columns) and len(a) == len(b), what
+    for col in a.columns:
+        if col == "error":
+            continue
+        x, y = a[col], b[col]
+        if x.dtype.kind == "f":
+            assert np.allclose(x, y, atol=1e-4, equal_nan=True), (what, col)
+        elif x.map(lambda v: isinstance(v, np.ndarray)).any():
+            for u, v in zip(x, y):
+                assert (u is None and v is None) or np.allclose(np.asarray(u, float), np.asarray(v, float),
+                                                                atol=1e-4), (what, col)
+        else:
+            assert x.equals(y), (what, col)

@@ -126,3 +126,13 @@ def test_retry_policy_validation():
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
     assert RetryPolicy(attempts=1, backoff_s=0.0, max_backoff_s=0.0).delay(5) == 0.0
+
+
+def test_media_error_survives_pickling():
+    # Guards against: a verdict that cannot cross from a load task to the write task (records are pickled).
+    import pickle
+
+    from aver.faults import MediaError
+
+    e = pickle.loads(pickle.dumps(MediaError("corrupt", "broken after 3 frames")))
+    assert isinstance(e, MediaError) and e.status == "corrupt" and str(e) == "broken after 3 frames"

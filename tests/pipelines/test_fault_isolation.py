@@ -21,7 +21,7 @@ from aver.io.parts import read_folder
 from aver.pipelines.score import ScoreVideosConfig
 from aver.pipelines.score import run as score
 from tests.media_fixtures import face_patch, face_video, hostile_corpus
-from tests.ray_helpers import run_job
+from tests.ray_helpers import run_job, same_rows
 from aver.demo.s3proxy import S3Proxy
 
 pytestmark = pytest.mark.timeout(600)
@@ -202,25 +202,7 @@ def test_transient_s3_faults_are_retried_then_redone_by_a_rerun(job, tmp_path, s
     out_folder, key = {"extract_faces": ("faces", ["crop_id"]), "distill": ("targets", ["crop_id"]),
                        "score_videos": ("scores", ["video_id", "track_id", "t_end_s"])}[job]
     for folder, k in ((out_folder, key), ("status", [id_col])):
-        _same_rows(_rows(f"{bucket}/clean/{folder}", so, k), _rows(f"{bucket}/faulty/{folder}", so, k), folder)
-
-
-def _same_rows(a, b, what):
-    """Equal row sets; floats (boxes, probabilities, targets, scores) to batching noise: the
-    retried inputs ran in other batches, and batched MTCNN / teacher outputs move by ~1e-6."""
-    assert list(a.columns) == list(b.columns) and len(a) == len(b), what
-    for col in a.columns:
-        if col == "error":
-            continue
-        x, y = a[col], b[col]
-        if x.dtype.kind == "f":
-            assert np.allclose(x, y, atol=1e-4, equal_nan=True), (what, col)
-        elif x.map(lambda v: isinstance(v, np.ndarray)).any():
-            for u, v in zip(x, y):
-                assert (u is None and v is None) or np.allclose(np.asarray(u, float), np.asarray(v, float),
-                                                                atol=1e-4), (what, col)
-        else:
-            assert x.equals(y), (what, col)
+        same_rows(_rows(f"{bucket}/clean/{folder}", so, k), _rows(f"{bucket}/faulty/{folder}", so, k), folder)
 
 
 def _strings_in_parquet(path) -> str:

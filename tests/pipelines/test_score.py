@@ -8,7 +8,7 @@ import torch
 from aver.io.parts import read_folder
 from aver.pipelines.score import ScoreVideosConfig, run
 from tests.media_fixtures import face_video
-from tests.ray_helpers import kill_midway, run_job
+from tests.ray_helpers import kill_midway, run_job, same_rows
 
 pytestmark = pytest.mark.timeout(500)
 
@@ -86,8 +86,7 @@ def test_killed_job_rerun_equals_uninterrupted(tmp_path, random_models):
     a = read_folder(str(tmp_path / "clean" / "scores")).to_pandas().sort_values(key).reset_index(drop=True)
     b = read_folder(str(tmp_path / "killed" / "scores")).to_pandas().sort_values(key).reset_index(drop=True)
     assert len(a) == len(b) == 4 * 6 and a["arousal"].notna().all()
-    assert a.drop(columns="expression_probs").equals(b.drop(columns="expression_probs"))
-    assert np.array_equal(np.stack(a["expression_probs"].dropna()), np.stack(b["expression_probs"].dropna()))
+    same_rows(a, b, "scores")  # the rerun's inputs met other inputs' frames in their model batches
     sa = read_folder(str(tmp_path / "clean" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
     sb = read_folder(str(tmp_path / "killed" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
     assert sa.equals(sb)

@@ -26,8 +26,8 @@ import torch
 from aver.io.parts import read_folder
 from aver.demo.s3proxy import free_port
 from tests.media_fixtures import face_video
-from tests.pipelines.test_fault_isolation import _images, _rows, _same_rows
-from tests.ray_helpers import ROOT, ray_cli, stop_ray_cluster
+from tests.pipelines.test_fault_isolation import _images, _rows
+from tests.ray_helpers import ROOT, ray_cli, same_rows, stop_ray_cluster
 
 BIN = os.path.dirname(sys.executable)
 
@@ -217,7 +217,9 @@ def test_gpu_pool_waits_for_the_gpu_node_then_cpu_stages_run_anywhere_and_models
     assert len(targets) == 12 and np.allclose(np.linalg.norm(np.stack(targets["target"])[:, :32], axis=1), 1, atol=1e-4)
     where = cluster.placement()
     assert _model_actors(where, "TeacherPair") == {gpu_node}  # the models only where the GPU is
-    assert cluster.actor_count("TeacherPair") == 2  # from none to one per GPU of the node that joined
+    # from no actor (no GPU in the cluster) to actors on the node that joined; how far past one it
+    # grows is Ray Data's autoscaler's call (busy actors and queued work), not a fixed count
+    assert 1 <= cluster.actor_count("TeacherPair") <= 2
     assert cluster.head_id in _cpu_task_nodes(where, "_load_stage")  # CPU stages on the CPU-only head too
     assert cluster.head_id in _cpu_task_nodes(where, "write_unit")
 
@@ -285,4 +287,4 @@ def test_gpu_node_killed_mid_run_then_rerun_equals_uninterrupted(cluster, s3_inp
     rc, log = _finish(cluster.run_job(_distill_args(inp, out)))
     assert rc == 0, log[-4000:]
     for folder, key in (("targets", ["crop_id"]), ("status", ["item_id"])):
-        _same_rows(_rows(f"{clean}/{folder}", inp["so"], key), _rows(f"{out}/{folder}", inp["so"], key), folder)
+        same_rows(_rows(f"{clean}/{folder}", inp["so"], key), _rows(f"{out}/{folder}", inp["so"], key), folder)

@@ -47,6 +47,9 @@ class DistillConfig(ActorPoolConfig):
     """Output folder; gets targets/ and status/."""
     batch_size: int = 256
     """Crops per teacher forward pass (gathered across units)."""
+    records_per_call: int = field(default=1, kw_only=True)
+    """Units one model-actor call takes: a unit already holds hundreds of crops, and a call that
+    waited for several would idle the actor while they load."""
     images_per_unit: int = 1024
     """Crops handled (and written) together when the input is images or a manifest."""
     images_root: str | None = None

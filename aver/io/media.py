@@ -187,6 +187,15 @@ def _items(sources: list[str], extensions: tuple[str, ...], refusals: dict[str, 
     return [InputItem(s, item_id_for(s), _kind(s), refusals.get(s)) for s in sorted(set(sources))]
 
 
+def _raise_read_error(source: str, e: OSError) -> None:
+    """A file that is not there (or not a file) is a ``corrupt`` input; for any other fault (a
+    storage fault, to be retried) this returns and the caller re-raises it unchanged."""
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        raise MediaError("corrupt", f"{redact(source)} cannot be read: {type(e).__name__}") from None
+    if e.errno == errno.ELOOP:
+        raise MediaError("corrupt", f"{redact(source)} cannot be read: a symbolic link loop") from None
+
+
 def _open(source: str, storage_options: dict | None):
     """A binary file object and its size. A file that is not there (or not a file) is a
     ``corrupt`` input; storage faults propagate, to be retried."""
@@ -202,11 +211,8 @@ def _open(source: str, storage_options: dict | None):
                 data = f.read()
             return io.BytesIO(data), len(data)
         return fs.open(path, "rb"), fs.size(path)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise MediaError("corrupt", f"{redact(source)} cannot be read: {type(e).__name__}") from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise MediaError("corrupt", f"{redact(source)} cannot be read: a symbolic link loop") from None
+        _raise_read_error(source, e)
         raise
 
 
@@ -385,11 +391,8 @@ def _read_whole(source: str, storage_options: dict | None, limit: int) -> bytes:
         else:
             fs, path = url_to_fs(source, storage_options)
             data = fs.cat_file(path, start=0, end=limit + 1)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise MediaError("corrupt", f"{redact(source)} cannot be read: {type(e).__name__}") from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise MediaError("corrupt", f"{redact(source)} cannot be read: a symbolic link loop") from None
+        _raise_read_error(source, e)
         raise
     if len(data) > limit:
         raise MediaError("too_large", f"{redact(source)} is over the {limit}-byte limit for an image")

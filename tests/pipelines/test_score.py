@@ -70,14 +70,15 @@ def test_mixed_archive_rows_flags_status_and_report(tmp_path, small_corpus, rand
     assert again == {} and len(read_folder(str(out / "scores")).to_pandas()) == len(scores)
 
 
-def test_killed_job_rerun_equals_uninterrupted(tmp_path, random_models):
+def test_killed_job_rerun_equals_uninterrupted(tmp_path, random_models, ray_local):
     src = tmp_path / "in"
     for i in range(4):  # a face and a voice, 2.4 s: six 0.4 s steps each
         face_video(src / f"talk{i}.mp4", seconds=2.4)
+    # one record per model call: the units complete one by one, so the kill lands between them
+    assert run(ScoreVideosConfig(input=str(src), output=str(tmp_path / "clean"), model=str(random_models),
+                                 cpus_per_actor=0.5, actors=1, records_per_call=1)) == {"ok": 4}  # the reference
     args = ["jobs/score_videos.py", "--input", str(src), "--model", str(random_models), "--cpus-per-actor", "0.5",
-            "--actors", "1"]
-    clean = run_job(args + ["--output", str(tmp_path / "clean")], timeout=300)
-    assert clean.returncode == 0, clean.stderr[-3000:]
+            "--actors", "1", "--records-per-call", "1"]
     n_done = kill_midway(args, tmp_path / "killed", 4, timeout=300)
     rerun = run_job(args + ["--output", str(tmp_path / "killed")], timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -25,16 +25,24 @@ def take_config(config_class: type[C], args: tuple, kwargs: dict) -> C:
     return config_class(**dict(zip(names, args)), **kwargs)
 
 
+def resize_crops(images) -> np.ndarray:
+    """uint8 RGB crops (``[B,H,W,3]`` array or a list of HxWx3) as one ``[B,140,140,3]`` array;
+    crops of another size are resized (bilinear)."""
+    from PIL import Image
+
+    if isinstance(images, np.ndarray) and images.shape[1:3] == (CROP_SIZE, CROP_SIZE):
+        return images
+    if not len(images):
+        return np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    return np.stack([im if im.shape[:2] == (CROP_SIZE, CROP_SIZE)
+                     else np.asarray(Image.fromarray(im).resize((CROP_SIZE,) * 2, Image.BILINEAR))
+                     for im in images])
+
+
 def crops_to_batch(images, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 RGB crops (``[B,H,W,3]`` array or a list of HxWx3) -> uint8 ``[B,3,140,140]`` on
     ``device`` (through pinned memory on CUDA); crops of another size are resized first."""
-    from PIL import Image
-
-    if not isinstance(images, np.ndarray) or images.shape[1:3] != (CROP_SIZE, CROP_SIZE):
-        images = np.stack([im if im.shape[:2] == (CROP_SIZE, CROP_SIZE)
-                           else np.asarray(Image.fromarray(im).resize((CROP_SIZE,) * 2, Image.BILINEAR))
-                           for im in images])
-    x = torch.as_tensor(images).permute(0, 3, 1, 2)
+    x = torch.as_tensor(resize_crops(images)).permute(0, 3, 1, 2)
     device = torch.device(device) if device is not None else x.device
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +25,8 @@ from aver.faults import MediaError, is_transient, with_retries
 from aver.io.media import IMAGE_EXTENSIONS, InputItem, items_in_listing, list_inputs, load_image
 from aver.io.storage import redact, url_to_fs
 from aver.models import StudentConfig, Teacher, autocast, load_checkpoint, same_weights
-from aver.models._base import crops_to_batch
-from aver.pipelines.units import (ActorPoolConfig, ModelStage, Plan, actor_setup, commit, connect, guarded, plan,
+from aver.models._base import resize_crops
+from aver.pipelines.units import (ActorPoolConfig, ModelStage, Plan, actor_setup, commit, connect, guarded_map, plan,
                                   run_stages, summarise)
 
 DISTILL_DIM = StudentConfig.distill_dim
@@ -140,13 +139,6 @@ def _read_faces_part(uri: str, storage_options) -> pa.Table:
     return table.filter(pc.is_valid(table["crop"]))
 
 
-def _as_crops(images: list[np.ndarray]) -> np.ndarray:
-    """``[n,140,140,3]`` uint8; images of another size resized as the teachers' preprocess would."""
-    if not images:
-        return np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
-    return np.ascontiguousarray(crops_to_batch(images).permute(0, 2, 3, 1).numpy())
-
-
 def load_unit(unit: dict, cfg: DistillConfig) -> dict:
     """Load stage (CPU task): a unit's crops as one ``[n,140,140,3]`` array with their ids. A faces
     part is one GET whose undecodable crops are skipped and counted; a chunk of images reads
@@ -162,7 +154,7 @@ def load_unit(unit: dict, cfg: DistillConfig) -> dict:
                 ids.append(crop_id)
             except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
                 skipped.append(f"{crop_id}: {type(e).__name__}")
-        return {"unit": unit, "ids": ids, "images": _as_crops(images), "skipped": skipped}
+        return {"unit": unit, "ids": ids, "images": resize_crops(images), "skipped": skipped}
 
     def load(entry: dict) -> np.ndarray:
         InputItem(entry["source"], entry["item_id"], "image", entry.get("refusal")).check()
@@ -173,8 +165,7 @@ def load_unit(unit: dict, cfg: DistillConfig) -> dict:
             box = (frac[0] * w, frac[1] * h, frac[2] * w, frac[3] * h)
         return crop_face(image, box, size=CROP_SIZE, margin=cfg.margin) if box is not None else image
 
-    with ThreadPoolExecutor(min(cfg.io_threads, len(unit["items"]))) as pool:
-        loaded = list(pool.map(lambda e: guarded(lambda: load(e), cfg.retry, e["source"]), unit["items"]))
+    loaded = guarded_map(load, unit["items"], cfg, lambda e: e["source"])
     ids, images, statuses = [], [], []
     for entry, (image, failure) in zip(unit["items"], loaded):
         row = {"item_id": entry["item_id"], "source": redact(entry["source"])}
@@ -184,7 +175,7 @@ def load_unit(unit: dict, cfg: DistillConfig) -> dict:
             images.append(image)
             ids.append(entry["item_id"])
             statuses.append({**row, "status": "ok", "n_frames": 1})
-    return {"unit": unit, "ids": ids, "images": _as_crops(images), "statuses": statuses}
+    return {"unit": unit, "ids": ids, "images": resize_crops(images), "statuses": statuses}
 
 
 class TeacherPair(ModelStage):

@@ -7,7 +7,6 @@ atomically, so a rerun skips exactly the units that completed and never duplicat
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -19,8 +18,8 @@ from aver.faces import (Decoded, FaceDetector, FaceDetectorConfig, FaceTracker, 
 from aver.faults import with_retries
 from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, list_inputs, load_image
 from aver.io.storage import redact
-from aver.pipelines.units import (ActorPoolConfig, ModelStage, Plan, actor_setup, commit, connect, guarded, plan,
-                                  run_stages, summarise)
+from aver.pipelines.units import (ActorPoolConfig, ModelStage, Plan, actor_setup, commit, connect, guarded,
+                                  guarded_map, plan, run_stages, summarise)
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -95,12 +94,8 @@ def video_rows(item: InputItem, frames: list[TrackedFrame], primary: int | None,
 def load_images(items: list[InputItem],
                 cfg: ExtractFacesConfig) -> tuple[list[tuple[InputItem, np.ndarray]], list[dict]]:
     """The images that load (``io_threads`` reads in flight), and a status row for each that does not."""
-    def load(item: InputItem):
-        return guarded(lambda: item.check() or load_image(item.source, storage_options=cfg.storage_options),
-                       cfg.retry, item.source)
-
-    with ThreadPoolExecutor(min(cfg.io_threads, len(items))) as pool:
-        results = list(pool.map(load, items))
+    results = guarded_map(lambda item: item.check() or load_image(item.source, storage_options=cfg.storage_options),
+                          items, cfg, lambda item: item.source)
     loaded, statuses = [], []
     for item, (image, failure) in zip(items, results):
         if failure:

@@ -163,7 +163,8 @@ def index_html(status: list[dict], summary: dict[str, dict], page_size: int) -> 
     rows = []
     for i, s in enumerate(sorted(status, key=lambda r: r["video_id"])):
         vid = html.escape(s["video_id"])
-        rows.append(f"<tr><td><a href=\"{page_name(i // page_size + 1)}#{vid}\">{vid}</a></td>{_cells(s, summary)}</tr>")
+        link = f"{page_name(i // page_size + 1)}#{vid}"
+        rows.append(f"<tr><td><a href=\"{link}\">{vid}</a></td>{_cells(s, summary)}</tr>")
     pages = " ".join(f"<a href=\"{page_name(n + 1)}\">{n + 1}</a>" for n in range(-(-len(status) // page_size)))
     return _page("aver report", f"""<h1>aver: arousal, valence and expressions</h1>
 <p>{len(status)} inputs ({html.escape(", ".join(f"{k}={v}" for k, v in sorted(counts.items())))}). Scores are in

@@ -4,10 +4,12 @@ left to do, committing a unit's outputs exactly once, and running units through 
 A job is three stages, Ray Data's batch-inference shape (:func:`run_stages`):
 
 1. **load** (CPU tasks, any node): read the unit's inputs (many requests in flight), decode,
-   crop, resize; a unit becomes a *record* holding arrays ready for the model.
-2. **model** (:class:`ModelStage`, an autoscaling actor pool, GPU when asked): several units'
-   records per call, their arrays gathered into large batches; the models and nothing else.
-3. **write** (CPU tasks, any node): commit the unit's parts, status last; returns its status rows.
+   crop, resize; a unit becomes a *record* holding arrays ready for the model, or for a video a
+   record per segment of sampled frames and a last one.
+2. **model** (:class:`ModelStage`, an autoscaling actor pool, GPU when asked): several records
+   per call, their arrays gathered into large batches; the models and nothing else.
+3. **write** (a Ray task per unit, any node, started by the driver once all the unit's records are
+   through the models): what needs the whole unit, then its parts, status last; returns its status rows.
 
 A record is a plain dict pickled into one ``record`` column: units differ in what they hold
 (variable crop counts, status rows with nulls) and Arrow's type inference would turn tuples into
@@ -165,6 +167,16 @@ def guarded(fn: Callable[[], Any], policy: RetryPolicy, what: str) -> tuple[Any,
         return with_retries(fn, policy, what), None
     except Exception as e:  # noqa: BLE001 - every failure of one input becomes its status row
         return None, verdict(e, what)
+
+
+def guarded_map(fn: Callable[[Any], Any], items: list, cfg: ActorPoolConfig,
+                source: Callable[[Any], str]) -> list[tuple[Any, tuple[str, str] | None]]:
+    """:func:`guarded` ``fn(item)`` for every item, ``cfg.io_threads`` at a time (reads from remote
+    storage are latency-bound), in the items' order."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(min(cfg.io_threads, len(items))) as pool:
+        return list(pool.map(lambda item: guarded(lambda: fn(item), cfg.retry, source(item)), items))
 
 
 def commit(output: str, unit: dict, parts: dict[str, tuple[pa.Table, str]], statuses: list[dict], *,
@@ -351,10 +363,10 @@ def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict,
 
     The write task of a unit starts when all its records are through the models: this driver
     gathers them (small: model outputs, never frames) as they stream out of Ray Data, so a video
-    cut into segments is committed whole, in order, with no barrier over the dataset."""
+    cut into segments is committed whole, in order, with no barrier over the dataset. Runs on
+    the cluster the job's :func:`connect` joined (before it planned)."""
     import ray
 
-    connect(cfg)
     cpu = {"num_cpus": cfg.cpus_per_task}
     # max_restarts: a model actor lost with its node comes back wherever a GPU share is free; it also
     # keeps Ray Data from fusing the load tasks into the actors when both ask for the same CPUs.

@@ -5,8 +5,9 @@ by segment, so no video is ever held whole) and the audio's log-mel; model actor
 student (embeddings and 8-class probabilities per face crop) and VGGish (frame features, in bounded
 chunks); a write task links the faces into tracks and runs the fusion model over sliding windows.
 Each step of ``hop_s`` gets one row per scored face track (the primary one, or every track with
-``all_faces``) from the window of ``window_s`` ending there. A row uses what is there: both modalities (``audio+visual``), the face alone (``visual``: no audio track), the voice
-alone (``audio``: no face in the window, or an audio file), or nothing (``none``: null scores).
+``all_faces``) from the window of ``window_s`` ending there. A row uses what is there: both
+modalities (``audio+visual``), the face alone (``visual``: no audio track), the voice alone
+(``audio``: no face in the window, or an audio file), or nothing (``none``: null scores).
 
 Per input, written atomically in this order: ``scores/<id>.parquet``, ``summary/<id>.parquet``,
 ``report/<id>.png``, then ``status/<id>.parquet`` (its presence means "complete"). The run ends by

@@ -11,6 +11,35 @@ from PIL import Image
 from aver.demo.media import write_video
 
 
+def corpus_subset(corpus, dst, affectnet_rows: int, fec_triplets: int) -> dict[str, str]:
+    """The first rows of the small corpus's AffectNet training manifest and FEC training triplets,
+    with their images where the readers look: the face-training tests' data at a fraction of the forwards."""
+    def head(src, out, lines):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(src) as f, open(out, "w") as g:
+            g.writelines(f.readlines()[:lines])
+        return str(out)
+
+    os.makedirs(os.path.join(dst, "fec"), exist_ok=True)
+    if not os.path.exists(os.path.join(dst, "fec", "images")):
+        os.symlink(os.path.join(corpus, "fec", "images"), os.path.join(dst, "fec", "images"))
+    return {"affectnet": head(os.path.join(corpus, "affectnet", "training.csv"),
+                              os.path.join(dst, "affectnet", "training.csv"), 1 + affectnet_rows),
+            "affectnet_images": os.path.join(corpus, "affectnet", "Manually_Annotated_Images"),
+            "fec": head(os.path.join(corpus, "fec", "faceexp-comparison-data-train-public.csv"),
+                        os.path.join(dst, "fec", "faceexp-comparison-data-train-public.csv"), fec_triplets)}
+
+
+def face_images(folder, n, start=0):
+    """``n`` JPEGs ``face<i>.jpg`` of the face patch with noise (seeded by ``start``)."""
+    os.makedirs(folder, exist_ok=True)
+    patch = face_patch(120)
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        img = np.clip(patch.astype(int) + rng.integers(-15, 15, patch.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f"face{i:03d}.jpg"))
+
+
 def face_patch(height: int = 120) -> np.ndarray:
     from skimage import data
 

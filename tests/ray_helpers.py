@@ -142,3 +142,12 @@ def same_rows(a, b, what: str) -> None:
                                                                 atol=1e-4), (what, col)
         else:
             assert x.equals(y), (what, col)
+
+
+def unique_rows(uri, so, key):
+    """A parts folder as a DataFrame sorted by ``key``, asserting no key appears twice."""
+    from aver.io.parts import read_folder
+
+    table = read_folder(uri, so).to_pandas()
+    assert not table.duplicated(key).any()
+    return table.sort_values(key).reset_index(drop=True)

@@ -51,8 +51,8 @@ class FusionTrainConfig(TrainConfig):
     featurizer_cpus: float = SessionWindows.featurizer_cpus
     """CPUs of the featurising actor (student, VGGish and MTCNN together)."""
     features_cache: str | None = None
-    """Folder for per-session feature timelines, reused by every run with the same models and fps
-    (the fused / visual-only / audio-only runs featurise once). Default OUTPUT/features."""
+    """Folder of per-session feature timelines, a subfolder per set of models and fps (their content
+    hashes): every run with the same ones (fused / visual-only / audio-only) featurises once. Default OUTPUT/features."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,9 +101,9 @@ def run(cfg: FusionTrainConfig) -> list[dict] | None:
         return None
     n = count_windows(cfg.windows(), "train")
     require_batches(n, cfg, f"{cfg.window_s} s training windows")  # before featurising anything
-    if cfg.features_cache is None:
-        cfg.features_cache = join(cfg.output, "features", cfg.windows().features_key())
-    train = session_windows(cfg.windows(), "train").select_columns(["visual", "audio", "target"])
+    windows = cfg.windows()
+    windows.features_cache = join(cfg.features_cache or join(cfg.output, "features"), windows.features_key())
+    train = session_windows(windows, "train").select_columns(["visual", "audio", "target"])
     print(f"train_fusion: {n} training windows of {cfg.window_s} s", flush=True)
     history = fit(train_loop_per_worker, cfg, {"train": train})
     print(f"train_fusion: wrote {cfg.model_uri}", flush=True)

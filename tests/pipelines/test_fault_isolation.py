@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from aver.pipelines.distill import DistillConfig
 from aver.pipelines.distill import run as distill
@@ -20,8 +19,8 @@ from aver.faults import RetryPolicy
 from aver.io.parts import read_folder
 from aver.pipelines.score import ScoreVideosConfig
 from aver.pipelines.score import run as score
-from tests.media_fixtures import face_patch, face_video, hostile_corpus
-from tests.ray_helpers import run_job, same_rows
+from tests.media_fixtures import face_images, face_video, hostile_corpus
+from tests.ray_helpers import run_job, same_rows, unique_rows
 from aver.demo.s3proxy import S3Proxy
 
 pytestmark = pytest.mark.timeout(600)
@@ -87,15 +86,6 @@ def test_every_odd_input_gets_one_status_row_in_score_videos(hostile, tmp_path, 
     assert (out / "report" / "index.html").exists()
 
 
-def _images(folder, n, start=0):
-    os.makedirs(folder, exist_ok=True)
-    patch = face_patch(120)
-    rng = np.random.default_rng(start)
-    for i in range(start, start + n):
-        img = np.clip(patch.astype(int) + rng.integers(-15, 15, patch.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(os.path.join(folder, f"face{i:03d}.jpg"))
-
-
 def _parts(folder):
     return {os.path.basename(p): os.path.getmtime(p) for p in glob.glob(os.path.join(folder, "*.parquet"))}
 
@@ -112,15 +102,15 @@ def teachers(tmp_path_factory):
 
 
 def test_adding_one_image_processes_that_image_only(tmp_path, teachers, ray_local):
-    _images(tmp_path / "in", 9)
+    face_images(tmp_path / "in", 9)
     ecfg = ExtractFacesConfig(input=str(tmp_path / "in"), output=str(tmp_path / "faces"), images_per_unit=4,
                               actors=1, cpus_per_actor=0.5)
     dcfg = DistillConfig(input=str(tmp_path / "in"), teachers=teachers, output=str(tmp_path / "targets"),
                          images_per_unit=4, actors=1, cpus_per_actor=0.5)
     assert extract(ecfg) == {"ok": 9} and distill(dcfg) == {"ok": 9}
     before = {job: _parts(tmp_path / job / "status") for job in ("faces", "targets")}
-    _images(tmp_path / "in", 1, start=9)  # face009.jpg sorts last, so position-named chunks would all stay
-    _images(tmp_path / "in", 1, start=100)  # ... and face100.jpg sorts in between
+    face_images(tmp_path / "in", 1, start=9)  # face009.jpg sorts last, so position-named chunks would all stay
+    face_images(tmp_path / "in", 1, start=100)  # ... and face100.jpg sorts in between
     assert extract(ecfg) == {"ok": 2} and distill(dcfg) == {"ok": 2}
     for job, folder in (("faces", "faces"), ("targets", "targets")):
         after = _parts(tmp_path / job / "status")
@@ -146,12 +136,6 @@ def _upload(fs, local, remote):
         fs.put(path, f"{remote}/{os.path.basename(path)}")
 
 
-def _rows(uri, so, key):
-    table = read_folder(uri, so).to_pandas()
-    assert not table.duplicated(key).any()
-    return table.sort_values(key).reset_index(drop=True)
-
-
 @pytest.mark.parametrize("job", ["extract_faces", "distill", "score_videos"])
 def test_transient_s3_faults_are_retried_then_redone_by_a_rerun(job, tmp_path, s3, faulty, teachers, random_models,
                                                                  ray_local, capsys):
@@ -164,7 +148,7 @@ def test_transient_s3_faults_are_retried_then_redone_by_a_rerun(job, tmp_path, s
         for i in range(3):
             face_video(tmp_path / "in" / f"talk{i}.mp4", seconds=1.2)
     else:
-        _images(tmp_path / "in", 6)
+        face_images(tmp_path / "in", 6)
         face_video(tmp_path / "in" / "clip.mp4", seconds=1.0)
     _upload(fs, str(tmp_path / "in"), f"{bucket}/in")
 
@@ -202,7 +186,7 @@ def test_transient_s3_faults_are_retried_then_redone_by_a_rerun(job, tmp_path, s
     out_folder, key = {"extract_faces": ("faces", ["crop_id"]), "distill": ("targets", ["crop_id"]),
                        "score_videos": ("scores", ["video_id", "track_id", "t_end_s"])}[job]
     for folder, k in ((out_folder, key), ("status", [id_col])):
-        same_rows(_rows(f"{bucket}/clean/{folder}", so, k), _rows(f"{bucket}/faulty/{folder}", so, k), folder)
+        same_rows(unique_rows(f"{bucket}/clean/{folder}", so, k), unique_rows(f"{bucket}/faulty/{folder}", so, k), folder)
 
 
 def _strings_in_parquet(path) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,9 +26,8 @@ import torch
 
 from aver.io.parts import read_folder
 from aver.demo.s3proxy import free_port
-from tests.media_fixtures import face_video
-from tests.pipelines.test_fault_isolation import _images, _rows
-from tests.ray_helpers import ROOT, ray_cli, same_rows, stop_ray_cluster
+from tests.media_fixtures import face_images, face_video
+from tests.ray_helpers import ROOT, ray_cli, same_rows, stop_ray_cluster, unique_rows
 
 BIN = os.path.dirname(sys.executable)
 
@@ -124,6 +124,7 @@ class TwoNodes:
     def shutdown(self) -> None:
         for temp_dir in reversed(self.temp_dirs):
             stop_ray_cluster(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def s3_inputs(s3, tmp_path_factory):
     fs = fsspec.filesystem("s3", **s3["options"])
     local = tmp_path_factory.mktemp("two_nodes")
     bucket = f"s3://{s3['bucket']}/two-nodes"
-    _images(local / "images", 12)
+    face_images(local / "images", 12)
     for i in range(2):
         face_video(local / "videos" / f"talk{i}.mp4", seconds=1.2)
     torch.manual_seed(0)
@@ -182,7 +183,8 @@ def s3_inputs(s3, tmp_path_factory):
 def _distill_args(inp, output: str, **flags) -> list[str]:
     args = ["jobs/distill.py", "--input", f"{inp['bucket']}/images/", "--teachers", f"{inp['bucket']}/teachers/t128.pt",
             f"{inp['bucket']}/teachers/t256.pt", "--output", output, "--storage-options", json.dumps(inp["so"]),
-            "--gpus-per-actor", "1", "--cpus-per-actor", "0.5", "--images-per-unit", "1", "--records-per-call", "1"]
+            "--gpus-per-actor", "1", "--cpus-per-actor", "0.5", "--records-per-call", "1"]
+    flags = {"images_per_unit": 1, **flags}
     for k, v in flags.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -207,13 +209,16 @@ def test_gpu_pool_waits_for_the_gpu_node_then_cpu_stages_run_anywhere_and_models
     job = cluster.run_job(_distill_args(inp, out))
     # Guards against: a pool sized from the CPUs at start (a GPU job on a head without GPUs ran its
     # models on CPU actors and never used the GPU nodes that joined later).
-    time.sleep(10)
+    deadline = time.time() + 120  # until the job's CPU stage has run: the pool had its chance to start
+    while time.time() < deadline and job.poll() is None and not any("_load_stage" in k for k in cluster.placement()):
+        time.sleep(1)
+    time.sleep(2)
     assert job.poll() is None and _status_parts(fs, f"{out}/status") == 0, "ran without a GPU in the cluster"
     gpu_node = cluster.add_gpu_node()
     rc, log = _finish(job)
     assert rc == 0, log[-4000:]
     assert "distill: ok=12" in log
-    targets = _rows(f"{out}/targets", inp["so"], ["crop_id"])  # no crop twice
+    targets = unique_rows(f"{out}/targets", inp["so"], ["crop_id"])  # no crop twice
     assert len(targets) == 12 and np.allclose(np.linalg.norm(np.stack(targets["target"])[:, :32], axis=1), 1, atol=1e-4)
     where = cluster.placement()
     assert _model_actors(where, "TeacherPair") == {gpu_node}  # the models only where the GPU is
@@ -235,7 +240,8 @@ def test_local_paths_are_refused_on_two_nodes_unless_shared(cluster, s3_inputs, 
     assert rc != 0 and f"--output {tmp_path / 'out'}: local path on a Ray cluster of 2 nodes" in log
     assert "--shared-fs" in log and not (tmp_path / "out").exists()  # refused before anything was written
     # said to be shared (here it is: both nodes are on this machine), the same command runs
-    rc, log = _finish(cluster.run_job(_distill_args(inp, str(tmp_path / "out")) + ["--shared-fs"]), timeout=240)
+    rc, log = _finish(cluster.run_job(_distill_args(inp, str(tmp_path / "out"), images_per_unit=12) + ["--shared-fs"]),
+                      timeout=240)
     assert rc == 0 and "distill: ok=12" in log, log[-4000:]
     assert len(read_folder(str(tmp_path / "out" / "status"))) == 12
 
@@ -253,7 +259,7 @@ def test_score_videos_on_two_nodes_writes_each_input_once(cluster, s3_inputs):
     rc, log = _finish(job)
     assert rc == 0, log[-4000:]
     assert "score_videos: ok=2" in log
-    scores = _rows(f"{out}/scores", inp["so"], ["video_id", "track_id", "t_end_s"])
+    scores = unique_rows(f"{out}/scores", inp["so"], ["video_id", "track_id", "t_end_s"])
     assert len(scores) == 2 * 3 and scores["video_id"].nunique() == 2  # 1.2 s: steps at 0.4, 0.8, 1.2 s
     assert len(read_folder(f"{out}/status", inp["so"])) == 2
     assert _model_actors(cluster.placement(), "VideoScorer") <= gpu_nodes
@@ -287,4 +293,4 @@ def test_gpu_node_killed_mid_run_then_rerun_equals_uninterrupted(cluster, s3_inp
     rc, log = _finish(cluster.run_job(_distill_args(inp, out)))
     assert rc == 0, log[-4000:]
     for folder, key in (("targets", ["crop_id"]), ("status", ["item_id"])):
-        same_rows(_rows(f"{clean}/{folder}", inp["so"], key), _rows(f"{out}/{folder}", inp["so"], key), folder)
+        same_rows(unique_rows(f"{clean}/{folder}", inp["so"], key), unique_rows(f"{out}/{folder}", inp["so"], key), folder)

@@ -6,6 +6,7 @@ from aver.pipelines.distill import DistillConfig
 from aver.pipelines.distill import run as distill
 from aver.models import Student, Teacher, load_checkpoint, save_checkpoint
 from aver.train.face import StudentTrainConfig, TargetTable, run
+from tests.media_fixtures import corpus_subset
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -31,13 +32,13 @@ def test_student_distils_from_teacher_targets_with_unlabeled_data(small_corpus, 
     for d in (128, 256):
         save_checkpoint(Teacher(d_face=d), str(tmp_path / f"t{d}.pt"))
         teachers.append(str(tmp_path / f"t{d}.pt"))
-    aff = str(small_corpus / "affectnet" / "training.csv")
-    fec = str(small_corpus / "fec" / "faceexp-comparison-data-train-public.csv")
-    images = str(small_corpus / "affectnet" / "Manually_Annotated_Images")
+    # A third of the corpus's AffectNet rows and FEC triplets: every path of the loop, a third of the forwards.
+    data = corpus_subset(small_corpus, tmp_path / "data", affectnet_rows=32, fec_triplets=20)
+    aff, fec, images = data["affectnet"], data["fec"], data["affectnet_images"]
     for source, root in ((aff, images), (fec, None), (str(small_corpus / "unlabeled"), None)):
         distill(DistillConfig(input=source, images_root=root, teachers=tuple(teachers), output=str(tmp_path / "d"),
                               actors=1, cpus_per_actor=0.5, batch_size=32))
-    assert len(TargetTable(str(tmp_path / "d"), None).index) > 96 + 24
+    assert len(TargetTable(str(tmp_path / "d"), None).index) == 32 + 3 * 20 + 24  # each FEC crop once
     cfg = StudentTrainConfig(output=str(tmp_path), name="student", affectnet=aff, affectnet_images=images, fec=fec,
                              targets=str(tmp_path / "d"), unlabeled=str(small_corpus / "unlabeled"), epochs=1,
                              batch_size=4, cpus_per_worker=0.5, freeze="transition3")

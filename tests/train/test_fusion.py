@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -19,8 +21,15 @@ def test_window_slices_and_take():
     assert take(times, values, 20.0, 30.0, 3).tolist() == [[0], [0], [0]]
 
 
+@pytest.fixture(scope="module")
+def features_cache(tmp_path_factory):
+    """One feature cache for the runs below: same models (seed 0), same fps, so the second run reads
+    the timelines the first computed, as a user's second training run would."""
+    return str(tmp_path_factory.mktemp("fusion_features"))
+
+
 @pytest.mark.parametrize("modalities", [("visual", "audio"), ("audio",)])
-def test_train_fusion_on_sessions(small_corpus, tmp_path, ray_local, modalities):
+def test_train_fusion_on_sessions(small_corpus, tmp_path, ray_local, modalities, features_cache):
     torch.manual_seed(0)
     paths = {}
     for name, model in (("student", Student()), ("vggish_arousal", VGGishEmotion()), ("vggish_valence", VGGishEmotion())):
@@ -29,10 +38,13 @@ def test_train_fusion_on_sessions(small_corpus, tmp_path, ray_local, modalities)
     cfg = FusionTrainConfig(output=str(tmp_path), name="fusion", recola=str(small_corpus / "recola"),
                             student=paths["student"], vggish_arousal=paths["vggish_arousal"],
                             vggish_valence=paths["vggish_valence"], modalities=modalities, window_s=4.8, hop_s=1.2,
-                            epochs=2, batch_size=4, cpus_per_worker=0.5, featurizer_cpus=0.5)
+                            epochs=2, batch_size=4, cpus_per_worker=0.5, featurizer_cpus=0.5,
+                            features_cache=features_cache)
     history = run(cfg)
     assert [h["epoch"] for h in history] == [0, 1]
     assert all(np.isfinite(h["loss"]) for h in history)
+    (key,) = os.listdir(features_cache)  # one set of models: both runs share its timelines
+    assert sorted(os.listdir(os.path.join(features_cache, key))) == ["train_1.npz", "train_2.npz"]
     model, _ = load_checkpoint(cfg.model_uri)
     assert isinstance(model, FusionModel) and model.config.modalities == modalities
     with torch.no_grad():

@@ -248,11 +248,11 @@ def write_unit(records: list[dict], cfg: DistillConfig) -> list[dict]:
 def run(cfg: DistillConfig) -> dict[str, int]:
     """Run on the current Ray cluster (a local one if none); returns the count of each status
     among the inputs processed now."""
-    connect(cfg)
     work = with_retries(lambda: plan_units(cfg), cfg.retry, cfg.input)
     print(f"distill: {work.n_complete} units already complete, {len(work.units)} to do "
           f"({sum(len(u['items']) for u in work.units)} inputs)", flush=True)
     if not work.units:
         return {}
+    connect(cfg)
     return summarise("distill", run_stages(work.units, cfg, load=load_unit, model=TeacherPair, write=write_unit,
                                            id_column="item_id", records_per_call=cfg.records_per_call))

@@ -222,7 +222,6 @@ def write_unit(records: list[dict], cfg: ExtractFacesConfig) -> list[dict]:
 def run(cfg: ExtractFacesConfig) -> dict[str, int]:
     """Run the job on the current Ray cluster (``ray.init()`` starts a local one if none);
     returns the count of each status among the inputs processed now."""
-    connect(cfg)
     items = with_retries(lambda: list_inputs(cfg.input, cfg.storage_options), cfg.retry, cfg.input)
     work = with_retries(lambda: plan_units(items, cfg), cfg.retry, cfg.output)
     todo = work.units
@@ -230,5 +229,6 @@ def run(cfg: ExtractFacesConfig) -> dict[str, int]:
           f"({sum(len(u['items']) for u in todo)} inputs)", flush=True)
     if not todo:
         return {}
+    connect(cfg)
     return summarise("extract_faces", run_stages(todo, cfg, load=load_unit, model=FaceExtractor, write=write_unit,
                                                  id_column="video_id", records_per_call=cfg.records_per_call))

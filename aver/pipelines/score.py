@@ -333,7 +333,6 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
     count of each status among the inputs processed now."""
     from aver.io.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 
-    connect(cfg)
     listed = with_retries(lambda: list_inputs(cfg.input, cfg.storage_options, VIDEO_EXTENSIONS + AUDIO_EXTENSIONS),
                           cfg.retry, cfg.input)
     items = [i for i in listed if i.kind != "image"]
@@ -341,9 +340,12 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
                         cfg.retry, cfg.output)
     print(f"score_videos: {len(items)} inputs; {work.n_complete} already complete, {len(work.units)} to do",
           flush=True)
-    stages = run_stages(work.units, cfg, load=load_unit, model=VideoScorer, write=write_unit, id_column="video_id",
-                        records_per_call=cfg.records_per_call)
-    counts = summarise("score_videos", stages, ()) if work.units else {}
+    counts = {}
+    if work.units:
+        connect(cfg)
+        counts = summarise("score_videos", run_stages(work.units, cfg, load=load_unit, model=VideoScorer,
+                                                      write=write_unit, id_column="video_id",
+                                                      records_per_call=cfg.records_per_call), ())
     if items:
         index, rebuilt = build_report(cfg.output, cfg.storage_options, cfg.report_page_size)
         print(f"score_videos: report {'at' if rebuilt else 'unchanged at'} {redact(index)}", flush=True)

@@ -336,7 +336,8 @@ def actor_device(gpus_per_actor: float, who: str):
 
 def connect(cfg: ActorPoolConfig) -> None:
     """Join the Ray cluster (``ray.init()``: under ``ray job submit`` the job's cluster, else a new
-    local one) and refuse node-local paths on a multi-node cluster: each node would read its own
+    local one; a job calls it once it has planned work, so a rerun with nothing to do starts no Ray)
+    and refuse node-local paths on a multi-node cluster: each node would read its own
     disk and write outputs there, where no rerun finds them. ``--shared-fs`` says the paths are
     mounted everywhere."""
     import ray
@@ -364,7 +365,7 @@ def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict,
     The write task of a unit starts when all its records are through the models: this driver
     gathers them (small: model outputs, never frames) as they stream out of Ray Data, so a video
     cut into segments is committed whole, in order, with no barrier over the dataset. Runs on
-    the cluster the job's :func:`connect` joined (before it planned)."""
+    the cluster the job's :func:`connect` joined once it had planned work to do."""
     import ray
 
     cpu = {"num_cpus": cfg.cpus_per_task}

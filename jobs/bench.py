@@ -363,14 +363,16 @@ GPU_TODO = (
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default=os.path.join(ROOT, "docs", "benchmarks.md"), help="Markdown file to write")
-    p.add_argument("--videos", type=int, default=12, help="720p videos of 8 s in the speed corpus (default 12);"
-                   " large enough that actor start-up is amortised as on a real corpus")
+    p.add_argument("--videos", type=int, default=24, help="720p videos of 8 s in the speed corpus (default 24);"
+                   " large enough that Ray's and the actor's start-up (~8 s) is amortised as on a real corpus")
     p.add_argument("--score-videos", type=int, default=6, help="20 s talking videos in the score_videos run (default 6)")
     p.add_argument("--crops", type=int, default=1024, help="crops in the distill comparison (default 1024)")
     a = p.parse_args()
 
     import ray
     import torch
+
+    from aver.pipelines.units import keep_task_workers
 
     work = tempfile.mkdtemp(prefix="aver-bench-")
     corpus = os.path.join(work, "videos")
@@ -379,7 +381,8 @@ def main() -> int:
     lines = [f"# Benchmarks\n\nMeasured by `make bench` on {os.cpu_count()} CPUs, "
              f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'no GPU'}; "
              f"{time.strftime('%Y-%m-%d')}.\n"]
-    ray.init(include_dashboard=False, log_to_driver=False)  # (a) and (b) run in this process
+    keep_task_workers()  # (a), (b) and (f) run in this process, on the local Ray a job would start
+    ray.init(include_dashboard=False, log_to_driver=False)
     lines.append(extract_speed(work, corpus, a.videos, cpus))
     lines.append(distill_efficiency(work, a.crops, cpus))
     lines.append(remote_distill_efficiency(work, a.crops, cpus))

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
@@ -65,6 +67,10 @@ class ActorPoolConfig:
     """CPUs per load/write task (read, decode, crop; commit), which run on any node's CPUs."""
     io_threads: int = 16
     """Reads in flight per load task (remote storage is latency-bound)."""
+    write_tasks: int = 0
+    """Write tasks in flight at once; 0: a quarter of the cluster's task slots (CPUs / cpus_per_task),
+    at least 2. Units beyond it wait in the driver (model outputs, small): a backlog of writes queued in
+    Ray makes it start a worker process (hundreds of MB, seconds of imports) for each."""
     records_per_call: int = 4
     """Records one model-actor call takes (a unit, or a segment of a video): their crops or frames
     are batched together, so model batches are not cut at unit boundaries."""
@@ -85,8 +91,8 @@ class ActorPoolConfig:
     def __post_init__(self) -> None:
         if self.actors < 0 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0 or self.cpus_per_task <= 0:
             raise ValueError("actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0, cpus_per_task > 0")
-        if self.io_threads < 1 or self.records_per_call < 1:
-            raise ValueError("io_threads >= 1 and records_per_call >= 1")
+        if self.io_threads < 1 or self.records_per_call < 1 or self.write_tasks < 0:
+            raise ValueError("io_threads >= 1, records_per_call >= 1 and write_tasks >= 0")
         if isinstance(self.retry, dict):
             self.retry = RetryPolicy(**self.retry)
         for name in self.uri_fields:
@@ -334,6 +340,14 @@ def actor_device(gpus_per_actor: float, who: str):
     return torch.device("cpu")
 
 
+def keep_task_workers() -> None:
+    """Before ``ray.init()`` starts a local Ray: let it keep more idle worker processes than its
+    default (its CPU count, model actors included). On a few-CPU machine that default kills a load
+    or write task's worker as soon as it idles a second, and the next task pays a new process and
+    its imports (torch, PyAV: seconds of CPU taken from the models). No effect on a running cluster."""
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(max(4, 2 * (os.cpu_count() or 1))))
+
+
 def connect(cfg: ActorPoolConfig) -> None:
     """Join the Ray cluster (``ray.init()``: under ``ray job submit`` the job's cluster, else a new
     local one; a job calls it once it has planned work, so a rerun with nothing to do starts no Ray)
@@ -343,6 +357,7 @@ def connect(cfg: ActorPoolConfig) -> None:
     import ray
 
     if not ray.is_initialized():
+        keep_task_workers()
         ray.init()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if nodes < 2 or cfg.shared_fs:
@@ -381,7 +396,14 @@ def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict,
     write_unit = ray.remote(_write_task).options(name="write_unit", **cpu)
     gathered: dict[str, dict[int, bytes]] = {}
     n_records: dict[str, int] = {}
+    ready: deque[list[bytes]] = deque()  # complete units waiting for a write slot
     pending: list = []
+
+    def submit():
+        cap = cfg.write_tasks or max(2, int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task / 4))
+        while ready and len(pending) < cap:
+            pending.append(write_unit.remote(write, cfg, id_column, ready.popleft()))
+
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for uid, segment, last, blob in zip(batch["unit_id"], batch["segment"], batch["last"], batch["record"]):
             got = gathered.setdefault(uid, {})
@@ -389,12 +411,15 @@ def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict,
             if last:
                 n_records[uid] = int(segment) + 1
             if len(got) == n_records.get(uid):
-                pending.append(write_unit.remote(write, cfg, id_column, [got[i] for i in range(len(got))]))
+                ready.append([got[i] for i in range(len(got))])
                 del gathered[uid], n_records[uid]
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
+        submit()
         yield from ray.get(done)
+    submit()
     while pending:
         done, pending = ray.wait(pending)
+        submit()
         yield from ray.get(done)
 
 

@@ -5,7 +5,7 @@ from aver.pipelines.units import ActorPoolConfig, model_pool
 
 def test_actor_pool_config_validation():
     for bad in ({"actors": -1}, {"cpus_per_actor": 0.0}, {"gpus_per_actor": -0.5}, {"cpus_per_task": 0},
-                {"io_threads": 0}):
+                {"io_threads": 0}, {"write_tasks": -1}):
         with pytest.raises(ValueError):
             ActorPoolConfig(**bad)
 
@@ -41,3 +41,39 @@ def test_a_unit_that_breaks_a_shared_model_batch_fails_alone():
     assert out[1]["failure"][0] == "error" and "negative input" in out[1]["failure"][1]
     assert out[3]["failure"] == ("corrupt", "could not load")  # a load failure passes through untouched
     assert not any("images" in r for r in out)  # the model inputs do not travel on to the write tasks
+
+
+@pytest.mark.timeout(300)
+def test_writes_in_flight_are_capped(ray_local, tmp_path):
+    # Guards against: every finished unit's write submitted at once (a backlog queued in Ray, which
+    # starts a worker process, torch and all, for each queued write).
+    import time
+
+    from aver.pipelines.units import ModelStage, run_stages
+
+    class Passing(ModelStage):
+        consumed = ()
+
+        def __init__(self, cfg):
+            pass
+
+        def run(self, records):
+            pass
+
+    def load(unit, cfg):
+        return {"unit": unit}
+
+    def write(records, cfg):
+        uid, start = records[0]["unit"]["unit_id"], time.time()
+        time.sleep(0.4)
+        (tmp_path / uid).write_text(f"{start} {time.time()}")
+        return [{"item_id": uid, "status": "ok"}]
+
+    units = [{"unit_id": f"u{i}", "items": [], "retry": False} for i in range(5)]
+    # six writes would fit on the CPUs at once; the cap allows one
+    cfg = ActorPoolConfig(actors=1, cpus_per_actor=0.5, cpus_per_task=0.25, write_tasks=1)
+    done = [i for b in run_stages(units, cfg, load=load, model=Passing, write=write, id_column="item_id",
+                                  records_per_call=5) for i in b["item_id"]]
+    assert sorted(done) == [u["unit_id"] for u in units]
+    spans = sorted(tuple(map(float, (tmp_path / u["unit_id"]).read_text().split())) for u in units)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans

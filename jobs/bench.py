@@ -257,7 +257,7 @@ def remote_distill_efficiency(work: str, n_crops: int, cpus: float, latency_s: f
 
 
 _PLAN = """
-import resource, sys, time, tracemalloc
+import sys, time, tracemalloc
 from aver.io.media import list_inputs
 from aver.pipelines.extract import ExtractFacesConfig, plan_units
 cfg = ExtractFacesConfig(input=sys.argv[1], output=sys.argv[2])
@@ -265,8 +265,9 @@ tracemalloc.start()
 start = time.perf_counter()
 work = plan_units(list_inputs(cfg.input), cfg)
 seconds = time.perf_counter() - start
-print(len(work.units), seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      tracemalloc.get_traced_memory()[1])
+# VmHWM: this process's own peak (ru_maxrss would carry the forking bench's peak across exec)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(len(work.units), seconds, hwm / 1024, tracemalloc.get_traced_memory()[1])
 """
 
 

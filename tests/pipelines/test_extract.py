@@ -8,7 +8,7 @@ import io
 from aver.pipelines.extract import ExtractFacesConfig, run
 from aver.io.parts import read_folder
 from tests.media_fixtures import bad_input_corpus, face_patch, face_video
-from tests.ray_helpers import kill_midway, run_job
+from tests.ray_helpers import kill_midway
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -61,7 +61,7 @@ def test_rerun_skips_complete_work_and_never_duplicates(tmp_path, ray_local):
     assert not after.duplicated(["video_id", "frame_index"]).any()
 
 
-def test_killed_job_rerun_equals_uninterrupted(tmp_path, ray_local):
+def test_killed_job_rerun_equals_uninterrupted(tmp_path, ray_local, capsys):
     for i in range(4):
         face_video(tmp_path / "in" / f"v{i}.mp4", seconds=2.0)
     # one record per model call: the units complete one by one, so the kill lands between them
@@ -69,9 +69,9 @@ def test_killed_job_rerun_equals_uninterrupted(tmp_path, ray_local):
     args = ["jobs/extract_faces.py", "--input", str(tmp_path / "in"), "--cpus-per-actor", "0.5", "--actors", "1",
             "--records-per-call", "1"]
     n_done = kill_midway(args, tmp_path / "killed", 4)
-    rerun = run_job(args + ["--output", str(tmp_path / "killed")])
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{n_done} units already complete" in rerun.stdout
+    capsys.readouterr()
+    assert run(_cfg(tmp_path / "in", tmp_path / "killed", records_per_call=1)) == {"ok": 4 - n_done}  # the rerun
+    assert f"{n_done} units already complete" in capsys.readouterr().out
     key = ["video_id", "frame_index"]
     a = read_folder(str(tmp_path / "clean" / "faces")).to_pandas().sort_values(key).reset_index(drop=True)
     b = read_folder(str(tmp_path / "killed" / "faces")).to_pandas().sort_values(key).reset_index(drop=True)

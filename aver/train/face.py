@@ -149,9 +149,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg: FaceTrainConfig = config["cfg"]
     freeze = cfg.freeze
-    model, core, optimizer, start, history, device = prepare_worker(cfg, freeze=freeze)
-    loss_cfg = cfg.loss
     distill = cfg.targets_uri is not None
+    # a student without targets never trains its distillation head
+    unused = ("distill_head",) if isinstance(cfg, StudentTrainConfig) and not distill else ()
+    model, core, optimizer, start, history, device = prepare_worker(cfg, freeze=freeze, unused=unused)
+    loss_cfg = cfg.loss
     targets = TargetTable(cfg.targets_uri, cfg.storage_options or None) if distill else None
     encode, store = input_encoder(cfg, core, freeze, type(core).preprocess, device)
 
@@ -193,7 +195,9 @@ def train_loop_per_worker(config: dict) -> None:
                 if unl_iter is not None:
                     ids += list(unl["crop_id"])
                 target, mask = targets.lookup(ids)
-                loss_rkd = torch.zeros((), device=device)
+                # fewer than 3 crops with a target: a zero that still reaches the head, whose
+                # gradient every DDP rank waits for
+                loss_rkd = 0.0 * out.distill.sum()
                 if int(mask.sum()) >= 3:
                     loss_rkd = rkd_loss(out.distill[mask.to(device)], target[mask].to(device),
                                         distance_weight=loss_cfg.rkd_distance_weight,

@@ -84,11 +84,13 @@ class TrainConfig:
         return join(self.output, "models", f"{self.name}.metrics.json")
 
 
-def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, optimizer: type = torch.optim.AdamW) -> tuple:
+def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, unused: tuple[str, ...] = (),
+                   optimizer: type = torch.optim.AdamW) -> tuple:
     """The common start of a train loop: seed and threads, ``cfg.build_model()`` frozen up to
-    ``freeze`` (``model.prefix``), channels_last, wrapped by Ray Train, an optimizer over what
-    trains, and the last checkpoint restored. Returns (model as wrapped, the model itself,
-    optimizer, first epoch, history, device)."""
+    ``freeze`` (``model.prefix``) and without gradients in the submodules named in ``unused`` (parts
+    no loss of this run reaches: DDP would wait for their gradients forever), channels_last, wrapped
+    by Ray Train, an optimizer over what trains, and the last checkpoint restored. Returns (model as
+    wrapped, the model itself, optimizer, first epoch, history, device)."""
     import ray.train.torch
 
     torch.manual_seed(cfg.seed)
@@ -96,6 +98,8 @@ def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, optimizer: ty
     model = cfg.build_model()
     if freeze:
         model.prefix(freeze).requires_grad_(False)
+    for name in unused:
+        model.get_submodule(name).requires_grad_(False)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     core = model.module if hasattr(model, "module") else model
     opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -69,18 +69,19 @@ class FaceDetector:
         self._nets = (mtcnn.pnet, mtcnn.rnet, mtcnn.onet)
         self._factor = mtcnn.factor
 
-    def detect(self, frames: list[np.ndarray]) -> list[list[Detection]]:
+    def detect(self, frames: list[np.ndarray], views: list[tuple[np.ndarray, float]] | None = None
+               ) -> list[list[Detection]]:
         """Detections for each frame (possibly empty), best first. Frames may be RGB, grayscale
-        (HxW or HxWx1) or RGBA; any of them of any size, in one call."""
+        (HxW or HxWx1) or RGBA; any of them of any size, in one call. ``views`` are the frames'
+        :func:`detection_view` when the decoding stage made them already (the CPU work leaves the
+        model's process); boxes are in the frames' pixels either way."""
         from facenet_pytorch.models.utils.detect_face import detect_face
 
-        frames = [_as_rgb(f) for f in frames]
+        if views is None:
+            views = [detection_view(f, self.config) for f in frames]
         results: list[list[Detection]] = [[] for _ in frames]
         by_shape: dict[tuple[int, int], list[int]] = {}
-        scaled = []
-        for i, frame in enumerate(frames):
-            small, scale = self._downscale(frame)
-            scaled.append((small, scale))
+        for i, (small, _) in enumerate(views):
             # MTCNN's image pyramid is empty below its smallest face: such a frame has no face to find
             if min(small.shape[:2]) >= self.config.min_face_size:
                 by_shape.setdefault(small.shape[:2], []).append(i)
@@ -88,27 +89,16 @@ class FaceDetector:
         for indices in by_shape.values():
             for start in range(0, len(indices), cfg.batch_size):
                 chunk = indices[start:start + cfg.batch_size]
-                batch = np.stack([scaled[i][0] for i in chunk])
+                batch = np.stack([views[i][0] for i in chunk])
                 with torch.no_grad():
                     boxes, _ = detect_face(batch, cfg.min_face_size, *self._nets, list(cfg.thresholds),
                                            self._factor, self.device)
                 for i, found in zip(chunk, boxes):
                     found = np.asarray(found, dtype=np.float64).reshape(-1, 5)
-                    scale = scaled[i][1]
+                    scale = views[i][1]
                     dets = [Detection(row[:4] / scale, float(row[4])) for row in found if row[4] >= cfg.min_prob]
                     results[i] = sorted(dets, key=lambda d: -d.prob)
         return results
-
-    def _downscale(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
-        h, w = frame.shape[:2]
-        # the longer side down to detect_max_side, but the shorter one never below four smallest faces:
-        # a 2000x40 strip scaled to 640 px would be 13 px tall, smaller than any face MTCNN finds
-        keep = 4 * self.config.min_face_size
-        scale = min(1.0, max(self.config.detect_max_side / max(h, w), keep / max(1, min(h, w))))
-        if scale >= 1.0:
-            return np.ascontiguousarray(frame), 1.0
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR)), size[0] / w
 
     def crop_array(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
         """The configured crop of ``box`` (see :func:`crop_face`), HxWx3 uint8."""
@@ -120,6 +110,21 @@ class FaceDetector:
         buf = io.BytesIO()
         Image.fromarray(face).save(buf, format="JPEG", quality=self.config.jpeg_quality)
         return buf.getvalue()
+
+
+def detection_view(frame: np.ndarray, config: FaceDetectorConfig) -> tuple[np.ndarray, float]:
+    """``frame`` as MTCNN sees it (RGB, downscaled to ``config.detect_max_side``) and the scale
+    from frame pixels to view pixels."""
+    frame = _as_rgb(frame)
+    h, w = frame.shape[:2]
+    # the longer side down to detect_max_side, but the shorter one never below four smallest faces:
+    # a 2000x40 strip scaled to 640 px would be 13 px tall, smaller than any face MTCNN finds
+    keep = 4 * config.min_face_size
+    scale = min(1.0, max(config.detect_max_side / max(h, w), keep / max(1, min(h, w))))
+    if scale >= 1.0:
+        return np.ascontiguousarray(frame), 1.0
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR)), size[0] / w
 
 
 def _as_rgb(frame: np.ndarray) -> np.ndarray:
@@ -260,11 +265,11 @@ def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
                                                     Image.BILINEAR))
 
 
-def frame_segments(source: str, decoded: Decoded, *, fps: float, size: int, retry: RetryPolicy | None = None,
-                   max_side: int | None = None, storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
-                   max_duration_s: float = MAX_DURATION_S) -> Iterator[list[VideoFrame]]:
-    """The frames of ``source`` sampled at ``fps``, ``size`` at a time, each at most ``max_side``
-    pixels on its longer side. A storage fault midway is retried as ``retry`` says by reading the
+def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceDetectorConfig,
+                   retry: RetryPolicy | None = None, max_side: int | None = None, storage_options: dict | None = None,
+                   max_bytes: int = 20 * 2**30, max_duration_s: float = MAX_DURATION_S) -> Iterator[list[VideoFrame]]:
+    """The frames of ``source`` sampled at ``fps``, ``detector.batch_size`` at a time, each at most
+    ``max_side`` pixels on its longer side and with its :func:`detection_view`. A storage fault midway is retried as ``retry`` says by reading the
     video again and skipping the frames already handed on; a stream broken midway ends with the
     last whole segment (``decoded.broken``; one broken in its first segment raises ``corrupt``);
     one that decodes no frame raises ``too_short``."""
@@ -280,8 +285,9 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, size: int, retr
                         if skip:
                             skip -= 1
                             continue
-                        chunk.append(VideoFrame(frame.index, frame.timestamp_s, _fit(frame.image, max_side)))
-                        if len(chunk) == size:
+                        image = _fit(frame.image, max_side)
+                        chunk.append(VideoFrame(frame.index, frame.timestamp_s, image, detection_view(image, detector)))
+                        if len(chunk) == detector.batch_size:
                             decoded.n_frames += len(chunk)
                             yield chunk
                             chunk = []
@@ -303,11 +309,13 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, size: int, retr
         raise MediaError("too_short", "no frame decoded at the sampling rate")
 
 
-def detect_frames(detector: FaceDetector, frames: list[np.ndarray], *,
+def detect_frames(detector: FaceDetector, frames: list[VideoFrame], *,
                   jpeg: bool = True) -> list[list[tuple[Detection, bytes | np.ndarray]]]:
     """Each frame's faces as (detection, crop), best first; crops are JPEG bytes or arrays."""
     crop = detector.crop if jpeg else detector.crop_array
-    return [[(d, crop(image, d.box)) for d in dets] for image, dets in zip(frames, detector.detect(frames))]
+    images = [f.image for f in frames]
+    views = [f.view for f in frames] if all(f.view is not None for f in frames) else None
+    return [[(d, crop(image, d.box)) for d in dets] for image, dets in zip(images, detector.detect(images, views))]
 
 
 def track_frames(tracker: FaceTracker, frames: Iterable[tuple[int, float, list[tuple[Detection, object]]]],
@@ -329,10 +337,10 @@ def scan_video(source: str, detector: FaceDetector, on_frames: Callable[[list[Tr
     so no video is ever held whole. Crops are JPEG bytes or, with ``jpeg=False``, arrays for a
     model that uses them at once. The batch jobs run the same steps as Ray Data stages."""
     tracker, decoded, n = FaceTracker(), Decoded(), 0
-    for chunk in prefetch(frame_segments(source, decoded, fps=fps, size=detector.config.batch_size,
+    for chunk in prefetch(frame_segments(source, decoded, fps=fps, detector=detector.config,
                                          storage_options=storage_options, max_bytes=max_bytes,
                                          max_duration_s=max_duration_s)):
-        found = detect_frames(detector, [f.image for f in chunk], jpeg=jpeg)
+        found = detect_frames(detector, chunk, jpeg=jpeg)
         on_frames(track_frames(tracker, ((f.index, f.timestamp_s, faces) for f, faces in zip(chunk, found)), n))
         n += len(chunk)
     return VideoScan(tracker, decoded.n_frames, decoded.decoded_s, decoded.broken)

@@ -224,6 +224,8 @@ class VideoFrame:
     """Presentation time in seconds from the stream's start."""
     image: np.ndarray
     """HxWx3 uint8 RGB."""
+    view: tuple[np.ndarray, float] | None = None
+    """The frame at face-detection resolution and its scale (made beside the decoding, on its CPU)."""
 
 
 def _av_error(source: str, e: Exception) -> Exception:

@@ -155,7 +155,7 @@ def load_unit(unit: dict, cfg: ExtractFacesConfig) -> dict | Iterator[dict]:
 def _video_segments(unit: dict, item: InputItem, cfg: ExtractFacesConfig) -> Iterator[dict]:
     item.check()
     decoded = Decoded()
-    for frames in frame_segments(item.source, decoded, fps=cfg.fps, size=cfg.detector.batch_size, retry=cfg.retry,
+    for frames in frame_segments(item.source, decoded, fps=cfg.fps, detector=cfg.detector, retry=cfg.retry,
                                  max_side=cfg.frame_max_side, storage_options=cfg.storage_options,
                                  max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s):
         yield {"unit": unit, "frames": frames}
@@ -189,7 +189,7 @@ class FaceExtractor(ModelStage):
             start += n
         segments = [r for r in records if r.get("frames")]
         frames = [f for r in segments for f in r["frames"]]
-        found = detect_frames(self.detector, [f.image for f in frames]) if frames else []
+        found = detect_frames(self.detector, frames) if frames else []
         start = 0
         for r in segments:
             n = len(r["frames"])

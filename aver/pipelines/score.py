@@ -97,7 +97,7 @@ def load_unit(unit: dict, cfg: ScoreVideosConfig) -> Iterator[dict]:
     if item.kind != "audio":
         decoded = Decoded()
         try:
-            for frames in frame_segments(item.source, decoded, fps=cfg.fps, size=cfg.detector.batch_size,
+            for frames in frame_segments(item.source, decoded, fps=cfg.fps, detector=cfg.detector,
                                          retry=cfg.retry, max_side=cfg.frame_max_side,
                                          storage_options=cfg.storage_options, max_bytes=cfg.max_bytes,
                                          max_duration_s=cfg.max_duration_s):
@@ -144,7 +144,7 @@ class VideoScorer(ModelStage):
     def run(self, records: list[dict]) -> None:
         segments = [r for r in records if r.get("frames")]
         frames = [f for r in segments for f in r["frames"]]
-        found = detect_frames(self.detector, [f.image for f in frames], jpeg=False) if frames else []
+        found = detect_frames(self.detector, frames, jpeg=False) if frames else []
         crops = [crop for faces in found for _, crop in faces]
         with self.autocast:
             emb, prob = student_features(self.models["student"], crops, self.cfg.batch_size, self.device)

@@ -62,18 +62,26 @@ def _affectnet_batch(batch: dict, margin: float, storage_options) -> dict:
             "label": np.asarray(batch["label"], np.int64)[keep]}
 
 
-def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
-                      storage_options: dict | None = None):
-    """Rows ``crop_id``, ``image`` (140x140x3 uint8), ``label`` (0-7); returns (dataset, rejected rows)."""
+def _rows(rows: list[dict], shuffled: bool):
+    """A dataset of manifest rows (sources, boxes: small), whose blocks come in a fresh random
+    order every time it is read when ``shuffled`` (training passes); images are read after this."""
     import ray.data
 
+    ds = ray.data.from_items(rows)
+    return ds.randomize_block_order() if shuffled else ds
+
+
+def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
+                      storage_options: dict | None = None, shuffled: bool = False):
+    """Rows ``crop_id``, ``image`` (140x140x3 uint8), ``label`` (0-7); returns (dataset, rejected rows).
+    ``shuffled``: the rows' blocks in a fresh order every pass (see :func:`_rows`)."""
     m = read_affectnet(csv_uri, images_root, storage_options)
     records = with_images(m, lambda r: [r["source"]], f"AffectNet {redact(csv_uri)}",
                           "is images_root (--affectnet-images) the folder of Manually_Annotated_Images?",
                           storage_options)
     rows = [{"crop_id": r["crop_id"], "source": r["source"], "box": list(r["box"]), "label": r["label"]}
             for r in records]
-    ds = ray.data.from_items(rows).map_batches(
+    ds = _rows(rows, shuffled).map_batches(
         _affectnet_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=64)
     return ds, m.rejected
 
@@ -98,19 +106,17 @@ def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
 
 
 def fec_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
-                storage_options: dict | None = None):
+                storage_options: dict | None = None, shuffled: bool = False):
     """Rows ``i``, ``j`` (the annotated most-similar pair), ``k`` (the odd one) as 140x140x3 uint8
     crops, their crop ids ``i_id``/``j_id``/``k_id`` and ``type`` (0/1/2 = one/two/three-class);
-    triplets with a missing image are dropped."""
-    import ray.data
-
+    triplets with a missing image are dropped; ``shuffled`` as in :func:`affectnet_dataset`."""
     m = read_fec(csv_uri, images_root, storage_options)
     records = with_images(m, lambda r: [f["source"] for f in r["faces"]], f"FEC triplets {redact(csv_uri)}",
                           "run jobs/fetch_fec.py on this CSV first", storage_options)
     rows = [{"faces": [{"source": f["source"], "box_frac": list(f["box_frac"]), "crop_id": f["crop_id"]}
                        for f in r["faces"]],
              "pair": list(r["pair"]), "odd": r["odd"], "type": r["type"]} for r in records]
-    ds = ray.data.from_items(rows).map_batches(
+    ds = _rows(rows, shuffled).map_batches(
         _fec_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=32)
     return ds, m.rejected
 
@@ -126,15 +132,13 @@ def _image_batch(batch: dict, storage_options) -> dict:
             "image": np.stack(images) if images else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)}
 
 
-def unlabeled_dataset(uri: str, storage_options: dict | None = None):
+def unlabeled_dataset(uri: str, storage_options: dict | None = None, shuffled: bool = False):
     """Rows ``crop_id`` (the image's item id, as distill names it) and ``image`` (resized to 140)."""
-    import ray.data
-
     from aver.io.media import IMAGE_EXTENSIONS, list_inputs
 
     items = [i for i in list_inputs(uri, storage_options, IMAGE_EXTENSIONS) if i.kind == "image"]
     if not items:
         raise ValueError(f"no images under {uri}")
     rows = [{"crop_id": i.item_id, "source": i.source} for i in items]
-    return ray.data.from_items(rows).map_batches(_image_batch, fn_kwargs={"storage_options": storage_options},
+    return _rows(rows, shuffled).map_batches(_image_batch, fn_kwargs={"storage_options": storage_options},
                                                  batch_size=64)

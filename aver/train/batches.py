@@ -42,15 +42,24 @@ def input_encoder(cfg: TrainConfig, core: torch.nn.Module, freeze: str | None, p
 
 class ShardBatches:
     """Batches of a Ray Train dataset shard whose image columns are turned into model inputs by
-    ``encode``: streamed afresh every epoch, or, with ``cache=True`` (``encode`` runs a frozen
-    prefix), encoded once, kept in memory as float16 and reshuffled every epoch. The cache is what
-    makes a frozen-trunk recipe cheap: the prefix is most of the compute and its output never changes.
-    With a ``store`` the encoded images are also read from / added to a :class:`PrefixStore`."""
+    ``encode``: streamed afresh every pass (rows through a local shuffle buffer of ``shuffle_buffer``
+    rows, seeded by the pass), or, with ``cache=True`` (``encode`` runs a frozen prefix), encoded once,
+    kept in memory as float16 and permuted every pass. The cache is what makes a frozen-trunk recipe
+    cheap: the prefix is most of the compute and its output never changes. With a ``store`` the
+    encoded images are also read from / added to a :class:`PrefixStore`.
+
+    A run's main source takes one pass an epoch (:meth:`epoch`); a secondary source beside it is one
+    endless :meth:`stream` whose position carries over from epoch to epoch (and, counted in steps,
+    into a resumed run), so each of its rows is used in turn, not the first ones of every epoch."""
 
     def __init__(self, shard, image_columns: tuple[str, ...], encode: Callable, batch_size: int, *,
-                 cache: bool, seed: int, drop_last: bool = False, store: PrefixStore | None = None) -> None:
+                 cache: bool, seed: int, drop_last: bool = False, store: PrefixStore | None = None,
+                 shuffle_buffer: int = 0) -> None:
         self.shard, self.columns, self.encode, self.bs = shard, image_columns, encode, batch_size
         self.seed, self.cached, self.drop_last, self.store = seed, None, drop_last, store
+        self.shuffle_buffer = max(shuffle_buffer, 4 * batch_size)
+        self.pass_length = 0
+        """Batches in the last pass started (known once it ended)."""
         if cache:
             self.cached = self._encode_all()
             if store is not None:
@@ -70,35 +79,44 @@ class ShardBatches:
             raise RuntimeError("this worker's dataset shard is empty")
         return {k: torch.cat(v) if k in self.columns else np.concatenate(v) for k, v in parts.items()}
 
-    def epoch(self, epoch: int):
-        """One pass, shuffled (by epoch, reproducibly, when cached)."""
+    def epoch(self, epoch: int, skip: int = 0):
+        """Pass number ``epoch``, shuffled afresh (reproducibly when cached), from its ``skip``-th
+        batch on (streamed: the skipped batches are read, not encoded)."""
+        self.pass_length = 0
         if self.cached is None:
             for b in self.shard.iter_batches(batch_size=self.bs, batch_format="numpy", drop_last=self.drop_last,
-                                             local_shuffle_buffer_size=4 * self.bs):
-                yield {k: self.encode(v) if k in self.columns else v for k, v in b.items()}
+                                             local_shuffle_buffer_size=self.shuffle_buffer,
+                                             local_shuffle_seed=self.seed * 1000 + epoch):
+                self.pass_length += 1
+                if self.pass_length > skip:
+                    yield {k: self.encode(v) if k in self.columns else v for k, v in b.items()}
             return
         n = len(next(iter(self.cached.values())))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
         end = len(order) - len(order) % self.bs if self.drop_last else len(order)
-        for s in range(0, end, self.bs):
+        self.pass_length = -(-end // self.bs)
+        for s in range(skip * self.bs, end, self.bs):
             idx = order[s:s + self.bs]
             yield {k: v[idx].float() if k in self.columns else v[idx.numpy()] for k, v in self.cached.items()}
 
-    def cycle(self, epoch: int):
-        """Endless batches (a secondary source beside the epoch's main one)."""
-        round_ = 0
+    def stream(self, start: int = 0):
+        """Endless batches over passes 0, 1, 2, ... (each reshuffled), from the ``start``-th batch of
+        that sequence on: a resumed run gives the steps it has already trained."""
+        pass_ = 0
         while True:
-            yielded = False
-            for b in self.epoch(epoch * 1000 + round_):
-                yielded = True
-                yield b
-            if not yielded:
-                return
-            round_ += 1
+            yield from self.epoch(pass_, skip=start)
+            if not self.pass_length:
+                return  # an empty shard
+            start = max(0, start - self.pass_length)
+            pass_ += 1
+
+
+RECALIBRATION_BATCHES = 20
+"""Batches whose BatchNorm statistics replace the running averages after each epoch."""
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, inputs, max_batches: int = 20,
+def recalibrate_batchnorm(model: torch.nn.Module, inputs, max_batches: int = RECALIBRATION_BATCHES,
                           forward: Callable | None = None) -> None:
     """Recompute the running statistics of the model's trainable BatchNorm layers as exact averages
     over ``inputs`` (an iterable of model inputs). The exponential averages lag behind weights that

@@ -8,6 +8,7 @@ unlabeled batch joins each step, contributing RKD only.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,7 @@ from aver.data.faces import affectnet_dataset, fec_dataset, unlabeled_dataset
 from aver.io.parts import join, read_folder
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models import Student, StudentConfig, Teacher, TeacherConfig, autocast, to_device
-from aver.train.batches import ShardBatches, input_encoder, recalibrate_batchnorm
+from aver.train.batches import RECALIBRATION_BATCHES, ShardBatches, input_encoder, recalibrate_batchnorm
 from aver.train.harness import TrainConfig, begin, epochs, fit, maybe_fail, prepare_worker, report_epoch
 
 
@@ -159,22 +160,25 @@ def train_loop_per_worker(config: dict) -> None:
 
     def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
         return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, cfg.batch_size, cache=bool(freeze),
-                            seed=seed, store=store)
+                            seed=seed, store=store, shuffle_buffer=cfg.shuffle_buffer)
 
+    # An epoch is a pass over AffectNet; FEC and the unlabeled crops are streams that go on from
+    # where the last epoch (or the run that was resumed) left them: one batch of each per step.
     affectnet = source("affectnet", ("image",), cfg.seed)
-    fec = source("fec", ("i", "j", "k"), cfg.seed + 1)
-    unlabeled = source("unlabeled", ("image",), cfg.seed + 2) if cfg.unlabeled_uri else None
+    trained = sum(int(h.get("steps", 0)) for h in history)
+    fec_iter = source("fec", ("i", "j", "k"), cfg.seed + 1).stream(trained)
+    unl_iter = source("unlabeled", ("image",), cfg.seed + 2).stream(trained) if cfg.unlabeled_uri else None
     for epoch in epochs(cfg, start, optimizer):
         model.train()
         if freeze:
             core.prefix(freeze).eval()
-        fec_iter = fec.cycle(epoch)
-        unl_iter = unlabeled.cycle(epoch) if unlabeled is not None else None
         totals = dict.fromkeys(("loss", "loss_rkd") if distill else ("loss",), 0.0)
         totals.update(dict.fromkeys(("loss_fec", "loss_affectnet", "accuracy", "triplet_accuracy"), 0.0))
         steps = 0
+        recent = deque(maxlen=RECALIBRATION_BATCHES)  # the epoch's last inputs, for the BN statistics
         for step, batch in enumerate(affectnet.epoch(epoch)):
             maybe_fail(cfg, epoch, step)
+            recent.append(batch["image"])
             trip = next(fec_iter)
             parts = [batch["image"], trip["i"], trip["j"], trip["k"]]
             if unl_iter is not None:
@@ -214,9 +218,9 @@ def train_loop_per_worker(config: dict) -> None:
             totals["triplet_accuracy"] += _triplet_correct(e_i.detach(), e_j.detach(), e_k.detach()).item()
             steps += 1
         core.eval()
-        recalibrate_batchnorm(core, (b["image"].to(device) for b in affectnet.epoch(epoch)),
-                              forward=lambda x: core(x, after=freeze))
-        history = report_epoch(epoch, {k: v / max(steps, 1) for k, v in totals.items()}, model, optimizer, history)
+        recalibrate_batchnorm(core, (x.to(device) for x in recent), forward=lambda x: core(x, after=freeze))
+        metrics = {k: v / max(steps, 1) for k, v in totals.items()}
+        history = report_epoch(epoch, {**metrics, "steps": steps}, model, optimizer, history)
 
 
 def run(cfg: FaceTrainConfig) -> list[dict] | None:
@@ -225,15 +229,15 @@ def run(cfg: FaceTrainConfig) -> list[dict] | None:
     if not begin(cfg, job):
         return None
     so = cfg.storage_options or None
-    affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so)
-    fec, _ = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so)
+    affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so, shuffled=True)
+    fec, _ = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so, shuffled=True)
     if not cfg.targets_uri:  # the crop ids only serve the target lookup
         affectnet, fec = affectnet.select_columns(["image", "label"]), fec.select_columns(["i", "j", "k", "type"])
     datasets = {"affectnet": affectnet, "fec": fec}
     if isinstance(cfg, StudentTrainConfig):
         print(f"{job}: distillation {'on' if cfg.targets else 'off'}", flush=True)
     if cfg.unlabeled_uri:
-        datasets["unlabeled"] = unlabeled_dataset(cfg.unlabeled_uri, so)
+        datasets["unlabeled"] = unlabeled_dataset(cfg.unlabeled_uri, so, shuffled=True)
     history = fit(train_loop_per_worker, cfg, datasets)
     print(f"{job}: wrote {cfg.model_uri}", flush=True)
     return history

@@ -47,6 +47,9 @@ class TrainConfig:
     """CPUs reserved per worker (leave some for Ray Data on small machines)."""
     seed: int = 0
     """Seed for initialisation and shuffling."""
+    shuffle_buffer: int = 1024
+    """Rows a streamed source holds for its local shuffle (at least 4 batches); the rows' blocks
+    also come in a fresh random order every pass."""
     threads_per_worker: int = 0
     """Torch threads per worker; 0 = the machine's CPUs over the workers (Ray alone would give a
     1-CPU worker one thread and leave the rest of the machine idle)."""
@@ -64,8 +67,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("epochs, batch_size and num_workers must be >= 1")
-        if self.threads_per_worker < 0:
-            raise ValueError("threads_per_worker must be >= 0")
+        if self.threads_per_worker < 0 or self.shuffle_buffer < 0:
+            raise ValueError("threads_per_worker and shuffle_buffer must be >= 0")
         if self.lr <= 0 or self.weight_decay < 0 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             raise ValueError("lr > 0, weight_decay >= 0, cpus_per_worker > 0, max_failures >= 0")
         if self.lr_schedule not in LR_SCHEDULES:

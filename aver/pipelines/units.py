@@ -73,6 +73,10 @@ class ActorPoolConfig:
     """Write tasks in flight at once; 0: a quarter of the cluster's task slots (CPUs / cpus_per_task),
     at least 2. Units beyond it wait in the driver (model outputs, small): a backlog of writes queued in
     Ray makes it start a worker process (hundreds of MB, seconds of imports) for each."""
+    read_ahead: float = 0.25
+    """Share of the cluster's object store that records waiting between stages may fill (Ray Data's
+    budget for the job; its own default is 0.5): decoded frames queue ahead of the models as far as
+    keeps them fed, and no further, so memory stops growing with the corpus."""
     records_per_call: int = 4
     """Records one model-actor call takes (a unit, or a segment of a video): their crops or frames
     are batched together, so model batches are not cut at unit boundaries."""
@@ -95,6 +99,8 @@ class ActorPoolConfig:
             raise ValueError("actors >= 0, cpus_per_actor > 0, gpus_per_actor >= 0, cpus_per_task > 0")
         if self.io_threads < 1 or self.records_per_call < 1 or self.write_tasks < 0:
             raise ValueError("io_threads >= 1, records_per_call >= 1 and write_tasks >= 0")
+        if not 0 < self.read_ahead <= 1:
+            raise ValueError("read_ahead must be in (0, 1]")
         if isinstance(self.retry, dict):
             self.retry = RetryPolicy(**self.retry)
         for name in self.uri_fields:
@@ -417,6 +423,7 @@ def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict,
            **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {})}
     rows = [{"unit_id": u["unit_id"], "record": pickle.dumps({"unit": u}, protocol=5)} for u in units]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds.context.override_object_store_memory_limit_fraction = cfg.read_ahead  # the stages below copy it
     ds = ds.map_batches(_load_stage, fn_kwargs={"load": load, "cfg": cfg}, batch_size=1, **cpu)
     ds = ds.map_batches(model, fn_constructor_kwargs={"cfg": cfg}, batch_size=records_per_call,
                         compute=model_pool(cfg, len(units)), **gpu)

@@ -5,7 +5,7 @@ from aver.pipelines.units import ActorPoolConfig, model_pool
 
 def test_actor_pool_config_validation():
     for bad in ({"actors": -1}, {"cpus_per_actor": 0.0}, {"gpus_per_actor": -0.5}, {"cpus_per_task": 0},
-                {"io_threads": 0}, {"write_tasks": -1}):
+                {"io_threads": 0}, {"write_tasks": -1}, {"read_ahead": 0.0}, {"read_ahead": 1.5}):
         with pytest.raises(ValueError):
             ActorPoolConfig(**bad)
 

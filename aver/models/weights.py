@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aver.io.storage import read_bytes, redact
+from aver.io.storage import exists, read_bytes, redact, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -90,20 +90,34 @@ def resolve(uri_or_name: str) -> tuple[str, str | None]:
     return path, entry.sha256
 
 
+def _checked(uri: str, data: bytes, expected: str) -> bytes:
+    if expected and not hashlib.sha256(data).hexdigest().startswith(expected.lower()):
+        raise ValueError(f"sha256 mismatch for {redact(uri)}: expected {expected}..., got "
+                         f"{hashlib.sha256(data).hexdigest()}; the file is corrupt or not the checkpoint named")
+    return data
+
+
+def ship(uri_or_name: str, folder: str, storage_options: dict | None = None) -> str:
+    """Where workers on any node read ``uri_or_name``: a registry name is resolved here (the
+    driver's weights folder), its sha256 checked, and the file copied once into ``folder`` on the
+    job's storage; any other URI is returned as it is. On a cluster a registry name resolved by
+    each worker would read each node's own cache."""
+    if uri_or_name not in WEIGHTS:
+        return uri_or_name
+    path, expected = resolve(uri_or_name)
+    target = f"{folder.rstrip('/')}/{os.path.basename(path)}"
+    if not exists(target, storage_options):
+        write_bytes_atomic(target, _checked(path, read_bytes(path), expected or ""), storage_options)
+    return target
+
+
 def load_state_dict(
     uri_or_name: str, *, sha256: str | None = None, storage_options: dict | None = None
 ) -> dict[str, torch.Tensor]:
     """Read a state dict from a registry name or URI, verify its sha256 when one is known."""
     uri, known = resolve(uri_or_name)
     expected = (sha256 or known or "").lower()
-    data = read_bytes(uri, storage_options)
-    if expected:
-        digest = hashlib.sha256(data).hexdigest()
-        if not digest.startswith(expected):
-            raise ValueError(
-                f"sha256 mismatch for {redact(uri)}: expected {expected}..., got {digest}; "
-                "the file is corrupt or not the checkpoint named"
-            )
+    data = _checked(uri, read_bytes(uri, storage_options), expected)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - say which file, never retry with full unpickling

@@ -68,6 +68,8 @@ class TeacherTrainConfig(FaceTrainConfig):
     """"trunk": train only the layers after the trunk, whose outputs are computed once and cached
     (fast recipe; the trunk keeps its weights and BN statistics). None trains everything."""
 
+    weight_fields = ("facenet",)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.d_face < 1:
@@ -96,6 +98,8 @@ class StudentTrainConfig(FaceTrainConfig):
     freeze: str | None = field(default=None, metadata={"choices": Student.stages})
     """Backbone stage up to which the student stays frozen (e.g. "transition3": train denseblock4,
     norm5 and the heads); its outputs are computed once and cached. None trains everything."""
+
+    weight_fields = ("imagenet",)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,12 +12,13 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from aver.io.parts import join
 from aver.models import autocast, save_checkpoint
+from aver.models.weights import ship
 from aver.io.storage import exists, read_bytes, url_to_fs, write_bytes_atomic
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -51,14 +52,17 @@ class TrainConfig:
     """Rows a streamed source holds for its local shuffle (at least 4 batches); the rows' blocks
     also come in a fresh random order every pass."""
     threads_per_worker: int = 0
-    """Torch threads per worker; 0 = the machine's CPUs over the workers (Ray alone would give a
-    1-CPU worker one thread and leave the rest of the machine idle)."""
+    """Torch threads per worker; 0 = the CPUs of the worker's own machine over the training workers
+    on it (Ray alone would give a 1-CPU worker one thread and leave the rest of the machine idle)."""
     max_failures: int = 2
     """Worker-group restarts Ray Train may make; each resumes from the last checkpoint."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for OUTPUT (e.g. an S3 endpoint)."""
     fail_at: tuple[int, int] | None = field(default=None, metadata={"cli": False})
     """Testing only: raise once at (epoch, step) on rank 0 to exercise recovery."""
+
+    weight_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields naming pretrained weights (registry name or URI), shipped to the workers by :func:`begin`."""
 
     def build_model(self, pretrained: bool = True) -> torch.nn.Module:
         """The network this run trains (``pretrained``: with the upstream weights the config names)."""
@@ -97,7 +101,9 @@ def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, unused: tuple
     import ray.train.torch
 
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers))
+    # this process runs on the worker's node: its CPUs, shared by the training workers placed there
+    local = ray.train.get_context().get_local_world_size()
+    torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // local))
     model = cfg.build_model()
     if freeze:
         model.prefix(freeze).requires_grad_(False)
@@ -137,6 +143,9 @@ def begin(cfg: TrainConfig, job: str) -> bool:
     if is_finished(cfg):
         print(f"{job}: {cfg.model_uri} exists; nothing to do", flush=True)
         return False
+    for name in cfg.weight_fields:  # registry names resolved here, read by the workers from OUTPUT/weights
+        if getattr(cfg, name):
+            setattr(cfg, name, ship(getattr(cfg, name), join(cfg.output, "weights"), cfg.storage_options or None))
     if not ray.is_initialized():
         ray.init()
     return True

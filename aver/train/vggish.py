@@ -42,6 +42,8 @@ class VGGishTrainConfig(TrainConfig):
     """"features": keep the conv stack as it is and train the FC layers and the head on its
     outputs, computed once and cached (fast recipe). None trains everything."""
 
+    weight_fields = ("audioset",)
+
     def __post_init__(self) -> None:
         self.name = self.name or f"vggish_{self.dimension}"
         super().__post_init__()

@@ -65,3 +65,19 @@ def test_load_from_s3(s3, tmp_path):
     assert torch.equal(state["w"], torch.full((4,), 7.0))
     with pytest.raises(FileNotFoundError, match="s3://aver-test/weights/none.pt"):
         load_state_dict(f"s3://{s3['bucket']}/weights/none.pt", storage_options=s3["options"])
+
+
+
+def test_ship_copies_a_checked_registry_file_once_and_passes_uris_through(s3, tmp_path, monkeypatch):
+    from aver.models.weights import ship
+
+    monkeypatch.setenv("AVER_WEIGHTS_DIR", str(tmp_path))
+    torch.save({"w": torch.full((3,), 5.0)}, tmp_path / WEIGHTS["facenet-vggface2"].filename)
+    folder = f"s3://{s3['bucket']}/ship/weights"
+    uri = ship("facenet-vggface2", folder, s3["options"])
+    assert uri == f"{folder}/{WEIGHTS['facenet-vggface2'].filename}"
+    assert torch.equal(load_state_dict(uri, storage_options=s3["options"])["w"], torch.full((3,), 5.0))
+    assert ship(uri, folder, s3["options"]) == uri  # a URI is taken as it is
+    torch.save({"w": torch.ones(2)}, tmp_path / WEIGHTS["vggish-audioset"].filename)
+    with pytest.raises(ValueError, match="sha256 mismatch"):  # checked before it is shipped
+        ship("vggish-audioset", folder, s3["options"])

@@ -119,3 +119,20 @@ def test_restore_continues_from_the_saved_model_optimizer_epoch_and_history(tmp_
     assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, fresh_opt.state_dict()["state"].values()))
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     assert restore(nn.Linear(3, 2), None) == (0, [])  # a first run starts at epoch 0
+
+
+def test_begin_ships_registry_weights_to_the_runs_storage(s3, tmp_path, monkeypatch):
+    # Guards against: training workers on other nodes resolving a registry name in their own
+    # weights folder (empty there): the driver resolves it and the workers read OUTPUT/weights.
+    from aver.models.weights import WEIGHTS
+    from aver.train.face import TeacherTrainConfig
+    from aver.train.harness import begin
+
+    monkeypatch.setenv("AVER_WEIGHTS_DIR", str(tmp_path))
+    torch.save({"w": torch.zeros(1)}, tmp_path / WEIGHTS["facenet-vggface2"].filename)
+    monkeypatch.setattr("ray.is_initialized", lambda: True)  # begin() joins no Ray here
+    out = f"s3://{s3['bucket']}/begin"
+    cfg = TeacherTrainConfig(output=out, affectnet="a.csv", fec="f.csv", facenet="facenet-vggface2",
+                             storage_options=s3["options"])
+    assert begin(cfg, "train_teacher")
+    assert cfg.facenet == f"{out}/weights/{WEIGHTS['facenet-vggface2'].filename}"

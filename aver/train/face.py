@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from aver.data.faces import affectnet_dataset, fec_dataset, unlabeled_dataset
-from aver.io.parts import join, read_folder
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
-from aver.models import Student, StudentConfig, Teacher, TeacherConfig, autocast, to_device
+from aver.models import Student, Teacher, TeacherConfig, autocast, to_device
 from aver.train.batches import RECALIBRATION_BATCHES, ShardBatches, input_encoder, recalibrate_batchnorm
 from aver.train.harness import TrainConfig, begin, epochs, fit, maybe_fail, prepare_worker, report_epoch
 
@@ -122,28 +121,6 @@ class StudentTrainConfig(FaceTrainConfig):
         return Student()
 
 
-class TargetTable:
-    """The distillation targets, looked up by crop id on each worker."""
-
-    def __init__(self, uri: str | None, storage_options: dict | None) -> None:
-        dim = StudentConfig.distill_dim
-        self.index: dict[str, int] = {}
-        self.matrix = np.zeros((0, dim), np.float32)
-        if uri:
-            table = read_folder(join(uri, "targets"), storage_options)
-            self.index = {c: i for i, c in enumerate(table["crop_id"].to_pylist())}
-            self.matrix = np.asarray(table["target"].to_pylist(), np.float32).reshape(-1, dim)
-
-    def lookup(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """(targets [N,80], mask [N]) for ``ids``; crops without a target are masked out."""
-        rows = [self.index.get(str(i), -1) for i in ids]
-        mask = torch.tensor([r >= 0 for r in rows])
-        out = torch.zeros(len(rows), self.matrix.shape[1])
-        if mask.any():
-            out[mask] = torch.from_numpy(self.matrix[[r for r in rows if r >= 0]])
-        return out, mask
-
-
 def _triplet_correct(e_i: torch.Tensor, e_j: torch.Tensor, e_k: torch.Tensor) -> torch.Tensor:
     d = lambda a, b: (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1)  # noqa: E731
     return ((d(e_i, e_j) < d(e_i, e_k)) & (d(e_i, e_j) < d(e_j, e_k))).float().mean()
@@ -159,7 +136,6 @@ def train_loop_per_worker(config: dict) -> None:
     unused = ("distill_head",) if isinstance(cfg, StudentTrainConfig) and not distill else ()
     model, core, optimizer, start, history, device = prepare_worker(cfg, freeze=freeze, unused=unused)
     loss_cfg = cfg.loss
-    targets = TargetTable(cfg.targets_uri, cfg.storage_options or None) if distill else None
     encode, store = input_encoder(cfg, core, freeze, type(core).preprocess, device)
 
     def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
@@ -198,11 +174,11 @@ def train_loop_per_worker(config: dict) -> None:
             e_i, e_j, e_k = out.fec[na:na + n], out.fec[na + n:na + 2 * n], out.fec[na + 2 * n:na + 3 * n]
             loss_fec = fec_triplet_loss(e_i, e_j, e_k, loss_cfg.margins(torch.as_tensor(trip["type"]).to(device)))
             loss = loss_fec + loss_cfg.affectnet_weight * loss_aff
-            if distill:
-                ids = [*batch["crop_id"], *trip["i_id"], *trip["j_id"], *trip["k_id"]]
-                if unl_iter is not None:
-                    ids += list(unl["crop_id"])
-                target, mask = targets.lookup(ids)
+            if distill:  # the targets came joined to the rows, in the order of the forward's images
+                joined = [batch, *({"target": trip[f"target_{x}"], "has_target": trip[f"has_target_{x}"]}
+                                   for x in "ijk")] + ([unl] if unl_iter is not None else [])
+                target = torch.cat([torch.as_tensor(np.asarray(b["target"], np.float32)) for b in joined])
+                mask = torch.cat([torch.as_tensor(np.asarray(b["has_target"], bool)) for b in joined])
                 # fewer than 3 crops with a target: a zero that still reaches the head, whose
                 # gradient every DDP rank waits for
                 loss_rkd = 0.0 * out.distill.sum()
@@ -233,15 +209,18 @@ def run(cfg: FaceTrainConfig) -> list[dict] | None:
     if not begin(cfg, job):
         return None
     so = cfg.storage_options or None
-    affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so, shuffled=True)
-    fec, _ = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so, shuffled=True)
-    if not cfg.targets_uri:  # the crop ids only serve the target lookup
-        affectnet, fec = affectnet.select_columns(["image", "label"]), fec.select_columns(["i", "j", "k", "type"])
+    targets = cfg.targets_uri
+    affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so, shuffled=True,
+                                     targets=targets)
+    fec, _ = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so, shuffled=True, targets=targets)
+    affectnet = affectnet.drop_columns(["crop_id"])  # ids only named the rows whose targets were joined
+    fec = fec.drop_columns(["i_id", "j_id", "k_id"])
     datasets = {"affectnet": affectnet, "fec": fec}
     if isinstance(cfg, StudentTrainConfig):
         print(f"{job}: distillation {'on' if cfg.targets else 'off'}", flush=True)
     if cfg.unlabeled_uri:
-        datasets["unlabeled"] = unlabeled_dataset(cfg.unlabeled_uri, so, shuffled=True)
+        unlabeled = unlabeled_dataset(cfg.unlabeled_uri, so, shuffled=True, targets=targets)
+        datasets["unlabeled"] = unlabeled.drop_columns(["crop_id"])
     history = fit(train_loop_per_worker, cfg, datasets)
     print(f"{job}: wrote {cfg.model_uri}", flush=True)
     return history

@@ -30,3 +30,36 @@ def test_rows_without_images_are_counted_and_left_out(small_corpus, tmp_path, ca
     assert len(rejected) == 1
     ids = set(ds.to_pandas()["crop_id"])
     assert len(ids) == len(rows) - 1 and f"affectnet:{missing}" not in ids
+
+
+def test_targets_join_the_rows_of_each_image(small_corpus, tmp_path, ray_local):
+    # Guards against: a target joined to the wrong image (FEC's i/j/k, rows dropped by the reader).
+    import numpy as np
+
+    from aver.data.faces import distill_targets, unlabeled_dataset
+    from aver.data.manifests import read_affectnet, read_fec
+    from tests.media_fixtures import corpus_subset
+    from tests.train.test_face_student import _few_targets
+
+    data = corpus_subset(small_corpus, tmp_path / "data", affectnet_rows=12, fec_triplets=6)
+    aff = read_affectnet(data["affectnet"], data["affectnet_images"]).records
+    fec = read_fec(data["fec"]).records
+    ids = sorted({r["crop_id"] for r in aff[::2]} | {f["crop_id"] for r in fec for f in r["faces"][:2]})
+    ids += [f"unlabeled-{i}" for i in range(3)]
+    m = np.random.default_rng(1).standard_normal((len(ids), 80)).astype(np.float32)
+    _few_targets(tmp_path / "d", ids, m)
+    want = dict(zip(ids, m))
+    assert distill_targets(str(tmp_path / "d"), set(ids)).keys() == want.keys()
+
+    def check(rows, id_key, suffix=""):
+        for r in rows:
+            t = want.get(r[id_key])
+            assert r["has_target" + suffix] == (t is not None)
+            assert np.array_equal(r["target" + suffix], t if t is not None else np.zeros(80, np.float32))
+        return len(rows)
+
+    rows = affectnet_dataset(data["affectnet"], data["affectnet_images"], targets=str(tmp_path / "d"))[0].take_all()
+    assert check(rows, "crop_id") == 12 and sum(r["has_target"] for r in rows) == 6
+    rows = fec_dataset(data["fec"], targets=str(tmp_path / "d"))[0].take_all()
+    assert all(check(rows, f"{x}_id", f"_{x}") == 6 for x in "ijk")
+    assert unlabeled_dataset(str(small_corpus / "unlabeled"), targets=str(tmp_path / "d")).count() == 24

@@ -5,25 +5,25 @@ import torch
 from aver.pipelines.distill import DistillConfig
 from aver.pipelines.distill import run as distill
 from aver.models import Student, Teacher, load_checkpoint, save_checkpoint
-from aver.train.face import StudentTrainConfig, TargetTable, run
+from aver.io.parts import join, read_folder
+from aver.train.face import StudentTrainConfig, run
 from tests.media_fixtures import corpus_subset
 
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_target_table_lookup(tmp_path):
-    import pyarrow as pa
+def test_targets_are_read_for_the_wanted_crops_only_and_joined_to_their_rows(tmp_path):
+    # The driver joins each row its target (zeros and has_target False where distill gave none);
+    # workers never read a whole targets table.
+    from aver.data.faces import _target, distill_targets
 
-    from aver.pipelines.distill import TARGETS_SCHEMA
-    from aver.io.parts import write_table
-
-    m = np.arange(160, dtype=np.float32).reshape(2, 80)
-    write_table(str(tmp_path / "targets" / "p.parquet"), pa.table(
-        {"crop_id": ["a", "b"], "target": pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), 80)},
-        schema=TARGETS_SCHEMA))
-    t, mask = TargetTable(str(tmp_path), None).lookup(["b", "zz", "a"])
-    assert mask.tolist() == [True, False, True]
-    assert torch.equal(t[0], torch.from_numpy(m[1])) and torch.equal(t[2], torch.from_numpy(m[0]))
+    m = np.arange(240, dtype=np.float32).reshape(3, 80)
+    _few_targets(tmp_path, ["a", "b", "c"], m)
+    found = distill_targets(str(tmp_path), {"b", "zz", "a"})
+    assert sorted(found) == ["a", "b"]  # "c" is not wanted, "zz" has none
+    assert np.array_equal(found["b"], m[1]) and np.array_equal(found["a"], m[0])
+    row = _target(found, "zz")
+    assert not row["has_target"] and not row["target"].any() and row["target"].shape == (80,)
 
 
 def test_student_distils_from_teacher_targets_with_unlabeled_data(small_corpus, tmp_path, ray_local):
@@ -38,7 +38,7 @@ def test_student_distils_from_teacher_targets_with_unlabeled_data(small_corpus, 
     for source, root in ((aff, images), (fec, None), (str(small_corpus / "unlabeled"), None)):
         distill(DistillConfig(input=source, images_root=root, teachers=tuple(teachers), output=str(tmp_path / "d"),
                               actors=1, cpus_per_actor=0.5, batch_size=32))
-    assert len(TargetTable(str(tmp_path / "d"), None).index) == 32 + 3 * 20 + 24  # each FEC crop once
+    assert read_folder(join(str(tmp_path / "d"), "targets")).num_rows == 32 + 3 * 20 + 24  # each FEC crop once
     cfg = StudentTrainConfig(output=str(tmp_path), name="student", affectnet=aff, affectnet_images=images, fec=fec,
                              targets=str(tmp_path / "d"), unlabeled=str(small_corpus / "unlabeled"), epochs=1,
                              batch_size=4, cpus_per_worker=0.5, freeze="transition3")
@@ -55,14 +55,15 @@ def test_config_needs_targets_for_unlabeled(tmp_path):
         StudentTrainConfig(output=str(tmp_path), name="s", affectnet="a", fec="f", unlabeled="u")
 
 
-def _few_targets(folder, crop_ids):
-    """A distill output holding random targets for ``crop_ids`` only."""
+def _few_targets(folder, crop_ids, m=None):
+    """A distill output holding targets ``m`` (default random) for ``crop_ids`` only."""
     import pyarrow as pa
 
     from aver.io.parts import write_table
     from aver.pipelines.distill import TARGETS_SCHEMA
 
-    m = np.random.default_rng(0).standard_normal((len(crop_ids), 80)).astype(np.float32)
+    if m is None:
+        m = np.random.default_rng(0).standard_normal((len(crop_ids), 80)).astype(np.float32)
     write_table(str(folder / "targets" / "p.parquet"), pa.table(
         {"crop_id": list(crop_ids), "target": pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), 80)},
         schema=TARGETS_SCHEMA))

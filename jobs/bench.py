@@ -8,7 +8,8 @@
 (e) peak memory of score_videos on an archive 4x as large as another;
 (f) distill reading crops from a local S3 behind a proxy adding 20 ms to every request, over the
     bare teacher pair on the same crops in memory (I/O hidden behind the models);
-(g) planning an input of 100k files against 25k: seconds and driver peak RSS.
+(g) planning an input of 100k files against 25k: seconds and driver peak RSS;
+(h) peak memory of a student's training worker with 200k distillation targets against 50k.
 Writes the figures to --report (default docs/benchmarks.md).
 """
 
@@ -104,11 +105,12 @@ def naive_extract(folder: str, fps: float = 5.0) -> int:
     return n
 
 
-def peak_memory_of_job(args: list[str]) -> tuple[float, float]:
-    """Peaks (MiB) of the job's process tree (driver and the local Ray it starts), sampled every
-    0.1 s: the sum of PSS (each shared page split between the processes that map it: the memory the
-    job really holds) and the sum of RSS (shared pages - libtorch, the object store - counted once
-    per process that maps them, so it grows with the number of processes more than with data)."""
+def peak_memory_of_job(args: list[str], only: str = "") -> tuple[float, float]:
+    """Peaks (MiB) of the job's process tree (driver and the local Ray it starts; ``only``: the
+    processes whose command line holds it), sampled every 0.1 s: the sum of PSS (each shared page
+    split between the processes that map it: the memory the job really holds) and the sum of RSS
+    (shared pages - libtorch, the object store - counted once per process that maps them, so it
+    grows with the number of processes more than with data)."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -118,6 +120,8 @@ def peak_memory_of_job(args: list[str]) -> tuple[float, float]:
         pss = rss = 0
         for p in [root, *root.children(recursive=True)]:
             try:
+                if only and only not in " ".join(p.cmdline()):
+                    continue
                 info = p.memory_full_info()
             except psutil.Error:  # a process that ended between the listing and the read
                 continue
@@ -364,6 +368,49 @@ def score_memory(work: str, cpus: float) -> str:
             "2 vs 8 videos (720p, 10 s, with audio).\n\n" + _memory_table("archive", m1, m4))
 
 
+def student_memory(work: str, small: int = 50_000, large: int = 200_000) -> str:
+    """(h) peak memory of a student's Ray Train worker with 50k vs 200k distillation targets (the
+    demo's small corpus, one epoch on a frozen prefix; the targets folder also holds other crops')."""
+    import pyarrow as pa
+
+    from aver.data.manifests import read_affectnet, read_fec
+    from aver.demo.corpus import write_corpus
+    from aver.io.parts import write_table
+    from aver.pipelines.distill import TARGETS_SCHEMA
+    from aver.pipelines.fetch import FetchConfig
+    from aver.pipelines.fetch import run as fetch
+
+    corpus = os.path.join(work, "student-corpus")
+    write_corpus(corpus, seed=5, size="small")
+    fec = os.path.join(corpus, "fec", "faceexp-comparison-data-train-public.csv")
+    fetch(FetchConfig(manifest=fec, output=os.path.join(corpus, "fec"), allow_file_urls=True))
+    aff = os.path.join(corpus, "affectnet", "training.csv")
+    ids = sorted({r["crop_id"] for r in read_affectnet(aff).records}
+                 | {f["crop_id"] for r in read_fec(fec).records for f in r["faces"]})
+    rng = np.random.default_rng(0)
+    figures = {}
+    for n in (small, large):
+        targets = os.path.join(work, f"targets{n}")
+        everything = ids + [f"elsewhere-{i:07d}" for i in range(n - len(ids))]
+        for p in range(0, n, 10_000):  # distill writes parts of this order (one per unit)
+            chunk = everything[p:p + 10_000]
+            values = rng.standard_normal((len(chunk), 80)).astype(np.float32)
+            write_table(os.path.join(targets, "targets", f"part{p // 10_000:03d}.parquet"), pa.table(
+                {"crop_id": chunk, "target": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 80)},
+                schema=TARGETS_SCHEMA))
+        job = ["jobs/train_student.py", "--affectnet", aff, "--fec", fec, "--targets", targets, "--affectnet-images",
+               os.path.join(corpus, "affectnet", "Manually_Annotated_Images"),
+               "--output", os.path.join(work, f"student{n}"), "--epochs", "1", "--batch-size", "8",
+               "--freeze", "transition3"]
+        figures[n] = peak_memory_of_job(job, only="RayTrainWorker")
+    (p1, _), (p4, _) = figures[small], figures[large]
+    return (f"## (h) student training worker peak memory, {small // 1000}k vs {large // 1000}k targets\n\n"
+            f"train_student for one epoch on the demo's small corpus (frozen prefix), with a distill output of "
+            f"{small} vs {large} targets (the corpus's crops and others'); PSS of the Ray Train worker.\n\n"
+            f"| targets | worker peak PSS MiB |\n|---|---|\n| {small} | {p1:.0f} |\n| {large} | {p4:.0f} |\n\n"
+            f"**Ratio {p4 / p1:.2f}** (target <= 1.3).\n")
+
+
 HOW = (
     "## How these are measured\n\n"
     "Each ratio compares two runs on the same data in this one invocation, with the same share of the "
@@ -414,6 +461,7 @@ def main() -> int:
     lines.append(score_speed(work, a.score_videos, cpus))
     lines.append(score_memory(work, cpus))
     lines.append(planning_scale(work))
+    lines.append(student_memory(work))
     if not torch.cuda.is_available():
         lines.append(GPU_TODO)
     lines.append(HOW)

@@ -266,12 +266,13 @@ def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
 
 
 def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceDetectorConfig,
-                   retry: RetryPolicy | None = None, max_side: int | None = None, storage_options: dict | None = None,
-                   max_bytes: int = 20 * 2**30, max_duration_s: float = MAX_DURATION_S) -> Iterator[list[VideoFrame]]:
+                   retry: RetryPolicy | None = None, max_side: int | None = None,
+                   storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
+                   max_duration_s: float = MAX_DURATION_S) -> Iterator[list[VideoFrame]]:
     """The frames of ``source`` sampled at ``fps``, ``detector.batch_size`` at a time, each at most
-    ``max_side`` pixels on its longer side and with its :func:`detection_view`. A storage fault midway is retried as ``retry`` says by reading the
-    video again and skipping the frames already handed on; a stream broken midway ends with the
-    last whole segment (``decoded.broken``; one broken in its first segment raises ``corrupt``);
+    ``max_side`` pixels on its longer side and with its :func:`detection_view`. A storage fault
+    midway is retried as ``retry`` says by reading the video again and skipping the frames already
+    handed on; a stream broken midway ends with the last whole segment (``decoded.broken``; one broken in its first segment raises ``corrupt``);
     one that decodes no frame raises ``too_short``."""
     retry = retry or RetryPolicy(attempts=1)
     attempt = 0

@@ -94,7 +94,15 @@ def distill_targets(uri: str, wanted: set[str], storage_options: dict | None = N
 def _target(targets: dict[str, np.ndarray], crop_id: str) -> dict:
     """The ``target`` (80 floats, zeros when the crop has none) and ``has_target`` columns of a row."""
     t = targets.get(crop_id)
-    return {"target": t if t is not None else np.zeros(StudentConfig.distill_dim, np.float32), "has_target": t is not None}
+    return {"target": np.zeros(StudentConfig.distill_dim, np.float32) if t is None else t, "has_target": t is not None}
+
+
+def _with_targets(rows: list[dict], targets: str | None, storage_options) -> list[dict]:
+    """``rows`` (one crop each) with their crops' targets from the distill output ``targets``, if given."""
+    if not targets:
+        return rows
+    found = distill_targets(targets, {r["crop_id"] for r in rows}, storage_options)
+    return [{**r, **_target(found, r["crop_id"])} for r in rows]
 
 
 def _rows(rows: list[dict], shuffled: bool):
@@ -117,10 +125,7 @@ def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, margin: f
                           storage_options)
     rows = [{"crop_id": r["crop_id"], "source": r["source"], "box": list(r["box"]), "label": r["label"]}
             for r in records]
-    if targets:
-        found = distill_targets(targets, {r["crop_id"] for r in rows}, storage_options)
-        rows = [{**r, **_target(found, r["crop_id"])} for r in rows]
-    ds = _rows(rows, shuffled).map_batches(
+    ds = _rows(_with_targets(rows, targets, storage_options), shuffled).map_batches(
         _affectnet_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=64)
     return ds, m.rejected
 
@@ -130,7 +135,8 @@ def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
     with_targets = "targets" in batch
     if with_targets:
         out.update({f"{key}_{x}": [] for key in ("target", "has_target") for x in "ijk"})
-    for row, (faces, pair, odd, kind) in enumerate(zip(batch["faces"], batch["pair"], batch["odd"], batch["type"])):
+    rows = zip(batch["faces"], batch["pair"], batch["odd"], batch["type"])
+    for row, (faces, pair, odd, kind) in enumerate(rows):
         crops = [_crop(f["source"], box_frac=tuple(f["box_frac"]), margin=margin, storage_options=storage_options)
                  for f in faces]
         if any(c is None for c in crops):
@@ -149,8 +155,8 @@ def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
             "type": np.asarray(out["type"], np.int64),
             **{k: np.asarray(out[k], dtype=object) for k in ("i_id", "j_id", "k_id")}}
     if with_targets:
-        done.update({f"target_{x}": np.asarray(out[f"target_{x}"], np.float32).reshape(-1, StudentConfig.distill_dim)
-                     for x in "ijk"})
+        dim = StudentConfig.distill_dim
+        done.update({f"target_{x}": np.asarray(out[f"target_{x}"], np.float32).reshape(-1, dim) for x in "ijk"})
         done.update({f"has_target_{x}": np.asarray(out[f"has_target_{x}"], bool) for x in "ijk"})
     return done
 
@@ -201,8 +207,5 @@ def unlabeled_dataset(uri: str, storage_options: dict | None = None, shuffled: b
     if not items:
         raise ValueError(f"no images under {uri}")
     rows = [{"crop_id": i.item_id, "source": i.source} for i in items]
-    if targets:
-        found = distill_targets(targets, {r["crop_id"] for r in rows}, storage_options)
-        rows = [{**r, **_target(found, r["crop_id"])} for r in rows]
-    return _rows(rows, shuffled).map_batches(_image_batch, fn_kwargs={"storage_options": storage_options},
+    return _rows(_with_targets(rows, targets, storage_options), shuffled).map_batches(_image_batch, fn_kwargs={"storage_options": storage_options},
                                                  batch_size=64)

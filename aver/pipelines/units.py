@@ -32,8 +32,6 @@ per item; the status part, written last, is the unit's completion mark and the l
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -50,6 +48,7 @@ import pyarrow.compute as pc
 from aver.faults import RETRIED, RetryPolicy, verdict, with_retries
 from aver.io.parts import join, list_names, read_part, remove, status_table, write_table
 from aver.io.storage import is_local, redact, register_secrets, split_credentials, write_bytes_atomic
+from aver.io.streaming import trim_heap
 
 log = logging.getLogger("aver")
 
@@ -234,25 +233,6 @@ def _unrecorded(unit: dict, error: tuple[str, str], id_column: str) -> list[dict
     status, text = error
     return [{id_column: item.get("item_id", unit["unit_id"]), "status": "unrecorded", "error": f"{status}: {text}"}
             for item in unit["items"]]
-
-
-def trim_heap() -> None:
-    """Hand the heap's free memory back to the OS (glibc; nothing elsewhere). A long-lived worker
-    that decodes frames or batches them through models otherwise keeps the high-water mark of the
-    largest batches it has held, and its RSS grows with the number of units it sees (Dask trims its
-    workers the same way): a student forward over 64 crops of varying batch sizes left 3.5 GB of RSS
-    untrimmed against 0.8 GB trimmed. Called after each unit or model call."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 def _load_stage(batch: dict, load: Callable, cfg: ActorPoolConfig) -> Iterator[dict]:

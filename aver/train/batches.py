@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from aver.data.prefix_store import PrefixStore, prefix_store_folder
+from aver.io.streaming import trim_heap
 from aver.models import autocast, to_device
 from aver.train.harness import TrainConfig
 
@@ -64,20 +65,33 @@ class ShardBatches:
             self.cached = self._encode_all()
             if store is not None:
                 store.save()
+            trim_heap()  # the prefix's activations of every batch are freed; keep only the cache
 
     @torch.no_grad()
     def _encode_all(self) -> dict:
+        """The shard encoded, its rows in the order of their content: the order they streamed in
+        depends on task timing, and a run resumed after a failure must permute the same rows the
+        same way as the run it continues."""
+        import hashlib
+
         import numpy as np
 
         parts: dict[str, list] = {}
+        keys: list[bytes] = []
         for b in self.shard.iter_batches(batch_size=64, batch_format="numpy"):
+            for i in range(len(next(iter(b.values())))):
+                h = hashlib.sha1()
+                for k in sorted(b):
+                    h.update(np.ascontiguousarray(b[k][i]).tobytes() if k in self.columns else repr(b[k][i]).encode())
+                keys.append(h.digest())
             for k, v in b.items():
                 if k in self.columns:
                     v = self.store.encode(v, self.encode) if self.store else self.encode(v).half().cpu()
                 parts.setdefault(k, []).append(v)
         if not parts:
             raise RuntimeError("this worker's dataset shard is empty")
-        return {k: torch.cat(v) if k in self.columns else np.concatenate(v) for k, v in parts.items()}
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        return {k: torch.cat(v)[order] if k in self.columns else np.concatenate(v)[order] for k, v in parts.items()}
 
     def epoch(self, epoch: int, skip: int = 0):
         """Pass number ``epoch``, shuffled afresh (reproducibly when cached), from its ``skip``-th

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from aver.data.faces import affectnet_dataset, fec_dataset, unlabeled_dataset
+from aver.io.streaming import trim_heap
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models import Student, Teacher, TeacherConfig, autocast, to_device
 from aver.train.batches import RECALIBRATION_BATCHES, ShardBatches, input_encoder, recalibrate_batchnorm
@@ -199,6 +200,8 @@ def train_loop_per_worker(config: dict) -> None:
             steps += 1
         core.eval()
         recalibrate_batchnorm(core, (x.to(device) for x in recent), forward=lambda x: core(x, after=freeze))
+        recent.clear()
+        trim_heap()
         metrics = {k: v / max(steps, 1) for k, v in totals.items()}
         history = report_epoch(epoch, {**metrics, "steps": steps}, model, optimizer, history)
 

@@ -35,7 +35,7 @@ BIN = os.path.dirname(sys.executable)
 class TwoNodes:
     """A head (CPUs only, dashboard for the state API) and GPU nodes added and killed at will."""
 
-    def __init__(self) -> None:
+    def __init__(self, head_cpus: int = 2) -> None:
         # No token authentication (tests/pipelines/test_cluster.py covers it): this process reads
         # the state API too, and nothing outside 127.0.0.1 reaches these ports.
         self.env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=BIN + os.pathsep + os.environ.get("PATH", ""),
@@ -46,7 +46,7 @@ class TwoNodes:
         port, dash = free_port(), free_port()
         self.address, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         try:
-            self._start(["--head", "--num-cpus=2", "--num-gpus=0", f"--port={port}", "--include-dashboard=true",
+            self._start(["--head", f"--num-cpus={head_cpus}", "--num-gpus=0", f"--port={port}", "--include-dashboard=true",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                          f"--ray-client-server-port={free_port()}"], "head")
             self._wait_nodes(1)
@@ -81,10 +81,10 @@ class TwoNodes:
             time.sleep(1)
         raise TimeoutError(f"the cluster never had {n} alive nodes")
 
-    def add_gpu_node(self) -> str:
-        """Start a node declaring one GPU and wait until it has joined; returns its node id."""
+    def add_gpu_node(self, cpus: int = 1) -> str:
+        """Start a node declaring GPUs and wait until it has joined; returns its node id."""
         before = {n["node_id"] for n in self.alive_nodes()}
-        self.gpu_temp = self._start([f"--address={self.address}", "--num-cpus=1", "--num-gpus=2"], "gpu")
+        self.gpu_temp = self._start([f"--address={self.address}", f"--num-cpus={cpus}", "--num-gpus=2"], "gpu")
         self._wait_nodes(len(before) + 1)
         return next(n["node_id"] for n in self.alive_nodes() if n["node_id"] not in before)
 

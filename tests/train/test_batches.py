@@ -54,3 +54,18 @@ def test_a_resumed_stream_goes_on_where_the_run_stopped(ray_local):
     passes = [sum(whole[p:p + 3], []) for p in (0, 3, 6)]
     assert all(sorted(p) == sorted(passes[0]) for p in passes)
     assert passes[0] != passes[1] != passes[2]  # each pass reshuffled
+
+
+def test_a_cached_source_permutes_the_same_rows_whatever_order_they_streamed_in(ray_local):
+    # Guards against: a resumed run (new workers, a new execution of the dataset) whose cache holds
+    # the rows in another order, so the same permutation feeds other rows than the run it continues.
+    import ray.data
+
+    rows = [{"crop_id": f"c{i:02d}", "image": np.full((2, 2, 3), i, np.uint8)} for i in range(24)]
+    orders = []
+    for blocks in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 4, 2]):
+        shuffled = [r for b in blocks for r in rows[4 * b:4 * b + 4]]
+        source = ShardBatches(ray.data.from_items(shuffled, override_num_blocks=6), ("image",), torch.as_tensor, 4,
+                              cache=True, seed=2)
+        orders.append([list(b["crop_id"]) for b in source.epoch(1)])
+    assert orders[0] == orders[1]

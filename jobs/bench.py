@@ -105,19 +105,20 @@ def naive_extract(folder: str, fps: float = 5.0) -> int:
     return n
 
 
-def peak_memory_of_job(args: list[str], only: str = "") -> tuple[float, float]:
+def peak_memory_of_job(args: list[str], only: str = "") -> tuple[float, float, float]:
     """Peaks (MiB) of the job's process tree (driver and the local Ray it starts; ``only``: the
     processes whose command line holds it), sampled every 0.1 s: the sum of PSS (each shared page
-    split between the processes that map it: the memory the job really holds) and the sum of RSS
+    split between the processes that map it: the memory the job really holds), the sum of RSS
     (shared pages - libtorch, the object store - counted once per process that maps them, so it
-    grows with the number of processes more than with data)."""
+    grows with the number of processes more than with data) and the sum of USS (private pages only:
+    what a process holds of its own, without its share of the object store it reads from)."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
-    peak_pss = peak_rss = 0
+    peak_pss = peak_rss = peak_uss = 0
     while proc.poll() is None:
-        pss = rss = 0
+        pss = rss = uss = 0
         for p in [root, *root.children(recursive=True)]:
             try:
                 if only and only not in " ".join(p.cmdline()):
@@ -125,12 +126,12 @@ def peak_memory_of_job(args: list[str], only: str = "") -> tuple[float, float]:
                 info = p.memory_full_info()
             except psutil.Error:  # a process that ended between the listing and the read
                 continue
-            pss, rss = pss + info.pss, rss + info.rss
-        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+            pss, rss, uss = pss + info.pss, rss + info.rss, uss + info.uss
+        peak_pss, peak_rss, peak_uss = max(peak_pss, pss), max(peak_rss, rss), max(peak_uss, uss)
         time.sleep(0.1)
     if proc.returncode != 0:
         raise RuntimeError(f"job failed: {args}")
-    return peak_pss / 2**20, peak_rss / 2**20
+    return peak_pss / 2**20, peak_rss / 2**20, peak_uss / 2**20
 
 
 def extract_speed(work: str, corpus: str, n_videos: int, cpus: float) -> str:
@@ -328,7 +329,7 @@ def extract_memory(work: str, cpus: float) -> str:
             "2 vs 8 videos (720p, 4 s).\n\n" + _memory_table("corpus", m1, m4))
 
 
-def _memory_table(what: str, m1: tuple[float, float], m4: tuple[float, float]) -> str:
+def _memory_table(what: str, m1: tuple[float, ...], m4: tuple[float, ...]) -> str:
     return (f"| {what} | peak PSS MiB | peak RSS sum MiB |\n|---|---|---|\n| 1x | {m1[0]:.0f} | {m1[1]:.0f} |\n"
             f"| 4x | {m4[0]:.0f} | {m4[1]:.0f} |\n\n**Ratio {m4[0] / m1[0]:.2f}** of the PSS peaks (target <= 1.2); "
             f"{m4[1] / m1[1]:.2f} of the RSS sums.\n")
@@ -403,12 +404,15 @@ def student_memory(work: str, small: int = 50_000, large: int = 200_000) -> str:
                "--output", os.path.join(work, f"student{n}"), "--epochs", "1", "--batch-size", "8",
                "--freeze", "transition3"]
         figures[n] = peak_memory_of_job(job, only="RayTrainWorker")
-    (p1, _), (p4, _) = figures[small], figures[large]
+    (p1, _, u1), (p4, _, u4) = figures[small], figures[large]
     return (f"## (h) student training worker peak memory, {small // 1000}k vs {large // 1000}k targets\n\n"
             f"train_student for one epoch on the demo's small corpus (frozen prefix), with a distill output of "
-            f"{small} vs {large} targets (the corpus's crops and others'); PSS of the Ray Train worker.\n\n"
-            f"| targets | worker peak PSS MiB |\n|---|---|\n| {small} | {p1:.0f} |\n| {large} | {p4:.0f} |\n\n"
-            f"**Ratio {p4 / p1:.2f}** (target <= 1.3).\n")
+            f"{small} vs {large} targets (the corpus's crops and others'); the Ray Train worker's own memory "
+            f"(USS: what it holds privately, targets included) and its PSS (plus its share of the object store "
+            f"pages it read, which moves between runs with how many blocks were in flight).\n\n"
+            f"| targets | worker peak USS MiB | worker peak PSS MiB |\n|---|---|---|\n"
+            f"| {small} | {u1:.0f} | {p1:.0f} |\n| {large} | {u4:.0f} | {p4:.0f} |\n\n"
+            f"**Ratio {u4 / u1:.2f}** of the USS peaks (target <= 1.3); {p4 / p1:.2f} of the PSS peaks.\n")
 
 
 HOW = (

@@ -29,7 +29,33 @@ def ray_local():
     keep_task_workers()  # the local Ray a job starts
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
+    ours = _ray_processes()
     ray.shutdown()
+    # A Ray Train controller still winding down when its raylet goes was seen to outlive it (an
+    # orphan of init): end what is left of this Ray, and only of it.
+    import psutil
+
+    _, alive = psutil.wait_procs(ours, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _ray_processes() -> list:
+    """The processes of the Ray this test session started (its GCS, raylet and their workers)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if cmd.startswith("ray::") or any(k in cmd for k in ("raylet", "gcs_server", "ray/_private", "ray/dashboard")):
+            found.append(p)
+    return found
 
 
 @pytest.fixture(scope="session")

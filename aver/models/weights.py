@@ -91,9 +91,11 @@ def resolve(uri_or_name: str) -> tuple[str, str | None]:
 
 
 def _checked(uri: str, data: bytes, expected: str) -> bytes:
-    if expected and not hashlib.sha256(data).hexdigest().startswith(expected.lower()):
-        raise ValueError(f"sha256 mismatch for {redact(uri)}: expected {expected}..., got "
-                         f"{hashlib.sha256(data).hexdigest()}; the file is corrupt or not the checkpoint named")
+    """``data`` once its sha256 starts with ``expected`` (no check when empty)."""
+    digest = hashlib.sha256(data).hexdigest() if expected else ""
+    if not digest.startswith(expected.lower()):
+        raise ValueError(f"sha256 mismatch for {redact(uri)}: expected {expected}..., got {digest}; "
+                         "the file is corrupt or not the checkpoint named")
     return data
 
 

@@ -29,7 +29,7 @@ def features_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("modalities", [("visual", "audio"), ("audio",)])
-def test_train_fusion_on_sessions(small_corpus, tmp_path, ray_local, modalities, features_cache):
+def test_train_fusion_on_sessions_with_two_workers(small_corpus, tmp_path, ray_local, modalities, features_cache):
     torch.manual_seed(0)
     paths = {}
     for name, model in (("student", Student()), ("vggish_arousal", VGGishEmotion()), ("vggish_valence", VGGishEmotion())):
@@ -38,8 +38,8 @@ def test_train_fusion_on_sessions(small_corpus, tmp_path, ray_local, modalities,
     cfg = FusionTrainConfig(output=str(tmp_path), name="fusion", recola=str(small_corpus / "recola"),
                             student=paths["student"], vggish_arousal=paths["vggish_arousal"],
                             vggish_valence=paths["vggish_valence"], modalities=modalities, window_s=4.8, hop_s=1.2,
-                            epochs=2, batch_size=4, cpus_per_worker=0.5, featurizer_cpus=0.5,
-                            features_cache=features_cache)
+                            epochs=2, batch_size=3, cpus_per_worker=0.5, featurizer_cpus=0.5,
+                            features_cache=features_cache, num_workers=2)
     history = run(cfg)
     assert [h["epoch"] for h in history] == [0, 1]
     assert all(np.isfinite(h["loss"]) for h in history)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -21,12 +23,21 @@ def test_segments_carry_mean_labels(small_corpus):
 
 
 @pytest.mark.parametrize("freeze", [None, "features"])
-def test_train_vggish_one_dimension(small_corpus, tmp_path, ray_local, freeze):
+def test_train_vggish_one_dimension_on_two_workers(small_corpus, tmp_path, ray_local, freeze):
     cfg = VGGishTrainConfig(output=str(tmp_path), name="vggish_valence", recola=str(small_corpus / "recola"),
                             dimension="valence", segment_frames=96, hop_frames=24, epochs=2, batch_size=4,
-                            lr=1e-4, cpus_per_worker=0.5, freeze=freeze, seed=3)
+                            lr=1e-4, cpus_per_worker=0.5, freeze=freeze, seed=3, num_workers=2)
     history = run(cfg)
     assert [h["epoch"] for h in history] == [0, 1]
+    if freeze:  # each worker encoded its own half of the segments: one part per rank, no row twice
+        import glob
+
+        parts = sorted(glob.glob(str(tmp_path / "cache" / "prefix-*" / "*.pt")))
+        assert [os.path.basename(p).split("-")[1] for p in parts] == ["rank0", "rank1"]
+        keys = [torch.load(p, weights_only=True)["keys"] for p in parts]
+        n = sum(len(audio_segments(r, 96, 24)) for r in read_recola(str(small_corpus / "recola")).records
+                if r["split"] == "train")
+        assert len(keys[0]) == len(keys[1]) == n // 2 and not set(keys[0]) & set(keys[1])
     assert all(np.isfinite(h["loss"]) and -1 <= h["ccc"] <= 1 for h in history)
     model, _ = load_checkpoint(cfg.model_uri)
     assert isinstance(model, VGGishEmotion)

@@ -102,8 +102,13 @@ class SessionWindows:
     """The target is the mean gold label over the window's last target_s."""
     fps: float = 5.0
     """Face sampling rate for visual features."""
+    featurizers: int = 1
+    """Most featurising actors, one session each at a time (the pool grows to it as the cluster has
+    room); 0: one per session at most."""
     featurizer_cpus: float = 1.0
-    """CPUs of the featurising actor (student, VGGish and MTCNN together)."""
+    """CPUs per featurising actor (student, VGGish and MTCNN together)."""
+    featurizer_gpus: float = 0.0
+    """GPU share per featurising actor; 0 runs on CPU (where CUDA is unreachable: CPU, said in the log)."""
     features_cache: str | None = None
     """Folder for per-session feature timelines, reused by every run with the same models and fps."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +117,8 @@ class SessionWindows:
     def __post_init__(self) -> None:
         if not 0 < self.target_s <= self.window_s or self.hop_s <= 0 or self.fps <= 0:
             raise ValueError("need 0 < target_s <= window_s, hop_s > 0, fps > 0")
+        if self.featurizers < 0 or self.featurizer_cpus <= 0 or self.featurizer_gpus < 0:
+            raise ValueError("featurizers >= 0, featurizer_cpus > 0, featurizer_gpus >= 0")
 
     def features_key(self) -> str:
         """Names the feature timelines of one set of models and fps: the checkpoints' content hashes."""
@@ -122,7 +129,9 @@ class SessionWindows:
 
 
 class SessionFeaturizer:
-    """Ray Data actor: session record -> fusion windows (visual, audio, target)."""
+    """Ray Data actor: session record -> fusion windows (visual, audio, target). Its session's
+    timelines are cached under ``features_cache``: a rerun after a failure featurises only the
+    sessions not done."""
 
     def __init__(self, cfg: SessionWindows) -> None:
         import torch
@@ -133,15 +142,17 @@ class SessionFeaturizer:
 
     def _load(self) -> dict:
         from aver.faces import FaceDetector
+        from aver.io.streaming import actor_device
         from aver.models import load_checkpoint
 
         if self.models is None:
             so = self.cfg.storage_options or None
+            device = actor_device(self.cfg.featurizer_gpus, "SessionFeaturizer")
             self.models = {
-                "student": load_checkpoint(self.cfg.student, storage_options=so)[0],
-                "vggish": [load_checkpoint(uri, storage_options=so)[0]
+                "student": load_checkpoint(self.cfg.student, storage_options=so)[0].to(device).eval(),
+                "vggish": [load_checkpoint(uri, storage_options=so)[0].to(device).eval()
                            for uri in (self.cfg.vggish_arousal, self.cfg.vggish_valence)],
-                "detector": FaceDetector(device="cpu")}
+                "detector": FaceDetector(device=str(device))}
         return self.models
 
     def _timelines(self, record: dict) -> tuple:
@@ -224,11 +235,15 @@ def count_windows(cfg: SessionWindows, split: str) -> int:
 
 
 def session_windows(cfg: SessionWindows, split: str):
-    """Materialised Ray Dataset of fusion windows for the sessions of ``split``."""
+    """Materialised Ray Dataset of fusion windows for the sessions of ``split``, featurised by a pool
+    of up to ``featurizers`` actors."""
     import ray.data
+    from ray.data import ActorPoolStrategy
 
     sessions = _sessions(cfg, split)
     ds = ray.data.from_items(sessions, override_num_blocks=len(sessions))
-    ds = ds.map_batches(SessionFeaturizer, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, concurrency=1,
-                        num_cpus=cfg.featurizer_cpus)
+    most = min(cfg.featurizers or len(sessions), len(sessions))
+    ds = ds.map_batches(SessionFeaturizer, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
+                        compute=ActorPoolStrategy(min_size=1, max_size=most), num_cpus=cfg.featurizer_cpus,
+                        num_gpus=cfg.featurizer_gpus)
     return ds.materialize()

@@ -1,4 +1,5 @@
-"""Small helpers for streaming stages: prefetching, and handing freed heap memory back."""
+"""Small helpers for streaming stages: prefetching, a model actor's device, and handing freed heap
+memory back."""
 
 from __future__ import annotations
 
@@ -60,3 +61,19 @@ def _glibc() -> ctypes.CDLL | None:
         return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
+
+
+def actor_device(gpus_per_actor: float, who: str):
+    """The torch device of an actor that asked Ray for ``gpus_per_actor``: CUDA when it works, else
+    the CPU, said in the log (a node may declare a GPU resource that CUDA cannot reach)."""
+    import ray
+    import torch
+
+    if gpus_per_actor <= 0:
+        return torch.device("cpu")
+    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if torch.cuda.is_available():
+        print(f"{who}: on CUDA (Ray GPU ids {ids})", flush=True)
+        return torch.device("cuda")
+    print(f"{who}: Ray GPU ids {ids} but CUDA is not available: falling back to CPU", flush=True)
+    return torch.device("cpu")

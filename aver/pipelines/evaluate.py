@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,9 +20,9 @@ from aver.data.faces import affectnet_dataset, fec_dataset
 from aver.data.prefix_store import PrefixStore, prefix_store_folder
 from aver.data.recola import SessionWindows, session_windows
 from aver.io.parts import join
-from aver.io.storage import exists, write_bytes_atomic
+from aver.io.storage import exists, read_bytes, write_bytes_atomic
 from aver.metrics import balanced_logreg_accuracy, ccc, triplet_accuracy
-from aver.models import Student, load_checkpoint
+from aver.models import Student, autocast, load_checkpoint, to_device
 
 PAPER = {"affectnet_accuracy": 0.616, "fec_triplet_accuracy": 0.865,
          "ccc.arousal.fused": 0.719, "ccc.valence.fused": 0.740, "ccc.arousal.audio": 0.70,
@@ -57,8 +57,13 @@ class EvaluateConfig:
     prefix_cache: str | None = None
     """The students' training OUTPUT: face images whose frozen-prefix outputs its cache/ holds are
     not encoded again (None encodes every image)."""
+    featurizers: int = 1
+    """Most model actors embedding the face images, and most featurising the RECOLA sessions
+    (MTCNN, student, VGGish); 0: no cap (the pools grow with the cluster)."""
     featurizer_cpus: float = SessionWindows.featurizer_cpus
-    """CPUs of the actor featurising the RECOLA sessions (MTCNN, student, VGGish)."""
+    """CPUs per model actor."""
+    featurizer_gpus: float = SessionWindows.featurizer_gpus
+    """GPU share per model actor; 0 runs on CPU."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options."""
 
@@ -67,57 +72,101 @@ def _path(cfg: EvaluateConfig, rel: str) -> str:
     return rel if "://" in rel or os.path.isabs(rel) else join(cfg.data, rel)
 
 
-@torch.no_grad()
-def _embed(students: dict, encode, stage: str | None, batches, keys: tuple[str, ...], head: str) -> tuple[dict, list]:
-    """{student: {key: outputs of ``head``}} over ``batches``; ``encode`` gives the model inputs
-    after ``stage`` (the prefix the students share, run once per image)."""
-    out = {name: {k: [] for k in keys} for name in students}
-    labels = []
-    for b in batches:
-        for k in keys:
-            x = encode(b[k])
-            for name, model in students.items():
-                out[name][k].append(getattr(model(x, after=stage), head).float().numpy())
-        labels.append(b.get("label"))
-    return {n: {k: np.concatenate(v) for k, v in o.items()} for n, o in out.items()}, labels
+class _FaceEmbedder:
+    """Ray Data actor: face crops -> each student's ``head`` outputs for the image ``columns``. The
+    backbone prefix the students share (a frozen stage of one initialisation) runs once per image,
+    or is read from the students' training :class:`PrefixStore` (``prefix_cache``)."""
+
+    def __init__(self, cfg: "EvaluateConfig", students: dict[str, str], columns: tuple[str, ...], head: str) -> None:
+        import uuid
+
+        from aver.io.streaming import actor_device
+
+        torch.set_num_threads(max(1, int(round(cfg.featurizer_cpus))))  # Ray gives 1-CPU actors one thread
+        self.device = actor_device(cfg.featurizer_gpus, "evaluate")
+        so = cfg.storage_options or None
+        self.students = {name: load_checkpoint(uri, storage_options=so)[0].to(self.device).eval()
+                         for name, uri in students.items()}
+        self.columns, self.head = columns, head
+        first, *others = self.students.values()
+        stages = [first.shared_stage(m) for m in others]
+        self.stage = None if None in stages else min(stages, key=first.stages.index, default=None)
+        self.prefix = first.prefix(self.stage) if self.stage else None
+        self.store = None
+        if self.stage and cfg.prefix_cache:  # read only: a rerun of evaluate skips the splits it finished
+            self.store = PrefixStore(prefix_store_folder(cfg.prefix_cache, first, self.stage, Student.preprocess),
+                                     f"evaluate-{uuid.uuid4().hex[:8]}", so, write=False)
+
+    def _encode(self, images: np.ndarray) -> torch.Tensor:
+        if self.store is not None:
+            return to_device(self.store.encode(images, lambda im: self.prefix(Student.preprocess(im, self.device))),
+                             self.device).float()
+        x = Student.preprocess(images, self.device)
+        return self.prefix(x) if self.prefix is not None else x
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict) -> dict:
+        out = {"label": batch["label"]} if "label" in batch else {}
+        with autocast(self.device):
+            for column in self.columns:
+                x = self._encode(batch[column])
+                for name, model in self.students.items():
+                    out[f"{name}.{column}"] = getattr(model(x, after=self.stage), self.head).float().cpu().numpy()
+        return out
 
 
-def face_metrics(cfg: EvaluateConfig, students: dict) -> dict[str, dict[str, float]]:
-    """AffectNet and FEC metrics per student. The images are read once for all students, and the
-    backbone prefix they share (a frozen stage of one initialisation) runs once."""
-    import uuid
+def _embeddings(cfg: "EvaluateConfig", students: dict[str, str], name: str, dataset: Callable, columns: tuple[str, ...],
+                head: str, folder: str) -> dict[str, np.ndarray]:
+    """``_FaceEmbedder`` outputs of the split ``dataset()`` (label included), from ``folder/name.npz``
+    when an earlier run of the same students finished it, else computed by a pool of actors and saved."""
+    import io
 
     so = cfg.storage_options or None
-    students = {name: model.eval() for name, model in students.items()}
-    first, *others = students.values()
-    stages = [first.shared_stage(m) for m in others]
-    stage = None if None in stages else min(stages, key=first.stages.index, default=None)
-    store = None
-    if stage and cfg.prefix_cache:
-        store = PrefixStore(prefix_store_folder(cfg.prefix_cache, first, stage, Student.preprocess),
-                            f"evaluate-{uuid.uuid4().hex[:8]}", so)
+    uri = join(folder, f"{name}.npz")
+    if exists(uri, so):
+        with np.load(io.BytesIO(read_bytes(uri, so)), allow_pickle=False) as z:
+            return dict(z)
+    from ray.data import ActorPoolStrategy
 
-    def encode(images):
-        if store is not None:
-            return store.encode(images, lambda im: first.prefix(stage)(Student.preprocess(im))).float()
-        x = Student.preprocess(images)
-        return first.prefix(stage)(x) if stage else x
+    ds = dataset().map_batches(_FaceEmbedder, fn_constructor_kwargs={"cfg": cfg, "students": students, "columns": columns,
+                                                              "head": head}, batch_size=64,
+                        compute=ActorPoolStrategy(min_size=1, max_size=cfg.featurizers or None),
+                        num_cpus=cfg.featurizer_cpus, num_gpus=cfg.featurizer_gpus)
+    parts: dict[str, list] = {}
+    for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+    found = {k: np.concatenate(v) for k, v in parts.items()}
+    buf = io.BytesIO()
+    np.savez(buf, **found)
+    write_bytes_atomic(uri, buf.getvalue(), so)
+    return found
 
+
+def face_metrics(cfg: EvaluateConfig, students: dict[str, str]) -> dict[str, dict[str, float]]:
+    """AffectNet and FEC metrics per student (``{name: checkpoint}``). The images are read by CPU
+    tasks and embedded by a pool of model actors (GPU with ``featurizer_gpus``), once for all
+    students; each split's embeddings are saved as it finishes, so a rerun resumes after the last."""
+    import hashlib
+
+    so = cfg.storage_options or None
+    h = hashlib.sha256()
+    for name, uri in sorted(students.items()):
+        h.update(name.encode() + hashlib.sha256(read_bytes(uri, so)).digest())
+    for rel in (cfg.affectnet_train, cfg.affectnet_eval, cfg.fec_eval, cfg.affectnet_images):
+        h.update(_path(cfg, rel).encode())
+    folder = join(cfg.output, "embeddings", h.hexdigest()[:16])
     images = _path(cfg, cfg.affectnet_images)
-    train, _ = affectnet_dataset(_path(cfg, cfg.affectnet_train), images, storage_options=so)
-    test, _ = affectnet_dataset(_path(cfg, cfg.affectnet_eval), images, storage_options=so)
-    x_tr, y_tr = _embed(students, encode, stage, train.iter_batches(batch_size=64, batch_format="numpy"), ("image",),
-                        "embedding")
-    x_te, y_te = _embed(students, encode, stage, test.iter_batches(batch_size=64, batch_format="numpy"), ("image",),
-                        "embedding")
-    fec, _ = fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so)
-    e, _ = _embed(students, encode, stage, fec.select_columns(["i", "j", "k"]).iter_batches(batch_size=64,
-                  batch_format="numpy"), ("i", "j", "k"), "fec")
-    if store is not None:
-        store.save()
-    return {name: {"affectnet_accuracy": balanced_logreg_accuracy(x_tr[name]["image"], np.concatenate(y_tr),
-                                                                  x_te[name]["image"], np.concatenate(y_te)),
-                   "fec_triplet_accuracy": triplet_accuracy(e[name]["i"], e[name]["j"], e[name]["k"])}
+    tr, te = (_embeddings(cfg, students, f"affectnet_{split}",
+                          lambda csv=csv: affectnet_dataset(_path(cfg, csv), images, storage_options=so)[0],
+                          ("image",), "embedding", folder)
+              for split, csv in (("train", cfg.affectnet_train), ("eval", cfg.affectnet_eval)))
+    e = _embeddings(cfg, students, "fec_eval",
+                    lambda: fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so)[0].select_columns(["i", "j", "k"]),
+                    ("i", "j", "k"), "fec", folder)
+    return {name: {"affectnet_accuracy": balanced_logreg_accuracy(tr[f"{name}.image"], tr["label"],
+                                                                  te[f"{name}.image"], te["label"]),
+                   "fec_triplet_accuracy": triplet_accuracy(e[f"{name}.i"], e[f"{name}.j"], e[f"{name}.k"])}
             for name in students}
 
 
@@ -127,7 +176,9 @@ def recola_metrics(cfg: EvaluateConfig, fusion_models: dict[str, str]) -> dict[s
     c = SessionWindows(recola=_path(cfg, cfg.recola), student=join(cfg.models, "student.pt"),
                        vggish_arousal=join(cfg.models, "vggish_arousal.pt"),
                        vggish_valence=join(cfg.models, "vggish_valence.pt"), window_s=cfg.window_s, fps=cfg.fps,
-                       featurizer_cpus=cfg.featurizer_cpus, storage_options=cfg.storage_options)
+                       featurizers=cfg.featurizers, featurizer_cpus=cfg.featurizer_cpus,
+                       featurizer_gpus=cfg.featurizer_gpus, storage_options=cfg.storage_options)
+    c.features_cache = join(cfg.output, "features", c.features_key())  # a rerun featurises only what is missing
     windows = session_windows(c, cfg.recola_split)
     batches = list(windows.iter_batches(batch_size=256, batch_format="numpy"))
     visual = torch.from_numpy(np.concatenate([b["visual"] for b in batches]))
@@ -159,8 +210,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         ray.init()
     so = cfg.storage_options or None
     metrics: dict[str, Any] = {}
-    students = {name: load_checkpoint(join(cfg.models, f"{name}.pt"), storage_options=so)[0]
-                for name in ("student", "student_nodistill") if exists(join(cfg.models, f"{name}.pt"), so)}
+    students = {name: join(cfg.models, f"{name}.pt") for name in ("student", "student_nodistill")
+                if exists(join(cfg.models, f"{name}.pt"), so)}
     if students:
         for name, found in face_metrics(cfg, students).items():
             prefix = "" if name == "student" else f"{name}."

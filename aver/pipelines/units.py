@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 from aver.faults import RETRIED, RetryPolicy, verdict, with_retries
 from aver.io.parts import join, list_names, read_part, remove, status_table, write_table
 from aver.io.storage import is_local, redact, register_secrets, split_credentials, write_bytes_atomic
-from aver.io.streaming import trim_heap
+from aver.io.streaming import actor_device, trim_heap
 
 log = logging.getLogger("aver")
 
@@ -335,22 +335,6 @@ def actor_setup(cfg: ActorPoolConfig, who: str):
     # actors, and an actor holding 2 CPUs should use both.
     torch.set_num_threads(max(1, int(round(cfg.cpus_per_actor))))
     return actor_device(cfg.gpus_per_actor, who)
-
-
-def actor_device(gpus_per_actor: float, who: str):
-    """The torch device of an actor that asked Ray for ``gpus_per_actor``: CUDA when it works, else
-    the CPU, said in the log (a node may declare a GPU resource that CUDA cannot reach)."""
-    import ray
-    import torch
-
-    if gpus_per_actor <= 0:
-        return torch.device("cpu")
-    ids = ray.get_gpu_ids() if ray.is_initialized() else []
-    if torch.cuda.is_available():
-        print(f"{who}: on CUDA (Ray GPU ids {ids})", flush=True)
-        return torch.device("cuda")
-    print(f"{who}: Ray GPU ids {ids} but CUDA is not available: falling back to CPU", flush=True)
-    return torch.device("cpu")
 
 
 def keep_task_workers() -> None:

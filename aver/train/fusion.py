@@ -48,8 +48,12 @@ class FusionTrainConfig(TrainConfig):
     """The target is the mean gold label over the window's last target_s."""
     fps: float = SessionWindows.fps
     """Face sampling rate for visual features."""
+    featurizers: int = SessionWindows.featurizers
+    """Most featurising actors (each featurises one session at a time); 0: one per session at most."""
     featurizer_cpus: float = SessionWindows.featurizer_cpus
-    """CPUs of the featurising actor (student, VGGish and MTCNN together)."""
+    """CPUs per featurising actor (student, VGGish and MTCNN together)."""
+    featurizer_gpus: float = SessionWindows.featurizer_gpus
+    """GPU share per featurising actor; 0 runs on CPU."""
     features_cache: str | None = None
     """Folder of per-session feature timelines, a subfolder per set of models and fps (their content
     hashes): every run with the same ones (fused / visual-only / audio-only) featurises once. Default OUTPUT/features."""
@@ -69,7 +73,8 @@ class FusionTrainConfig(TrainConfig):
         """How the sessions are featurised and windowed."""
         return SessionWindows(recola=self.recola, student=self.student, vggish_arousal=self.vggish_arousal,
                               vggish_valence=self.vggish_valence, window_s=self.window_s, hop_s=self.hop_s,
-                              target_s=self.target_s, fps=self.fps, featurizer_cpus=self.featurizer_cpus,
+                              target_s=self.target_s, fps=self.fps, featurizers=self.featurizers,
+                              featurizer_cpus=self.featurizer_cpus, featurizer_gpus=self.featurizer_gpus,
                               features_cache=self.features_cache, storage_options=self.storage_options)
 
     def build_model(self, pretrained: bool = True) -> FusionModel:

@@ -76,3 +76,25 @@ def test_ray_job_submit_score_videos_on_a_gpu_node_without_cuda(tmp_path, ray_he
     assert sorted(status["status"]) == ["corrupt", "ok"]
     assert read_folder(str(tmp_path / "out" / "scores")).num_rows == 30
     assert (tmp_path / "out" / "report" / "index.html").exists()
+
+
+@pytest.mark.timeout(420)
+def test_ray_job_submit_evaluate_with_gpu_actors_on_a_node_without_cuda(tmp_path, ray_head, small_corpus,
+                                                                        random_models):
+    # Guards against: evaluate embedding every image in the driver, and the RECOLA featuriser being
+    # one CPU actor: both are pools of model actors that take the GPU share they are given (and
+    # fall back to the CPU, said in the log, where CUDA is out of reach).
+    import json
+
+    address, env = ray_head
+    out = submit_job(address, env, [sys.executable, os.path.join(ROOT, "jobs", "evaluate.py"), "--models",
+                                    str(random_models), "--data", str(small_corpus), "--output", str(tmp_path / "eval"),
+                                    "--window-s", "4.8", "--featurizer-cpus", "0.5", "--featurizer-gpus", "0.5"])
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    for actor in ("evaluate", "SessionFeaturizer"):
+        assert (f"{actor}: Ray GPU ids [0] but CUDA is not available: falling back to CPU" in log
+                or f"{actor}: on CUDA (Ray GPU ids [0])" in log), actor
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["affectnet_accuracy"] <= 1 and 0 <= metrics["fec_triplet_accuracy"] <= 1
+    assert set(metrics["ccc"]["valence"]) == {"fused", "visual", "audio"}

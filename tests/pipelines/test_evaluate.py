@@ -1,9 +1,13 @@
 import copy
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 
+from aver.data.faces import affectnet_dataset
+from aver.data.prefix_store import PrefixStore, prefix_store_folder
 from aver.pipelines.evaluate import EvaluateConfig, face_metrics, run
 from aver.models import FusionModel, Student, VGGishEmotion, save_checkpoint
 
@@ -23,18 +27,40 @@ def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
     save_checkpoint(VGGishEmotion(), str(models / "vggish_valence.pt"))
     save_checkpoint(FusionModel(1920, 256), str(models / "fusion.pt"))
     save_checkpoint(FusionModel(1920, 256, modalities=("audio",)), str(models / "fusion_audio.pt"))
-    cfg = EvaluateConfig(models=str(models), data=str(small_corpus), output=str(tmp_path / "eval"), window_s=4.8,
+    data = tmp_path / "data"
+    data.mkdir()
+    for sub in ("affectnet", "fec", "recola"):
+        (data / sub).symlink_to(small_corpus / sub)
+    cfg = EvaluateConfig(models=str(models), data=str(data), output=str(tmp_path / "eval"), window_s=4.8,
                          prefix_cache=str(tmp_path / "train"))
+    stage = student.shared_stage(nodistill)
+    folder = prefix_store_folder(str(tmp_path / "train"), student, stage, Student.preprocess)
+    train_images = affectnet_dataset(str(small_corpus / "affectnet" / "training.csv"),
+                                     str(small_corpus / "affectnet" / "Manually_Annotated_Images"))[0].take_all()
+    cached = np.stack([r["image"] for r in train_images])
+    marked = torch.full((len(cached), *student.prefix(stage)(Student.preprocess(cached[:1])).shape[1:]), 0.5)
+    training = PrefixStore(folder, "student-rank0")
+    training.encode(cached, lambda x: marked[: len(x)])  # outputs a real prefix never gives
+    training.save()
     metrics = run(cfg)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved == metrics
-    # The shared prefix's outputs went to the training cache; a second pass reads them all back.
-    (store,) = (tmp_path / "train" / "cache").iterdir()
-    parts = sorted(store.iterdir())
-    assert len(parts) == 1 and len(torch.load(parts[0], weights_only=True)["keys"]) == 96 + 48 + 3 * 30
-    again = face_metrics(cfg, {"student": student, "student_nodistill": nodistill})
-    assert sorted(store.iterdir()) == parts
+    assert sorted(p.name for p in (tmp_path / "train" / "cache" / os.path.basename(folder)).iterdir()) == \
+        ["student-rank0-0.keys.npy", "student-rank0-0.npy"]  # read, never added to
+    # Each split's embeddings were saved as it finished: a rerun reads them, even without the images.
+    done = sorted(p.name for p in (tmp_path / "eval" / "embeddings").glob("*/*.npz"))
+    assert done == ["affectnet_eval.npz", "affectnet_train.npz", "fec_eval.npz"]
+    students = {"student": str(models / "student.pt"), "student_nodistill": str(models / "student_nodistill.pt")}
+    (data / "affectnet").unlink()
+    (data / "fec").unlink()
+    again = face_metrics(cfg, students)
     assert again["student"] == {k: metrics[k] for k in ("affectnet_accuracy", "fec_triplet_accuracy")}
+    # The AffectNet training embeddings came from the marked prefix outputs, the others were computed.
+    with np.load(next((tmp_path / "eval" / "embeddings").glob("*/affectnet_train.npz"))) as z:
+        from_cache = z["student.image"]
+    with torch.no_grad():
+        expected = student.eval()(marked[:1], after=stage).embedding.numpy()
+    assert np.allclose(from_cache, expected, atol=1e-3)
     for prefix in ("", "student_nodistill."):
         assert 0 <= saved[f"{prefix}affectnet_accuracy"] <= 1 and 0 <= saved[f"{prefix}fec_triplet_accuracy"] <= 1
     assert set(saved["ccc"]) == {"arousal", "valence"}
@@ -44,10 +70,8 @@ def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
     assert "| affectnet_accuracy |" in table and "0.616" in table and "| ccc.valence.fused |" in table
 
 
-def test_students_sharing_a_prefix_are_embedded_as_if_alone():
-    import numpy as np
-
-    from aver.pipelines.evaluate import _embed
+def test_students_sharing_a_prefix_are_embedded_as_if_alone(tmp_path):
+    from aver.pipelines.evaluate import _FaceEmbedder
 
     torch.manual_seed(0)
     a = Student().eval()
@@ -56,15 +80,18 @@ def test_students_sharing_a_prefix_are_embedded_as_if_alone():
         b.backbone.features.norm5.weight.mul_(2)
         b.fec_head.weight.mul_(-1)
     assert a.shared_stage(b) == "denseblock4"
+    uris = {name: str(tmp_path / f"{name}.pt") for name in "ab"}
+    save_checkpoint(a, uris["a"])
+    save_checkpoint(b, uris["b"])
+    embed = _FaceEmbedder(EvaluateConfig(models="m", data="d", output="o"), uris, ("i", "j"), "fec")
+    assert embed.stage == "denseblock4"
     images = np.random.default_rng(0).integers(0, 256, (3, 140, 140, 3), dtype=np.uint8)
-    batches = [{"i": images[:2], "j": images[1:], "label": np.array([0, 1])}]
-    encode = lambda im: a.prefix("denseblock4")(Student.preprocess(im))  # noqa: E731
-    out, labels = _embed({"a": a, "b": b}, encode, "denseblock4", batches, ("i", "j"), "fec")
+    out = embed({"i": images[:2], "j": images[1:], "label": np.array([0, 1])})
     with torch.no_grad():
         for name, model in (("a", a), ("b", b)):
-            assert np.allclose(out[name]["j"], model(Student.preprocess(images[1:])).fec.numpy(), atol=1e-5)
-    assert not np.allclose(out["a"]["i"], out["b"]["i"])
-    assert labels[0].tolist() == [0, 1]
+            assert np.allclose(out[f"{name}.j"], model(Student.preprocess(images[1:])).fec.numpy(), atol=1e-5)
+    assert not np.allclose(out["a.i"], out["b.i"])
+    assert out["label"].tolist() == [0, 1]
 
 
 def test_evaluate_against_known_answers_and_an_independent_forward(small_corpus, tmp_path, ray_local):
@@ -73,8 +100,6 @@ def test_evaluate_against_known_answers_and_an_independent_forward(small_corpus,
     # so the right pair is always the closest (accuracy exactly 1) and any other never is (0).
     # RECOLA: CCC per column of a direct forward of the fusion model over the same windows.
     import csv
-
-    import numpy as np
 
     from aver.metrics import ccc
     from aver.models import load_checkpoint

@@ -73,7 +73,7 @@ def test_prefix_store_shares_outputs_between_runs_by_image_content(tmp_path):
     calls.clear()
     first.save()
     first.save()  # nothing new: no empty part
-    assert [p.name for p in (tmp_path / "p").iterdir()] == ["run1-0.pt"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["run1-0.keys.npy", "run1-0.npy"]
     second = PrefixStore(str(tmp_path / "p"), "run2")
     changed = images.copy()
     changed[1, 0, 0, 0] ^= 1  # a changed image is a miss, never a stale hit
@@ -81,7 +81,38 @@ def test_prefix_store_shares_outputs_between_runs_by_image_content(tmp_path):
     assert calls == [3]  # only the changed image and the two new ones were computed
     assert torch.equal(again[:3], out)
     second.save()
-    assert len(PrefixStore(str(tmp_path / "p"), "run3").rows) == 6
+    assert len(PrefixStore(str(tmp_path / "p"), "run3")) == 6
+    (tmp_path / "p" / "run2-0.keys.npy").unlink()  # a part whose keys were never written is not there
+    third = PrefixStore(str(tmp_path / "p"), "run3")
+    assert len(third) == 3 and torch.equal(third.encode(images[:3], encode), out) and calls == [3]
+
+
+def test_prefix_store_reads_the_rows_asked_for_not_the_whole_store(tmp_path):
+    # Guards against: every worker loading every part of every run (memory growing with the corpus
+    # and the number of runs instead of with the worker's own rows).
+    import tracemalloc
+
+    import numpy as np
+
+    images = np.zeros((300, 4, 4, 3), np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = np.arange(300) % 256, np.arange(300) // 256
+
+    def encode(x):  # 64 KiB per row (a prefix output is tens of KiB): the image's number everywhere
+        n = torch.as_tensor(x[:, 0, 0, 0]).float() + 256 * torch.as_tensor(x[:, 0, 0, 1]).float()
+        return n.reshape(-1, 1, 1).expand(-1, 32, 1024).clone()
+
+    writer = PrefixStore(str(tmp_path / "p"), "run1", part_rows=64)
+    for s in range(0, 300, 50):
+        writer.encode(images[s:s + 50], encode)
+    writer.save()
+    assert len(list((tmp_path / "p").glob("*.keys.npy"))) == 3  # saved on its own once 64 rows were new
+    tracemalloc.start()
+    reader = PrefixStore(str(tmp_path / "p"), "run2")
+    got = reader.encode(images[[7, 250]], lambda x: pytest.fail("stored rows must not be recomputed"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got[:, 0, 0].tolist() == [7, 250] and len(reader) == 300
+    assert peak < 1_000_000  # the store holds 300 x 64 KiB = 19 MiB
 
 
 def test_restore_continues_from_the_saved_model_optimizer_epoch_and_history(tmp_path, monkeypatch):

@@ -93,38 +93,52 @@ def timeline_png(scores: pa.Table, summary: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-LABELLED_POINTS = 100
-"""Up to this many inputs the circumplex labels each and draws its spread; beyond, plain dots."""
+LABELLED_POINTS = 40
+"""Up to this many inputs the circumplex labels each (in a column beside it) and draws its spread;
+beyond, it shows their density."""
 
 
-def circumplex_png(summary: pa.Table) -> bytes:
-    """Each input's mean (valence, arousal) on the circumplex, coloured by its dominant expression."""
+def circumplex_figure(summary: pa.Table):
+    """Each input's mean (valence, arousal) on the circumplex, coloured by its dominant expression,
+    its name in a column to the right joined to it by a thin line (names are spaced evenly in the
+    order of arousal, so they never overlap however close the points); beyond ``LABELLED_POINTS``
+    inputs, a density of the means instead."""
     from matplotlib.patches import Circle
 
-    df = summary.to_pandas().dropna(subset=["valence_mean", "arousal_mean"])
-    fig = _figure(6, 6)
-    ax = fig.subplots()
+    df = summary.to_pandas().dropna(subset=["valence_mean", "arousal_mean"]).sort_values("arousal_mean",
+                                                                                        ascending=False)
+    n = len(df)
+    labelled = n <= LABELLED_POINTS
+    fig = _figure(9 if labelled else 7, max(6.0, 0.16 * n + 1.2) if labelled else 6)
+    ax = fig.add_axes((0.09, 0.08, 0.6, 0.84) if labelled else (0.09, 0.08, 0.72, 0.84))
     ax.add_patch(Circle((0, 0), 1, fill=False, color="#cccccc"))
     ax.axhline(0, color="#cccccc", lw=0.8)
     ax.axvline(0, color="#cccccc", lw=0.8)
-    n = len(df)
-    colours = [CLASS_COLOURS[AFFECTNET_CLASSES.index(n)] if n in AFFECTNET_CLASSES else "#000000"
-               for n in df["dominant_expression"]]
-    if len(df) > LABELLED_POINTS:  # an archive: one dot per input, no labels or error bars to drown it
-        ax.scatter(df["valence_mean"], df["arousal_mean"], c=colours, s=6, alpha=0.6, linewidths=0)
+    if not labelled:  # an archive: where its inputs lie, not a name per dot
+        cells = ax.hexbin(df["valence_mean"], df["arousal_mean"], gridsize=24, extent=(-1.1, 1.1, -1.1, 1.1),
+                          cmap="viridis", mincnt=1)
+        fig.colorbar(cells, cax=fig.add_axes((0.84, 0.08, 0.03, 0.84)), label="inputs per cell")
         df = df.iloc[:0]
-    for (_, r), colour in zip(df.iterrows(), colours):
+    for i, (_, r) in enumerate(df.iterrows()):
+        e = r["dominant_expression"]
+        colour = CLASS_COLOURS[AFFECTNET_CLASSES.index(e)] if e in AFFECTNET_CLASSES else "#000000"
         ax.errorbar(r["valence_mean"], r["arousal_mean"], xerr=r["valence_std"], yerr=r["arousal_std"],
-                    fmt="o", color=colour, ms=7, alpha=0.85, elinewidth=0.8)
-        ax.annotate(str(r["video_id"])[:24], (r["valence_mean"], r["arousal_mean"]), fontsize=6,
-                    xytext=(4, 4), textcoords="offset points")
+                    fmt="o", color=colour, ms=6, alpha=0.85, elinewidth=0.8)
+        ax.annotate(str(r["video_id"])[:32], (r["valence_mean"], r["arousal_mean"]), xycoords="data",
+                    xytext=(1.04, 1 - (i + 0.5) / n), textcoords="axes fraction", fontsize=7, va="center",
+                    color="#333333", annotation_clip=False,
+                    arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.5, "shrinkA": 0, "shrinkB": 4})
     ax.set_xlim(-1.1, 1.1)
     ax.set_ylim(-1.1, 1.1)
-    ax.set_aspect("equal")
     ax.set_xlabel("valence")
     ax.set_ylabel("arousal")
     ax.set_title(f"archive circumplex ({n} scored inputs)", fontsize=9)
-    return _png(fig)
+    return fig
+
+
+def circumplex_png(summary: pa.Table) -> bytes:
+    """:func:`circumplex_figure` as a PNG."""
+    return _png(circumplex_figure(summary))
 
 
 def _fmt(value: Any) -> str:

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from aver.pipelines.report import build_report, circumplex_png, index_html, inputs_page_html, timeline_png
+from aver.pipelines.report import build_report, circumplex_figure, circumplex_png, index_html, inputs_page_html, timeline_png
 from aver.pipelines.score import SCORES_SCHEMA, SUMMARY_SCHEMA
 
 
@@ -41,7 +41,7 @@ def test_circumplex_index_and_pages():
     table = pa.Table.from_pylist([_summary("a"), {**_summary("b"), "valence_mean": 0.5, "dominant_expression": None}],
                                  schema=SUMMARY_SCHEMA)
     img = np.asarray(Image.open(io.BytesIO(circumplex_png(table))).convert("RGB")).astype(float)
-    assert img.shape == (600, 600, 3) and img.std() > 10
+    assert img.shape == (600, 900, 3) and img.std() > 10
     status = [{"video_id": "a", "source": "/a/a.mp4", "status": "ok", "error": None},
               {"video_id": "z<b>", "source": "/a/z.mp4", "status": "corrupt", "error": "cannot decode <x>"}]
     index = index_html(status, {"a": _summary("a")}, page_size=1)
@@ -53,6 +53,36 @@ def test_circumplex_index_and_pages():
     assert 'src="a.png"' in first and 'id="a"' in first and ".png" not in second
     assert "z&lt;b&gt;" in second and "cannot decode &lt;x&gt;" in second  # escaped, never raw HTML
     assert not any("http" in page for page in (index, first, second))  # opens offline from disk
+
+
+def _archive(n, seed=0):
+    rng = np.random.default_rng(seed)
+    centre = rng.uniform(-0.1, 0.1, 2)  # crowded near the origin, as an archive's means are
+    return pa.Table.from_pylist([{**_summary(f"interview_{i:04d}_camera_b"), "valence_mean": float(centre[0] + rng.normal(0, 0.05)),
+                                  "arousal_mean": float(centre[1] + rng.normal(0, 0.05))} for i in range(n)],
+                                schema=SUMMARY_SCHEMA)
+
+
+def test_circumplex_names_never_overlap_and_an_archive_becomes_a_density():
+    # Guards against: labels written at their points, piling on each other near the origin.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = circumplex_figure(_archive(30))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, renderer) for t in fig.axes[0].texts]  # the text, not its leader line
+    assert len(boxes) == 30 and {t.get_text() for t in fig.axes[0].texts} == {f"interview_{i:04d}_camera_b" for i in range(30)}
+    width, height = fig.canvas.get_width_height()
+    for i, a in enumerate(boxes):
+        assert 0 <= a.x0 and a.x1 <= width and 0 <= a.y0 and a.y1 <= height  # inside the picture
+        assert not any(a.overlaps(b) for b in boxes[i + 1:]), fig.axes[0].texts[i].get_text()
+    big = circumplex_figure(_archive(2000))
+    assert not big.axes[0].texts and big.axes[0].collections  # no names: a density of 2000 means
+    img = np.asarray(Image.open(io.BytesIO(circumplex_png(_archive(2000)))).convert("RGB")).astype(float)
+    assert img.std() > 10
 
 
 def test_build_report_pages_an_archive_and_is_rebuilt_only_when_parts_change(tmp_path):

@@ -113,6 +113,8 @@ def parser_for(config_class: type, description: str | None = None, **defaults) -
     dataclass's, e.g. a job's own run name)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_fields(p, config_class, "", defaults)
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own log lines on the terminal too (they always go to the session's log files)")
     return p
 
 
@@ -121,6 +123,12 @@ def parse(config_class: type, argv: list[str] | None = None, description: str | 
     ends the program with its message, as argparse does."""
     p = parser_for(config_class, description, **defaults)
     values = vars(p.parse_args(argv))
+    if values.pop("verbose"):
+        import os
+
+        from aver.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return _build(config_class, values)
     except (ValueError, TypeError) as e:

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from aver.console import VERBOSE_ENV, duration, init_ray
 from aver.demo.corpus import write_corpus
 from aver.losses import FaceLossConfig
 from aver.pipelines.distill import DistillConfig
@@ -65,7 +66,7 @@ class Demo:
     def common(self) -> dict:
         # One worker per stage reserving 1 CPU (Ray Data feeds it from the rest); it still runs torch
         # on every core (threads_per_worker=0).
-        return {"output": self.out, "cpus_per_worker": 1.0, "seed": self.seed}
+        return {"output": self.out, "cpus_per_worker": 1.0, "seed": self.seed, "log_every": 5}
 
     @property
     def faces(self) -> dict:
@@ -76,15 +77,13 @@ class Demo:
 
 
 def corpus(d: Demo) -> None:
-    import ray
-
     if not os.path.exists(d.path("corpus", "recola")):
         print(write_corpus(d.path("corpus"), seed=d.seed, size=d.size))
     for split in ("train", "test"):
         fec = d.path("corpus", "fec")
         fetch(FetchConfig(manifest=os.path.join(fec, f"faceexp-comparison-data-{split}-public.csv"), output=fec,
                           allow_file_urls=True))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)  # workers' per-epoch lines show here
+    init_ray(num_cpus=os.cpu_count())  # with its dashboard: Ray Train's cleaner asks its State API
 
 
 def teachers(d: Demo) -> None:
@@ -131,7 +130,7 @@ def fusion(d: Demo) -> None:
 
 def evaluation(d: Demo) -> None:
     evaluate(EvaluateConfig(models=d.path("models"), data=d.path("corpus"), output=d.path("eval"), prefix_cache=d.out,
-                            featurizer_cpus=d.cpus))
+                            featurizer_cpus=d.cpus, data_name="synthetic demo corpus"))
 
 
 def archive(d: Demo) -> None:
@@ -158,14 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     p.add_argument("--size", default="medium", choices=["small", "medium"], help="corpus size (default medium)")
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (default 1)")
+    p.add_argument("--verbose", action="store_true", help="Ray's own log lines on the terminal too")
     a = p.parse_args(argv)
+    if a.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     d = Demo(os.path.abspath(a.output), a.seed, a.size, a.epochs_scale)
     started = time.time()
     for title, stage in STAGES:
-        print(f"\n=== [{time.time() - started:6.0f} s] {title}", flush=True)
+        print(f"\n=== [{duration(time.time() - started)}] {title}", flush=True)
         stage(d)
-    print(f"\ndemo finished in {time.time() - started:.0f} s; models in {d.path('models')}, metrics in "
-          f"{d.path('eval', 'metrics.json')}\nreport: file://{d.path('scores', 'report', 'index.html')}")
+    with open(d.path("eval", "metrics.md")) as f:
+        table = f.read()
+    print(f"\ndemo finished in {duration(time.time() - started)}\n\n{table}\nreport: file://{d.path('scores', 'report', 'index.html')}"
+          f"\nmodels: {d.path('models')}\n\nscore your own videos with these models:\n"
+          f"  python jobs/score_videos.py --input YOUR_VIDEOS/ --output scores/ --model {d.path('models')}", flush=True)
     return 0
 
 

@@ -146,6 +146,19 @@ def mel_timeline(mel: torch.Tensor, vggish: list[torch.nn.Module], chunk: int = 
     return AudioTimeline(np.arange(len(f)) * AUDIO_STEP_S, f.astype(np.float32))
 
 
+def centred(values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``values`` [N, D] minus their mean over the ``present`` rows (all rows by default),
+    the absent rows zero: one recording's own average face or voice taken out (who it is, the
+    room, the camera, the microphone), what changes over the recording kept. Fusion reads its
+    inputs this way, in training and in scoring (decisions.md: a person's identity outweighed
+    their expression in the raw embeddings)."""
+    values = values.astype(np.float32)
+    present = np.ones(len(values), bool) if present is None else present
+    if not present.any():
+        return np.zeros_like(values)
+    return np.where(present[:, None], values - values[present].mean(0), 0).astype(np.float32)
+
+
 def window_shape(window_s: float, fps: float) -> tuple[int, int]:
     """(visual steps, audio steps) of one fusion window."""
     return max(1, round(window_s * fps)), max(1, round(window_s / AUDIO_STEP_S))

@@ -13,7 +13,7 @@ import numpy as np
 from aver.audio import log_mel
 from aver.constants import LABEL_STEP_S as STEP_S
 from aver.constants import SAMPLE_RATE
-from aver.data.features import (AUDIO_DIM, VISUAL_DIM, audio_timeline, face_features, take, window_shape,
+from aver.data.features import (AUDIO_DIM, VISUAL_DIM, audio_timeline, centred, face_features, take, window_shape,
                                 window_slices)
 from aver.data.manifests import read_arff, read_recola
 from aver.faults import RetryPolicy, with_retries
@@ -201,6 +201,10 @@ class SessionFeaturizer:
             labels = session_labels(record, cfg.storage_options or None)
             duration = len(labels) * STEP_S
             vis_t, vis, aud_t, aud = self._timelines(record)
+            if vis is not None:  # zeros where the primary face is not on screen
+                vis = centred(vis, np.abs(vis).sum(1) > 0)
+            if aud is not None:
+                aud = centred(aud)
             for start, end in window_slices(duration, cfg.window_s, cfg.hop_s):
                 if end - start < cfg.window_s - 1e-6:
                     continue

@@ -199,7 +199,7 @@ class CorpusSize:
 
 SIZES = {
     "small": CorpusSize(96, 48, 60, 30, 2, 1, 12.0, 24),
-    "medium": CorpusSize(800, 320, 400, 300, 6, 3, 40.0, 1200),
+    "medium": CorpusSize(800, 320, 400, 300, 12, 3, 40.0, 1200),
 }
 VIDEO_FPS = 10
 STEP_S = 0.04  # RECOLA's 40 ms label frames

@@ -255,4 +255,5 @@ def run(cfg: DistillConfig) -> dict[str, int]:
         return {}
     connect(cfg)
     return summarise("distill", run_stages(work.units, cfg, load=load_unit, model=TeacherPair, write=write_unit,
-                                           id_column="item_id", records_per_call=cfg.records_per_call))
+                                           id_column="item_id", records_per_call=cfg.records_per_call),
+                     sum(len(u["items"]) for u in work.units), cfg.output)

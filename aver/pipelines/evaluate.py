@@ -16,11 +16,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from aver.console import init_ray
 from aver.data.faces import affectnet_dataset, fec_dataset
 from aver.data.prefix_store import PrefixStore, prefix_store_folder
 from aver.data.recola import SessionWindows, session_windows
 from aver.io.parts import join
-from aver.io.storage import exists, read_bytes, write_bytes_atomic
+from aver.io.storage import exists, read_bytes, redact, write_bytes_atomic
 from aver.metrics import balanced_logreg_accuracy, ccc, triplet_accuracy
 from aver.models import Student, autocast, load_checkpoint, to_device
 
@@ -64,6 +65,8 @@ class EvaluateConfig:
     """CPUs per model actor."""
     featurizer_gpus: float = SessionWindows.featurizer_gpus
     """GPU share per model actor; 0 runs on CPU."""
+    data_name: str = ""
+    """What the data are, for the heading of the metrics table (default: the data folder)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options."""
 
@@ -193,21 +196,22 @@ def recola_metrics(cfg: EvaluateConfig, fusion_models: dict[str, str]) -> dict[s
     return out
 
 
-def markdown(metrics: dict[str, float]) -> str:
-    rows = ["| metric | aver | paper |", "|---|---|---|"]
+def markdown(metrics: dict[str, float], data: str) -> str:
+    """The metrics beside the paper's, each column saying whose they are: the paper's figures are
+    on the real AffectNet / FEC / RECOLA splits and compare with this run's only on the same data."""
+    rows = [f"| metric | this run ({data}) | paper (AffectNet / FEC / RECOLA) |", "|---|---|---|"]
     for key, value in metrics.items():
         if isinstance(value, (int, float)):
             paper = PAPER.get(key)
             rows.append(f"| {key} | {value:.3f} | {paper:.3f} |" if paper is not None else f"| {key} | {value:.3f} | |")
-    return "\n".join(rows) + "\n"
+    note = ("\nThe two columns are not comparable unless this run's data are the paper's splits "
+            "(AffectNet validation, FEC test, RECOLA dev).\n")
+    return "\n".join(rows) + "\n" + note
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Compute every metric whose models are present; writes metrics.json and metrics.md."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     so = cfg.storage_options or None
     metrics: dict[str, Any] = {}
     students = {name: join(cfg.models, f"{name}.pt") for name in ("student", "student_nodistill")
@@ -226,7 +230,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
             _, dim, variant = key.split(".")
             nested.setdefault("ccc", {}).setdefault(dim, {})[variant] = value
     write_bytes_atomic(join(cfg.output, "metrics.json"), json.dumps(nested, indent=1).encode(), cfg.storage_options)
-    table = markdown(metrics)
+    table = markdown(metrics, cfg.data_name or redact(cfg.data))
     write_bytes_atomic(join(cfg.output, "metrics.md"), table.encode(), cfg.storage_options)
     print(table, flush=True)
     return nested

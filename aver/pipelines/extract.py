@@ -231,4 +231,5 @@ def run(cfg: ExtractFacesConfig) -> dict[str, int]:
         return {}
     connect(cfg)
     return summarise("extract_faces", run_stages(todo, cfg, load=load_unit, model=FaceExtractor, write=write_unit,
-                                                 id_column="video_id", records_per_call=cfg.records_per_call))
+                                                 id_column="video_id", records_per_call=cfg.records_per_call),
+                     sum(len(u["items"]) for u in todo), cfg.output)

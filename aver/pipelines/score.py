@@ -25,8 +25,8 @@ import torch
 
 from aver.constants import AFFECTNET_CLASSES, SAMPLE_RATE
 from aver.audio import log_mel
-from aver.data.features import (AUDIO_DIM, VISUAL_DIM, FaceFeatures, in_span, mel_timeline, student_features, take,
-                                window_shape)
+from aver.data.features import (AUDIO_DIM, VISUAL_DIM, AudioTimeline, FaceFeatures, centred, in_span, mel_timeline,
+                                student_features, take, window_shape)
 from aver.data.recola import SessionWindows
 from aver.faces import (Decoded, FaceDetector, FaceDetectorConfig, FaceTracker, detect_frames, frame_segments,
                         track_frames)
@@ -255,10 +255,14 @@ def score_rows(cfg: ScoreVideosConfig, video_id: str, duration: float, tracks: F
     if len(ends) == 0 and duration > 0:
         ends = np.array([duration])
     times = np.asarray(tracks.times) if tracks is not None else np.zeros(0)
+    if audio is not None:  # as in training: the recording's own mean taken out
+        audio = AudioTimeline(audio.times, centred(audio.features))
     rows: list[dict] = []
     windows: dict[str, list[tuple[int, np.ndarray | None, np.ndarray | None]]] = {}
     for tid in (track_ids or [None]):
         present, feats, probs = tracks.track(tid) if tid is not None else (np.zeros(len(times), bool), None, None)
+        if feats is not None:
+            feats = centred(feats, present)
         for end in ends:
             start, w_start = end - cfg.hop_s, max(0.0, end - cfg.window_s)
             in_row = present & in_span(times, start, end)
@@ -345,7 +349,7 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
         connect(cfg)
         counts = summarise("score_videos", run_stages(work.units, cfg, load=load_unit, model=VideoScorer,
                                                       write=write_unit, id_column="video_id",
-                                                      records_per_call=cfg.records_per_call), ())
+                                                      records_per_call=cfg.records_per_call), len(work.units), cfg.output)
     if items:
         index, rebuilt = build_report(cfg.output, cfg.storage_options, cfg.report_page_size)
         print(f"score_videos: report {'at' if rebuilt else 'unchanged at'} {redact(index)}", flush=True)

@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aver.faults import RETRIED, RetryPolicy, verdict, with_retries
+from aver.console import init_ray
 from aver.io.parts import join, list_names, read_part, remove, status_table, write_table
 from aver.io.storage import is_local, redact, register_secrets, split_credentials, write_bytes_atomic
 from aver.io.streaming import actor_device, trim_heap
@@ -355,7 +356,7 @@ def connect(cfg: ActorPoolConfig) -> None:
 
     if not ray.is_initialized():
         keep_task_workers()
-        ray.init()
+        init_ray()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if nodes < 2 or cfg.shared_fs:
         return
@@ -423,16 +424,27 @@ def run_stages(units: list[dict], cfg: ActorPoolConfig, *, load: Callable[[dict,
         yield from ray.get(done)
 
 
-def summarise(job: str, batches: Iterator, verbose_statuses: tuple[str, ...] = ("ok",)) -> dict[str, int]:
-    """Drain the actors' result batches: print each input that is not ``ok`` and a closing count
-    per status; returns the counts (``unrecorded``: units whose outputs could not be written)."""
+def summarise(job: str, batches: Iterator, total: int, output: str) -> dict[str, int]:
+    """Drain the stages' result batches with a progress bar (or, without a terminal, a line every
+    30 s) over the ``total`` inputs, print each input that is not ``ok`` as it comes, then a closing
+    line: the count per status, the wall time and rate, where the outputs and the logs are.
+    Returns the counts (``unrecorded``: units whose outputs could not be written)."""
+    from aver.console import Progress, duration, logs_dir
+
     counts: dict[str, int] = {}
+    progress = Progress(job, total)
     for batch in batches:
         for item, status, error in zip(batch["item_id"], batch["status"], batch["error"]):
             counts[status] = counts.get(status, 0) + 1
-            if status not in verbose_statuses:
-                print(f"  {item}: {status}{' - ' + redact(error) if error else ''}", flush=True)
-    print(f"{job}: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "nothing to do"), flush=True)
+            if status != "ok":
+                progress.write(f"  {item}: {status}{' - ' + redact(error) if error else ''}")
+        progress.update(len(batch["status"]))
+    took = progress.close()
+    done = sum(counts.values())
+    logs = logs_dir()
+    print(f"{job}: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "nothing to do")
+          + f" ({done} inputs in {duration(took)}, {done / max(took, 1e-9):.3g}/s); outputs in {redact(output)}"
+          + (f"; logs in {logs}" if logs else ""), flush=True)
     if counts.get("failed") or counts.get("unrecorded"):
         print(f"{job}: {counts.get('failed', 0) + counts.get('unrecorded', 0)} inputs hit transient faults that "
               "outlived the retries: run the same command again to finish them", flush=True)

@@ -86,7 +86,7 @@ class ShardBatches:
                 keys.append(h.digest())
             for k, v in b.items():
                 if k in self.columns:
-                    v = self.store.encode(v, self.encode) if self.store else self.encode(v).half().cpu()
+                    v = self.store.encode(v, self.encode) if self.store is not None else self.encode(v).half().cpu()
                 parts.setdefault(k, []).append(v)
         if not parts:
             raise RuntimeError("this worker's dataset shard is empty")

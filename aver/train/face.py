@@ -203,7 +203,7 @@ def train_loop_per_worker(config: dict) -> None:
         recent.clear()
         trim_heap()
         metrics = {k: v / max(steps, 1) for k, v in totals.items()}
-        history = report_epoch(epoch, {**metrics, "steps": steps}, model, optimizer, history)
+        history = report_epoch(epoch, {**metrics, "steps": steps}, model, optimizer, history, cfg)
 
 
 def run(cfg: FaceTrainConfig) -> list[dict] | None:
@@ -224,6 +224,4 @@ def run(cfg: FaceTrainConfig) -> list[dict] | None:
     if cfg.unlabeled_uri:
         unlabeled = unlabeled_dataset(cfg.unlabeled_uri, so, shuffled=True, targets=targets)
         datasets["unlabeled"] = unlabeled.drop_columns(["crop_id"])
-    history = fit(train_loop_per_worker, cfg, datasets)
-    print(f"{job}: wrote {cfg.model_uri}", flush=True)
-    return history
+    return fit(train_loop_per_worker, cfg, datasets, job)

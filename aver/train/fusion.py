@@ -54,6 +54,10 @@ class FusionTrainConfig(TrainConfig):
     """CPUs per featurising actor (student, VGGish and MTCNN together)."""
     featurizer_gpus: float = SessionWindows.featurizer_gpus
     """GPU share per featurising actor; 0 runs on CPU."""
+    visual_dropout: float = 0.3
+    """Share of the fused model's training windows whose visual input is blanked (as when no face
+    is found): it learns to lean on the voice where the face adds nothing, instead of fitting the
+    training faces (decisions.md). Ignored by the one-modality variants."""
     features_cache: str | None = None
     """Folder of per-session feature timelines, a subfolder per set of models and fps (their content
     hashes): every run with the same ones (fused / visual-only / audio-only) featurises once. Default OUTPUT/features."""
@@ -68,6 +72,8 @@ class FusionTrainConfig(TrainConfig):
         self.windows()  # checks the windowing
         if self.batch_size < 2:
             raise ValueError("CCC needs batches of at least 2 windows")
+        if not 0 <= self.visual_dropout < 1:
+            raise ValueError("visual_dropout must be in [0, 1)")
 
     def windows(self) -> SessionWindows:
         """How the sessions are featurised and windowed."""
@@ -87,8 +93,13 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: FusionTrainConfig = config["cfg"]
     model, _, optimizer, start, history, device = prepare_worker(cfg, optimizer=torch.optim.Adam)
 
+    fused = len(cfg.modalities) == 2
+
     def predict(batch):
-        return (model(to_device(batch["visual"], device), to_device(batch["audio"], device)),
+        visual = to_device(batch["visual"], device)
+        if fused and model.training and cfg.visual_dropout:
+            visual = visual * (torch.rand(len(visual), 1, 1, device=device) >= cfg.visual_dropout).to(visual.dtype)
+        return (model(visual, to_device(batch["audio"], device)),
                 to_device(torch.as_tensor(batch["target"]), device))
 
     # Windows are small and reread every epoch: keep this worker's shard in memory (float16).
@@ -97,7 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in epochs(cfg, start, optimizer):
         loss, p, t = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, cfg, epoch)
         metrics = {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
-        history = report_epoch(epoch, metrics, model, optimizer, history)
+        history = report_epoch(epoch, metrics, model, optimizer, history, cfg)
 
 
 def run(cfg: FusionTrainConfig) -> list[dict] | None:
@@ -110,6 +121,4 @@ def run(cfg: FusionTrainConfig) -> list[dict] | None:
     windows.features_cache = join(cfg.features_cache or join(cfg.output, "features"), windows.features_key())
     train = session_windows(windows, "train").select_columns(["visual", "audio", "target"])
     print(f"train_fusion: {n} training windows of {cfg.window_s} s", flush=True)
-    history = fit(train_loop_per_worker, cfg, {"train": train})
-    print(f"train_fusion: wrote {cfg.model_uri}", flush=True)
-    return history
+    return fit(train_loop_per_worker, cfg, {"train": train}, "train_fusion")

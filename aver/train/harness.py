@@ -16,10 +16,11 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from aver.console import VERBOSE_ENV, init_ray, verbose
 from aver.io.parts import join
 from aver.models import autocast, save_checkpoint
 from aver.models.weights import ship
-from aver.io.storage import exists, read_bytes, url_to_fs, write_bytes_atomic
+from aver.io.storage import exists, read_bytes, redact, url_to_fs, write_bytes_atomic
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -54,6 +55,8 @@ class TrainConfig:
     threads_per_worker: int = 0
     """Torch threads per worker; 0 = the CPUs of the worker's own machine over the training workers
     on it (Ray alone would give a 1-CPU worker one thread and leave the rest of the machine idle)."""
+    log_every: int = 1
+    """Print the metrics line every N epochs (and after the last)."""
     max_failures: int = 2
     """Worker-group restarts Ray Train may make; each resumes from the last checkpoint."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -71,8 +74,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("epochs, batch_size and num_workers must be >= 1")
-        if self.threads_per_worker < 0 or self.shuffle_buffer < 0:
-            raise ValueError("threads_per_worker and shuffle_buffer must be >= 0")
+        if self.threads_per_worker < 0 or self.shuffle_buffer < 0 or self.log_every < 1:
+            raise ValueError("threads_per_worker and shuffle_buffer must be >= 0, log_every >= 1")
         if self.lr <= 0 or self.weight_decay < 0 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             raise ValueError("lr > 0, weight_decay >= 0, cpus_per_worker > 0, max_failures >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -100,6 +103,11 @@ def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, unused: tuple
     wrapped, the model itself, optimizer, first epoch, history, device)."""
     import ray.train.torch
 
+    if not verbose():  # "Reporting training result ..." per report: its logger escapes Train's level filter
+        import logging
+
+        import ray.train.v2._internal.execution.context as train_context
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)
     # this process runs on the worker's node: its CPUs, shared by the training workers placed there
     local = ray.train.get_context().get_local_world_size()
@@ -116,11 +124,17 @@ def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, unused: tuple
     return model, core, opt, start, history, ray.train.torch.get_device()
 
 
+_epoch_started: dict[str, float] = {}
+"""When this worker's current epoch began (for the epoch lines)."""
+
+
 def epochs(cfg: TrainConfig, start: int, optimizer: torch.optim.Optimizer):
     """The epochs still to run, each with its learning rate set by ``lr_schedule``. The rate
     depends only on the epoch, so a resumed run continues the schedule where it stopped."""
     import math
+    import time
 
+    _epoch_started["t"] = time.monotonic()
     for epoch in range(start, cfg.epochs):
         lr = cfg.lr
         if cfg.lr_schedule == "cosine":
@@ -138,16 +152,13 @@ def is_finished(cfg: TrainConfig) -> bool:
 def begin(cfg: TrainConfig, job: str) -> bool:
     """Whether ``job`` has work to do: False (and says so) when its final model exists; otherwise
     makes sure Ray is running (a local instance, or the cluster under ``ray job submit``)."""
-    import ray
-
     if is_finished(cfg):
         print(f"{job}: {cfg.model_uri} exists; nothing to do", flush=True)
         return False
     for name in cfg.weight_fields:  # registry names resolved here, read by the workers from OUTPUT/weights
         if getattr(cfg, name):
             setattr(cfg, name, ship(getattr(cfg, name), join(cfg.output, "weights"), cfg.storage_options or None))
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     return True
 
 
@@ -195,16 +206,24 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> 
 
 
 def report_epoch(epoch: int, metrics: dict[str, float], model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer | None, history: list[dict]) -> list[dict]:
-    """Report the epoch's metrics with a checkpoint (written by rank 0); returns the history."""
+                 optimizer: torch.optim.Optimizer | None, history: list[dict], cfg: TrainConfig | None = None) -> list[dict]:
+    """Report the epoch's metrics with a checkpoint (written by rank 0); returns the history.
+    Rank 0 prints them as one line (every ``cfg.log_every`` epochs and the last)."""
+    import time
+
     import ray.train
     from ray.train import Checkpoint
 
     row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
     history = [*history, row]
-    print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"),
-          flush=True)
-    if ray.train.get_context().get_world_rank() != 0:
+    rank = ray.train.get_context().get_world_rank()
+    total = cfg.epochs if cfg else epoch + 1
+    if rank == 0 and (cfg is None or (epoch + 1) % cfg.log_every == 0 or epoch + 1 == total):
+        took = time.monotonic() - _epoch_started.get("t", time.monotonic())
+        shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch")
+        print(f"{cfg.name + ' ' if cfg else ''}epoch {epoch + 1}/{total}: {shown} ({took:.0f} s)", flush=True)
+    _epoch_started["t"] = time.monotonic()
+    if rank != 0:
         ray.train.report(row, checkpoint=None)
         return history
     target = model.module if hasattr(model, "module") else model
@@ -247,12 +266,32 @@ def _storage(cfg: TrainConfig) -> tuple[str, Any]:
     return join(path, "runs"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict) -> list[dict]:
+def _quiet_train() -> dict:
+    """RunConfig options that keep Ray Train's own INFO lines (checkpoint created, worker group
+    started, ...) out of the terminal unless verbose: they stay in the session's log files. With
+    Train's print patch off, a worker's print is one plain line (with it, each came twice)."""
+    import ray.train
+
+    if verbose():
+        return {"worker_runtime_env": {"env_vars": {VERBOSE_ENV: "1"}}}
+    return {"logging_config": ray.train.LoggingConfig(log_level="WARNING"),
+            "worker_runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}}
+
+
+def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, job: str) -> list[dict]:
     """Run ``train_loop`` under a TorchTrainer (resuming a previous run of the same name), then
-    publish the last checkpoint's model as an aver checkpoint with its metric history."""
+    publish the last checkpoint's model as an aver checkpoint with its metric history; says what
+    it starts and, at the end, what it did and where the model and the logs are."""
+    import time
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from aver.console import duration, logs_dir
+
+    started = time.monotonic()
+    print(f"{job}: training {cfg.name} for {cfg.epochs} epochs on {cfg.num_workers} worker"
+          f"{'s' if cfg.num_workers > 1 else ''} ({'GPU' if cfg.use_gpu else 'CPU'})", flush=True)
     storage_path, storage_fs = _storage(cfg)
     trainer = TorchTrainer(
         train_loop,
@@ -261,7 +300,7 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict) ->
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), **_quiet_train()),
         datasets=datasets,
     )
     result = trainer.fit()
@@ -273,6 +312,10 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict) ->
     write_bytes_atomic(cfg.metrics_uri, json.dumps(history, indent=1).encode(), cfg.storage_options)
     save_checkpoint(model.eval(), cfg.model_uri, meta={"history": json.dumps(history), "name": cfg.name},
                     storage_options=cfg.storage_options)  # published last: its presence means finished
+    last = " ".join(f"{k}={v:.4g}" for k, v in history[-1].items() if k not in ("epoch", "steps"))
+    logs = logs_dir()
+    print(f"{job}: {cfg.name} done in {duration(time.monotonic() - started)}: last epoch {last}; model "
+          f"{redact(cfg.model_uri)}{'; logs ' + logs if logs else ''}", flush=True)
     return history
 
 

@@ -80,7 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     for epoch in epochs(cfg, start, optimizer):
         loss, preds, targets = ccc_epoch(model, optimizer, data.epoch(epoch), predict, cfg, epoch)
-        history = report_epoch(epoch, {"loss": loss, "ccc": ccc(targets, preds)}, model, optimizer, history)
+        history = report_epoch(epoch, {"loss": loss, "ccc": ccc(targets, preds)}, model, optimizer, history, cfg)
 
 
 def run(cfg: VGGishTrainConfig) -> list[dict] | None:
@@ -91,6 +91,5 @@ def run(cfg: VGGishTrainConfig) -> list[dict] | None:
                                  storage_options=cfg.storage_options or None)
     train = train.materialize()
     require_batches(train.count(), cfg, f"{cfg.segment_frames}-frame training segments")
-    history = fit(train_loop_per_worker, cfg, {"train": train.select_columns(["mel", "arousal", "valence"])})
-    print(f"train_vggish: wrote {cfg.model_uri}", flush=True)
-    return history
+    return fit(train_loop_per_worker, cfg, {"train": train.select_columns(["mel", "arousal", "valence"])},
+               "train_vggish")

@@ -68,6 +68,7 @@ def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
     assert all(-1 <= v <= 1 for d in saved["ccc"].values() for v in d.values())
     table = (tmp_path / "eval" / "metrics.md").read_text()
     assert "| affectnet_accuracy |" in table and "0.616" in table and "| ccc.valence.fused |" in table
+    assert f"| metric | this run ({data}) | paper (AffectNet / FEC / RECOLA) |" in table and "not comparable" in table
 
 
 def test_students_sharing_a_prefix_are_embedded_as_if_alone(tmp_path):

@@ -171,6 +171,6 @@ class Progress:
         """Ends the bar (or prints the final line); returns the seconds since the start."""
         if self.bar is not None:
             self.bar.close()
-        elif self.done and time.monotonic() - self.started >= 1.0:
+        elif self.done:
             print(self.line(), flush=True)
         return time.monotonic() - self.started

@@ -130,7 +130,7 @@ def fusion(d: Demo) -> None:
 
 def evaluation(d: Demo) -> None:
     evaluate(EvaluateConfig(models=d.path("models"), data=d.path("corpus"), output=d.path("eval"), prefix_cache=d.out,
-                            featurizer_cpus=d.cpus, data_name="synthetic demo corpus"))
+                            featurizer_cpus=d.cpus - 0.5, cpus_per_task=0.5, data_name="synthetic demo corpus"))
 
 
 def archive(d: Demo) -> None:

@@ -40,11 +40,11 @@ PLANTED = {
     "evaluate swaps arousal and valence": (
         "aver/pipelines/evaluate.py", 'out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 0])',
         'out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 1])',
-        ["tests/pipelines/test_evaluate.py", "-k", "known_answers"]),
+        ["tests/pipelines/test_cluster.py", "-k", "known_answers"]),
     "evaluate scores the wrong FEC pair": (
-        "aver/pipelines/evaluate.py", 'triplet_accuracy(e[name]["i"], e[name]["j"], e[name]["k"])',
-        'triplet_accuracy(e[name]["i"], e[name]["k"], e[name]["j"])',
-        ["tests/pipelines/test_evaluate.py", "-k", "known_answers"]),
+        "aver/pipelines/evaluate.py", 'triplet_accuracy(e[f"{name}.i"], e[f"{name}.j"], e[f"{name}.k"])',
+        'triplet_accuracy(e[f"{name}.i"], e[f"{name}.k"], e[f"{name}.j"])',
+        ["tests/pipelines/test_cluster.py", "-k", "known_answers"]),
     "a module-level ray.init() in aver/pipelines/units.py": (
         "aver/pipelines/units.py", 'log = logging.getLogger("aver")\n',
         'log = logging.getLogger("aver")\nimport ray\nray.init(num_cpus=1, include_dashboard=False)\n',

@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Lower layers never import higher ones; modules of one layer may import each other (acyclically).
 LAYERS = [
-    ("aver.constants", "aver.faults", "aver.io"),
+    ("aver.constants", "aver.faults", "aver.io", "aver.console"),
     ("aver.models", "aver.audio", "aver.losses", "aver.metrics"),
     ("aver.faces", "aver.data"),
     ("aver.train", "aver.pipelines"),

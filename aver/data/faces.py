@@ -115,10 +115,12 @@ def _rows(rows: list[dict], shuffled: bool):
 
 
 def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
-                      storage_options: dict | None = None, shuffled: bool = False, targets: str | None = None):
+                      storage_options: dict | None = None, shuffled: bool = False, targets: str | None = None,
+                      num_cpus: float = 1.0):
     """Rows ``crop_id``, ``image`` (140x140x3 uint8), ``label`` (0-7); returns (dataset, rejected rows).
     ``shuffled``: the rows' blocks in a fresh order every pass (see :func:`_rows`). ``targets``: a
-    distill output whose targets join the rows (``target``, ``has_target``)."""
+    distill output whose targets join the rows (``target``, ``has_target``). ``num_cpus``: per
+    read-and-crop task."""
     m = read_affectnet(csv_uri, images_root, storage_options)
     records = with_images(m, lambda r: [r["source"]], f"AffectNet {redact(csv_uri)}",
                           "is images_root (--affectnet-images) the folder of Manually_Annotated_Images?",
@@ -126,7 +128,8 @@ def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, margin: f
     rows = [{"crop_id": r["crop_id"], "source": r["source"], "box": list(r["box"]), "label": r["label"]}
             for r in records]
     ds = _rows(_with_targets(rows, targets, storage_options), shuffled).map_batches(
-        _affectnet_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=64)
+        _affectnet_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=64,
+        num_cpus=num_cpus)
     return ds, m.rejected
 
 
@@ -162,11 +165,13 @@ def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
 
 
 def fec_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
-                storage_options: dict | None = None, shuffled: bool = False, targets: str | None = None):
+                storage_options: dict | None = None, shuffled: bool = False, targets: str | None = None,
+                num_cpus: float = 1.0):
     """Rows ``i``, ``j`` (the annotated most-similar pair), ``k`` (the odd one) as 140x140x3 uint8
     crops, their crop ids ``i_id``/``j_id``/``k_id`` and ``type`` (0/1/2 = one/two/three-class);
     triplets with a missing image are dropped; ``shuffled`` as in :func:`affectnet_dataset`;
-    ``targets`` joins each image's (``target_i``/``_j``/``_k``, ``has_target_i``/``_j``/``_k``)."""
+    ``targets`` joins each image's (``target_i``/``_j``/``_k``, ``has_target_i``/``_j``/``_k``);
+    ``num_cpus`` per read-and-crop task."""
     m = read_fec(csv_uri, images_root, storage_options)
     records = with_images(m, lambda r: [f["source"] for f in r["faces"]], f"FEC triplets {redact(csv_uri)}",
                           "run jobs/fetch_fec.py on this CSV first", storage_options)
@@ -180,7 +185,8 @@ def fec_dataset(csv_uri: str, images_root: str | None = None, *, margin: float =
             r["targets"] = np.stack([t["target"] for t in joined])
             r["has_targets"] = np.array([t["has_target"] for t in joined])
     ds = _rows(rows, shuffled).map_batches(
-        _fec_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=32)
+        _fec_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=32,
+        num_cpus=num_cpus)
     return ds, m.rejected
 
 

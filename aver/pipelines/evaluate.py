@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from aver.console import init_ray
+from aver.console import Progress, init_ray
 from aver.data.faces import affectnet_dataset, fec_dataset
 from aver.data.prefix_store import PrefixStore, prefix_store_folder
 from aver.data.recola import SessionWindows, session_windows
@@ -65,6 +65,9 @@ class EvaluateConfig:
     """CPUs per model actor."""
     featurizer_gpus: float = SessionWindows.featurizer_gpus
     """GPU share per model actor; 0 runs on CPU."""
+    cpus_per_task: float = 1.0
+    """CPUs per task reading and cropping face images (leave them room beside the model actors: on
+    a 2-CPU machine, actors of 1.5 CPUs and tasks of 0.5)."""
     data_name: str = ""
     """What the data are, for the heading of the metrics table (default: the data folder)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -136,9 +139,12 @@ def _embeddings(cfg: "EvaluateConfig", students: dict[str, str], name: str, data
                         compute=ActorPoolStrategy(min_size=1, max_size=cfg.featurizers or None),
                         num_cpus=cfg.featurizer_cpus, num_gpus=cfg.featurizer_gpus)
     parts: dict[str, list] = {}
-    for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+    progress = Progress(f"evaluate: {name}", None, "images" if columns == ("image",) else "triplets")
+    for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
         for k, v in b.items():
             parts.setdefault(k, []).append(v)
+        progress.update(len(next(iter(b.values()))))
+    progress.close()
     found = {k: np.concatenate(v) for k, v in parts.items()}
     buf = io.BytesIO()
     np.savez(buf, **found)
@@ -161,11 +167,12 @@ def face_metrics(cfg: EvaluateConfig, students: dict[str, str]) -> dict[str, dic
     folder = join(cfg.output, "embeddings", h.hexdigest()[:16])
     images = _path(cfg, cfg.affectnet_images)
     tr, te = (_embeddings(cfg, students, f"affectnet_{split}",
-                          lambda csv=csv: affectnet_dataset(_path(cfg, csv), images, storage_options=so)[0],
+                          lambda csv=csv: affectnet_dataset(_path(cfg, csv), images, storage_options=so,
+                                                            num_cpus=cfg.cpus_per_task)[0],
                           ("image",), "embedding", folder)
               for split, csv in (("train", cfg.affectnet_train), ("eval", cfg.affectnet_eval)))
     e = _embeddings(cfg, students, "fec_eval",
-                    lambda: fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so)[0].select_columns(["i", "j", "k"]),
+                    lambda: fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so, num_cpus=cfg.cpus_per_task)[0],
                     ("i", "j", "k"), "fec", folder)
     return {name: {"affectnet_accuracy": balanced_logreg_accuracy(tr[f"{name}.image"], tr["label"],
                                                                   te[f"{name}.image"], te["label"]),

@@ -55,6 +55,19 @@ PLANTED = {
     "the one-modality fallback feeds the face zeros the wrong way": (
         "aver/pipelines/score.py", "np.zeros((tv, VISUAL_DIM), np.float32)", "np.ones((tv, VISUAL_DIM), np.float32)",
         ["tests/pipelines/test_score.py", "-k", "direct"]),
+    "fusion windows cut from raw embeddings (not centred per recording)": (
+        "aver/data/recola.py", "vis = centred(vis, np.abs(vis).sum(1) > 0)", "vis = vis",
+        ["tests/data/test_features.py", "-k", "centred"]),
+    "every prefix-store reader loads every part": (
+        "aver/data/prefix_store.py", "        self._index(keys, where)\n",
+        "        self._index(keys, where)\n        self.all = self._read(np.arange(len(self.keys)))\n",
+        ["tests/train/test_harness.py", "-k", "rows_asked"]),
+    "an empty prefix store taken for no store": (
+        "aver/train/batches.py", "if self.store is not None else", "if self.store else",
+        ["tests/train/test_vggish.py", "-k", "features"]),
+    "circumplex names written at their points": (
+        "aver/pipelines/report.py", 'xytext=(1.04, 1 - (i + 0.5) / n), textcoords="axes fraction"',
+        'xytext=(4, 4), textcoords="offset points"', ["tests/pipelines/test_report.py", "-k", "overlap"]),
     "the primary track is the smallest face": (
         "aver/faces.py", "return max(self.tracks, key=lambda t: t.score).track_id",
         "return min(self.tracks, key=lambda t: t.score).track_id", ["tests/test_faces.py", "-k", "tracker"]),

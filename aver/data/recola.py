@@ -245,8 +245,13 @@ def session_windows(cfg: SessionWindows, split: str):
     from ray.data import ActorPoolStrategy
 
     sessions = _sessions(cfg, split)
-    ds = ray.data.from_items(sessions, override_num_blocks=len(sessions))
+    so = cfg.storage_options or None
+    todo = sum(not (cfg.features_cache and exists(join(cfg.features_cache, f"{r['name']}.npz"), so)) for r in sessions)
     most = min(cfg.featurizers or len(sessions), len(sessions))
+    if todo:
+        print(f"featurising {todo} of {len(sessions)} {split} sessions (faces at {cfg.fps:g} fps, voice; "
+              f"{most} actor{'s' if most > 1 else ''} at most)", flush=True)
+    ds = ray.data.from_items(sessions, override_num_blocks=len(sessions))
     ds = ds.map_batches(SessionFeaturizer, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
                         compute=ActorPoolStrategy(min_size=1, max_size=most), num_cpus=cfg.featurizer_cpus,
                         num_gpus=cfg.featurizer_gpus)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from aver.console import Progress
 from aver.data.manifests import fec_image_name, read_fec
 from aver.io.parts import join, write_table
 from aver.io.storage import exists, redact, write_bytes_atomic
@@ -95,8 +96,13 @@ def run(cfg: FetchConfig) -> dict[str, int]:
     """Fetch every image of the manifest; writes fetch_status/<manifest>.parquet; returns counts."""
     manifest = read_fec(cfg.manifest, storage_options=cfg.storage_options or None)
     urls = sorted({f["url"] for r in manifest.records for f in r["faces"]})
+    progress = Progress("fetch_fec", len(urls), "images")
+    rows = []
     with ThreadPoolExecutor(cfg.workers) as pool:
-        rows = list(pool.map(lambda u: fetch_one(u, cfg), urls))
+        for row in pool.map(lambda u: fetch_one(u, cfg), urls):
+            rows.append(row)
+            progress.update()
+    progress.close()
     name = cfg.manifest.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
     write_table(join(cfg.output, "fetch_status", f"{name}.parquet"), pa.Table.from_pylist(rows, schema=FETCH_SCHEMA),
                 cfg.storage_options)

@@ -206,7 +206,7 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> 
 
 
 def report_epoch(epoch: int, metrics: dict[str, float], model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer | None, history: list[dict], cfg: TrainConfig | None = None) -> list[dict]:
+                 optimizer: torch.optim.Optimizer | None, history: list[dict], cfg: TrainConfig) -> list[dict]:
     """Report the epoch's metrics with a checkpoint (written by rank 0); returns the history.
     Rank 0 prints them as one line (every ``cfg.log_every`` epochs and the last)."""
     import time
@@ -217,11 +217,10 @@ def report_epoch(epoch: int, metrics: dict[str, float], model: torch.nn.Module,
     row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
     history = [*history, row]
     rank = ray.train.get_context().get_world_rank()
-    total = cfg.epochs if cfg else epoch + 1
-    if rank == 0 and (cfg is None or (epoch + 1) % cfg.log_every == 0 or epoch + 1 == total):
+    if rank == 0 and ((epoch + 1) % cfg.log_every == 0 or epoch + 1 == cfg.epochs):
         took = time.monotonic() - _epoch_started.get("t", time.monotonic())
         shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch")
-        print(f"{cfg.name + ' ' if cfg else ''}epoch {epoch + 1}/{total}: {shown} ({took:.0f} s)", flush=True)
+        print(f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}: {shown} ({took:.0f} s)", flush=True)
     _epoch_started["t"] = time.monotonic()
     if rank != 0:
         ray.train.report(row, checkpoint=None)

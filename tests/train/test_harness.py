@@ -138,7 +138,8 @@ def test_restore_continues_from_the_saved_model_optimizer_epoch_and_history(tmp_
 
     monkeypatch.setattr(ray.train, "get_context", lambda: Context())
     monkeypatch.setattr(ray.train, "report", report)
-    history = report_epoch(3, {"loss": 0.5}, model, opt, [{"epoch": 2, "loss": 0.7}])
+    history = report_epoch(3, {"loss": 0.5}, model, opt, [{"epoch": 2, "loss": 0.7}],
+                           TrainConfig(output=str(tmp_path), name="x", epochs=4))
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(saved["dir"]))
     fresh = nn.Linear(3, 2)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)

@@ -1,4 +1,6 @@
+import os
 import re
+import shutil
 
 import pytest
 
@@ -31,8 +33,16 @@ def test_a_job_prints_its_stages_progress_and_summary_not_rays_logs(tmp_path):
     # terminal, and a job that ends without saying what it did.
     face_video(tmp_path / "in" / "v.mp4", seconds=1.0)
     (tmp_path / "in" / "broken.mp4").write_bytes(b"junk")
-    out = run_job(["jobs/extract_faces.py", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                   "--actors", "1", "--cpus-per-actor", "0.5"], env={"RAY_TMPDIR": str(tmp_path / "ray")})
+    ray_tmp = f"/tmp/aver-console-{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        out = run_job(["jobs/extract_faces.py", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                       "--actors", "1", "--cpus-per-actor", "0.5"], env={"RAY_TMPDIR": ray_tmp})
+        _check_terminal(out, tmp_path, ray_tmp)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _check_terminal(out, tmp_path, ray_tmp: str) -> None:
     printed = (out.stdout + out.stderr).splitlines()
     assert out.returncode == 0, "\n".join(printed[-40:])
     noise = [line for line in printed if re.search(r"\b(INFO|WARNING|DEBUG)\b|\(pid=|pid=\d+\)|Running Dataset|"
@@ -41,9 +51,9 @@ def test_a_job_prints_its_stages_progress_and_summary_not_rays_logs(tmp_path):
     assert any(re.fullmatch(r"extract_faces: 2/2 inputs \(100 %\), [\d.]+/s", line) for line in printed), printed
     summary = [line for line in printed if line.startswith("extract_faces: corrupt=1, ok=1 (2 inputs in ")]
     assert len(summary) == 1 and f"outputs in {tmp_path / 'out'}" in summary[0] and "; logs in " in summary[0]
-    assert any(line.startswith("  broken.mp4: corrupt") for line in printed)  # the input that failed, named
+    assert any(re.match(r"  broken-\w+: corrupt - cannot decode", line) for line in printed)  # the failed input, named
     assert len(printed) <= 8, printed
     logs = summary[0].split("; logs in ")[1]
-    assert (tmp_path / "ray").exists() and logs.startswith(str(tmp_path / "ray"))
+    assert logs.startswith(ray_tmp)
     with open(f"{logs}/aver-driver.log") as f:  # what left the terminal is in the session's logs
         assert "INFO" in f.read()

@@ -39,6 +39,7 @@ class PrefixStore:
         self.parts: list[tuple[str, int, tuple, np.dtype]] = []  # (path, data offset, row shape, dtype)
         self.new: dict[bytes, torch.Tensor] = {}
         self.saved = 0
+        self.keys, self.where = np.zeros(0, "S20"), np.zeros((0, 2), np.int64)
         keys, where = [], []
         self.fs.invalidate_cache()
         if self.fs.exists(path):
@@ -62,10 +63,8 @@ class PrefixStore:
 
     def _index(self, keys: list, where: list) -> None:
         """Sorted keys with their (part, row), searched with ``searchsorted``: compact (1M rows: 28 MB)."""
-        old = [self.keys] if getattr(self, "keys", None) is not None else []
-        old_where = [self.where] if old else []
-        k = np.concatenate(old + keys) if old or keys else np.zeros(0, "S20")
-        w = np.concatenate(old_where + where) if old or keys else np.zeros((0, 2), np.int64)
+        k = np.concatenate([self.keys, *keys])
+        w = np.concatenate([self.where, *where])
         order = np.argsort(k, kind="stable")
         self.keys, self.where = k[order], w[order]
 

@@ -71,8 +71,7 @@ class Demo:
     @property
     def faces(self) -> dict:
         corpus = self.path("corpus")
-        return {"affectnet": os.path.join(corpus, "affectnet", "training.csv"),
-                "affectnet_images": os.path.join(corpus, "affectnet", "Manually_Annotated_Images"),
+        return {"affectnet": os.path.join(corpus, "affectnet", "training.csv"),  # images found beside it
                 "fec": os.path.join(corpus, "fec", "faceexp-comparison-data-train-public.csv")}
 
 
@@ -96,9 +95,8 @@ def teachers(d: Demo) -> None:
 def distill_targets(d: Demo) -> None:
     corpus = d.path("corpus")
     teacher_uris = (d.path("models", "teacher128.pt"), d.path("models", "teacher256.pt"))
-    for source, root in ((d.faces["affectnet"], d.faces["affectnet_images"]), (d.faces["fec"], None),
-                         (os.path.join(corpus, "unlabeled"), None)):
-        distill(DistillConfig(input=source, images_root=root, teachers=teacher_uris, output=d.path("distill"),
+    for source in (d.faces["affectnet"], d.faces["fec"], os.path.join(corpus, "unlabeled")):
+        distill(DistillConfig(input=source, teachers=teacher_uris, output=d.path("distill"),
                               batch_size=64, **d.one_actor))
 
 

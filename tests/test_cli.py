@@ -63,3 +63,27 @@ def test_help_documents_every_field_with_its_docstring():
         assert docs[f.name].split()[0] in text
     assert "--detector-min-prob" in text and "(default 0.9)" in text
     assert "--fail-at" not in parser_for(TeacherTrainConfig).format_help()  # testing-only flag stays hidden
+
+
+def _help_of(config, flag: str) -> str:
+    action = next(a for a in parser_for(config)._actions if flag in a.option_strings)
+    return action.help
+
+
+@pytest.mark.parametrize("config, flag, says", [
+    ("aver.train.face:TeacherTrainConfig", "--affectnet", "Manually_Annotated_file_lists/training.csv"),
+    ("aver.train.face:StudentTrainConfig", "--affectnet-images", "beside the CSV's folder"),
+    ("aver.train.face:StudentTrainConfig", "--fec", "images/ beside it"),
+    ("aver.train.face:TeacherTrainConfig", "--fec-images", "images/ beside the CSV"),
+    ("aver.pipelines.distill:DistillConfig", "--images-root", "Manually_Annotated_Images/ beside the CSV"),
+    ("aver.pipelines.evaluate:EvaluateConfig", "--data", "Manually_Annotated_file_lists/"),
+    ("aver.pipelines.evaluate:EvaluateConfig", "--affectnet-images", "Manually_Annotated_Images/"),
+    ("aver.train.vggish:VGGishTrainConfig", "--recola", "ratings_gold_standard/{arousal,valence}/*.arff"),
+    ("aver.train.fusion:FusionTrainConfig", "--recola", "AVEC 2016"),
+    ("aver.pipelines.fetch:FetchConfig", "--output", "images/ beside the CSV"),
+])
+def test_help_says_the_layout_each_dataset_flag_expects(config, flag, says):
+    import importlib
+
+    module, name = config.split(":")
+    assert says in _help_of(getattr(importlib.import_module(module), name), flag)

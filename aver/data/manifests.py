@@ -1,7 +1,14 @@
 """Readers for the real datasets' manifests (SPEC §5, REFERENCES): AffectNet and Google FEC.
 
 Each reader returns the usable records and the rejected rows with a reason, so a malformed
-line is reported and skipped, never fatal and never silently dropped.
+line is reported and skipped, never fatal and never silently dropped. Where a dataset's files are
+when no flag names them is decided here, once, for every job (the datasets' own layouts):
+
+- AffectNet: the release keeps its file lists and images in sibling folders
+  (``Manually_Annotated_file_lists/training.csv`` beside ``Manually_Annotated_Images/``); the demo
+  corpus keeps ``training.csv`` beside ``Manually_Annotated_Images/``. Either is found.
+- FEC: the images ``fetch_fec`` fetched, in ``images/`` beside the CSV.
+- RECOLA: the AVEC 2016 folders under one root (:func:`read_recola`).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import csv
 import hashlib
 import io
 import os
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,6 +27,10 @@ from aver.io.storage import url_to_fs
 AFFECTNET_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
                      "facial_landmarks", "expression", "valence", "arousal")
 FEC_TYPES = {name: code for code, name in enumerate(FEC_TRIPLET_TYPES)}
+AFFECTNET_IMAGES = "Manually_Annotated_Images"
+"""The release's image folder; ``subDirectory_filePath`` is relative to it."""
+AFFECTNET_FILE_LISTS = "Manually_Annotated_file_lists"
+"""The release's folder of training.csv and validation.csv."""
 
 
 @dataclass
@@ -39,6 +51,38 @@ def _read_text(uri: str, storage_options: dict | None) -> str:
 
 def _parent(uri: str) -> str:
     return uri.rsplit("/", 1)[0] if "/" in uri else "."
+
+
+def _with_protocol(uri: str, path: str) -> str:
+    return uri.split("://", 1)[0] + "://" + path if "://" in uri else path
+
+
+def affectnet_images_root(csv_uri: str, storage_options: dict | None = None) -> str:
+    """The ``Manually_Annotated_Images/`` folder of an AffectNet CSV: beside the CSV (the demo
+    corpus) or beside the CSV's folder (the release's ``Manually_Annotated_file_lists/``)."""
+    fs, path = url_to_fs(csv_uri, storage_options)
+    folder = posixpath.dirname(path.rstrip("/"))
+    tried = [posixpath.join(folder, AFFECTNET_IMAGES)]
+    if "/" in folder.strip("/") or "://" not in csv_uri:  # never above an S3 bucket
+        tried.append(posixpath.join(posixpath.dirname(folder), AFFECTNET_IMAGES))
+    for candidate in tried:
+        if fs.isdir(candidate):
+            return _with_protocol(csv_uri, candidate)
+    raise ValueError(f"no {AFFECTNET_IMAGES}/ beside {csv_uri} or beside its folder "
+                     f"({', '.join(_with_protocol(csv_uri, t) for t in tried)}): pass the image folder "
+                     "with --affectnet-images (distill: --images-root)")
+
+
+def affectnet_csv(root: str, split: str, storage_options: dict | None = None) -> str:
+    """AffectNet's ``{split}.csv`` under a dataset folder: at its top (the demo corpus) or in
+    ``Manually_Annotated_file_lists/`` (the release)."""
+    fs, path = url_to_fs(root, storage_options)
+    tried = [posixpath.join(path.rstrip("/"), f"{split}.csv"),
+             posixpath.join(path.rstrip("/"), AFFECTNET_FILE_LISTS, f"{split}.csv")]
+    for candidate in tried:
+        if fs.isfile(candidate):
+            return _with_protocol(root, candidate)
+    raise ValueError(f"no AffectNet {split}.csv in {root} or in its {AFFECTNET_FILE_LISTS}/")
 
 
 def is_affectnet_csv(uri: str, storage_options: dict | None = None) -> bool:
@@ -63,14 +107,14 @@ def is_fec_csv(uri: str, storage_options: dict | None = None) -> bool:
 
 def read_affectnet(csv_uri: str, images_root: str | None = None, storage_options: dict | None = None) -> Manifest:
     """AffectNet ``training.csv`` / ``validation.csv``: records with ``crop_id``, ``source``
-    (image URI under ``images_root``, default the CSV's folder), ``box`` (x1, y1, x2, y2 pixels),
-    ``label`` 0-7, ``valence``, ``arousal``. Labels 8-10 (none, uncertain, non-face) are skipped."""
-    root = (images_root or _parent(csv_uri)).rstrip("/")
-    out = Manifest(images_root=root)
+    (image URI under ``images_root``, default :func:`affectnet_images_root`), ``box`` (x1, y1, x2, y2
+    pixels), ``label`` 0-7, ``valence``, ``arousal``. Labels 8-10 (none, uncertain, non-face) are skipped."""
     reader = csv.reader(io.StringIO(_read_text(csv_uri, storage_options)))
     header = next(reader, None)
     if header is None or tuple(h.strip() for h in header[:9]) != AFFECTNET_COLUMNS:
         raise ValueError(f"{csv_uri} is not an AffectNet CSV (expected columns {', '.join(AFFECTNET_COLUMNS)})")
+    root = (images_root or affectnet_images_root(csv_uri, storage_options)).rstrip("/")
+    out = Manifest(images_root=root)
     for line, row in enumerate(reader, start=2):
         if not row or not any(c.strip() for c in row):
             continue

@@ -87,7 +87,8 @@ class SessionWindows:
     """How RECOLA sessions become fusion windows: the models that featurise them and the windowing."""
 
     recola: str
-    """RECOLA root (recordings_video/, recordings_audio/, ratings_gold_standard/)."""
+    """RECOLA root in the AVEC 2016 layout: recordings_audio/*.wav, recordings_video/*.mp4,
+    ratings_gold_standard/{arousal,valence}/*.arff (sessions train_N, dev_N)."""
     student: str
     """Student checkpoint (visual features)."""
     vggish_arousal: str

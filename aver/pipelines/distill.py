@@ -39,7 +39,8 @@ class DistillConfig(ActorPoolConfig):
     uri_fields = ("input", "output")
 
     input: str
-    """faces/ folder of extract_faces (or its parent), or a folder/glob/manifest of face images."""
+    """faces/ folder of extract_faces (or its parent), an AffectNet training.csv / validation.csv,
+    a Google FEC CSV (images fetched beside it), or a folder/glob/manifest of face images."""
     teachers: tuple[str, str]
     """Two aver Teacher checkpoints (d_face 128 and 256 in the paper)."""
     output: str
@@ -52,8 +53,8 @@ class DistillConfig(ActorPoolConfig):
     images_per_unit: int = 1024
     """Crops handled (and written) together when the input is images or a manifest."""
     images_root: str | None = None
-    """Image folder of an AffectNet CSV (default: the CSV's folder) or of fetched FEC images
-    (default: images/ beside the CSV)."""
+    """Image folder of an AffectNet CSV (default: Manually_Annotated_Images/ beside the CSV, else
+    beside the CSV's folder) or of fetched FEC images (default: images/ beside the CSV)."""
     margin: float = 0.2
     """Context around manifest face boxes, as for extract_faces crops."""
     precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})

@@ -18,6 +18,7 @@ import torch
 
 from aver.console import Progress, init_ray
 from aver.data.faces import affectnet_dataset, fec_dataset
+from aver.data.manifests import affectnet_csv, affectnet_images_root
 from aver.data.prefix_store import PrefixStore, prefix_store_folder
 from aver.data.recola import SessionWindows, session_windows
 from aver.io.parts import join
@@ -36,19 +37,23 @@ class EvaluateConfig:
     """Folder of checkpoints: student.pt, fusion.pt, fusion_visual.pt, fusion_audio.pt, vggish_*.pt
     (others optional: student_nodistill.pt, teacher128.pt, teacher256.pt)."""
     data: str
-    """Corpus root with affectnet/, fec/, recola/ in the real layouts."""
+    """Corpus root with affectnet/ (AffectNet as released: Manually_Annotated_file_lists/ and
+    Manually_Annotated_Images/, or its CSVs beside the images), fec/ (the CSVs, images/ fetched by
+    fetch_fec) and recola/ (AVEC 2016: recordings_audio/, recordings_video/, ratings_gold_standard/)."""
     output: str
     """Where metrics.json and metrics.md go."""
-    affectnet_train: str = "affectnet/training.csv"
-    """AffectNet split to fit the logistic regression on, relative to data."""
-    affectnet_eval: str = "affectnet/validation.csv"
-    """AffectNet split to score."""
-    affectnet_images: str = "affectnet/Manually_Annotated_Images"
-    """AffectNet images, relative to data."""
+    affectnet_train: str | None = None
+    """AffectNet split to fit the logistic regression on, relative to data (default: training.csv
+    in affectnet/ or in affectnet/Manually_Annotated_file_lists/)."""
+    affectnet_eval: str | None = None
+    """AffectNet split to score (default: validation.csv, found as training.csv is)."""
+    affectnet_images: str | None = None
+    """AffectNet images, relative to data (default: Manually_Annotated_Images/ beside the CSVs or
+    beside their folder)."""
     fec_eval: str = "fec/faceexp-comparison-data-test-public.csv"
     """FEC triplets to score (images fetched beside it)."""
     recola: str = "recola"
-    """RECOLA root, relative to data."""
+    """RECOLA root (AVEC 2016 layout), relative to data."""
     recola_split: str = "dev"
     """Sessions scored for CCC (the paper reports dev and test; test labels are withheld)."""
     window_s: float = SessionWindows.window_s
@@ -162,15 +167,18 @@ def face_metrics(cfg: EvaluateConfig, students: dict[str, str]) -> dict[str, dic
     h = hashlib.sha256()
     for name, uri in sorted(students.items()):
         h.update(name.encode() + hashlib.sha256(read_bytes(uri, so)).digest())
-    for rel in (cfg.affectnet_train, cfg.affectnet_eval, cfg.fec_eval, cfg.affectnet_images):
-        h.update(_path(cfg, rel).encode())
+    splits = {split: _path(cfg, rel) if rel else affectnet_csv(_path(cfg, "affectnet"), name, so)
+              for split, name, rel in (("train", "training", cfg.affectnet_train),
+                                       ("eval", "validation", cfg.affectnet_eval))}
+    images = _path(cfg, cfg.affectnet_images) if cfg.affectnet_images else affectnet_images_root(splits["eval"], so)
+    for uri in (splits["train"], splits["eval"], _path(cfg, cfg.fec_eval), images):
+        h.update(uri.encode())
     folder = join(cfg.output, "embeddings", h.hexdigest()[:16])
-    images = _path(cfg, cfg.affectnet_images)
     tr, te = (_embeddings(cfg, students, f"affectnet_{split}",
-                          lambda csv=csv: affectnet_dataset(_path(cfg, csv), images, storage_options=so,
+                          lambda csv=csv: affectnet_dataset(csv, images, storage_options=so,
                                                             num_cpus=cfg.cpus_per_task)[0],
                           ("image",), "embedding", folder)
-              for split, csv in (("train", cfg.affectnet_train), ("eval", cfg.affectnet_eval)))
+              for split, csv in splits.items())
     e = _embeddings(cfg, students, "fec_eval",
                     lambda: fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so, num_cpus=cfg.cpus_per_task)[0],
                     ("i", "j", "k"), "fec", folder)

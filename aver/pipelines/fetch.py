@@ -30,9 +30,10 @@ FETCH_SCHEMA = pa.schema([("url", pa.string()), ("file", pa.string()), ("status"
 @dataclass
 class FetchConfig:
     manifest: str
-    """Google FEC CSV (local or fsspec URI)."""
+    """Google FEC faceexp-comparison-data-{train,test}-public.csv (no header; local or fsspec URI)."""
     output: str
-    """Folder for images/ and fetch_status/ (defaults put images/ beside the CSV for the readers)."""
+    """Folder for images/ and fetch_status/: the CSV's own folder, where every job looks for the
+    images by default (images/ beside the CSV)."""
     timeout_s: float = 10.0
     """Per-request timeout."""
     retries: int = 3

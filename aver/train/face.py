@@ -28,13 +28,16 @@ class FaceTrainConfig(TrainConfig):
     """What the teacher and the student train on (Algorithm 1): AffectNet and FEC, and the loss weights."""
 
     affectnet: str = ""
-    """AffectNet training.csv (local or fsspec URI)."""
+    """AffectNet training.csv (local or fsspec URI): the release's
+    Manually_Annotated_file_lists/training.csv, or a training.csv beside Manually_Annotated_Images/."""
     fec: str = ""
-    """Google FEC training CSV (images fetched)."""
+    """Google FEC faceexp-comparison-data-train-public.csv, its images fetched by fetch_fec into
+    images/ beside it."""
     affectnet_images: str | None = None
-    """AffectNet image folder (default: the CSV's folder)."""
+    """AffectNet's Manually_Annotated_Images/ (default: that folder beside the CSV, else beside the
+    CSV's folder, as the release lays them out)."""
     fec_images: str | None = None
-    """Fetched FEC images (default: images/ beside the CSV)."""
+    """Fetched FEC images (default: images/ beside the CSV, where fetch_fec puts them)."""
     loss: FaceLossConfig = field(default_factory=FaceLossConfig)
     """Margins, alpha and the RKD weights (RKD: the student only)."""
 
@@ -92,7 +95,8 @@ class StudentTrainConfig(FaceTrainConfig):
     targets: str | None = None
     """distill.py output folder (targets/ with crop_id, target[80]); None trains without distillation."""
     unlabeled: str | None = None
-    """Unlabeled face images (the PowderFaces role), distilled with the same teachers."""
+    """Unlabeled face images (the PowderFaces role: a folder, glob or manifest of images), distilled
+    with the same teachers."""
     imagenet: str | None = None
     """torchvision DenseNet201 ImageNet weights (registry name or URI); None = random init."""
     freeze: str | None = field(default=None, metadata={"choices": Student.stages})

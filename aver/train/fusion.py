@@ -31,7 +31,8 @@ class FusionTrainConfig(TrainConfig):
     batch_size: int = 16
     """Windows per step per worker (CCC needs at least 2)."""
     recola: str = ""
-    """RECOLA root (recordings_video/, recordings_audio/, ratings_gold_standard/)."""
+    """RECOLA root in the AVEC 2016 layout: recordings_audio/*.wav, recordings_video/*.mp4,
+    ratings_gold_standard/{arousal,valence}/*.arff (sessions train_N, dev_N)."""
     student: str = ""
     """Student checkpoint (train_student output)."""
     vggish_arousal: str = ""

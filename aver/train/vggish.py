@@ -27,7 +27,8 @@ class VGGishTrainConfig(TrainConfig):
     lr: float = 1e-4
     """Learning rate (Adam)."""
     recola: str = ""
-    """RECOLA root (recordings_audio/, ratings_gold_standard/...)."""
+    """RECOLA root in the AVEC 2016 layout: recordings_audio/*.wav, recordings_video/*.mp4,
+    ratings_gold_standard/{arousal,valence}/*.arff (sessions train_N, dev_N)."""
     dimension: str = field(default="arousal", metadata={"choices": DIMENSIONS})
     """Which affect dimension this network predicts (the paper trains one network per dimension)."""
     audioset: str | None = None

@@ -1,6 +1,7 @@
 import pytest
 
-from aver.data.manifests import fec_image_name, is_affectnet_csv, is_fec_csv, read_affectnet, read_fec
+from aver.data.manifests import (affectnet_csv, affectnet_images_root, fec_image_name, is_affectnet_csv, is_fec_csv,
+                                 read_affectnet, read_fec)
 
 AFFECTNET = """subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal
 689/737db2483489148d783ef278f43f486c0a97e140fc4b6b61b84363ca.jpg,134,134,899,899,181.64;530.91;188.32,1,0.785714,-0.055556
@@ -31,7 +32,31 @@ def test_read_affectnet_keeps_0_to_7_and_reports_bad_rows(tmp_path):
     assert len(reasons) == 5
     assert any("8-10" in r for r in reasons) and any("fields" in r for r in reasons)
     assert any("bad image path" in r for r in reasons) and any("empty face box" in r for r in reasons)
-    assert read_affectnet(str(csv)).records[0]["source"].startswith(str(tmp_path) + "/689/")
+
+
+
+@pytest.mark.parametrize("layout", ["release", "demo"])
+def test_affectnet_images_and_file_lists_found_in_either_layout(tmp_path, layout):
+    # The release: Manually_Annotated_file_lists/training.csv beside Manually_Annotated_Images/;
+    # the demo corpus: training.csv beside Manually_Annotated_Images/. No flag needed for either.
+    lists = tmp_path / "AffectNet" / ("Manually_Annotated_file_lists" if layout == "release" else "")
+    images = tmp_path / "AffectNet" / "Manually_Annotated_Images"
+    (images / "689").mkdir(parents=True)
+    lists.mkdir(parents=True, exist_ok=True)
+    (lists / "training.csv").write_text(AFFECTNET)
+    assert affectnet_csv(str(tmp_path / "AffectNet"), "training") == str(lists / "training.csv")
+    assert affectnet_images_root(str(lists / "training.csv")) == str(images)
+    assert read_affectnet(str(lists / "training.csv")).records[0]["source"] == str(images / AFFECTNET.split()[1].split(",")[0])
+    assert read_affectnet(str(lists / "training.csv"), "/elsewhere").records[0]["source"].startswith("/elsewhere/689/")
+
+
+def test_affectnet_without_its_image_folder_says_where_it_looked(tmp_path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "training.csv").write_text(AFFECTNET)
+    with pytest.raises(ValueError, match="no Manually_Annotated_Images/ beside .* --affectnet-images"):
+        read_affectnet(str(tmp_path / "lists" / "training.csv"))
+    with pytest.raises(ValueError, match="no AffectNet validation.csv"):
+        affectnet_csv(str(tmp_path), "validation")
 
 
 def test_read_affectnet_rejects_other_csv(tmp_path):

@@ -1,0 +1,224 @@
+"""Every command README.md and docs/cluster.md show, run as written, in order, at a tiny size.
+
+Each document's ```sh blocks run as one bash script (tests/docs_shell.py: real bash; stand-ins only
+for what manages machines elsewhere: aws, ray up/dashboard/down, make). Their paths are the ones a
+user has: README's run in a folder laid out as the demo corpus (`affectnet/training.csv` beside
+`Manually_Annotated_Images/`, `fec/`, `recola/`, ...), docs/cluster.md's upload local folders laid
+out as the datasets' releases (AffectNet's `Manually_Annotated_file_lists/` and
+`Manually_Annotated_Images/` side by side) to a local S3 (moto) and submit every job to a Ray head
+started here (one GPU declared, none present). Only the dashboard's address is mapped (the docs'
+8265 -> the head's port); the test adds the flags that size each job (docs_shell.TINY).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from aver.demo.s3proxy import free_port
+from aver.io.parts import read_folder
+from tests.docs_shell import prelude
+from tests.media_fixtures import face_images, face_video
+from tests.ray_helpers import ROOT, ray_cli, stop_ray_cluster, submit_job, wait_for_jobs_api
+
+BIN = os.path.dirname(sys.executable)
+BUCKETS = ("aver-data", "aver-runs", "archive", "work", "media")
+AFFECTNET_ROWS, FEC_TRIPLETS = 16, 6
+
+
+def shell_blocks(doc: str) -> list[str]:
+    """The ```sh blocks of ``doc``, in order. Every fence names its language, so no command can
+    hide from this test in an untagged block."""
+    blocks, lang, body = [], None, None
+    for n, line in enumerate(open(os.path.join(ROOT, doc)).read().splitlines(), start=1):
+        if not line.startswith("```"):
+            if body is not None:
+                body.append(line)
+            continue
+        if body is None:
+            lang, body = line[3:].strip(), []
+            assert lang, f"{doc}:{n}: a fenced block without a language (sh for commands, text, python)"
+        else:
+            if lang in ("sh", "bash", "shell"):
+                blocks.append("\n".join(body))
+            body = None
+    return blocks
+
+
+def test_docs_have_their_commands_in_sh_blocks():
+    readme, cluster = shell_blocks("README.md"), shell_blocks("docs/cluster.md")
+    assert any("train_teacher.py" in b for b in readme) and any("ray job submit" in b for b in readme)
+    assert any("aws s3 sync" in b for b in cluster) and any("evaluate.py" in b for b in cluster)
+
+
+# -- the data, in the layouts the docs assume ---------------------------------------------------------
+
+def _fec_over_http(corpus, out_dir, base_url):
+    """The corpus's FEC CSVs with their images at ``base_url`` (as the real FEC's web URLs), first rows only."""
+    os.makedirs(out_dir, exist_ok=True)
+    for split in ("train", "test"):
+        name = f"faceexp-comparison-data-{split}-public.csv"
+        with open(corpus / "fec" / name) as f, open(os.path.join(out_dir, name), "w", newline="") as g:
+            for row in list(csv.reader(f))[:FEC_TRIPLETS]:
+                for i in range(3):
+                    row[5 * i] = base_url + "/" + os.path.basename(row[5 * i])
+                csv.writer(g).writerow(row)
+
+
+def _affectnet(corpus, lists_dir, images_dir):
+    os.makedirs(lists_dir, exist_ok=True)
+    for split in ("training", "validation"):
+        with open(corpus / "affectnet" / f"{split}.csv") as f:
+            rows = list(csv.reader(f))[:1 + AFFECTNET_ROWS]
+        with open(os.path.join(lists_dir, f"{split}.csv"), "w", newline="") as g:
+            csv.writer(g).writerows(rows)
+        for row in rows[1:]:
+            dst = os.path.join(images_dir, row[0])
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy(corpus / "affectnet" / "Manually_Annotated_Images" / row[0], dst)
+
+
+def _weights(folder, names):
+    """Upstream-layout state dicts of the three pretrained trunks (random values: nothing downloads)."""
+    import torch
+
+    from aver.models import Student, Teacher, VGGishEmotion
+
+    os.makedirs(folder, exist_ok=True)
+    facenet, densenet, vggish = names
+    torch.save(Teacher().trunk.state_dict(), os.path.join(folder, facenet))
+    torch.save(Student().backbone.state_dict(), os.path.join(folder, densenet))
+    torch.save({f"features.{k}": v for k, v in VGGishEmotion().features.state_dict().items()},
+               os.path.join(folder, vggish))
+
+
+def _videos(folder):
+    face_video(os.path.join(folder, "talk.mp4"), seconds=1.0)
+    with open(os.path.join(folder, "broken.mp4"), "wb") as f:
+        f.write(b"not a video")
+
+
+@pytest.fixture(scope="module")
+def fec_server(small_corpus):
+    handler = partial(SimpleHTTPRequestHandler, directory=str(small_corpus / "fec" / "source"))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def head(s3):
+    """A Ray head as on the cluster (its own auth token, a declared GPU CUDA cannot reach) whose
+    nodes reach the local S3 from their environment, as instance profiles give them."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    for bucket in BUCKETS:
+        client.create_bucket(Bucket=bucket)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               PATH=BIN + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0",
+               AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_ENDPOINT_URL=s3["endpoint"],
+               AWS_DEFAULT_REGION="us-east-1", PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = f"/tmp/aver-docs-{os.getpid()}"
+    dash = free_port()
+    try:
+        # CPUs beyond the cores: the jobs' default shares (a Ray Train worker and its data tasks, a
+        # model actor and its load tasks) fit without resizing each command.
+        start = ray_cli(["start", "--head", "--num-cpus=4", "--num-gpus=1", f"--port={free_port()}",
+                         f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                         "--include-dashboard=true"], env, timeout=180)
+        assert start.returncode == 0, start.stderr[-3000:]
+        address = f"http://127.0.0.1:{dash}"
+        wait_for_jobs_api(address, env)
+        ready = submit_job(address, env, [sys.executable, "-c", "pass"])  # the job agent is up
+        assert ready.returncode == 0, (ready.stdout + ready.stderr)[-2000:]
+        yield address, env
+    finally:
+        stop_ray_cluster(temp_dir)
+
+
+def run_doc(doc: str, cwd, env: dict, address: str, timeout: float) -> str:
+    script = "\n".join(shell_blocks(doc))
+    script = re.sub(r"http://(HEAD|127\.0\.0\.1):8265", address, script)  # the one mapped placeholder
+    home = os.path.join(str(cwd), "home")
+    os.makedirs(home, exist_ok=True)
+    if not os.path.exists(os.path.join(home, "aver")):
+        os.symlink(ROOT, os.path.join(home, "aver"))  # the nodes' checkout (~/aver)
+    if not os.path.exists(os.path.join(str(cwd), "jobs")):
+        os.symlink(os.path.join(ROOT, "jobs"), os.path.join(str(cwd), "jobs"))  # README: from the repo root
+    run_env = dict(env, HOME=home, AVER_ROOT=ROOT, MPLCONFIGDIR=os.path.join(home, ".mpl"))
+    r = subprocess.run(["bash", "-c", prelude() + "\n" + script], cwd=str(cwd), env=run_env,
+                       capture_output=True, text=True, timeout=timeout)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, f"{doc}: a documented command failed (exit {r.returncode}):\n{log[-6000:]}"
+    return log
+
+
+@pytest.mark.timeout(900)
+def test_readme_commands_run_as_written_on_the_demo_layout(tmp_path, small_corpus, fec_server, head):
+    address, env = head
+    ws = tmp_path / "repo"
+    _affectnet(small_corpus, ws / "affectnet", ws / "affectnet" / "Manually_Annotated_Images")
+    _fec_over_http(small_corpus, ws / "fec", fec_server)
+    shutil.copytree(small_corpus / "recola", ws / "recola")
+    face_images(ws / "unlabeled", 8)
+    _weights(ws / "weights", ("20180402-114759-vggface2.pt", "densenet201-c1103571.pth", "vggish-10086976.pth"))
+    _videos(ws / "videos")
+    (ws / "archive").mkdir()
+    shutil.copy(small_corpus / "archive" / "interview.mp4", ws / "archive")
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put_file(str(ws / "videos" / "talk.mp4"), "archive/videos/talk.mp4")  # the README's cluster example
+    log = run_doc("README.md", ws, env, address, timeout=840)
+
+    models = sorted(os.listdir(ws / "runs" / "models"))
+    for name in ("teacher128.pt", "teacher256.pt", "student.pt", "vggish_arousal.pt", "vggish_valence.pt",
+                 "fusion.pt"):
+        assert name in models, (name, models, log[-3000:])
+    targets = read_folder(str(ws / "runs" / "distill" / "targets")).to_pandas()
+    assert targets["crop_id"].str.startswith("affectnet:").sum() == AFFECTNET_ROWS
+    assert (ws / "runs" / "eval" / "metrics.json").exists()
+    assert sorted(read_folder(str(ws / "runs" / "faces" / "status")).to_pandas()["status"]) == ["corrupt", "ok"]
+    assert read_folder(str(ws / "labels" / "scores")).num_rows > 0
+    assert fs.ls("work/faces/status")  # the submitted extract_faces wrote to S3
+
+
+@pytest.mark.timeout(900)
+def test_cluster_md_commands_run_as_written_on_the_release_layout(tmp_path, small_corpus, fec_server, head):
+    address, env = head
+    ws = tmp_path / "laptop"
+    _affectnet(small_corpus, ws / "AffectNet" / "Manually_Annotated_file_lists",
+               ws / "AffectNet" / "Manually_Annotated_Images")
+    _fec_over_http(small_corpus, ws / "FEC", fec_server)
+    shutil.copytree(small_corpus / "recola", ws / "RECOLA")
+    face_images(ws / "powderfaces", 8)
+    _weights(ws, ("vggface2.pt", "densenet201-c1103571.pth", "vggish-10086976.pth"))
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put_file(str(small_corpus / "archive" / "interview.mp4"), "media/archive/interview.mp4")
+    log = run_doc("docs/cluster.md", ws, env, address, timeout=840)
+
+    models = {os.path.basename(p) for p in fs.ls("aver-runs/models")}
+    for name in ("teacher128.pt", "teacher256.pt", "student.pt", "vggish_arousal.pt", "vggish_valence.pt",
+                 "fusion.pt", "fusion_visual.pt", "fusion_audio.pt"):
+        assert name in models, (name, models, log[-3000:])
+    metrics = fs.cat("aver-runs/eval/metrics.json")
+    assert b"affectnet_accuracy" in metrics and b"fused" in metrics
+    assert fs.ls("media/labels/scores") and fs.exists("media/labels/report/index.html")

@@ -1,4 +1,6 @@
 import os
+import secrets
+import sys
 
 import pytest
 
@@ -89,3 +91,50 @@ def random_models(tmp_path_factory):
                              ("fusion_audio", ("audio",))):
         save_checkpoint(FusionModel(1920, 256, modalities=modalities).eval(), str(root / f"{name}.pt"))
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3):
+    """A Ray head started as on a cluster, for `ray job submit` (REFERENCES: token auth, the venv
+    first on PATH): its own auth token, every port its own, one GPU declared that CUDA cannot reach
+    (GPU actors are scheduled on it and fall back to the CPU), 4 logical CPUs on the 2 cores (the
+    jobs' default shares fit), and the local S3 in its environment as an instance profile gives a
+    node its credentials. Yields (dashboard address, environment); only its own processes end."""
+    import socket
+
+    from tests.ray_helpers import ROOT, ray_cli, stop_ray_cluster, submit_job, wait_for_jobs_api
+
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               RAY_USAGE_STATS_ENABLED="0", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+               AWS_ENDPOINT_URL=s3["endpoint"], AWS_DEFAULT_REGION="us-east-1", PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = f"/tmp/aver-ray-{os.getpid()}"
+    try:
+        for attempt in range(3):
+            # Every port of its own, distinct (held open together while chosen): a Ray started earlier
+            # in this session holds the fixed defaults (the job agent's 52365, the client server's
+            # 10001), and an agent whose port was taken never serves ("No available agent to submit
+            # job"): such a head is ended and started again on other ports.
+            held = [socket.socket() for _ in range(4)]
+            for sock in held:
+                sock.bind(("", 0))
+            gcs, dash, agent, client = (sock.getsockname()[1] for sock in held)
+            for sock in held:
+                sock.close()
+            start = ray_cli(["start", "--head", "--num-cpus=4", "--num-gpus=1", f"--port={gcs}",
+                             f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+                             "--include-dashboard=true"], env, timeout=180)
+            assert start.returncode == 0, start.stderr[-3000:]
+            address = f"http://127.0.0.1:{dash}"
+            wait_for_jobs_api(address, env)
+            ready = submit_job(address, env, [sys.executable, "-c", "pass"], timeout=150)  # its job agent is up
+            if ready.returncode == 0:
+                break
+            stop_ray_cluster(temp_dir, also=f"--port={client}")
+        else:
+            raise AssertionError(f"no Ray head took jobs in 3 starts: {(ready.stdout + ready.stderr)[-2000:]}")
+        yield address, env
+    finally:
+        stop_ray_cluster(temp_dir, also=f"--port={client}")

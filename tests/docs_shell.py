@@ -30,7 +30,7 @@ TINY = {
     "train_fusion.py": "--epochs 1 --batch-size 8 --num-workers 1 --window-s 4.8",
     "evaluate.py": "--window-s 4.8 --featurizer-cpus 1 --cpus-per-task 0.5",
     "distill.py": "--cpus-per-actor 1 --batch-size 64",
-    "extract_faces.py": "--cpus-per-actor 1 --batch-size 64",
+    "extract_faces.py": "--cpus-per-actor 1",
     "score_videos.py": "--cpus-per-actor 1 --batch-size 64",
 }
 
@@ -45,7 +45,7 @@ tiny() {
 without_gpu_training() { local a; for a in "$@"; do [[ $a == --use-gpu ]] || printf '%%s\0' "$a"; done; }
 python() {
   local args; mapfile -d '' args < <(without_gpu_training "$@")
-  echo "+ python ${args[*]} $(tiny "$1")" >&2
+  echo "+ [${SECONDS}s] python ${args[*]} $(tiny "$1")" >&2
   # shellcheck disable=SC2046
   command python "${args[@]}" $(tiny "$1")
 }
@@ -54,7 +54,7 @@ ray() {
     shift 2
     local pre=(); while [[ $# -gt 0 && $1 != -- ]]; do pre+=("$1"); shift; done; shift
     local entry; mapfile -d '' entry < <(without_gpu_training "$@")
-    echo "+ ray job submit ${pre[*]} -- ${entry[*]} $(tiny "${entry[1]}")" >&2
+    echo "+ [${SECONDS}s] ray job submit ${pre[*]} -- ${entry[*]} $(tiny "${entry[1]}")" >&2
     local log; log=$(mktemp)
     # shellcheck disable=SC2046
     command ray job submit "${pre[@]}" -- "${entry[@]}" $(tiny "${entry[1]}") 2>&1 | tee "$log" >&2

@@ -63,17 +63,18 @@ def kill_when(args: list[str], ready, timeout: float = 240) -> None:
         time.sleep(1)
 
 
-def stop_ray_cluster(temp_dir: str) -> None:
+def stop_ray_cluster(temp_dir: str, also: str | None = None) -> None:
     """End the Ray cluster started with ``--temp-dir=temp_dir`` and only it: its processes name
     the folder on their command line, and its workers are their children (``ray stop`` would end
-    every Ray process of the user)."""
+    every Ray process of the user). ``also``: an argument that names the rest of it (the client
+    server's ``--port=N`` names no folder)."""
     import psutil
 
     me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     roots = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if p.pid not in me and any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
+            if p.pid not in me and any(temp_dir in arg or arg == also for arg in (p.info["cmdline"] or [])):
                 roots.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass

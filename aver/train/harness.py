@@ -20,7 +20,7 @@ from aver.console import VERBOSE_ENV, init_ray, verbose
 from aver.io.parts import join
 from aver.models import autocast, save_checkpoint
 from aver.models.weights import ship
-from aver.io.storage import exists, read_bytes, redact, url_to_fs, write_bytes_atomic
+from aver.io.storage import absolute, exists, read_bytes, redact, url_to_fs, write_bytes_atomic
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -157,7 +157,8 @@ def begin(cfg: TrainConfig, job: str) -> bool:
         return False
     for name in cfg.weight_fields:  # registry names resolved here, read by the workers from OUTPUT/weights
         if getattr(cfg, name):
-            setattr(cfg, name, ship(getattr(cfg, name), join(cfg.output, "weights"), cfg.storage_options or None))
+            setattr(cfg, name, absolute(ship(getattr(cfg, name), join(cfg.output, "weights"),
+                                             cfg.storage_options or None)))
     init_ray()
     return True
 

@@ -1,81 +1,14 @@
-"""`ray job submit` to a local head started here, as on a real cluster (REFERENCES: token auth,
-the venv first on PATH). The head declares one GPU that CUDA may not reach (this machine has
-none): GPU actors must be scheduled on it and run on CUDA or fall back to the CPU."""
+"""`ray job submit` to a local head started as on a real cluster (conftest's ``ray_head``: token auth,
+the venv first on PATH, one GPU declared that CUDA cannot reach): evaluate's GPU actors must be
+scheduled on it and run on CUDA or fall back to the CPU. extract_faces and score_videos go through
+the same head in tests/test_docs.py (README's and docs/cluster.md's `ray job submit` lines)."""
 
 import os
-import secrets
 import sys
 
 import pytest
 
-from aver.io.parts import read_folder
-from aver.demo.s3proxy import free_port
-from tests.media_fixtures import face_video
-from tests.ray_helpers import ROOT, ray_cli, stop_ray_cluster, submit_job, wait_for_jobs_api
-
-BIN = os.path.dirname(sys.executable)
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    # A token of our own: a fresh machine has no ~/.ray/auth_token, and the head refuses to start without one.
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-               PATH=BIN + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = f"/tmp/aver-ray-{os.getpid()}"
-    dash = free_port()
-    try:
-        # Every port of its own: a Ray started earlier in this test session (ray.init() of another
-        # test) holds the fixed defaults (the job agent's 52365, the client server's 10001); sharing
-        # them leaves this head without a job agent ("No available agent to submit job").
-        start = ray_cli(["start", "--head", "--num-cpus=2", "--num-gpus=1", f"--port={free_port()}",
-                         f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-                         "--include-dashboard=true"], env, timeout=180)
-        assert start.returncode == 0, start.stderr[-3000:]
-        address = f"http://127.0.0.1:{dash}"
-        wait_for_jobs_api(address, env)
-        yield address, env
-    finally:
-        stop_ray_cluster(temp_dir)
-
-
-@pytest.mark.timeout(420)
-def test_ray_job_submit_extract_faces(tmp_path, ray_head):
-    address, env = ray_head
-    face_video(tmp_path / "in" / "v.mp4", seconds=1.0)
-    (tmp_path / "in" / "broken.mp4").write_bytes(b"junk")
-    out = submit_job(address, env, [sys.executable, os.path.join(ROOT, "jobs", "extract_faces.py"), "--input",
-                                    str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--cpus-per-actor", "0.5",
-                                    "--actors", "1"])
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    assert "succeeded" in out.stdout
-    assert "corrupt=1, ok=1" in out.stdout
-    status = read_folder(str(tmp_path / "out" / "status")).to_pandas()
-    assert sorted(status["status"]) == ["corrupt", "ok"]
-    assert read_folder(str(tmp_path / "out" / "faces")).num_rows == 5
-
-
-@pytest.mark.timeout(420)
-def test_ray_job_submit_score_videos_on_a_gpu_node_without_cuda(tmp_path, ray_head, small_corpus, random_models):
-    address, env = ray_head
-    inp = tmp_path / "in"
-    inp.mkdir()
-    for name in ("interview.mp4", "broken.mp4"):
-        (inp / name).write_bytes((small_corpus / "archive" / name).read_bytes())
-    out = submit_job(address, env, [sys.executable, os.path.join(ROOT, "jobs", "score_videos.py"), "--input",
-                                    str(inp), "--output", str(tmp_path / "out"), "--model", str(random_models),
-                                    "--cpus-per-actor", "0.5", "--gpus-per-actor", "0.5"])
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
-    assert "succeeded" in out.stdout
-    # scheduled on the GPU node (Ray handed it GPU 0): on CUDA where it works, else on the CPU
-    assert ("Ray GPU ids [0] but CUDA is not available: falling back to CPU" in log
-            or "on CUDA (Ray GPU ids [0])" in log)
-    status = read_folder(str(tmp_path / "out" / "status")).to_pandas()
-    assert sorted(status["status"]) == ["corrupt", "ok"]
-    assert read_folder(str(tmp_path / "out" / "scores")).num_rows == 30
-    assert (tmp_path / "out" / "report" / "index.html").exists()
+from tests.ray_helpers import ROOT, submit_job
 
 
 @pytest.mark.timeout(420)

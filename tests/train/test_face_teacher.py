@@ -38,18 +38,3 @@ def test_two_workers_survive_a_mid_epoch_failure_and_resume(small_corpus, tmp_pa
     # A finished run is not trained again, and says so.
     capsys.readouterr()
     assert run(cfg) is None and "teacher128.pt exists; nothing to do" in capsys.readouterr().out
-
-
-def test_cli_trains_and_reports_metrics(small_corpus, tmp_path, ray_local):
-    # jobs/train_teacher.py's command line, parsed and run as its main() does (in this process's Ray)
-    from aver.cli import main
-
-    data = corpus_subset(small_corpus, tmp_path / "data", affectnet_rows=48, fec_triplets=30)
-    args = ["--affectnet", data["affectnet"], "--affectnet-images", data["affectnet_images"],
-            "--fec", data["fec"], "--output", str(tmp_path), "--name", "t256", "--d-face", "256", "--epochs", "1",
-            "--batch-size", "8", "--freeze", "trunk", "--cpus-per-worker", "0.5"]
-    assert main(TeacherTrainConfig, run, argv=args) == 0
-    history = json.loads((tmp_path / "models" / "t256.metrics.json").read_text())
-    assert history[0]["epoch"] == 0 and 0 <= history[0]["accuracy"] <= 1 and history[0]["loss"] > 0
-    model, _ = load_checkpoint(str(tmp_path / "models" / "t256.pt"))
-    assert model.config.d_face == 256

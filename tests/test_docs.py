@@ -136,8 +136,9 @@ def run_doc(doc: str, cwd, env: dict, address: str, timeout: float) -> str:
     os.makedirs(home, exist_ok=True)
     if not os.path.exists(os.path.join(home, "aver")):
         os.symlink(ROOT, os.path.join(home, "aver"))  # the nodes' checkout (~/aver)
-    if not os.path.exists(os.path.join(str(cwd), "jobs")):
-        os.symlink(os.path.join(ROOT, "jobs"), os.path.join(str(cwd), "jobs"))  # README: from the repo root
+    for name in ("jobs", "cluster.yaml"):  # the commands run from the checkout's root
+        if not os.path.exists(os.path.join(str(cwd), name)):
+            os.symlink(os.path.join(ROOT, name), os.path.join(str(cwd), name))
     run_env = dict(env, HOME=home, AVER_ROOT=ROOT, MPLCONFIGDIR=os.path.join(home, ".mpl"))
     r = subprocess.run(["bash", "-c", prelude() + "\n" + script], cwd=str(cwd), env=run_env,
                        capture_output=True, text=True, timeout=timeout)

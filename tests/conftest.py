@@ -93,13 +93,15 @@ def random_models(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head(s3):
     """A Ray head started as on a cluster, for `ray job submit` (REFERENCES: token auth, the venv
     first on PATH): its own auth token, every port its own, one GPU declared that CUDA cannot reach
     (GPU actors are scheduled on it and fall back to the CPU), 4 logical CPUs on the 2 cores (the
     jobs' default shares fit), and the local S3 in its environment as an instance profile gives a
-    node its credentials. Yields (dashboard address, environment); only its own processes end."""
+    node its credentials. Yields (dashboard address, environment); only its own processes end.
+    One per module that asks, ended with it: beside it, Ray Train's placement-group cleaner in an
+    embedded Ray cannot tell which cluster to ask (its monitor thread stops; docs/decisions.md)."""
     import socket
 
     from tests.ray_helpers import ROOT, ray_cli, stop_ray_cluster, submit_job, wait_for_jobs_api

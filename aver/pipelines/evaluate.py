@@ -167,18 +167,21 @@ def face_metrics(cfg: EvaluateConfig, students: dict[str, str]) -> dict[str, dic
     h = hashlib.sha256()
     for name, uri in sorted(students.items()):
         h.update(name.encode() + hashlib.sha256(read_bytes(uri, so)).digest())
-    splits = {split: _path(cfg, rel) if rel else affectnet_csv(_path(cfg, "affectnet"), name, so)
-              for split, name, rel in (("train", "training", cfg.affectnet_train),
-                                       ("eval", "validation", cfg.affectnet_eval))}
-    images = _path(cfg, cfg.affectnet_images) if cfg.affectnet_images else affectnet_images_root(splits["eval"], so)
-    for uri in (splits["train"], splits["eval"], _path(cfg, cfg.fec_eval), images):
-        h.update(uri.encode())
+    # The key names the data as configured, not as found: a rerun reads saved splits with no data there.
+    for rel in (cfg.affectnet_train or "affectnet/", cfg.affectnet_eval or "affectnet/", cfg.fec_eval,
+                cfg.affectnet_images or "affectnet/"):
+        h.update(_path(cfg, rel).encode())
     folder = join(cfg.output, "embeddings", h.hexdigest()[:16])
-    tr, te = (_embeddings(cfg, students, f"affectnet_{split}",
-                          lambda csv=csv: affectnet_dataset(csv, images, storage_options=so,
-                                                            num_cpus=cfg.cpus_per_task)[0],
+
+    def affectnet(split: str, rel: str | None):
+        csv = _path(cfg, rel) if rel else affectnet_csv(_path(cfg, "affectnet"), split, so)
+        images = _path(cfg, cfg.affectnet_images) if cfg.affectnet_images else affectnet_images_root(csv, so)
+        return affectnet_dataset(csv, images, storage_options=so, num_cpus=cfg.cpus_per_task)[0]
+
+    tr, te = (_embeddings(cfg, students, f"affectnet_{split}", lambda name=name, rel=rel: affectnet(name, rel),
                           ("image",), "embedding", folder)
-              for split, csv in splits.items())
+              for split, name, rel in (("train", "training", cfg.affectnet_train),
+                                       ("eval", "validation", cfg.affectnet_eval)))
     e = _embeddings(cfg, students, "fec_eval",
                     lambda: fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so, num_cpus=cfg.cpus_per_task)[0],
                     ("i", "j", "k"), "fec", folder)

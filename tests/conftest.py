@@ -112,6 +112,7 @@ def ray_head(s3):
                AWS_ENDPOINT_URL=s3["endpoint"], AWS_DEFAULT_REGION="us-east-1", PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     temp_dir = f"/tmp/aver-ray-{os.getpid()}"
+    client = None  # the client server's port, once chosen (its process names no temp dir)
     try:
         for attempt in range(3):
             # Every port of its own, distinct (held open together while chosen): a Ray started earlier
@@ -139,4 +140,4 @@ def ray_head(s3):
             raise AssertionError(f"no Ray head took jobs in 3 starts: {(ready.stdout + ready.stderr)[-2000:]}")
         yield address, env
     finally:
-        stop_ray_cluster(temp_dir, also=f"--port={client}")
+        stop_ray_cluster(temp_dir, also=client and f"--port={client}")

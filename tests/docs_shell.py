@@ -18,6 +18,7 @@ fails the test when it fails.
 
 from __future__ import annotations
 
+import os
 import sys
 
 # Flags appended to each job (argparse keeps the last value): one epoch, small batches, frozen
@@ -87,8 +88,6 @@ def aws(args: list[str]) -> None:
     else:
         sys.exit(f"aws stand-in: only 's3 sync SRC DST' and 's3 cp FILE... DST', not {args}")
     fs = fsspec.filesystem("s3")  # endpoint and keys from the environment, as the CLI takes them
-    import os
-
     for src in sources:
         if os.path.isdir(src):
             for folder, _, files in os.walk(src, followlinks=True):

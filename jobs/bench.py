@@ -446,7 +446,7 @@ def main() -> int:
     import ray
     import torch
 
-    from aver.pipelines.units import keep_task_workers
+    from aver.pipelines.cluster import keep_task_workers
 
     work = tempfile.mkdtemp(prefix="aver-bench-")
     corpus = os.path.join(work, "videos")

@@ -26,7 +26,7 @@ def ray_local():
     """One embedded local Ray for the in-process job tests (2 CPUs, no dashboard)."""
     import ray
 
-    from aver.pipelines.units import keep_task_workers
+    from aver.pipelines.cluster import keep_task_workers
 
     keep_task_workers()  # the local Ray a job starts
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

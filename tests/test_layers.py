@@ -15,7 +15,7 @@ LAYERS = [
     ("aver.cli",),
 ]
 # Shared by the job modules of a package; everything else there is one job's own logic.
-SHARED = {"aver.train.harness", "aver.train.batches", "aver.pipelines.units", "aver.pipelines.report"}
+SHARED = {"aver.train.harness", "aver.train.batches", "aver.pipelines.ledger", "aver.pipelines.stages", "aver.pipelines.cluster", "aver.pipelines.report"}
 
 
 def module_name(path: pathlib.Path) -> str:

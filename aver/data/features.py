@@ -9,12 +9,13 @@ log-mel frames (0.32 s). A fusion window takes a fixed number of steps of each (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from aver.audio import log_mel
-from aver.constants import AFFECTNET_CLASSES, AUDIO_STEP_S
+from aver.constants import AFFECTNET_CLASSES, AUDIO_STEP_S, SAMPLE_RATE
 from aver.faces import FaceDetector, FaceTracker, TrackedFrame, scan_video
 from aver.models import Student, VGGishConfig, autocast
 
@@ -128,6 +129,55 @@ def chunked_frame_features(net: torch.nn.Module, mel: torch.Tensor, chunk: int =
         first = (start - lo) // 8
         out.append(f[first:first + min(chunk, n_steps * 8 - start) // 8])
     return np.concatenate(out) if out else np.zeros((0, net.config.embedding_dim), np.float32)
+
+
+@dataclass
+class MelChunk:
+    """A stretch of a recording's log-mel with the context its VGGish frame features need: the
+    features of ``mel`` from step ``skip`` on, ``steps`` of them, are the recording's features there
+    (as :func:`chunked_frame_features` computes them)."""
+
+    mel: np.ndarray
+    """``[frames, n_mels]`` float32, context included."""
+    skip: int
+    """Feature steps of leading context."""
+    steps: int
+    """Feature steps this chunk contributes."""
+
+
+def mel_chunks(waves: Iterable[np.ndarray], chunk: int = 4096) -> Iterator[MelChunk]:
+    """The log-mel of 16 kHz audio given piece by piece (any lengths), ``chunk`` frames at a time
+    with :data:`VGGISH_CONTEXT` frames of context on each side: the chunks'
+    features, one after the other, equal :func:`chunked_frame_features` over the whole log-mel, and
+    no more than a chunk and its context is held. The log-mel frames do not overlap (window = hop
+    = 640 samples), so pieces are cut at multiples of 640 samples and their log-mels joined."""
+    if chunk % 8 or chunk < 8:
+        raise ValueError("chunk must be a positive multiple of 8 log-mel frames")
+    hop, ctx = int(round(SAMPLE_RATE * 0.040)), VGGISH_CONTEXT
+    tail = np.zeros(0, np.float32)
+    mel = np.zeros((0, 0), np.float32)
+    mel_start, start = 0, 0  # absolute frame of mel[0]; frame where the next chunk starts
+
+    def emit(final: bool) -> Iterator[MelChunk]:
+        nonlocal mel, mel_start, start
+        end = mel_start + len(mel)
+        while end >= start + chunk + ctx or (final and start < (end // 8) * 8):
+            steps = min(chunk, (end // 8) * 8 - start) // 8
+            lo, hi = max(0, start - ctx), min(end, start + chunk + ctx)
+            yield MelChunk(mel[lo - mel_start:hi - mel_start].copy(), (start - lo) // 8, steps)
+            start += chunk
+            keep = max(0, start - ctx) - mel_start
+            mel, mel_start = mel[keep:], mel_start + keep
+
+    for wave in waves:
+        joined = np.concatenate([tail, np.asarray(wave, np.float32)])
+        whole = len(joined) // hop * hop
+        tail = joined[whole:]
+        if whole:
+            m = log_mel(joined[:whole], SAMPLE_RATE).numpy()
+            mel = m if not len(mel) else np.concatenate([mel, m])
+            yield from emit(False)
+    yield from emit(True)
 
 
 def audio_timeline(waveform: np.ndarray, sample_rate: int, vggish: list[torch.nn.Module],

@@ -347,6 +347,16 @@ def read_audio(source: str, *, storage_options: dict | None = None, sample_rate:
                max_duration_s: float = MAX_DURATION_S) -> np.ndarray:
     """The first audio stream as mono float32 at ``sample_rate``; raises ``MediaError('no_audio')``,
     and ``too_large`` past ``max_duration_s`` of decoded audio."""
+    chunks = list(audio_chunks(source, storage_options=storage_options, sample_rate=sample_rate,
+                               max_duration_s=max_duration_s))
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def audio_chunks(source: str, *, storage_options: dict | None = None, sample_rate: int = 16000,
+                 max_duration_s: float = MAX_DURATION_S, chunk_samples: int = 1 << 20) -> Iterator[np.ndarray]:
+    """:func:`read_audio` ``chunk_samples`` at a time (the last chunk shorter), decoded as they are
+    asked for: a long recording is never held whole. Raises as :func:`read_audio` does, possibly
+    after some chunks."""
     import av
 
     f, size = _open(source, storage_options)
@@ -363,22 +373,35 @@ def read_audio(source: str, *, storage_options: dict | None = None, sample_rate:
             if container.streams.audio[0].codec_context is None:
                 raise MediaError("unsupported", f"{redact(source)}: no decoder for its audio codec")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            chunks, n, limit = [], 0, int(max_duration_s * sample_rate)
+            held, n_held, n, limit = [], 0, 0, int(max_duration_s * sample_rate)
+
+            def full() -> Iterator[np.ndarray]:
+                nonlocal held, n_held
+                while n_held >= chunk_samples:
+                    joined = np.concatenate(held)
+                    yield joined[:chunk_samples].astype(np.float32)
+                    held, n_held = [joined[chunk_samples:]], n_held - chunk_samples
+
             try:
                 for frame in container.decode(container.streams.audio[0]):
                     for out in resampler.resample(frame):
-                        chunks.append(out.to_ndarray().reshape(-1))
-                        n += chunks[-1].size
+                        held.append(out.to_ndarray().reshape(-1))
+                        n_held += held[-1].size
+                        n += held[-1].size
                     if n > limit:
                         raise MediaError("too_large", f"{redact(source)}: audio runs longer than the "
                                                       f"{max_duration_s:.0f} s limit")
+                    yield from full()
                 for out in resampler.resample(None):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    held.append(out.to_ndarray().reshape(-1))
+                    n_held += held[-1].size
+                yield from full()
             except MediaError:
                 raise
             except Exception as e:  # noqa: BLE001
                 raise _av_error(source, e) from None
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+            if n_held:
+                yield np.concatenate(held).astype(np.float32)
 
 
 def _read_whole(source: str, storage_options: dict | None, limit: int) -> bytes:

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+import tempfile
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aver.io.storage import url_to_fs, write_bytes_atomic
+from aver.io.storage import is_local, url_to_fs, write_bytes_atomic
+
+ROW_GROUP_ROWS = 1024
+"""Rows per Parquet row group: a reader can take a part a slice at a time (distill reads faces
+parts so); parts written before had one row group, which is read whole."""
 
 STATUS_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -29,8 +34,34 @@ def join(base: str, *parts: str) -> str:
 def write_table(uri: str, table: pa.Table, storage_options: dict | None = None) -> None:
     """Write ``table`` as one Parquet file at ``uri``; never visible half-written."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     write_bytes_atomic(uri, buf.getvalue(), storage_options)
+
+
+def write_tables(uri: str, schema: pa.Schema, tables: Iterable[pa.Table], storage_options: dict | None = None) -> int:
+    """Write the ``tables`` one after the other as one Parquet file at ``uri``, never visible
+    half-written, holding one table at a time: they stream into a temporary file (beside ``uri``
+    when local, then renamed; else in the temp folder, then uploaded: an object store publishes it
+    only once the upload completes). Returns the rows written."""
+    fs, path = url_to_fs(uri, storage_options)
+    folder = os.path.dirname(os.path.abspath(path)) if is_local(uri) else None
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_ROWS)
+                n += len(table)
+        if folder:
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return n
 
 
 def status_table(rows: list[dict[str, Any]], id_column: str = "video_id") -> pa.Table:
@@ -61,11 +92,11 @@ def read_part(uri: str, storage_options: dict | None = None, columns: list[str] 
         return None
 
 
-def remove(uri: str, storage_options: dict | None = None) -> None:
-    """Delete ``uri`` if it exists."""
+def remove(uri: str, storage_options: dict | None = None, recursive: bool = False) -> None:
+    """Delete ``uri`` (with ``recursive``, a folder and all under it) if it exists."""
     fs, path = url_to_fs(uri, storage_options)
     try:
-        fs.rm(path)
+        fs.rm(path, recursive=recursive)
     except FileNotFoundError:
         pass
 

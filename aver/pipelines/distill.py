@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,8 +27,9 @@ from aver.io.media import IMAGE_EXTENSIONS, InputItem, items_in_listing, list_in
 from aver.io.storage import redact, url_to_fs
 from aver.models import StudentConfig, Teacher, autocast, load_checkpoint, same_weights
 from aver.models._base import resize_crops
-from aver.pipelines.units import (ActorPoolConfig, ModelStage, Plan, actor_setup, commit, connect, guarded_map, plan,
-                                  run_stages, summarise)
+from aver.pipelines.cluster import actor_setup, connect
+from aver.pipelines.ledger import Plan, Unit, commit, plan, status_row
+from aver.pipelines.stages import ActorPoolConfig, ModelStage, Record, Records, guarded_map, run_stages, summarise
 
 DISTILL_DIM = StudentConfig.distill_dim
 """Width of a target: [t1.fec, t1.affectnet, t2.fec, t2.affectnet], what the student's distill head learns."""
@@ -51,7 +53,8 @@ class DistillConfig(ActorPoolConfig):
     """Units one model-actor call takes: a unit already holds hundreds of crops, and a call that
     waited for several would idle the actor while they load."""
     images_per_unit: int = 1024
-    """Crops handled (and written) together when the input is images or a manifest."""
+    """Crops handled (and written) together when the input is images or a manifest; a faces part
+    is read (and its crops held) this many at a time."""
     images_root: str | None = None
     """Image folder of an AffectNet CSV (default: Manually_Annotated_Images/ beside the CSV, else
     beside the CSV's folder) or of fetched FEC images (default: images/ beside the CSV)."""
@@ -104,7 +107,7 @@ def _crop_entries(cfg: DistillConfig, listing: list[InputItem] | None) -> tuple[
 
 def plan_units(cfg: DistillConfig) -> Plan:
     """One unit per faces/ part, or chunks of pending crops (AffectNet / FEC manifests, image
-    folders); unit ids never depend on positions (see :mod:`aver.pipelines.units`)."""
+    folders); unit ids never depend on positions (see :mod:`aver.pipelines.ledger`)."""
     fs, path = url_to_fs(cfg.input, cfg.storage_options)
     fs.invalidate_cache()
     protocol = cfg.input.split("://", 1)[0] + "://" if "://" in cfg.input else ""
@@ -128,34 +131,46 @@ def plan_units(cfg: DistillConfig) -> Plan:
                 prefix=prefix, per_unit=cfg.images_per_unit, id_column="item_id", output_folders=("targets",))
 
 
-def _read_faces_part(uri: str, storage_options) -> pa.Table:
+@dataclass(kw_only=True)
+class TargetsRecord(Record):
+    """distill's record: a chunk of crops, or a slice of a faces part, and then their targets."""
+
+    ids: list[str] = field(default_factory=list)
+    """Crop ids of the images, in order."""
+    images: np.ndarray | None = None
+    """``[n,140,140,3]`` uint8 crops (model input)."""
+    targets: np.ndarray | None = None
+    """``[n,80]`` targets, once computed."""
+    statuses: list[dict] = field(default_factory=list)
+    """A chunk's status rows, one per item."""
+    skipped: list[str] | None = None
+    """A faces part's slice: its undecodable crops, ``"<crop_id>: <why>"``."""
+
+
+def _faces_slices(uri: str, storage_options, rows: int) -> Iterator[pa.Table]:
+    """A faces part's ``crop_id`` and ``crop`` columns, ``rows`` at a time, from one open file:
+    row group by row group, pages as they are needed (a part of one row group is not read whole)."""
     fs, path = url_to_fs(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["crop_id", "crop"])
+            for batch in pq.ParquetFile(f, buffer_size=1 << 20).iter_batches(batch_size=rows,
+                                                                            columns=["crop_id", "crop"]):
+                table = pa.Table.from_batches([batch])
+                yield table.filter(pc.is_valid(table["crop"]))
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, OSError) and is_transient(e):
             raise
         raise MediaError("corrupt", f"{redact(uri)} is not a faces part: {type(e).__name__}: {e}") from None
-    return table.filter(pc.is_valid(table["crop"]))
 
 
-def load_unit(unit: dict, cfg: DistillConfig) -> dict:
-    """Load stage (CPU task): a unit's crops as one ``[n,140,140,3]`` array with their ids. A faces
-    part is one GET whose undecodable crops are skipped and counted; a chunk of images reads
-    ``io_threads`` at a time, each read, retried and judged on its own (its status row)."""
+def load_unit(unit: Unit, cfg: DistillConfig) -> TargetsRecord | Iterator[TargetsRecord]:
+    """Load stage (CPU task): a unit's crops as ``[n,140,140,3]`` arrays with their ids. A faces part
+    is read in slices of ``images_per_unit`` crops, a record each (undecodable crops skipped and
+    counted); a chunk of images reads ``io_threads`` at a time, each read, retried and judged on its
+    own (its status row)."""
     so = cfg.storage_options
-    if unit["items"][0].get("kind") == "faces":
-        item = unit["items"][0]
-        table = with_retries(lambda: _read_faces_part(item["source"], so), cfg.retry, item["source"])
-        ids, images, skipped = [], [], []
-        for crop_id, data in zip(table["crop_id"].to_pylist(), table["crop"].to_pylist()):
-            try:
-                images.append(_decode_jpeg(data))
-                ids.append(crop_id)
-            except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
-                skipped.append(f"{crop_id}: {type(e).__name__}")
-        return {"unit": unit, "ids": ids, "images": resize_crops(images), "skipped": skipped}
+    if unit.items[0].get("kind") == "faces":
+        return _part_slices(unit, cfg)
 
     def load(entry: dict) -> np.ndarray:
         InputItem(entry["source"], entry["item_id"], "image", entry.get("refusal")).check()
@@ -166,17 +181,52 @@ def load_unit(unit: dict, cfg: DistillConfig) -> dict:
             box = (frac[0] * w, frac[1] * h, frac[2] * w, frac[3] * h)
         return crop_face(image, box, size=CROP_SIZE, margin=cfg.margin) if box is not None else image
 
-    loaded = guarded_map(load, unit["items"], cfg, lambda e: e["source"])
+    loaded = guarded_map(load, unit.items, cfg, lambda e: e["source"])
     ids, images, statuses = [], [], []
-    for entry, (image, failure) in zip(unit["items"], loaded):
-        row = {"item_id": entry["item_id"], "source": redact(entry["source"])}
+    for entry, (image, failure) in zip(unit.items, loaded):
+        source = redact(entry["source"])
         if failure:
-            statuses.append({**row, "status": failure[0], "error": failure[1], "n_frames": 0})
+            statuses.append(status_row("item_id", entry["item_id"], source, *failure))
         else:
             images.append(image)
             ids.append(entry["item_id"])
-            statuses.append({**row, "status": "ok", "n_frames": 1})
-    return {"unit": unit, "ids": ids, "images": resize_crops(images), "statuses": statuses}
+            statuses.append(status_row("item_id", entry["item_id"], source, n_frames=1))
+    return TargetsRecord(unit=unit, ids=ids, images=resize_crops(images), statuses=statuses)
+
+
+def _part_slices(unit: Unit, cfg: DistillConfig) -> Iterator[TargetsRecord]:
+    item = unit.items[0]
+    # A storage fault before the first slice is retried; one later ends the unit as failed (its rerun redoes it).
+    slices = with_retries(lambda: _first_and_rest(_faces_slices(item["source"], cfg.storage_options,
+                                                                cfg.images_per_unit)), cfg.retry, item["source"])
+    for table in _at_least_one(slices):
+        ids, images, skipped = [], [], []
+        for crop_id, data in zip(table["crop_id"].to_pylist(), table["crop"].to_pylist()):
+            try:
+                images.append(_decode_jpeg(data))
+                ids.append(crop_id)
+            except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
+                skipped.append(f"{crop_id}: {type(e).__name__}")
+        del table
+        yield TargetsRecord(unit=unit, ids=ids, images=resize_crops(images), skipped=skipped)
+
+
+def _at_least_one(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """``tables``, or one empty table when there are none (a part of no crops is a unit of no targets)."""
+    empty = True
+    for table in tables:
+        empty = False
+        yield table
+    if empty:
+        yield pa.table({"crop_id": pa.array([], pa.string()), "crop": pa.array([], pa.binary())})
+
+
+def _first_and_rest(it: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """``it`` with its first item already read (where a part that cannot be opened fails)."""
+    import itertools
+
+    first = next(it, None)
+    return itertools.chain([] if first is None else [first], it)
 
 
 class TeacherPair(ModelStage):
@@ -208,40 +258,43 @@ class TeacherPair(ModelStage):
                 out = [t(x) for t in self.teachers]
         return teacher_targets(*out).cpu().numpy()
 
-    def run(self, records: list[dict]) -> None:
-        images = np.concatenate([r["images"] for r in records])
+    def run(self, records: list[TargetsRecord]) -> None:
+        images = np.concatenate([r.images for r in records])
         size = self.cfg.batch_size
         out = [self.targets(images[s:s + size]) for s in range(0, len(images), size)]
         targets = np.concatenate(out) if out else np.zeros((0, DISTILL_DIM), np.float32)
         start = 0
         for r in records:
-            r["targets"] = targets[start:start + len(r["ids"])]
-            start += len(r["ids"])
+            r.targets = targets[start:start + len(r.ids)]
+            start += len(r.ids)
 
 
-def write_unit(records: list[dict], cfg: DistillConfig) -> list[dict]:
-    """Write task: ``targets/<unit>.parquet`` then the unit's status rows."""
-    [record] = records
-    unit = record["unit"]
-    ids, targets = record.get("ids", []), record.get("targets")
-    if "failure" in record:  # a faces part, or the model, failed: the unit's rows say so
-        status, error = record["failure"]
-        ids, targets = [], None
-        statuses = [{"item_id": i["item_id"], "source": redact(i["source"]), "status": status, "error": error,
-                     "n_frames": 0} for i in unit["items"]]
-    elif "skipped" in record:
-        skipped = record["skipped"]
-        error = f"{len(skipped)} undecodable crops skipped: {'; '.join(skipped[:5])}" if skipped else None
-        statuses = [{"item_id": unit["unit_id"], "source": redact(unit["items"][0]["source"]), "status": "ok",
-                     "error": error, "n_frames": len(ids)}]
-    else:
-        statuses = record["statuses"]
+def _targets_table(ids: list[str], targets: np.ndarray | None) -> pa.Table:
     matrix = targets if targets is not None else np.zeros((0, DISTILL_DIM), np.float32)
-    table = pa.table({"crop_id": pa.array(ids, pa.string()),
-                      "target": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()),
-                                                                  DISTILL_DIM)},
-                     schema=TARGETS_SCHEMA)
-    commit(cfg.output, unit, {"targets": (table, "crop_id")}, statuses, id_column="item_id",
+    return pa.table({"crop_id": pa.array(ids, pa.string()),
+                     "target": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()),
+                                                                 DISTILL_DIM)}, schema=TARGETS_SCHEMA)
+
+
+def write_unit(unit: Unit, records: Records, cfg: DistillConfig) -> list[dict]:
+    """Commit: ``targets/<unit>.parquet`` (a faces part's slices one after the other) then the
+    unit's status rows."""
+    n, n_skipped, skipped = 0, 0, []
+    for r in records():
+        if r.failure:  # a faces part, or the model, failed: the unit's rows say so
+            statuses = [status_row("item_id", i["item_id"], redact(i["source"]), *r.failure) for i in unit.items]
+            return _commit(cfg, unit, _targets_table([], None), statuses)
+        if r.skipped is None:  # a chunk of crops: one record
+            return _commit(cfg, unit, _targets_table(r.ids, r.targets), r.statuses)
+        n, n_skipped = n + len(r.ids), n_skipped + len(r.skipped)
+        skipped += r.skipped[:5 - len(skipped)]
+    error = f"{n_skipped} undecodable crops skipped: {'; '.join(skipped)}" if n_skipped else None
+    status = status_row("item_id", unit.unit_id, redact(unit.items[0]["source"]), error=error, n_frames=n)
+    return _commit(cfg, unit, lambda: (_targets_table(r.ids, r.targets) for r in records()), [status])
+
+
+def _commit(cfg: DistillConfig, unit: Unit, targets, statuses: list[dict]) -> list[dict]:
+    commit(cfg.output, unit, {"targets": (targets, TARGETS_SCHEMA, "crop_id")}, statuses, id_column="item_id",
            storage_options=cfg.storage_options, policy=cfg.retry)
     return statuses
 
@@ -251,10 +304,10 @@ def run(cfg: DistillConfig) -> dict[str, int]:
     among the inputs processed now."""
     work = with_retries(lambda: plan_units(cfg), cfg.retry, cfg.input)
     print(f"distill: {work.n_complete} units already complete, {len(work.units)} to do "
-          f"({sum(len(u['items']) for u in work.units)} inputs)", flush=True)
+          f"({sum(len(u.items) for u in work.units)} inputs)", flush=True)
     if not work.units:
         return {}
     connect(cfg)
-    return summarise("distill", run_stages(work.units, cfg, load=load_unit, model=TeacherPair, write=write_unit,
+    return summarise("distill", run_stages(work.units, cfg, load=load_unit, model=TeacherPair, commit=write_unit,
                                            id_column="item_id", records_per_call=cfg.records_per_call),
-                     sum(len(u["items"]) for u in work.units), cfg.output)
+                     sum(len(u.items) for u in work.units), cfg.output)

@@ -13,13 +13,15 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from aver.faces import (Decoded, FaceDetector, FaceDetectorConfig, FaceTracker, TrackedFrame, detect_frames,
-                        frame_segments, track_frames)
+from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, FaceTracker, TrackedFrame,
+                        detect_frames, frame_segments, track_frames)
 from aver.faults import with_retries
-from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, list_inputs, load_image
+from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, list_inputs, load_image
 from aver.io.storage import redact
-from aver.pipelines.units import (ActorPoolConfig, ModelStage, Plan, actor_setup, commit, connect, guarded,
-                                  guarded_map, plan, run_stages, summarise)
+from aver.pipelines.cluster import actor_setup, connect
+from aver.pipelines.ledger import Plan, Unit, commit, plan, status_row
+from aver.pipelines.stages import (ActorPoolConfig, ModelStage, Record, Records, guarded, guarded_map, run_stages,
+                                   summarise)
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -67,28 +69,23 @@ def crop_id(video_id: str, frame_index: int) -> str:
     return f"{video_id}-{frame_index:07d}"
 
 
-def video_rows(item: InputItem, frames: list[TrackedFrame], primary: int | None,
-               decoded: Decoded) -> tuple[pa.Table, dict]:
-    """All faces rows of one tracked video (primary track; null rows without a face) and its status row."""
-    source = redact(item.source)
-    rows = []
-    for frame in frames:
-        hit = next(((d, jpeg) for tid, d, jpeg in frame.faces if tid == primary), None)
-        rows.append({
-            "video_id": item.item_id, "source": source, "crop_id": crop_id(item.item_id, frame.index),
-            "frame_index": frame.index, "timestamp_s": frame.timestamp_s,
-            "track_id": primary if hit else None,
-            "box": [float(v) for v in hit[0].box] if hit else None,
-            "prob": float(hit[0].prob) if hit else None,
-            "crop": hit[1] if hit else None,
-        })
-    status = {"video_id": item.item_id, "source": source, "n_frames": len(rows),
-              "duration_s": round(decoded.decoded_s, 6), "status": "ok", "error": None}
-    if decoded.broken is not None:
-        status.update(status=decoded.broken.status, error=f"{decoded.broken} (after {len(rows)} frames)")
-    elif primary is None:
-        status["status"] = "no_face"
-    return _faces_table(rows), status
+@dataclass(kw_only=True)
+class FacesRecord(Record):
+    """extract_faces' record: a chunk of images, a segment of a video's frames, or a video's last
+    record (what decoding saw)."""
+
+    images: list[tuple[InputItem, np.ndarray]] | None = None
+    """A chunk's decoded images (model input)."""
+    statuses: list[dict] = field(default_factory=list)
+    """Status rows of a chunk's images (those that did not load, then the rest once detected)."""
+    faces: pa.Table | None = None
+    """A chunk's faces rows, once detected."""
+    frames: list[VideoFrame] | None = None
+    """A segment's sampled frames (model input)."""
+    detected: list[tuple[int, float, list[tuple[Detection, bytes]]]] | None = None
+    """A segment's frames as (frame index, time, [(detection, JPEG crop)]), best face first."""
+    decoded: Decoded | None = None
+    """On a video's last record: what decoding saw."""
 
 
 def load_images(items: list[InputItem],
@@ -99,8 +96,7 @@ def load_images(items: list[InputItem],
     loaded, statuses = [], []
     for item, (image, failure) in zip(items, results):
         if failure:
-            statuses.append({"video_id": item.item_id, "source": redact(item.source), "duration_s": None,
-                             "n_frames": 0, "status": failure[0], "error": failure[1]})
+            statuses.append(status_row("video_id", item.item_id, redact(item.source), *failure))
         else:
             loaded.append((item, image))
     return loaded, statuses
@@ -112,21 +108,21 @@ def image_rows(loaded: list[tuple[InputItem, np.ndarray]], detections: list, det
     a detection given as ``(None, failure)`` (the image broke the detector) costs its own row only."""
     rows, statuses = [], []
     for (item, img), dets in zip(loaded, detections):
-        base = {"video_id": item.item_id, "source": redact(item.source), "duration_s": None}
+        source = redact(item.source)
         if isinstance(dets, tuple):  # (detections, failure) from the one-by-one pass
             dets, failure = dets
             if failure:
-                statuses.append({**base, "n_frames": 0, "status": failure[0], "error": failure[1]})
+                statuses.append(status_row("video_id", item.item_id, source, *failure))
                 continue
         best = dets[0] if dets else None
         rows.append({
-            "video_id": item.item_id, "source": redact(item.source), "crop_id": crop_id(item.item_id, 0),
+            "video_id": item.item_id, "source": source, "crop_id": crop_id(item.item_id, 0),
             "frame_index": 0, "timestamp_s": 0.0, "track_id": 0 if best else None,
             "box": [float(v) for v in best.box] if best else None,
             "prob": float(best.prob) if best else None,
             "crop": detector.crop(img, best.box) if best else None,
         })
-        statuses.append({**base, "n_frames": 1, "status": "ok" if best else "no_face", "error": None})
+        statuses.append(status_row("video_id", item.item_id, source, "ok" if best else "no_face", n_frames=1))
     return rows, statuses
 
 
@@ -135,31 +131,31 @@ def _faces_table(rows: list[dict]) -> pa.Table:
 
 
 def plan_units(items: list[InputItem], cfg: ExtractFacesConfig) -> Plan:
-    """Each video its own unit; images in chunks of pending images (see :mod:`aver.pipelines.units`)."""
+    """Each video its own unit; images in chunks of pending images (see :mod:`aver.pipelines.ledger`)."""
     return plan(cfg.output, cfg.storage_options,
                 singles=[(i.item_id, vars(i)) for i in items if i.kind != "image"],
                 chunked=[(i.item_id, vars(i)) for i in items if i.kind == "image"],
                 prefix="images", per_unit=cfg.images_per_unit, output_folders=("faces",))
 
 
-def load_unit(unit: dict, cfg: ExtractFacesConfig) -> dict | Iterator[dict]:
+def load_unit(unit: Unit, cfg: ExtractFacesConfig) -> FacesRecord | Iterator[FacesRecord]:
     """Load stage (CPU task): a chunk's images read and decoded, or a video's sampled frames in
     segments of ``detector.batch_size`` and a last record saying what decoding saw."""
-    items = [InputItem(**i) for i in unit["items"]]
+    items = [InputItem(**i) for i in unit.items]
     if items[0].kind == "image":
         loaded, statuses = load_images(items, cfg)
-        return {"unit": unit, "images": loaded, "statuses": statuses}
+        return FacesRecord(unit=unit, images=loaded, statuses=statuses)
     return _video_segments(unit, items[0], cfg)
 
 
-def _video_segments(unit: dict, item: InputItem, cfg: ExtractFacesConfig) -> Iterator[dict]:
+def _video_segments(unit: Unit, item: InputItem, cfg: ExtractFacesConfig) -> Iterator[FacesRecord]:
     item.check()
     decoded = Decoded()
     for frames in frame_segments(item.source, decoded, fps=cfg.fps, detector=cfg.detector, retry=cfg.retry,
                                  max_side=cfg.frame_max_side, storage_options=cfg.storage_options,
                                  max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s):
-        yield {"unit": unit, "frames": frames}
-    yield {"unit": unit, "decoded": decoded}
+        yield FacesRecord(unit=unit, frames=frames)
+    yield FacesRecord(unit=unit, decoded=decoded)
 
 
 class FaceExtractor(ModelStage):
@@ -173,9 +169,9 @@ class FaceExtractor(ModelStage):
         device = actor_setup(cfg, "FaceExtractor")
         self.detector = FaceDetector(cfg.detector, device=str(device))
 
-    def run(self, records: list[dict]) -> None:
-        chunks = [r for r in records if "images" in r]
-        loaded = [pair for r in chunks for pair in r["images"]]
+    def run(self, records: list[FacesRecord]) -> None:
+        chunks = [r for r in records if r.images is not None]
+        loaded = [pair for r in chunks for pair in r.images]
         try:
             detections = self.detector.detect([img for _, img in loaded]) if loaded else []
         except Exception:  # noqa: BLE001 - find the image that broke the batch: each alone
@@ -183,38 +179,62 @@ class FaceExtractor(ModelStage):
                           for item, img in loaded]
         start = 0
         for r in chunks:
-            n = len(r["images"])
-            rows, statuses = image_rows(r["images"], detections[start:start + n], self.detector, self.cfg)
-            r["faces"], r["statuses"] = _faces_table(rows), r["statuses"] + statuses
+            n = len(r.images)
+            rows, statuses = image_rows(r.images, detections[start:start + n], self.detector, self.cfg)
+            r.faces, r.statuses = _faces_table(rows), r.statuses + statuses
             start += n
-        segments = [r for r in records if r.get("frames")]
-        frames = [f for r in segments for f in r["frames"]]
+        segments = [r for r in records if r.frames]
+        frames = [f for r in segments for f in r.frames]
         found = detect_frames(self.detector, frames) if frames else []
         start = 0
         for r in segments:
-            n = len(r["frames"])
-            r["detected"] = [(f.index, f.timestamp_s, faces) for f, faces in zip(r["frames"], found[start:start + n])]
+            n = len(r.frames)
+            r.detected = [(f.index, f.timestamp_s, faces) for f, faces in zip(r.frames, found[start:start + n])]
             start += n
 
 
-def write_unit(records: list[dict], cfg: ExtractFacesConfig) -> list[dict]:
-    """Write task: ``faces/<unit>.parquet`` then the unit's status rows. A video's records come in
-    order: its segments' detections are linked into tracks here, and the primary track kept."""
-    unit = records[0]["unit"]
-    failed = next((r["failure"] for r in records if "failure" in r), None)
-    if failed:
-        status, error = failed
-        faces = _faces_table([])
-        statuses = [{"video_id": i["item_id"], "source": redact(i["source"]), "duration_s": None, "n_frames": 0,
-                     "status": status, "error": error} for i in unit["items"]]
-    elif "faces" in records[0]:
-        faces, statuses = records[0]["faces"], records[0]["statuses"]
-    else:
-        tracker = FaceTracker()
-        frames = track_frames(tracker, (f for r in records for f in r.get("detected", ())))
-        faces, status = video_rows(InputItem(**unit["items"][0]), frames, tracker.primary(), records[-1]["decoded"])
-        statuses = [status]
-    commit(cfg.output, unit, {"faces": (faces, "video_id")}, statuses, id_column="video_id",
+def write_unit(unit: Unit, records: Records, cfg: ExtractFacesConfig) -> list[dict]:
+    """Commit: ``faces/<unit>.parquet`` then the unit's status rows. A video's segments are read
+    twice, one at a time: their boxes linked into tracks (the primary track is known only at the
+    end), then the primary track's crops written segment by segment."""
+    item = InputItem(**unit.items[0])
+    tracker, decoded, n = FaceTracker(), None, 0
+    for r in records():
+        if r.failure:
+            statuses = [status_row("video_id", i["item_id"], redact(i["source"]), *r.failure) for i in unit.items]
+            return _commit(cfg, unit, _faces_table([]), statuses)
+        if r.faces is not None:  # a chunk of images: one record
+            return _commit(cfg, unit, r.faces, r.statuses)
+        n += len(track_frames(tracker, r.detected or (), n))
+        decoded = r.decoded or decoded
+    primary, source = tracker.primary(), redact(item.source)
+
+    def faces() -> Iterator[pa.Table]:  # the same tracks again, segment by segment: the primary's crops
+        again, step = FaceTracker(), 0
+        for r in records():
+            frames = track_frames(again, r.detected or (), step)
+            step += len(frames)
+            yield _faces_table([_frame_row(item, source, frame, primary) for frame in frames])
+
+    status = status_row("video_id", item.item_id, source, n_frames=n, duration_s=round(decoded.decoded_s, 6))
+    if decoded.broken is not None:
+        status.update(status=decoded.broken.status, error=f"{decoded.broken} (after {n} frames)")
+    elif primary is None:
+        status["status"] = "no_face"
+    return _commit(cfg, unit, faces, [status])
+
+
+def _frame_row(item: InputItem, source: str, frame: TrackedFrame, primary: int | None) -> dict:
+    """One faces row of a video's sampled frame: the primary track's face, or nulls."""
+    hit = next(((d, jpeg) for tid, d, jpeg in frame.faces if tid == primary), None)
+    return {"video_id": item.item_id, "source": source, "crop_id": crop_id(item.item_id, frame.index),
+            "frame_index": frame.index, "timestamp_s": frame.timestamp_s, "track_id": primary if hit else None,
+            "box": [float(v) for v in hit[0].box] if hit else None, "prob": float(hit[0].prob) if hit else None,
+            "crop": hit[1] if hit else None}
+
+
+def _commit(cfg: ExtractFacesConfig, unit: Unit, faces, statuses: list[dict]) -> list[dict]:
+    commit(cfg.output, unit, {"faces": (faces, FACES_SCHEMA, "video_id")}, statuses, id_column="video_id",
            storage_options=cfg.storage_options, policy=cfg.retry)
     return statuses
 
@@ -226,10 +246,10 @@ def run(cfg: ExtractFacesConfig) -> dict[str, int]:
     work = with_retries(lambda: plan_units(items, cfg), cfg.retry, cfg.output)
     todo = work.units
     print(f"extract_faces: {len(items)} inputs; {work.n_complete} units already complete, {len(todo)} to do "
-          f"({sum(len(u['items']) for u in todo)} inputs)", flush=True)
+          f"({sum(len(u.items) for u in todo)} inputs)", flush=True)
     if not todo:
         return {}
     connect(cfg)
-    return summarise("extract_faces", run_stages(todo, cfg, load=load_unit, model=FaceExtractor, write=write_unit,
+    return summarise("extract_faces", run_stages(todo, cfg, load=load_unit, model=FaceExtractor, commit=write_unit,
                                                  id_column="video_id", records_per_call=cfg.records_per_call),
-                     sum(len(u["items"]) for u in todo), cfg.output)
+                     sum(len(u.items) for u in todo), cfg.output)

@@ -16,28 +16,30 @@ rebuilding ``report/`` (index, pages, circumplex) from ``status/`` and ``summary
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from aver.constants import AFFECTNET_CLASSES, SAMPLE_RATE
-from aver.audio import log_mel
-from aver.data.features import (AUDIO_DIM, VISUAL_DIM, AudioTimeline, FaceFeatures, centred, in_span, mel_timeline,
+from aver.constants import AUDIO_STEP_S
+from aver.data.features import (AUDIO_DIM, VISUAL_DIM, AudioTimeline, MelChunk, centred, in_span, mel_chunks,
                                 student_features, take, window_shape)
 from aver.data.recola import SessionWindows
-from aver.faces import (Decoded, FaceDetector, FaceDetectorConfig, FaceTracker, detect_frames, frame_segments,
-                        track_frames)
+from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, FaceTracker, detect_frames,
+                        frame_segments, track_frames)
 from aver.faults import MediaError, verdict, with_retries
-from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, list_inputs, read_audio
+from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, audio_chunks, list_inputs
 from aver.io.parts import join
 from aver.io.storage import redact
-from aver.io.streaming import chunked
 from aver.models import autocast, load_checkpoint
 from aver.pipelines.report import SCORES_SCHEMA, SUMMARY_SCHEMA, build_report, timeline_png
-from aver.pipelines.units import ActorPoolConfig, ModelStage, actor_setup, commit, connect, plan, run_stages, summarise
+from aver.pipelines.cluster import actor_setup, connect
+from aver.pipelines.ledger import Unit, commit, plan, status_row
+from aver.pipelines.stages import ActorPoolConfig, ModelStage, Record, Records, run_stages, summarise
 
 MODEL_FILES = {"student": "student.pt", "vggish_arousal": "vggish_arousal.pt", "vggish_valence": "vggish_valence.pt",
                "fused": "fusion.pt", "visual": "fusion_visual.pt", "audio": "fusion_audio.pt"}
@@ -71,7 +73,7 @@ class ScoreVideosConfig(ActorPoolConfig):
     max_bytes: int = 20 * 2**30
     """Inputs larger than this get status too_large."""
     max_duration_s: float = MAX_DURATION_S
-    """Inputs that decode longer than this get status too_large (the audio's log-mel is held whole)."""
+    """Inputs that decode longer than this get status too_large."""
     frame_max_side: int = FRAME_MAX_SIDE
     """Sampled frames larger than this on their longer side are downscaled where they are decoded."""
 
@@ -87,11 +89,34 @@ class ScoreVideosConfig(ActorPoolConfig):
             raise ValueError("batch_size and report_page_size must be >= 1")
 
 
-def load_unit(unit: dict, cfg: ScoreVideosConfig) -> Iterator[dict]:
-    """Load stage (CPU task): a video's sampled frames in segments of ``detector.batch_size``,
-    then a last record with what decoding saw, the audio's log-mel (decoded once) and the verdict
-    that stopped either modality, if any."""
-    item = InputItem(**unit["items"][0])
+@dataclass(kw_only=True)
+class ScoreRecord(Record):
+    """score_videos' record: a segment of a video's frames, a stretch of its audio's log-mel, or its
+    last record (what decoding saw of both)."""
+
+    frames: list[VideoFrame] | None = None
+    """A segment's sampled frames (model input)."""
+    detected: list[tuple[int, float, list[tuple[Detection, tuple[np.ndarray, np.ndarray]]]]] | None = None
+    """A segment's frames as (frame index, time, [(detection, (float16 embedding, probabilities))])."""
+    mel: MelChunk | None = None
+    """A stretch of the audio's log-mel with its context (model input)."""
+    audio: np.ndarray | None = None
+    """That stretch's VGGish frame features ``[steps, 256]`` (arousal network's, then valence's)."""
+    decoded: Decoded | None = None
+    """On the last record: what decoding saw of the video (None: no usable video)."""
+    video_error: MediaError | None = None
+    """On the last record: what stopped the video, if anything."""
+    audio_s: float = 0.0
+    """On the last record: seconds of audio decoded."""
+    audio_error: MediaError | None = None
+    """On the last record: what stopped the audio, if anything (its stretches are then not used)."""
+
+
+def load_unit(unit: Unit, cfg: ScoreVideosConfig) -> Iterator[ScoreRecord]:
+    """Load stage (CPU task): a video's sampled frames in segments of ``detector.batch_size``, then
+    its audio's log-mel in stretches of :data:`MEL_CHUNK` frames (decoded as it goes), then a last
+    record with what decoding saw and the verdict that stopped either modality, if any."""
+    item = InputItem(**unit.items[0])
     item.check()
     decoded, video_error = None, None
     if item.kind != "audio":
@@ -101,31 +126,50 @@ def load_unit(unit: dict, cfg: ScoreVideosConfig) -> Iterator[dict]:
                                          retry=cfg.retry, max_side=cfg.frame_max_side,
                                          storage_options=cfg.storage_options, max_bytes=cfg.max_bytes,
                                          max_duration_s=cfg.max_duration_s):
-                yield {"unit": unit, "frames": frames}
+                yield ScoreRecord(unit=unit, frames=frames)
             video_error = decoded.broken
         except MediaError as e:  # no usable video: what was handed on is dropped, the audio may score
             decoded, video_error = None, e
-    last = {"unit": unit, "decoded": decoded, "video_error": video_error, "mel": None, "audio_s": 0.0,
-            "audio_error": None}
+    last = ScoreRecord(unit=unit, decoded=decoded, video_error=video_error)
     if not (video_error is not None and video_error.status in ("corrupt", "too_large") and decoded is None):
-        try:
-            wave = with_retries(lambda: read_audio(item.source, storage_options=cfg.storage_options or None,
-                                                   max_duration_s=cfg.max_duration_s), cfg.retry, item.source)
-            last["audio_s"] = len(wave) / SAMPLE_RATE
-            mel = log_mel(wave, SAMPLE_RATE)
-            if mel.shape[0] < 8:
-                last["audio_error"] = MediaError("too_short", "audio shorter than one VGGish step")
-            else:
-                last["mel"] = mel.numpy()
+        samples = 0
+
+        def waves() -> Iterator[np.ndarray]:
+            nonlocal samples
+            for wave in audio_chunks(item.source, storage_options=cfg.storage_options or None,
+                                     max_duration_s=cfg.max_duration_s):
+                samples += len(wave)
+                yield wave
+
+        try:  # a storage fault before the first stretch is retried; one later stops the audio
+            chunks = with_retries(lambda: _first_and_rest(mel_chunks(waves(), MEL_CHUNK)), cfg.retry, item.source)
+            n = 0
+            for chunk in chunks:
+                n += chunk.steps
+                yield ScoreRecord(unit=unit, mel=chunk)
+            last.audio_s = samples / SAMPLE_RATE
+            if not n:
+                last.audio_error = MediaError("too_short", "audio shorter than one VGGish step")
         except MediaError as e:
-            last["audio_error"] = e
+            last.audio_error = e
     yield last
+
+
+MEL_CHUNK = 4096
+"""Log-mel frames per audio record (164 s): VGGish memory stays bounded however long the recording."""
+
+
+def _first_and_rest(it: Iterator) -> Iterator:
+    import itertools
+
+    first = next(it, None)
+    return itertools.chain([] if first is None else [first], it)
 
 
 class VideoScorer(ModelStage):
     """Model stage (Ray Data actor): MTCNN, the student and both VGGish networks on one device.
-    The frames of several segments are detected and their faces embedded together; the audio's
-    log-mel goes through VGGish in bounded chunks."""
+    The frames of several segments are detected and their faces embedded together; each stretch
+    of log-mel goes through both VGGish networks."""
 
     consumed = ("frames", "mel")
 
@@ -141,9 +185,9 @@ class VideoScorer(ModelStage):
         self.autocast = autocast(self.device)
 
     @torch.inference_mode()
-    def run(self, records: list[dict]) -> None:
-        segments = [r for r in records if r.get("frames")]
-        frames = [f for r in segments for f in r["frames"]]
+    def run(self, records: list[ScoreRecord]) -> None:
+        segments = [r for r in records if r.frames]
+        frames = [f for r in segments for f in r.frames]
         found = detect_frames(self.detector, frames, jpeg=False) if frames else []
         crops = [crop for faces in found for _, crop in faces]
         with self.autocast:
@@ -155,19 +199,20 @@ class VideoScorer(ModelStage):
             k += len(faces)
         start = 0
         for r in segments:
-            n = len(r["frames"])
-            r["detected"] = [(f.index, f.timestamp_s, faces)
-                             for f, faces in zip(r["frames"], embedded[start:start + n])]
+            n = len(r.frames)
+            r.detected = [(f.index, f.timestamp_s, faces) for f, faces in zip(r.frames, embedded[start:start + n])]
             start += n
         for r in records:
-            if r.get("mel") is not None:
+            if r.mel is not None:
+                mel = torch.from_numpy(r.mel.mel)[None, None].to(self.device)
                 with self.autocast:
-                    r["audio"] = mel_timeline(torch.from_numpy(r["mel"]), [self.models["vggish_arousal"],
-                                                                           self.models["vggish_valence"]])
+                    parts = [self.models[k].frame_features(mel).float().cpu().numpy()[0]
+                             for k in ("vggish_arousal", "vggish_valence")]
+                r.audio = np.concatenate([p[r.mel.skip:r.mel.skip + r.mel.steps] for p in parts], axis=1)
 
 
 _FUSION: dict[tuple[str, str], torch.nn.Module] = {}
-"""Fusion models loaded by this worker process, by (model folder, key): write tasks reuse them."""
+"""Fusion models loaded by this worker process, by (model folder, key): commit tasks reuse them."""
 
 
 def _fusion_models(cfg: ScoreVideosConfig) -> dict[str, torch.nn.Module]:
@@ -185,120 +230,201 @@ def _fusion_models(cfg: ScoreVideosConfig) -> dict[str, torch.nn.Module]:
     return found
 
 
-def write_unit(records: list[dict], cfg: ScoreVideosConfig) -> list[dict]:
-    """Write task: the input's faces linked into tracks, the fusion windows scored (on this task's
-    CPU: the fusion model is small beside the others), then scores/, summary/, the timeline PNG and
-    last the status row."""
-    unit = records[0]["unit"]
-    item = InputItem(**unit["items"][0])
-    status: dict[str, Any] = {"video_id": item.item_id, "source": redact(item.source), "n_frames": 0,
-                              "duration_s": None, "status": "ok", "error": None}
-    failed = next((r["failure"] for r in records if "failure" in r), None)
+def write_unit(unit: Unit, records: Records, cfg: ScoreVideosConfig) -> list[dict]:
+    """Commit: the input's faces linked into tracks, the fusion windows scored in batches as they
+    are cut (on this task's CPU: the fusion model is small beside the others), then scores/,
+    summary/, the timeline PNG and last the status row."""
+    item = InputItem(**unit.items[0])
+    status = status_row("video_id", item.item_id, redact(item.source))
     parts, files = {}, {}
-    if failed:
-        status["status"], status["error"] = failed
-    else:
-        try:
-            parts, files = _score(item, records, status, cfg)
-        except Exception as e:  # noqa: BLE001 - whatever one input raises ends in its status row
-            status["status"], status["error"] = verdict(e, item.source)
-            parts, files = {}, {}
+    try:
+        parts, files = _score(item, records, status, cfg)
+    except Exception as e:  # noqa: BLE001 - whatever one input raises ends in its status row
+        status["status"], status["error"] = verdict(e, item.source)
+        parts, files = {}, {}
     commit(cfg.output, unit, parts, [status], id_column="video_id", storage_options=cfg.storage_options,
            policy=cfg.retry, files=files)
     return [status]
 
 
-def _tracks(records: list[dict], decoded: Decoded) -> FaceFeatures:
-    tracker, found = FaceTracker(), FaceFeatures()
-    for frame in track_frames(tracker, (f for r in records for f in r.get("detected", ()))):
-        found.times.append(frame.timestamp_s)
-        for tid, _, (emb, prob) in frame.faces:
-            found.feats.setdefault(tid, {})[frame.step] = emb
-            found.probs.setdefault(tid, {})[frame.step] = prob
-    found.tracker, found.decoded_s, found.broken = tracker, decoded.decoded_s, decoded.broken
-    return found
+class _Unusable(Exception):
+    """A unit's failure record, raised through to its status row."""
+
+    def __init__(self, failure: tuple[str, str]) -> None:
+        super().__init__(failure[1])
+        self.failure = failure
 
 
-def _score(item: InputItem, records: list[dict], status: dict, cfg: ScoreVideosConfig) -> tuple[dict, dict]:
+@dataclass
+class Tracks:
+    """What the first pass over a video's segments learns: enough to score it in the second."""
+
+    n_frames: int = 0
+    """Sampled frames."""
+    counts: dict[int, int] = field(default_factory=dict)
+    """Track id -> frames it has a face in."""
+    sums: dict[int, np.ndarray] = field(default_factory=dict)
+    """Track id -> float64 sum of its embeddings (for the per-recording centring)."""
+    primary: int | None = None
+    """The primary track (on screen longest and largest), None without faces."""
+    decoded_s: float = 0.0
+
+    def mean(self, track_id: int) -> np.ndarray:
+        return (self.sums[track_id] / self.counts[track_id]).astype(np.float32)
+
+
+def _first_pass(records: Records) -> tuple[Tracks, AudioTimeline | None, ScoreRecord]:
+    """Tracks (boxes linked, embeddings summed per track), the audio timeline (small: 256 values
+    per 0.32 s) and the last record, one segment at a time."""
+    tracker, tracks, audio, last = FaceTracker(), Tracks(), [], None
+    for r in records():
+        if r.failure:
+            raise _Unusable(r.failure)
+        for frame in track_frames(tracker, r.detected or (), tracks.n_frames):
+            tracks.n_frames += 1
+            for tid, _, (emb, _) in frame.faces:
+                tracks.counts[tid] = tracks.counts.get(tid, 0) + 1
+                tracks.sums[tid] = tracks.sums.get(tid, 0.0) + emb.astype(np.float64)
+        if r.audio is not None:
+            audio.append(r.audio)
+        last = r
+    tracks.primary = tracker.primary() if tracks.counts else None
+    if last.audio_error is not None or not audio:
+        return tracks, None, last
+    feats = np.concatenate(audio).astype(np.float32)
+    return tracks, AudioTimeline(np.arange(len(feats)) * AUDIO_STEP_S, feats), last
+
+
+def _score(item: InputItem, records: Records, status: dict, cfg: ScoreVideosConfig) -> tuple[dict, dict]:
     """Score one input: fills ``status`` and returns its output parts and report files; a content
     verdict about one modality leaves the other to score."""
-    last = records[-1]
-    tracks = _tracks(records, last["decoded"]) if last["decoded"] is not None else None
-    video_error, audio, audio_error = last["video_error"], last.get("audio"), last["audio_error"]
+    try:
+        tracks, audio, last = _first_pass(records)
+    except _Unusable as e:
+        status["status"], status["error"] = e.failure
+        return {}, {}
+    video_error, audio_error = last.video_error, last.audio_error
+    if last.decoded is None:
+        tracks = None
+    else:
+        tracks.decoded_s = last.decoded.decoded_s
     video_s = tracks.decoded_s if tracks is not None else 0.0
-    status["duration_s"] = round(max(video_s, last["audio_s"]), 6)
-    status["n_frames"] = len(tracks.times) if tracks is not None else 0
+    status["duration_s"] = round(max(video_s, last.audio_s), 6)
+    status["n_frames"] = tracks.n_frames if tracks is not None else 0
     if tracks is None and audio is None:
         raise video_error or audio_error
     track_ids = _scored_tracks(tracks, cfg.all_faces)
-    rows = score_rows(cfg, item.item_id, status["duration_s"], tracks, track_ids, audio, _fusion_models(cfg))
+    rows = score_rows(cfg, item.item_id, status["duration_s"], records if tracks is not None else None, tracks,
+                      track_ids, audio, _fusion_models(cfg))
     status.update(_status_of(item, tracks, track_ids, audio, video_error, audio_error))
     summary = summarise_scores(item, status, rows, tracks, audio is not None)
     table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
-    parts = {"scores": (table, "video_id"),
-             "summary": (pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA), "video_id")}
+    parts = {"scores": (table, SCORES_SCHEMA, "video_id"),
+             "summary": (pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA), SUMMARY_SCHEMA, "video_id")}
     files = {f"report/{item.item_id}.png": timeline_png(table, summary)} if rows else {}
     return parts, files
 
 
-def _scored_tracks(tracks: FaceFeatures | None, all_faces: bool) -> list[int]:
-    if tracks is None or not tracks.feats:
+def _scored_tracks(tracks: Tracks | None, all_faces: bool) -> list[int]:
+    if tracks is None or not tracks.counts:
         return []
-    return sorted(tracks.feats) if all_faces else [tracks.primary()]
+    return sorted(tracks.counts) if all_faces else [tracks.primary]
 
 
-def score_rows(cfg: ScoreVideosConfig, video_id: str, duration: float, tracks: FaceFeatures | None,
-               track_ids: list[int], audio, models: dict[str, torch.nn.Module]) -> list[dict]:
-    """One row per (track, step); with no face track, one audio (or empty) row per step."""
+def _frames(records: Records | None, tracks: Tracks | None,
+            track_ids: list[int]) -> Iterator[tuple[float, dict[int, tuple[np.ndarray, np.ndarray]]]]:
+    """Second pass: every sampled frame in order as (time, {scored track: (centred embedding, probabilities)})."""
+    if records is None:
+        return
+    means = {tid: tracks.mean(tid) for tid in track_ids}
+    tracker, step = FaceTracker(), 0
+    for r in records():
+        frames = track_frames(tracker, r.detected or (), step)
+        step += len(frames)
+        for frame in frames:
+            yield frame.timestamp_s, {tid: (emb.astype(np.float32) - means[tid], prob)
+                                      for tid, _, (emb, prob) in frame.faces if tid in means}
+
+
+def score_rows(cfg: ScoreVideosConfig, video_id: str, duration: float, records: Records | None,
+               tracks: Tracks | None, track_ids: list[int], audio: AudioTimeline | None,
+               models: dict[str, torch.nn.Module]) -> list[dict]:
+    """One row per (track, step); with no face track, one audio (or empty) row per step. The frames
+    stream by once: each window is cut as soon as its last frame is in, from the frames of the
+    last ``window_s`` only, and fused in batches of ``batch_size``."""
     tv, ta = window_shape(cfg.window_s, cfg.fps)
     ends = np.arange(1, int(np.floor(duration / cfg.hop_s + 1e-9)) + 1) * cfg.hop_s
     if len(ends) == 0 and duration > 0:
         ends = np.array([duration])
-    times = np.asarray(tracks.times) if tracks is not None else np.zeros(0)
     if audio is not None:  # as in training: the recording's own mean taken out
         audio = AudioTimeline(audio.times, centred(audio.features))
-    rows: list[dict] = []
-    windows: dict[str, list[tuple[int, np.ndarray | None, np.ndarray | None]]] = {}
-    for tid in (track_ids or [None]):
-        present, feats, probs = tracks.track(tid) if tid is not None else (np.zeros(len(times), bool), None, None)
-        if feats is not None:
-            feats = centred(feats, present)
-        for end in ends:
-            start, w_start = end - cfg.hop_s, max(0.0, end - cfg.window_s)
+    scored = track_ids or [None]
+    rows: dict[tuple[int, int], dict] = {}
+    pending: dict[str, list] = {}
+    held: deque[tuple[float, dict]] = deque()  # the frames the next windows may take
+
+    def fuse(modality: str) -> None:
+        model = models.get({"audio+visual": "fused", "visual": "visual", "audio": "audio"}[modality], models["fused"])
+        _fuse(model, pending.pop(modality, []), rows, tv, ta)
+
+    def cut(j: int) -> None:
+        end = float(ends[j])
+        start, w_start = end - cfg.hop_s, max(0.0, end - cfg.window_s)
+        while held and held[0][0] < w_start - 0.01:
+            held.popleft()
+        times = np.array([t for t, _ in held])
+        has_audio = audio is not None and bool(np.any(in_span(audio.times, w_start, end)))
+        aud = take(audio.times, audio.features, w_start, end, ta) if has_audio else None
+        for k, tid in enumerate(scored):
+            present = np.array([tid in faces for _, faces in held], bool)
             in_row = present & in_span(times, start, end)
             in_window = present & in_span(times, w_start, end)
-            has_audio = audio is not None and bool(np.any(in_span(audio.times, w_start, end)))
-            vis = take(times, feats, w_start, end, tv) if in_window.any() else None
-            aud = take(audio.times, audio.features, w_start, end, ta) if has_audio else None
+            vis = None
+            if in_window.any():
+                feats = np.stack([faces[tid][0] if tid in faces else np.zeros(VISUAL_DIM, np.float32)
+                                  for _, faces in held])
+                vis = take(times, feats, w_start, end, tv)
             modality = ("audio+visual" if vis is not None and aud is not None else "visual" if vis is not None
                         else "audio" if aud is not None else "none")
-            row = {"video_id": video_id, "track_id": tid, "t_start_s": float(start), "t_end_s": float(end),
-                   "arousal": None, "valence": None, "face_detected": bool(in_row.any()), "modality": modality,
-                   "expression_probs": probs[in_row].mean(0).tolist() if in_row.any() else None}
-            rows.append(row)
+            probs = [faces[tid][1] for (_, faces), inside in zip(held, in_row) if inside]
+            rows[k, j] = {"video_id": video_id, "track_id": tid, "t_start_s": float(start), "t_end_s": end,
+                          "arousal": None, "valence": None, "face_detected": bool(in_row.any()), "modality": modality,
+                          "expression_probs": np.mean(probs, axis=0).tolist() if probs else None}
             if modality != "none":
-                windows.setdefault(modality, []).append((len(rows) - 1, vis, aud))
-    for modality, items in windows.items():
-        model = models.get({"audio+visual": "fused", "visual": "visual", "audio": "audio"}[modality], models["fused"])
-        _fuse(model, items, rows, tv, ta, cfg.batch_size)
-    return rows
+                pending.setdefault(modality, []).append(((k, j), vis, aud))
+                if len(pending[modality]) >= cfg.batch_size:
+                    fuse(modality)
+
+    j = 0
+    for t, faces in _frames(records, tracks, track_ids):
+        while j < len(ends) and t >= ends[j] - 1e-6:  # every frame of window j is in
+            cut(j)
+            j += 1
+        held.append((t, faces))
+    while j < len(ends):
+        cut(j)
+        j += 1
+    for modality in list(pending):
+        fuse(modality)
+    return [rows[key] for key in sorted(rows)]
 
 
 @torch.inference_mode()
-def _fuse(model: torch.nn.Module, items: list, rows: list[dict], tv: int, ta: int, batch_size: int) -> None:
-    for part in chunked(iter(items), batch_size):
-        vis = torch.from_numpy(np.stack([v if v is not None else np.zeros((tv, VISUAL_DIM), np.float32)
-                                         for _, v, _ in part]).astype(np.float32))
-        aud = torch.from_numpy(np.stack([a if a is not None else np.zeros((ta, AUDIO_DIM), np.float32)
-                                         for _, _, a in part]).astype(np.float32))
-        for (i, _, _), (a, v) in zip(part, model(vis, aud).float().numpy()):
-            rows[i]["arousal"], rows[i]["valence"] = float(a), float(v)
+def _fuse(model: torch.nn.Module, items: list, rows: dict, tv: int, ta: int) -> None:
+    if not items:
+        return
+    vis = torch.from_numpy(np.stack([v if v is not None else np.zeros((tv, VISUAL_DIM), np.float32)
+                                     for _, v, _ in items]).astype(np.float32))
+    aud = torch.from_numpy(np.stack([a if a is not None else np.zeros((ta, AUDIO_DIM), np.float32)
+                                     for _, _, a in items]).astype(np.float32))
+    for (key, _, _), (a, v) in zip(items, model(vis, aud).float().numpy()):
+        rows[key]["arousal"], rows[key]["valence"] = float(a), float(v)
 
 
 def _status_of(item: InputItem, tracks, track_ids, audio, video_error, audio_error) -> dict:
     """The status of a scored input: ok, or which modality was missing (it was scored without it)."""
     if video_error is not None and tracks is not None:
-        return {"status": video_error.status, "error": f"{video_error} (scored the {len(tracks.times)} frames before)"}
+        return {"status": video_error.status, "error": f"{video_error} (scored the {tracks.n_frames} frames before)"}
     if item.kind == "audio":
         return {"status": "ok", "error": None}
     if tracks is None:
@@ -311,19 +437,19 @@ def _status_of(item: InputItem, tracks, track_ids, audio, video_error, audio_err
     return {"status": "ok", "error": None}
 
 
-def summarise_scores(item: InputItem, status: dict, rows: list[dict], tracks: FaceFeatures | None,
+def summarise_scores(item: InputItem, status: dict, rows: list[dict], tracks: Tracks | None,
                      has_audio: bool) -> dict:
     """One summary row per input: mean/std of the scores, dominant expression, face coverage."""
     scored = [r for r in rows if r["arousal"] is not None]
     a = np.array([r["arousal"] for r in scored], np.float32)
     v = np.array([r["valence"] for r in scored], np.float32)
     probs = [r["expression_probs"] for r in rows if r["expression_probs"] is not None]
-    primary = tracks.primary() if tracks is not None else None
-    coverage = (len(tracks.feats[primary]) / len(tracks.times)) if primary is not None else (0.0 if tracks else None)
+    primary = tracks.primary if tracks is not None else None
+    coverage = tracks.counts[primary] / tracks.n_frames if primary is not None else (0.0 if tracks else None)
     return {
         "video_id": item.item_id, "source": redact(item.source), "status": status["status"],
         "duration_s": status["duration_s"], "n_steps": len({(r["t_start_s"]) for r in rows}),
-        "n_tracks": len(tracks.feats) if tracks is not None else 0, "has_audio": has_audio,
+        "n_tracks": len(tracks.counts) if tracks is not None else 0, "has_audio": has_audio,
         "modalities": ",".join(sorted({r["modality"] for r in rows})),
         "face_coverage": coverage,
         "arousal_mean": float(a.mean()) if len(a) else None, "valence_mean": float(v.mean()) if len(v) else None,
@@ -348,7 +474,7 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
     if work.units:
         connect(cfg)
         counts = summarise("score_videos", run_stages(work.units, cfg, load=load_unit, model=VideoScorer,
-                                                      write=write_unit, id_column="video_id",
+                                                      commit=write_unit, id_column="video_id",
                                                       records_per_call=cfg.records_per_call), len(work.units), cfg.output)
     if items:
         index, rebuilt = build_report(cfg.output, cfg.storage_options, cfg.report_page_size)

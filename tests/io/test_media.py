@@ -134,9 +134,9 @@ def test_item_and_unit_ids_agree_across_processes():
     import subprocess
     import sys
 
-    from aver.pipelines.units import chunk_id
+    from aver.pipelines.ledger import chunk_id
 
-    code = ("from aver.io.media import item_id_for; from aver.pipelines.units import chunk_id; "
+    code = ("from aver.io.media import item_id_for; from aver.pipelines.ledger import chunk_id; "
             "print(item_id_for('/data/x/clip 1.mp4'), item_id_for('s3://b/k/a.jpg'), chunk_id('images', ['b', 'a']))")
     here = f"{item_id_for('/data/x/clip 1.mp4')} {item_id_for('s3://b/k/a.jpg')} {chunk_id('images', ['a', 'b'])}"
     for seed in ("1", "2"):

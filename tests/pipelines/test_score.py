@@ -110,7 +110,9 @@ def _two_faces(path, seconds=3.0, fps=10):
 
 def test_all_faces_scores_every_track_and_the_default_only_the_primary(tmp_path, random_models):
     from aver.io.media import list_inputs
+    from aver.pipelines.ledger import Unit
     from aver.pipelines.score import VideoScorer, load_unit, write_unit
+    from tests.pipelines.in_process import run_unit
 
     (tmp_path / "in").mkdir()
     _two_faces(tmp_path / "in" / "two.mp4")
@@ -120,9 +122,7 @@ def test_all_faces_scores_every_track_and_the_default_only_the_primary(tmp_path,
         out = tmp_path / f"out{int(all_faces)}"
         cfg = ScoreVideosConfig(input=str(tmp_path / "in"), output=str(out), model=str(random_models),
                                 all_faces=all_faces)
-        records = list(load_unit({"unit_id": item.item_id, "items": [vars(item)], "retry": False}, cfg))
-        VideoScorer(cfg).run(records)  # the three stages in this process
-        [status] = write_unit(records, cfg)
+        [status] = run_unit(Unit(item.item_id, [vars(item)]), cfg, load_unit, VideoScorer(cfg), write_unit)
         assert status["status"] == "ok"
         found[all_faces] = read_folder(str(out / "scores")).to_pandas()
     one, every = found[False], found[True]

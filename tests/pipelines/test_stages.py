@@ -1,0 +1,107 @@
+from dataclasses import dataclass
+
+import pytest
+
+from aver.pipelines.ledger import Unit
+from aver.pipelines.stages import ActorPoolConfig, Record, model_pool
+
+
+def test_actor_pool_config_validation():
+    for bad in ({"actors": -1}, {"cpus_per_actor": 0.0}, {"gpus_per_actor": -0.5}, {"cpus_per_task": 0},
+                {"io_threads": 0}, {"write_tasks": -1}, {"read_ahead": 0.0}, {"read_ahead": 1.5}):
+        with pytest.raises(ValueError):
+            ActorPoolConfig(**bad)
+
+
+def test_model_pool_grows_with_the_cluster_and_is_capped_by_actors():
+    # Guards against: a pool sized once from the cluster's CPUs (a GPU job at cold start got
+    # CPUs - 1 CPU actors and never grew when GPU nodes joined).
+    pool = model_pool(ActorPoolConfig(gpus_per_actor=0.5), n_units=1000)
+    assert (pool.min_size, pool.max_size) == (1, 1000)  # no cap but the work: Ray Data grows it as room appears
+    pool = model_pool(ActorPoolConfig(actors=3, gpus_per_actor=0.5), n_units=1000)
+    assert (pool.min_size, pool.max_size) == (1, 3)  # --actors caps
+    assert model_pool(ActorPoolConfig(actors=3), n_units=2).max_size == 2  # never more actors than units
+
+
+def test_a_unit_that_breaks_a_shared_model_batch_fails_alone():
+    # Guards against: one bad unit failing every unit gathered into the same model call.
+    import pickle
+
+    from aver.pipelines.stages import ModelStage
+
+    class Doubler(ModelStage):
+        def run(self, records):
+            if any(r.images < 0 for r in records):
+                raise ValueError("negative input")
+            for r in records:
+                r.out = 2 * r.images
+
+    records = [_Numbers(unit=Unit(f"u{i}", []), images=v) for i, v in enumerate((1, -1, 3))]
+    records.append(Record(unit=Unit("u3", []), failure=("corrupt", "could not load")))
+    batch = {"unit_id": [r.unit.unit_id for r in records], "record": [pickle.dumps(r) for r in records]}
+    out = [pickle.loads(b) for b in Doubler()(batch)["record"]]
+    assert [getattr(r, "out", None) for r in out] == [2, None, 6, None]
+    assert out[1].failure[0] == "error" and "negative input" in out[1].failure[1]
+    assert out[3].failure == ("corrupt", "could not load")  # a load failure passes through untouched
+    assert all(getattr(r, "images", None) is None for r in out)  # the model inputs do not travel on
+
+
+@dataclass(kw_only=True)
+class _Numbers(Record):
+    images: object = None
+    out: object = None
+    payload: bytes = b""
+
+
+def _passing_stage():
+    """A model stage that computes nothing (the tests that use it are about the other stages)."""
+    from aver.pipelines.stages import ModelStage
+
+    class Passing(ModelStage):
+        consumed = ()
+
+        def __init__(self, cfg):
+            pass
+
+        def run(self, records):
+            pass
+
+    return Passing
+
+
+@dataclass(kw_only=True)
+class _StagedConfig(ActorPoolConfig):
+    output: str = ""
+
+
+@pytest.mark.timeout(300)
+def test_staged_commits_in_flight_are_capped_and_staging_is_empty_after(ray_local, tmp_path):
+    # Guards against: every staged unit's commit submitted at once (a backlog queued in Ray, which
+    # starts a worker process, torch and all, for each), and staging left behind by a finished run.
+    import time
+
+    from aver.pipelines.stages import run_stages
+
+    def load(unit, cfg):
+        return iter([_Numbers(unit=unit, payload=b"x" * 100), _Numbers(unit=unit)])  # two segments: staged
+
+    def commit(unit, records, cfg):
+        start = time.time()
+        assert [len(r.payload) for r in records()] == [100, 0]  # the segments, in order, read back
+        time.sleep(0.4)
+        (tmp_path / unit.unit_id).write_text(f"{start} {time.time()}")
+        return [{"item_id": unit.unit_id, "status": "ok"}]
+
+    units = [Unit(f"u{i}", [], False) for i in range(5)]
+    # six commits would fit on the CPUs at once; the cap allows one
+    cfg = _StagedConfig(actors=1, cpus_per_actor=0.5, cpus_per_task=0.25, write_tasks=1,
+                        output=str(tmp_path / "out"))
+    counts = {}
+    for summary in run_stages(units, cfg, load=load, model=_passing_stage(), commit=commit, id_column="item_id",
+                              records_per_call=5):
+        for k, v in summary.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    assert counts == {"ok": 5}
+    spans = sorted(tuple(map(float, (tmp_path / u.unit_id).read_text().split())) for u in units)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    assert not (tmp_path / "out" / "_staging").exists()  # every unit's segments removed after its commit

@@ -31,7 +31,7 @@ PLANTED = {
         "aver/io/media.py", "hashlib.sha1(canonical.encode()).hexdigest()[:10]",
         'format(hash(canonical) & 0xFFFFFFFFFF, "010x")', ["tests/io/test_media.py", "-k", "ids"]),
     "chunk ids from the salted hash()": (
-        "aver/pipelines/units.py", 'hashlib.sha1(chr(10).join(sorted(ids)).encode()).hexdigest()[:16]',
+        "aver/pipelines/ledger.py", 'hashlib.sha1(chr(10).join(sorted(ids)).encode()).hexdigest()[:16]',
         'format(hash(chr(10).join(sorted(ids))) & 0xFFFFFFFFFFFFFFFF, "016x")',
         ["tests/io/test_media.py", "-k", "ids"]),
     "restore drops the checkpoint Ray offers": (
@@ -45,13 +45,13 @@ PLANTED = {
         "aver/pipelines/evaluate.py", 'triplet_accuracy(e[f"{name}.i"], e[f"{name}.j"], e[f"{name}.k"])',
         'triplet_accuracy(e[f"{name}.i"], e[f"{name}.k"], e[f"{name}.j"])',
         ["tests/pipelines/test_cluster.py", "-k", "known_answers"]),
-    "a module-level ray.init() in aver/pipelines/units.py": (
-        "aver/pipelines/units.py", 'log = logging.getLogger("aver")\n',
-        'log = logging.getLogger("aver")\nimport ray\nray.init(num_cpus=1, include_dashboard=False)\n',
+    "a module-level ray.init() in aver/pipelines/stages.py": (
+        "aver/pipelines/stages.py", 'from aver.pipelines.ledger import STAGING, Unit, status_row\n',
+        'from aver.pipelines.ledger import STAGING, Unit, status_row\nimport ray\nray.init(num_cpus=1, include_dashboard=False)\n',
         ["tests/test_import.py"]),
     "score_videos swaps its arousal and valence columns": (
-        "aver/pipelines/score.py", 'rows[i]["arousal"], rows[i]["valence"] = float(a), float(v)',
-        'rows[i]["arousal"], rows[i]["valence"] = float(v), float(a)', ["tests/pipelines/test_score.py", "-k", "direct"]),
+        "aver/pipelines/score.py", 'rows[key]["arousal"], rows[key]["valence"] = float(a), float(v)',
+        'rows[key]["arousal"], rows[key]["valence"] = float(v), float(a)', ["tests/pipelines/test_score.py", "-k", "direct"]),
     "the one-modality fallback feeds the face zeros the wrong way": (
         "aver/pipelines/score.py", "np.zeros((tv, VISUAL_DIM), np.float32)", "np.ones((tv, VISUAL_DIM), np.float32)",
         ["tests/pipelines/test_score.py", "-k", "direct"]),
@@ -86,9 +86,25 @@ PLANTED = {
     "a transient fault recorded as corrupt": (
         "aver/faults.py", '    if is_transient(exc):\n        return "failed"\n', "",
         ["tests/test_faults.py"]),
+    "distill reads a faces part whole, then slices it": (
+        "aver/pipelines/distill.py", """            for batch in pq.ParquetFile(f, buffer_size=1 << 20).iter_batches(batch_size=rows,
+                                                                            columns=["crop_id", "crop"]):
+                table = pa.Table.from_batches([batch])""",
+        """            whole = pq.read_table(f, columns=["crop_id", "crop"])
+            for start in range(0, len(whole), rows):
+                table = whole.slice(start, rows)""",
+        ["tests/pipelines/test_distill.py", "-k", "40000"]),
+    "the committed record handed on to the driver": (
+        "aver/pipelines/stages.py", '    return {"summary": summaries}\n',
+        '    return {"summary": summaries, "record": [batch["record"][-1]] * len(summaries)}\n',
+        ["tests/pipelines/test_stages.py", "-k", "driver"]),
+    "streamed windows lose their first frames": (
+        "aver/pipelines/score.py", "        while held and held[0][0] < w_start - 0.01:",
+        "        while held and held[0][0] < w_start + 0.21:",
+        ["tests/pipelines/test_score.py", "-k", "streamed"]),
     "chunks named by position": (
-        "aver/pipelines/units.py", "units.append({\"unit_id\": chunk_id(prefix, ids),",
-        "units.append({\"unit_id\": f\"{prefix}-{start // per_unit:06d}\",",
+        "aver/pipelines/ledger.py", "units.append(Unit(chunk_id(prefix, ids),",
+        "units.append(Unit(f\"{prefix}-{start // per_unit:06d}\",",
         ["tests/pipelines/test_fault_isolation.py", "-k", "adding"]),
 }
 
@@ -102,8 +118,9 @@ GUARDS = {
     "aver/faults.py": ["tests/test_faults.py"],
     "aver/io/storage.py": ["tests/io/test_storage.py"],
     "aver/data/features.py": ["tests/data/test_features.py", "tests/train/test_fusion.py", "-k", "take or timeline or window or student"],
-    "aver/pipelines/units.py": ["tests/pipelines/test_units.py", "tests/io/test_media.py", "tests/pipelines/test_fault_isolation.py", "-k",
-                      "actor or ids or adding"],
+    "aver/pipelines/ledger.py": ["tests/pipelines/test_stages.py", "tests/io/test_media.py", "tests/pipelines/test_fault_isolation.py", "-k",
+                                 "staged or ids or adding"],
+    "aver/pipelines/stages.py": ["tests/pipelines/test_stages.py"],
 }
 
 _SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,

@@ -7,16 +7,16 @@ batch-inference shape (:func:`run_stages`):
 2. **model** (:class:`ModelStage`, an autoscaling actor pool, GPU when asked): several records per
    call, their arrays gathered into large batches; the models and nothing else. The model inputs
    are dropped from the records it hands on.
-3. **stage out** (CPU tasks, any node): a unit that is one record is committed there and then (its
-   parts, status last); a segment of a longer unit is written to the staging area
-   (:data:`~aver.pipelines.ledger.STAGING`).
-4. **commit** (a Ray task per staged unit, any node, started once all its segments are staged):
-   reads the segments back one at a time (as often as the job needs: tracking wants the whole
-   video's boxes before any crop is kept), writes the parts, status last, and clears its staging.
+3. **stage out and commit** (CPU tasks, any node): a unit that is one record is committed there
+   and then (its parts, status last). A segment of a longer unit is written to the staging area
+   (:data:`~aver.pipelines.ledger.STAGING`); the task that stages a unit's last missing segment
+   (a small actor on the driver's node counts them) commits the unit: it reads the segments back
+   one at a time (as often as the job needs: tracking wants the whole video's boxes before any
+   crop is kept), writes the parts, status last, and clears the unit's staging.
 
-The driver plans, schedules and counts: what reaches it per unit or segment is its id, its
-segment number and, once committed, a :class:`Summary` (counts per status, a few rows that are
-not ok), never crops, embeddings, targets, frames or audio. A record is pickled into one
+The driver plans, schedules and counts: what reaches it per unit is a :class:`Summary` (counts
+per status, a few rows that are not ok), whatever the unit's length, never crops, embeddings,
+targets, frames or audio. A record is pickled into one
 ``record`` column: records differ by job and segment, and one binary column crosses the object
 store untouched.
 """
@@ -24,16 +24,14 @@ store untouched.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
 from aver.faults import RetryPolicy, verdict, with_retries
 from aver.io.parts import join, remove
-from aver.io.storage import is_local, read_bytes, redact, register_secrets, split_credentials, write_bytes_atomic
+from aver.io.storage import read_bytes, redact, register_secrets, split_credentials, write_bytes_atomic
 from aver.io.streaming import trim_heap
 from aver.pipelines.ledger import STAGING, Unit, status_row
 
@@ -54,9 +52,8 @@ class ActorPoolConfig:
     io_threads: int = 16
     """Reads in flight per load task (remote storage is latency-bound)."""
     write_tasks: int = 0
-    """Commit tasks of staged units in flight at once; 0: a quarter of the cluster's task slots (CPUs /
-    cpus_per_task), at least 2. Units beyond it wait in the driver (their ids): a backlog of tasks
-    queued in Ray makes it start a worker process (hundreds of MB, seconds of imports) for each."""
+    """Stage-out tasks (which write parts and commit units) in flight at once; 0: as many as Ray Data
+    finds room for."""
     read_ahead: float = 0.25
     """Share of the cluster's object store that records waiting between stages may fill (Ray Data's
     budget for the job; its own default is 0.5): decoded frames queue ahead of the models as far as
@@ -241,47 +238,75 @@ def _commit(commit: Callable, unit: Unit, records: Records, cfg: ActorPoolConfig
     return json.dumps({"counts": s.counts, "noted": s.noted, "more": s.more})
 
 
+class _StagedSegments:
+    """Ray actor on the driver's node (no CPUs): which segments of each staged unit are in the
+    staging area. It answers the stage-out task that stages a unit's last missing segment with the
+    unit's segment count (and every other with 0): that task commits the unit, once. A retried task
+    of the same segment (its worker died) gets the claim again; the commit it redoes is idempotent."""
+
+    def __init__(self):
+        self.staged: dict[str, set[int]] = {}
+        self.total: dict[str, int] = {}
+        self.claimed: dict[str, int] = {}  # unit -> the segment whose task commits it
+
+    def staged_one(self, unit_id: str, segment: int, n_segments: int | None) -> int:
+        if unit_id in self.claimed:
+            return self.total[unit_id] if self.claimed[unit_id] == segment else 0
+        got = self.staged.setdefault(unit_id, set())
+        got.add(segment)
+        if n_segments is not None:
+            self.total[unit_id] = n_segments
+        if len(got) != self.total.get(unit_id):
+            return 0
+        del self.staged[unit_id]
+        self.claimed[unit_id] = segment
+        return self.total[unit_id]
+
+
+def _stage_out(batch: dict, commit: Callable, cfg: ActorPoolConfig, id_column: str, segments) -> dict:
+    """CPU task: a unit that is one record is committed; a segment of a longer one is staged, and
+    the task that stages its unit's last missing segment commits the unit from the staging area
+    (read back one segment at a time) and clears it. Only the committed units' summaries go on to
+    the driver. A staging write that fails still counts the segment: the commit finds it missing
+    and reports the unit unrecorded (the rerun does it again)."""
+    import ray
+
+    register_secrets(cfg.storage_options)
+    so = cfg.storage_options
+    summaries = []
+    for blob, segment, last in zip(batch["record"], batch["segment"], batch["last"]):
+        record: Record = pickle.loads(blob)
+        unit, segment = record.unit, int(segment)
+        if segment == 0 and last:
+            summaries.append(_commit(commit, unit, lambda: iter([record]), cfg, id_column))
+            continue
+        uri = _staged(cfg, unit, segment)
+        try:
+            with_retries(lambda: write_bytes_atomic(uri, blob, so), cfg.retry, uri)
+        except Exception as e:  # noqa: BLE001
+            verdict(e, uri)  # logged; the commit finds the segment missing
+        record = None  # staged: not held through the commit
+        n_segments = ray.get(segments.staged_one.remote(unit.unit_id, segment, segment + 1 if last else None))
+        if n_segments:
+            summaries.append(_commit(commit, unit, _staged_records(cfg, unit, n_segments), cfg, id_column))
+            try:
+                remove(join(cfg.output, STAGING, unit.unit_id), so, recursive=True)
+            except Exception as e:  # noqa: BLE001 - scratch: the run's end (or the next plan) removes it
+                verdict(e, f"staging of {unit.unit_id}")
+        trim_heap()
+    return {"summary": summaries}
+
+
 def _staged(cfg, unit: Unit, segment: int) -> str:
     return join(cfg.output, STAGING, unit.unit_id, f"{segment:06d}.pkl")
 
 
-def _stage_out(batch: dict, commit: Callable, cfg: ActorPoolConfig, id_column: str) -> dict:
-    """CPU task: a unit that is one record is committed; a segment of a longer one is staged (a
-    write that fails leaves the segment missing, and the unit's commit reports it unrecorded)."""
-    register_secrets(cfg.storage_options)
-    summaries = []
-    for blob, segment, last in zip(batch["record"], batch["segment"], batch["last"]):
-        record: Record = pickle.loads(blob)
-        if segment == 0 and last:
-            summaries.append(_commit(commit, record.unit, lambda: iter([record]), cfg, id_column))
-        else:
-            uri = _staged(cfg, record.unit, int(segment))
-            try:
-                with_retries(lambda: write_bytes_atomic(uri, blob, cfg.storage_options), cfg.retry, uri)
-            except Exception as e:  # noqa: BLE001
-                verdict(e, uri)  # logged; the commit finds the segment missing
-            summaries.append("")
-    trim_heap()
-    return {"unit_id": batch["unit_id"], "segment": batch["segment"], "last": batch["last"], "summary": summaries}
-
-
-def _commit_staged(commit: Callable, cfg: ActorPoolConfig, id_column: str, unit: Unit, n_segments: int) -> str:
-    """Ray task: commit a staged unit from its segments (read one at a time, in order), then clear them."""
-    register_secrets(cfg.storage_options)
-    so = cfg.storage_options
-
+def _staged_records(cfg: ActorPoolConfig, unit: Unit, n_segments: int) -> Records:
     def records() -> Iterator[Record]:
         for segment in range(n_segments):
             uri = _staged(cfg, unit, segment)
-            yield pickle.loads(with_retries(lambda: read_bytes(uri, so), cfg.retry, uri))
-
-    summary = _commit(commit, unit, records, cfg, id_column)
-    try:
-        remove(join(cfg.output, STAGING, unit.unit_id), so, recursive=True)
-    except Exception as e:  # noqa: BLE001 - scratch: the next plan removes it
-        verdict(e, f"staging of {unit.unit_id}")
-    trim_heap()
-    return summary
+            yield pickle.loads(with_retries(lambda: read_bytes(uri, cfg.storage_options), cfg.retry, uri))
+    return records
 
 
 def model_pool(cfg: ActorPoolConfig, n_units: int):
@@ -298,72 +323,41 @@ def run_stages(units: list[Unit], cfg: ActorPoolConfig, *, load: Callable[[Unit,
                model: type[ModelStage], commit: Callable[[Unit, Records, Any], list[dict]], id_column: str,
                records_per_call: int = 1) -> Iterator[Summary]:
     """Stream ``units`` through load tasks -> ``model`` actors (``records_per_call`` records per
-    call) -> stage-out tasks -> a commit task per staged unit; yields each unit's
-    :class:`Summary` as it completes. ``cfg.output`` is where parts and staging go. Runs on the
-    cluster the job's :func:`~aver.pipelines.cluster.connect` joined once it had planned work."""
+    call) -> stage-out tasks, which commit each unit once all its records are out; yields each
+    unit's :class:`Summary` as it completes, and nothing else reaches the driver. ``cfg.output``
+    is where parts and staging go. Runs on the cluster the job's
+    :func:`~aver.pipelines.cluster.connect` joined once it had planned work."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cpu = {"num_cpus": cfg.cpus_per_task}
     # max_restarts: a model actor lost with its node comes back wherever a GPU share is free; it also
     # keeps Ray Data from fusing the load tasks into the actors when both ask for the same CPUs.
     gpu = {"num_cpus": cfg.cpus_per_actor, "max_restarts": -1,
            **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {})}
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    segments = ray.remote(_StagedSegments).options(num_cpus=0, scheduling_strategy=here).remote()
     rows = [{"unit_id": u.unit_id, "record": pickle.dumps(u, protocol=5)} for u in units]
-    by_id = {u.unit_id: u for u in units}
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     del rows
     ds.context.override_object_store_memory_limit_fraction = cfg.read_ahead  # the stages below copy it
     ds = ds.map_batches(_load_stage, fn_kwargs={"load": load, "cfg": cfg}, batch_size=1, **cpu)
     ds = ds.map_batches(model, fn_constructor_kwargs={"cfg": cfg}, batch_size=records_per_call,
                         compute=model_pool(cfg, len(units)), **gpu)
-    ds = ds.map_batches(_stage_out, fn_kwargs={"commit": commit, "cfg": cfg, "id_column": id_column},
-                        batch_size=1, **cpu)
-    commit_unit = ray.remote(_commit_staged).options(name="commit_unit", **cpu)
-    staged: dict[str, set[int]] = {}
-    n_segments: dict[str, int] = {}
-    ready: deque[tuple[Unit, int]] = deque()  # staged units waiting for a commit slot
-    pending: list = []
-
-    def submit():
-        if not ready:  # the common case: no cluster query
-            return
-        cap = cfg.write_tasks or max(2, int(ray.cluster_resources().get("CPU", 1) / cfg.cpus_per_task / 4))
-        while ready and len(pending) < cap:
-            pending.append(commit_unit.remote(commit, cfg, id_column, *ready.popleft()))
-
+    ds = ds.map_batches(_stage_out, fn_kwargs={"commit": commit, "cfg": cfg, "id_column": id_column,
+                                               "segments": segments},
+                        batch_size=1, concurrency=cfg.write_tasks or None, **cpu)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for uid, segment, last, summary in zip(batch["unit_id"], batch["segment"], batch["last"], batch["summary"]):
-            if summary:
-                yield _parse(summary)
-                continue
-            got = staged.setdefault(uid, set())
-            got.add(int(segment))
-            if last:
-                n_segments[uid] = int(segment) + 1
-            if len(got) == n_segments.get(uid):
-                ready.append((by_id[uid], n_segments[uid]))
-                del staged[uid], n_segments[uid]
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
-        submit()
-        yield from map(_parse, ray.get(done))
-    submit()
-    while pending:
-        done, pending = ray.wait(pending)
-        submit()
-        yield from map(_parse, ray.get(done))
-    remove_empty_staging(cfg.output, cfg.storage_options)
+        yield from map(_parse, batch["summary"])
+    ray.kill(segments)
+    # Every unit is committed or reported: what staging holds (a unit whose commit failed, segments
+    # staged again by a retried task) is scratch.
+    remove(join(cfg.output, STAGING), cfg.storage_options, recursive=True)
 
 
 def _parse(summary: str) -> Summary:
     s = json.loads(summary)
     return Summary(s["counts"], [tuple(n) for n in s["noted"]], s["more"])
-
-
-def remove_empty_staging(output: str, storage_options: dict | None) -> None:
-    """Remove the staging folder a finished run leaves empty (local folders; object stores have none)."""
-    path = join(output, STAGING)
-    if is_local(path) and os.path.isdir(path) and not os.listdir(path):
-        os.rmdir(path)
 
 
 def summarise(job: str, summaries: Iterator[Summary], total: int, output: str) -> dict[str, int]:

@@ -194,3 +194,46 @@ def test_preprocess_keeps_rgb_order():
     x = Teacher.preprocess([red], torch.device("cpu"))
     assert torch.allclose(x[0, 0], torch.full((140, 140), 127.5 / 128))
     assert torch.allclose(x[0, 2], torch.full((140, 140), -127.5 / 128))
+
+
+def test_a_faces_part_of_40000_crops_is_loaded_a_slice_at_a_time(tmp_path):
+    # Guards against: a whole faces part made one record (an hour of video: ~18k crops, ~1 GB in one
+    # pickled cell) and a load task that holds it. The part is written as parts were before row
+    # groups (one row group): slicing by rows must hold there too.
+    import tracemalloc
+
+    import pyarrow.parquet as pq
+
+    from aver.pipelines.distill import load_unit
+    from aver.pipelines.ledger import Unit
+
+    n, per_slice = 40_000, 512
+    crop = _jpeg(np.asarray(Image.fromarray(face_patch(140)).resize((140, 140))))
+    ids = [f"v-{i:07d}" for i in range(n)]
+    table = pa.table({"video_id": ["v"] * n, "source": ["x"] * n, "crop_id": ids, "frame_index": list(range(n)),
+                      "timestamp_s": [i / 5 for i in range(n)], "track_id": [0] * n, "box": [None] * n,
+                      "prob": [0.99] * n, "crop": [crop] * n}).cast(FACES_SCHEMA)
+    part = tmp_path / "faces" / "v.parquet"
+    part.parent.mkdir()
+    pq.write_table(table, part, row_group_size=n)
+    del table
+    assert pq.ParquetFile(part).metadata.num_row_groups == 1
+    cfg = DistillConfig(input=str(tmp_path), teachers=("a.pt", "b.pt"), output=str(tmp_path / "out"),
+                        images_per_unit=per_slice)
+    unit = Unit("v", [{"item_id": "v", "source": str(part), "kind": "faces"}])
+    slice_bytes = per_slice * 140 * 140 * 3
+    seen, most = [], 0
+    tracemalloc.start()
+    try:
+        for record in load_unit(unit, cfg):
+            assert len(record.ids) <= per_slice and record.images.shape[0] == len(record.ids)
+            seen += record.ids
+            most = max(most, pa.total_allocated_bytes())
+            del record
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == ids  # every crop once, in order
+    # the part's crops decoded at once would be 40,000 x 58.8 KB = 2.35 GB
+    assert peak < 4 * slice_bytes, (peak, slice_bytes)
+    assert most < 16 * 2**20, most  # Arrow's own buffers: pages of the part, not the part

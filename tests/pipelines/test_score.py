@@ -178,3 +178,53 @@ def test_audio_rows_equal_a_direct_forward_and_the_fallback_zeroes_the_missing_f
         assert np.allclose(rows["arousal"], expected[:, 0], atol=1e-4)
         assert np.allclose(rows["valence"], expected[:, 1], atol=1e-4)
         assert not np.allclose(expected[:, 0], expected[:, 1], atol=1e-3)
+
+
+def test_streamed_windows_equal_windows_cut_from_the_whole_timelines(tmp_path):
+    # Guards against: windows fused as they stream by (segment after segment, only the last
+    # window_s of frames held) that differ from the windows training cuts from a whole recording:
+    # a frame dropped or doubled at a segment boundary, the centring mean of a partial video, a
+    # batch that mixes rows up. The stub fusion model sums its inputs, so each row says which
+    # window it was given.
+    from aver.data.features import AUDIO_DIM, VISUAL_DIM, AudioTimeline, centred, take, window_shape
+    from aver.faces import Detection
+    from aver.pipelines.ledger import Unit
+    from aver.pipelines.score import ScoreRecord, _first_pass, score_rows
+
+    class Sums(torch.nn.Module):
+        def forward(self, vis, aud):
+            return torch.stack([vis.double().sum((1, 2)), aud.double().sum((1, 2))], 1)
+
+    rng = np.random.default_rng(3)
+    fps, n, per_segment = 5.0, 120, 7  # 24 s in segments of 7 frames: windows span several
+    times = np.arange(n) / fps
+    present = np.ones(n, bool)
+    present[40:48] = False  # the face missed for 1.6 s (one track: the tracker waits 2 s)
+    embeddings = rng.normal(size=(n, VISUAL_DIM)).astype(np.float16) + np.float16(2.0)
+    box = np.array([10, 10, 90, 90], np.float32)
+    unit = Unit("v", [])
+    records = []
+    for s in range(0, n, per_segment):
+        detected = [(i, float(times[i]), [(Detection(box, 0.99), (embeddings[i], np.full(8, 0.125)))] if present[i]
+                     else []) for i in range(s, min(n, s + per_segment))]
+        records.append(ScoreRecord(unit=unit, detected=detected))
+    audio = rng.normal(size=(75, AUDIO_DIM)).astype(np.float32)
+    records.append(ScoreRecord(unit=unit, audio=audio))
+    tracks, timeline, _ = _first_pass(lambda: iter(records))
+    assert list(tracks.counts) == [0] and tracks.counts[0] == present.sum()
+    assert timeline is not None and len(timeline.features) == 75
+    cfg = ScoreVideosConfig(input="x", output=str(tmp_path), model="m", batch_size=5)
+    model = Sums()
+    rows = score_rows(cfg, "v", n / fps, lambda: iter(records), tracks, [tracks.primary], timeline,
+                      {"fused": model, "visual": model, "audio": model})
+    tv, ta = window_shape(cfg.window_s, fps)
+    vis_all = centred(embeddings.astype(np.float32), present)  # the whole recording's, as training cuts
+    aud_all = centred(audio)
+    aud_times = np.arange(75) * 0.32
+    assert len(rows) == int(round(n / fps / cfg.hop_s))
+    for row in rows:
+        end = row["t_end_s"]
+        w_start = max(0.0, end - cfg.window_s)
+        assert np.isclose(row["arousal"], take(times, vis_all, w_start, end, tv).astype(np.float64).sum(), rtol=1e-4)
+        assert np.isclose(row["valence"], take(aud_times, aud_all, w_start, end, ta).astype(np.float64).sum(),
+                          rtol=1e-4, atol=1e-3)

@@ -9,7 +9,9 @@
 (f) distill reading crops from a local S3 behind a proxy adding 20 ms to every request, over the
     bare teacher pair on the same crops in memory (I/O hidden behind the models);
 (g) planning an input of 100k files against 25k: seconds and driver peak RSS;
-(h) peak memory of a student's training worker with 200k distillation targets against 50k.
+(h) peak memory of a student's training worker with 200k distillation targets against 50k;
+(j) peak memory of score_videos (largest process, and the tree) on one video 8x as long as another;
+(k) bytes the driver receives per input, score_videos on videos 4x as long; the driver's peak RSS.
 Writes the figures to --report (default docs/benchmarks.md).
 """
 
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,8 +38,10 @@ def _corpus(folder: str, n: int, seconds: float = 4.0, w: int = 1280, h: int = 7
     from aver.demo.media import write_video
 
     os.makedirs(folder, exist_ok=True)
+    k = h / 720  # the 720p layout, scaled
+    fw, fh, top, left, span = (round(k * d) for d in (300, 320, 200, 100, 400))
     face = data.astronaut()[30:210, 140:310]
-    face = np.asarray(Image.fromarray(face).resize((300, 320)))
+    face = np.asarray(Image.fromarray(face).resize((fw, fh)))
     rng = np.random.default_rng(0)
     for v in range(n):
         bg = rng.integers(40, 160, (h, w, 3), dtype=np.uint8)
@@ -44,19 +49,19 @@ def _corpus(folder: str, n: int, seconds: float = 4.0, w: int = 1280, h: int = 7
         def frames():
             for i in range(int(seconds * 10)):
                 img = bg.copy()
-                x = 100 + (10 * i + 50 * v) % (w - 400)
-                img[200:520, x:x + 300] = face
+                x = left + round(k * (10 * i + 50 * v)) % (w - span)
+                img[top:top + fh, x:x + fw] = face
                 yield img
 
         write_video(os.path.join(folder, f"v{v}.mp4"), frames(), 10)
 
 
-def _talking_corpus(folder: str, n: int, seconds: float) -> None:
-    """720p videos with a moving face and a synthetic voice (what score_videos is for)."""
+def _talking_corpus(folder: str, n: int, seconds: float, w: int = 1280, h: int = 720) -> None:
+    """Videos (720p by default) with a moving face and a synthetic voice (what score_videos is for)."""
     from aver.demo.media import write_video
     from aver.demo.corpus import smooth_trajectory, voice
 
-    _corpus(folder, n, seconds=seconds)
+    _corpus(folder, n, seconds=seconds, w=w, h=h)
     rng = np.random.default_rng(1)
     for v in range(n):
         path = os.path.join(folder, f"v{v}.mp4")
@@ -105,20 +110,31 @@ def naive_extract(folder: str, fps: float = 5.0) -> int:
     return n
 
 
-def peak_memory_of_job(args: list[str], only: str = "") -> tuple[float, float, float]:
-    """Peaks (MiB) of the job's process tree (driver and the local Ray it starts; ``only``: the
-    processes whose command line holds it), sampled every 0.1 s: the sum of PSS (each shared page
-    split between the processes that map it: the memory the job really holds), the sum of RSS
-    (shared pages - libtorch, the object store - counted once per process that maps them, so it
-    grows with the number of processes more than with data) and the sum of USS (private pages only:
-    what a process holds of its own, without its share of the object store it reads from)."""
+class Peaks(NamedTuple):
+    """Peaks (MiB) of a job's process tree, sampled every 0.1 s."""
+
+    pss: float
+    """Sum of PSS: each shared page split between the processes that map it (what the job really holds)."""
+    rss: float
+    """Sum of RSS: shared pages (libtorch, the object store) counted once per process that maps them."""
+    uss: float
+    """Sum of USS: private pages only (what the processes hold of their own)."""
+    largest: float
+    """RSS of the largest single process."""
+    driver: float
+    """RSS of the job's own process (the driver)."""
+
+
+def peak_memory_of_job(args: list[str], only: str = "") -> Peaks:
+    """:class:`Peaks` of the job's process tree (driver and the local Ray it starts; ``only``: the
+    processes whose command line holds it)."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
-    peak_pss = peak_rss = peak_uss = 0
+    peak = [0] * 5
     while proc.poll() is None:
-        pss = rss = uss = 0
+        now = [0] * 5
         for p in [root, *root.children(recursive=True)]:
             try:
                 if only and only not in " ".join(p.cmdline()):
@@ -126,12 +142,15 @@ def peak_memory_of_job(args: list[str], only: str = "") -> tuple[float, float, f
                 info = p.memory_full_info()
             except psutil.Error:  # a process that ended between the listing and the read
                 continue
-            pss, rss, uss = pss + info.pss, rss + info.rss, uss + info.uss
-        peak_pss, peak_rss, peak_uss = max(peak_pss, pss), max(peak_rss, rss), max(peak_uss, uss)
+            now[:3] = now[0] + info.pss, now[1] + info.rss, now[2] + info.uss
+            now[3] = max(now[3], info.rss)
+            if p.pid == root.pid:
+                now[4] = info.rss
+        peak = [max(a, b) for a, b in zip(peak, now)]
         time.sleep(0.1)
     if proc.returncode != 0:
         raise RuntimeError(f"job failed: {args}")
-    return peak_pss / 2**20, peak_rss / 2**20, peak_uss / 2**20
+    return Peaks(*(v / 2**20 for v in peak))
 
 
 def extract_speed(work: str, corpus: str, n_videos: int, cpus: float) -> str:
@@ -369,6 +388,62 @@ def score_memory(work: str, cpus: float) -> str:
             "2 vs 8 videos (720p, 10 s, with audio).\n\n" + _memory_table("archive", m1, m4))
 
 
+def long_video_memory(work: str, cpus: float, seconds: float = 20.0, times: int = 8) -> str:
+    """(j) score_videos on one long talking-head video against one ``times`` shorter (low resolution):
+    peak memory of the largest single process, and of the tree."""
+    runs = {}
+    for n in (1, times):
+        folder = os.path.join(work, f"long{n}")
+        _talking_corpus(folder, 1, seconds=n * seconds, w=320, h=240)
+        runs[n] = peak_memory_of_job(_score_job(work, cpus) + ["--input", folder, "--output",
+                                                               os.path.join(work, f"long{n}-out")])
+    a, b = runs[1], runs[times]
+    return (f"## (j) score_videos peak memory, one video {times}x as long\n\n"
+            f"One talking-head video (320x240, face and speech) of {seconds:.0f} s vs {times * seconds:.0f} s; "
+            f"the largest single process (RSS) and the whole tree (PSS sum).\n\n"
+            f"| video | largest process MiB | tree PSS MiB |\n|---|---|---|\n"
+            f"| {seconds:.0f} s | {a.largest:.0f} | {a.pss:.0f} |\n| {times * seconds:.0f} s | {b.largest:.0f} | "
+            f"{b.pss:.0f} |\n\n**Ratio {b.largest / a.largest:.2f}** of the largest process (target <= 1.2); "
+            f"{b.pss / a.pss:.2f} of the tree.\n")
+
+
+def driver_bytes(work: str, cpus: float, seconds: float = 10.0, n_videos: int = 2) -> str:
+    """(k) bytes the driver receives per input, score_videos on videos 4x as long; its peak RSS."""
+    runs = {}
+    for n in (1, 4):
+        folder, count = os.path.join(work, f"drv{n}"), os.path.join(work, f"drv{n}.bytes")
+        _talking_corpus(folder, n_videos, seconds=n * seconds, w=320, h=240)
+        job = _score_job(work, cpus) + ["--input", folder, "--output", os.path.join(work, f"drv{n}-out")]
+        peaks = peak_memory_of_job(["jobs/bench.py", "--count-driver-bytes", count, "--", *job])
+        runs[n] = (int(open(count).read()) / n_videos, peaks.driver)
+    (b1, r1), (b4, r4) = runs[1], runs[4]
+    return (f"## (k) bytes the driver receives per input, videos 4x as long\n\n"
+            f"score_videos on {n_videos} talking-head videos (320x240) of {seconds:.0f} s vs {4 * seconds:.0f} s; "
+            f"the pickled size of every batch the driver's iterator hands aver and every `ray.get` aver calls "
+            f"there; the driver's peak RSS.\n\n| videos | bytes per input | driver peak RSS MiB |\n|---|---|---|\n"
+            f"| {seconds:.0f} s | {b1:.0f} | {r1:.0f} |\n| {4 * seconds:.0f} s | {b4:.0f} | {r4:.0f} |\n\n"
+            f"**Ratio {b4 / b1:.2f}** of the bytes per input (target <= 1.1).\n")
+
+
+def _count_driver_bytes_of(count_file: str, job: list[str]) -> int:
+    """Run ``job`` (``jobs/X.py args``) in this process, counting what its driver receives."""
+    import runpy
+
+    sys.path.insert(0, ROOT)
+    from tests.ray_helpers import count_driver_bytes
+
+    got = count_driver_bytes()
+    sys.argv = job
+    try:
+        runpy.run_path(os.path.join(ROOT, job[0]), run_name="__main__")
+    except SystemExit as e:
+        if e.code:
+            raise
+    with open(count_file, "w") as f:
+        f.write(str(sum(got)))
+    return 0
+
+
 def student_memory(work: str, small: int = 50_000, large: int = 200_000) -> str:
     """(h) peak memory of a student's Ray Train worker with 50k vs 200k distillation targets (the
     demo's small corpus, one epoch on a frozen prefix; the targets folder also holds other crops')."""
@@ -404,7 +479,7 @@ def student_memory(work: str, small: int = 50_000, large: int = 200_000) -> str:
                "--output", os.path.join(work, f"student{n}"), "--epochs", "1", "--batch-size", "8",
                "--freeze", "transition3"]
         figures[n] = peak_memory_of_job(job, only="RayTrainWorker")
-    (p1, _, u1), (p4, _, u4) = figures[small], figures[large]
+    (p1, u1), (p4, u4) = (figures[small].pss, figures[small].uss), (figures[large].pss, figures[large].uss)
     return (f"## (h) student training worker peak memory, {small // 1000}k vs {large // 1000}k targets\n\n"
             f"train_student for one epoch on the demo's small corpus (frozen prefix), with a distill output of "
             f"{small} vs {large} targets (the corpus's crops and others'); the Ray Train worker's own memory "
@@ -441,7 +516,10 @@ def main() -> int:
                    " large enough that Ray's and the actor's start-up (~8 s) is amortised as on a real corpus")
     p.add_argument("--score-videos", type=int, default=6, help="20 s talking videos in the score_videos run (default 6)")
     p.add_argument("--crops", type=int, default=1024, help="crops in the distill comparison (default 1024)")
-    a = p.parse_args()
+    p.add_argument("--count-driver-bytes", metavar="FILE", help=argparse.SUPPRESS)  # (k)'s driver, then the job
+    a, job = p.parse_known_args()
+    if a.count_driver_bytes:
+        return _count_driver_bytes_of(a.count_driver_bytes, [arg for arg in job if arg != "--"])
 
     import ray
     import torch
@@ -466,6 +544,8 @@ def main() -> int:
     lines.append(score_memory(work, cpus))
     lines.append(planning_scale(work))
     lines.append(student_memory(work))
+    lines.append(long_video_memory(work, cpus))
+    lines.append(driver_bytes(work, cpus))
     if not torch.cuda.is_available():
         lines.append(GPU_TODO)
     lines.append(HOW)

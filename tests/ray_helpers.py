@@ -152,3 +152,42 @@ def unique_rows(uri, so, key):
     table = read_folder(uri, so).to_pandas()
     assert not table.duplicated(key).any()
     return table.sort_values(key).reset_index(drop=True)
+
+
+def count_driver_bytes(stop: bool = False) -> list[int]:
+    """Count, in this process, the bytes (pickled) of what aver's own code receives from the
+    cluster: every batch a dataset iterator hands it and every ``ray.get`` it calls (Ray Data's own
+    calls inside the iterator are not counted twice). Returns the list the sizes are appended to;
+    ``stop`` puts Ray's functions back."""
+    import pickle
+
+    import ray
+    import ray.data
+
+    import aver
+
+    real = getattr(count_driver_bytes, "real", None)
+    if stop:
+        if real:
+            ray.data.Dataset.iter_batches, ray.get = real
+            del count_driver_bytes.real
+        return []
+    if real is None:
+        count_driver_bytes.real = real = (ray.data.Dataset.iter_batches, ray.get)
+    real_iter, real_get = real
+    package = os.path.dirname(os.path.abspath(aver.__file__)) + os.sep
+    got: list[int] = []
+
+    def iter_batches(self, *a, **k):
+        for batch in real_iter(self, *a, **k):
+            got.append(len(pickle.dumps(batch)))
+            yield batch
+
+    def get(refs, *a, **k):
+        out = real_get(refs, *a, **k)
+        if os.path.abspath(sys._getframe(1).f_code.co_filename).startswith(package):
+            got.append(len(pickle.dumps(out)))
+        return out
+
+    ray.data.Dataset.iter_batches, ray.get = iter_batches, get
+    return got

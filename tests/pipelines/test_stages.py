@@ -107,61 +107,36 @@ def test_staged_commits_in_flight_are_capped_and_staging_is_empty_after(ray_loca
     assert not (tmp_path / "out" / "_staging").exists()  # every unit's segments removed after its commit
 
 
-def _count_driver_bytes(monkeypatch) -> list[int]:
-    """Bytes (pickled) of what aver's own code in this process receives from the cluster: every
-    batch the dataset iterator hands it and every ``ray.get`` it calls. Ray Data's own calls
-    inside the iterator are not counted twice."""
-    import pickle
-    import sys
-
-    import ray
-    import ray.data
-
-    got: list[int] = []
-    real_iter, real_get = ray.data.Dataset.iter_batches, ray.get
-
-    def iter_batches(self, *a, **k):
-        for batch in real_iter(self, *a, **k):
-            got.append(len(pickle.dumps(batch)))
-            yield batch
-
-    def get(refs, *a, **k):
-        out = real_get(refs, *a, **k)
-        if "/aver/" in sys._getframe(1).f_code.co_filename:
-            got.append(len(pickle.dumps(out)))
-        return out
-
-    monkeypatch.setattr(ray.data.Dataset, "iter_batches", iter_batches)
-    monkeypatch.setattr(ray, "get", get)
-    return got
-
-
 @pytest.mark.timeout(400)
-def test_the_driver_receives_a_few_bytes_per_unit_whatever_its_length(ray_local, tmp_path, monkeypatch):
+def test_the_driver_receives_a_few_bytes_per_unit_whatever_its_length(ray_local, tmp_path):
     # Guards against: crops, frames or embeddings pulled through the driver (its memory and network
-    # then grow with every video in flight). Before issue 25 this gave 66 KB for a 2 s video, 263 KB
-    # for 8 s and 61 KB for the chunk of images (every crop crossed the driver).
+    # then grow with every video in flight). On the code before issue 25 (bef41fc) this measured
+    # 57,689 B for a 2 s video, 228,742 B for 8 s and 49,389 B for the chunk of images (every crop
+    # crossed the driver); after it, 209 B each.
     from PIL import Image
 
     from aver.faces import FaceDetectorConfig
     from aver.pipelines.extract import ExtractFacesConfig, run
     from tests.media_fixtures import face_patch, face_video
+    from tests.ray_helpers import count_driver_bytes
 
     face_video(tmp_path / "short" / "v.mp4", seconds=2.0, audio=False)
     face_video(tmp_path / "long" / "v.mp4", seconds=8.0, audio=False)
     (tmp_path / "images").mkdir()
     for i in range(8):
         Image.fromarray(face_patch(128)).save(tmp_path / "images" / f"{i}.png")
-    got = _count_driver_bytes(monkeypatch)
+    got = count_driver_bytes()
     per_unit = {}
-    for name in ("short", "long", "images"):
-        got.clear()
-        cfg = ExtractFacesConfig(input=str(tmp_path / name), output=str(tmp_path / f"out-{name}"), actors=1,
-                                 cpus_per_actor=0.5, records_per_call=2, detector=FaceDetectorConfig(batch_size=4))
-        counts = run(cfg)
-        assert counts == {"ok": 1 if name != "images" else 8}, counts
-        per_unit[name] = sum(got)
+    try:
+        for name in ("short", "long", "images"):
+            got.clear()
+            cfg = ExtractFacesConfig(input=str(tmp_path / name), output=str(tmp_path / f"out-{name}"), actors=1,
+                                     cpus_per_actor=0.5, records_per_call=2, detector=FaceDetectorConfig(batch_size=4))
+            counts = run(cfg)
+            assert counts == {"ok": 1 if name != "images" else 8}, counts
+            per_unit[name] = sum(got)
+    finally:
+        count_driver_bytes(stop=True)
     # 2 s and 8 s at 5 fps in segments of 4 frames: 3 and 10 segments staged, one summary each
-    print("driver bytes per unit", per_unit)
     assert max(per_unit.values()) < 4096, per_unit
     assert per_unit["long"] <= 1.1 * per_unit["short"], per_unit

@@ -3,7 +3,7 @@ that declares a GPU (CUDA cannot reach it here, so the models fall back to the C
 with its own --temp-dir and ports; inputs, checkpoints and outputs on a local S3 (moto), as on a
 cluster whose nodes share no disk. The jobs run as drivers connected to the head (RAY_ADDRESS).
 
-What this shows: outputs exactly once; load/write tasks on the CPU-only head and the model actors
+What this shows: outputs exactly once; load/stage-out tasks on the CPU-only head and the model actors
 only on the GPU node (Ray's state API); a GPU pool that starts with no GPU in the cluster grows
 when the GPU node joins; the GPU node's raylet killed mid-run, the node restarted and the job
 rerun: the rows equal an uninterrupted run's."""
@@ -165,6 +165,7 @@ def s3_inputs(s3, tmp_path_factory):
     local = tmp_path_factory.mktemp("two_nodes")
     bucket = f"s3://{s3['bucket']}/two-nodes"
     face_images(local / "images", 12)
+    _faces_parts(local / "faces", local / "images")
     for i in range(2):
         face_video(local / "videos" / f"talk{i}.mp4", seconds=1.2)
     torch.manual_seed(0)
@@ -174,17 +175,33 @@ def s3_inputs(s3, tmp_path_factory):
     for dim in ("arousal", "valence"):
         save_checkpoint(VGGishEmotion().eval(), str(local / "models" / f"vggish_{dim}.pt"))
     save_checkpoint(FusionModel(1920, 256).eval(), str(local / "models" / "fusion.pt"))
-    for folder in ("images", "videos", "teachers", "models"):
+    for folder in ("images", "faces", "videos", "teachers", "models"):
         for path in sorted(glob.glob(str(local / folder / "*"))):
             fs.put(path, f"{bucket}/{folder}/{os.path.basename(path)}")
     return {"bucket": bucket, "so": s3["options"], "fs": fs}
 
 
-def _distill_args(inp, output: str, **flags) -> list[str]:
-    args = ["jobs/distill.py", "--input", f"{inp['bucket']}/images/", "--teachers", f"{inp['bucket']}/teachers/t128.pt",
+def _faces_parts(folder, images) -> None:
+    """12 faces/ parts (extract_faces' output) of 4 crops each, made of the face images."""
+    import pyarrow as pa
+
+    from aver.io.parts import write_table
+    from aver.pipelines.extract import FACES_SCHEMA
+
+    crops = [open(p, "rb").read() for p in sorted(glob.glob(str(images / "*.jpg")))]
+    for v in range(12):
+        rows = [{"video_id": f"v{v:02d}", "source": f"v{v:02d}.mp4", "crop_id": f"v{v:02d}-{i:07d}", "frame_index": i,
+                 "timestamp_s": i / 5, "track_id": 0, "box": [0.0, 0.0, 120.0, 120.0], "prob": 0.99,
+                 "crop": crops[(v + i) % len(crops)]} for i in range(4)]
+        write_table(str(folder / f"v{v:02d}.parquet"), pa.Table.from_pylist(rows, schema=FACES_SCHEMA))
+
+
+def _distill_args(inp, output: str, source: str = "faces", **flags) -> list[str]:
+    """distill on the faces parts in slices of 2 crops (each part staged in two segments), or on the images."""
+    args = ["jobs/distill.py", "--input", f"{inp['bucket']}/{source}/", "--teachers", f"{inp['bucket']}/teachers/t128.pt",
             f"{inp['bucket']}/teachers/t256.pt", "--output", output, "--storage-options", json.dumps(inp["so"]),
             "--gpus-per-actor", "1", "--cpus-per-actor", "0.5", "--records-per-call", "1"]
-    flags = {"images_per_unit": 1, **flags}
+    flags = {"images_per_unit": 2 if source == "faces" else 1, **flags}
     for k, v in flags.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -219,14 +236,15 @@ def test_gpu_pool_waits_for_the_gpu_node_then_cpu_stages_run_anywhere_and_models
     assert rc == 0, log[-4000:]
     assert "distill: ok=12" in log
     targets = unique_rows(f"{out}/targets", inp["so"], ["crop_id"])  # no crop twice
-    assert len(targets) == 12 and np.allclose(np.linalg.norm(np.stack(targets["target"])[:, :32], axis=1), 1, atol=1e-4)
+    assert len(targets) == 12 * 4 and np.allclose(np.linalg.norm(np.stack(targets["target"])[:, :32], axis=1), 1, atol=1e-4)
     where = cluster.placement()
     assert _model_actors(where, "TeacherPair") == {gpu_node}  # the models only where the GPU is
     # from no actor (no GPU in the cluster) to actors on the node that joined; how far past one it
     # grows is Ray Data's autoscaler's call (busy actors and queued work), not a fixed count
     assert 1 <= cluster.actor_count("TeacherPair") <= 2
     assert cluster.head_id in _cpu_task_nodes(where, "_load_stage")  # CPU stages on the CPU-only head too
-    assert cluster.head_id in _cpu_task_nodes(where, "write_unit")
+    assert cluster.head_id in _cpu_task_nodes(where, "_stage_out")
+    _assert_no_staging(fs, out)
 
 
 @pytest.mark.timeout(300)
@@ -236,11 +254,12 @@ def test_local_paths_are_refused_on_two_nodes_unless_shared(cluster, s3_inputs, 
     inp = s3_inputs
     if len(cluster.alive_nodes()) < 2:
         cluster.add_gpu_node()
-    rc, log = _finish(cluster.run_job(_distill_args(inp, str(tmp_path / "out"))), timeout=120)
+    rc, log = _finish(cluster.run_job(_distill_args(inp, str(tmp_path / "out"), "images")), timeout=120)
     assert rc != 0 and f"--output {tmp_path / 'out'}: local path on a Ray cluster of 2 nodes" in log
     assert "--shared-fs" in log and not (tmp_path / "out").exists()  # refused before anything was written
     # said to be shared (here it is: both nodes are on this machine), the same command runs
-    rc, log = _finish(cluster.run_job(_distill_args(inp, str(tmp_path / "out"), images_per_unit=12) + ["--shared-fs"]),
+    rc, log = _finish(cluster.run_job(_distill_args(inp, str(tmp_path / "out"), "images", images_per_unit=12)
+                                      + ["--shared-fs"]),
                       timeout=240)
     assert rc == 0 and "distill: ok=12" in log, log[-4000:]
     assert len(read_folder(str(tmp_path / "out" / "status"))) == 12
@@ -294,3 +313,12 @@ def test_gpu_node_killed_mid_run_then_rerun_equals_uninterrupted(cluster, s3_inp
     assert rc == 0, log[-4000:]
     for folder, key in (("targets", ["crop_id"]), ("status", ["item_id"])):
         same_rows(unique_rows(f"{clean}/{folder}", inp["so"], key), unique_rows(f"{out}/{folder}", inp["so"], key), folder)
+    assert len(read_folder(f"{out}/targets", inp["so"])) == 12 * 4
+    _assert_no_staging(fs, out)
+
+
+def _assert_no_staging(fs, out: str) -> None:
+    """A finished run leaves nothing in its staging area (segments of units in two slices each)."""
+    fs.invalidate_cache()
+    left = fs.find(f"{out}/_staging") if fs.exists(f"{out}/_staging") else []
+    assert not left, left

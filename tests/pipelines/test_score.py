@@ -186,7 +186,7 @@ def test_streamed_windows_equal_windows_cut_from_the_whole_timelines(tmp_path):
     # a frame dropped or doubled at a segment boundary, the centring mean of a partial video, a
     # batch that mixes rows up. The stub fusion model sums its inputs, so each row says which
     # window it was given.
-    from aver.data.features import AUDIO_DIM, VISUAL_DIM, AudioTimeline, centred, take, window_shape
+    from aver.data.features import AUDIO_DIM, VISUAL_DIM, centred, take, window_shape
     from aver.faces import Detection
     from aver.pipelines.ledger import Unit
     from aver.pipelines.score import ScoreRecord, _first_pass, score_rows

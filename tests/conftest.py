@@ -6,18 +6,6 @@ import pytest
 
 from aver.demo.s3proxy import local_s3
 
-# The longest modules, longest first: they are scheduled first (pytest-xdist --dist loadfile hands
-# modules out in collection order), so the suite's wall time is about the longest module or half
-# the total, whichever is more, not the last long module started when the rest are done.
-LONGEST_FIRST = ("tests/test_docs.py", "tests/train/test_two_nodes.py", "tests/pipelines/test_two_nodes.py",
-                 "tests/pipelines/test_fault_isolation.py", "tests/pipelines/test_score.py",
-                 "tests/pipelines/test_extract.py", "tests/train/test_face_teacher.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest in order
-
 
 @pytest.fixture(scope="session")
 def s3():

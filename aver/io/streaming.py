@@ -77,3 +77,12 @@ def actor_device(gpus_per_actor: float, who: str):
         return torch.device("cuda")
     print(f"{who}: Ray GPU ids {ids} but CUDA is not available: falling back to CPU", flush=True)
     return torch.device("cpu")
+
+
+def first_and_rest(it):
+    """``it`` with its first item already read: whatever opening the source raises (a missing or
+    corrupt file, a storage fault worth a retry) is raised here, not at the first use."""
+    import itertools
+
+    first = next(it, None)
+    return itertools.chain([] if first is None else [first], it)

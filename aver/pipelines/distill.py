@@ -25,6 +25,7 @@ from aver.faces import crop_face
 from aver.faults import MediaError, is_transient, with_retries
 from aver.io.media import IMAGE_EXTENSIONS, InputItem, items_in_listing, list_inputs, load_image
 from aver.io.storage import redact, url_to_fs
+from aver.io.streaming import first_and_rest
 from aver.models import StudentConfig, Teacher, autocast, load_checkpoint, same_weights
 from aver.models._base import resize_crops
 from aver.pipelines.cluster import actor_setup, connect
@@ -197,7 +198,7 @@ def load_unit(unit: Unit, cfg: DistillConfig) -> TargetsRecord | Iterator[Target
 def _part_slices(unit: Unit, cfg: DistillConfig) -> Iterator[TargetsRecord]:
     item = unit.items[0]
     # A storage fault before the first slice is retried; one later ends the unit as failed (its rerun redoes it).
-    slices = with_retries(lambda: _first_and_rest(_faces_slices(item["source"], cfg.storage_options,
+    slices = with_retries(lambda: first_and_rest(_faces_slices(item["source"], cfg.storage_options,
                                                                 cfg.images_per_unit)), cfg.retry, item["source"])
     for table in _at_least_one(slices):
         ids, images, skipped = [], [], []
@@ -219,14 +220,6 @@ def _at_least_one(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
         yield table
     if empty:
         yield pa.table({"crop_id": pa.array([], pa.string()), "crop": pa.array([], pa.binary())})
-
-
-def _first_and_rest(it: Iterator[pa.Table]) -> Iterator[pa.Table]:
-    """``it`` with its first item already read (where a part that cannot be opened fails)."""
-    import itertools
-
-    first = next(it, None)
-    return itertools.chain([] if first is None else [first], it)
 
 
 class TeacherPair(ModelStage):

@@ -33,6 +33,7 @@ from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, Fa
                         frame_segments, track_frames)
 from aver.faults import MediaError, verdict, with_retries
 from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, audio_chunks, list_inputs
+from aver.io.streaming import first_and_rest
 from aver.io.parts import join
 from aver.io.storage import redact
 from aver.models import autocast, load_checkpoint
@@ -142,7 +143,7 @@ def load_unit(unit: Unit, cfg: ScoreVideosConfig) -> Iterator[ScoreRecord]:
                 yield wave
 
         try:  # a storage fault before the first stretch is retried; one later stops the audio
-            chunks = with_retries(lambda: _first_and_rest(mel_chunks(waves(), MEL_CHUNK)), cfg.retry, item.source)
+            chunks = with_retries(lambda: first_and_rest(mel_chunks(waves(), MEL_CHUNK)), cfg.retry, item.source)
             n = 0
             for chunk in chunks:
                 n += chunk.steps
@@ -157,13 +158,6 @@ def load_unit(unit: Unit, cfg: ScoreVideosConfig) -> Iterator[ScoreRecord]:
 
 MEL_CHUNK = 4096
 """Log-mel frames per audio record (164 s): VGGish memory stays bounded however long the recording."""
-
-
-def _first_and_rest(it: Iterator) -> Iterator:
-    import itertools
-
-    first = next(it, None)
-    return itertools.chain([] if first is None else [first], it)
 
 
 class VideoScorer(ModelStage):

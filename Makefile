@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench mutate clean
+.PHONY: setup test demo bench bench-gpu gpu-wheels mutate clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,22 @@ demo: setup
 bench: setup
 	$(PY) jobs/bench.py
 
+# The GPU figures, on the stage code without Ray (jobs/bench_gpu.py). Here (no CUDA): small sizes on
+# the CPU, about a minute. On the GPU machine (no registry, no Ray) it runs from the wheels that
+# `make gpu-wheels` puts in gpu-wheels/ (docs/benchmarks.md says how); it needs no venv there.
+bench-gpu: setup
+	$(PY) jobs/bench_gpu.py --out $${OUT:-bench-gpu-out}
+
+# cp312 wheels of what the GPU machine lacks and the stages import (PyAV, facenet-pytorch, fsspec)
+# to carry there beside the checkout (under 40 MiB).
+gpu-wheels: setup
+	rm -rf gpu-wheels
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d gpu-wheels \
+	    av==18.1.0 facenet-pytorch==2.5.3 fsspec==2026.9.0
+
 mutate: setup
 	$(PY) tests/mutation.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache bench-gpu-out gpu-wheels

@@ -502,13 +502,6 @@ HOW = (
     "local Ray processes, sampled every 0.1 s.\n")
 
 
-GPU_TODO = (
-    "## GPU figures\n\nStill to be measured (this run had no GPU): distill crops/s per GPU for the teacher pair in "
-    "bf16 (goal >= 10,000 on an H100), extract_faces sampled frames/s per GPU at 720p with decoding on the node's "
-    "CPUs (goal >= 500), score_videos seconds of video per second per GPU (goal >= 100), and the GPU busy "
-    "fraction of each (goal >= 0.8).\n")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default=os.path.join(ROOT, "docs", "benchmarks.md"), help="Markdown file to write")
@@ -546,8 +539,9 @@ def main() -> int:
     lines.append(student_memory(work))
     lines.append(long_video_memory(work, cpus))
     lines.append(driver_bytes(work, cpus))
-    if not torch.cuda.is_available():
-        lines.append(GPU_TODO)
+    from bench_gpu import gpu_section  # jobs/, beside this file
+
+    lines.append(gpu_section(a.report))  # `make bench-gpu`'s figures, kept as they were
     lines.append(HOW)
     report = "\n".join(lines)
     print(report)

@@ -6,6 +6,26 @@ import pytest
 
 from aver.demo.s3proxy import local_s3
 
+# Ray Train in the suite (inherited by every job and Ray cluster a test starts; Ray Train hands
+# them on from the driver to its controller): the controller polls its workers every 0.5 s, not
+# 2 s (a run's end is seen sooner), and starts no spot-preemption watcher (one more actor process
+# per run; nothing is preempted here). Jobs run by users keep Ray's defaults.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+# pytest-xdist (--dist loadfile) hands modules out in collection order. The documented-commands
+# test, the longest, goes first so the rest of the suite runs beside it rather than after it; the
+# two-node modules go last, when it is done (a two-node cluster beside its Ray head and jobs once
+# starved a local Ray's start-up past its timeout).
+FIRST, LAST = ("tests/test_docs.py",), ("tests/pipelines/test_two_nodes.py", "tests/train/test_two_nodes.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        module = item.nodeid.split("::")[0]
+        return 0 if module in FIRST else 2 if module in LAST else 1
+    items.sort(key=rank)  # stable: the rest in collection order
+
 
 @pytest.fixture(scope="session")
 def s3():

@@ -29,7 +29,7 @@ from tests.docs_shell import prelude
 from tests.media_fixtures import face_images, face_video
 from tests.ray_helpers import ROOT
 BUCKETS = ("aver-data", "aver-runs", "archive", "work", "media")
-AFFECTNET_ROWS, FEC_TRIPLETS = 16, 6
+AFFECTNET_ROWS, FEC_TRIPLETS, UNLABELED = 16, 6, 8
 
 
 def shell_blocks(doc: str) -> list[str]:
@@ -188,7 +188,7 @@ def _cluster_workspace(ws, small_corpus, fec_server) -> None:
                ws / "AffectNet" / "Manually_Annotated_Images")
     _fec_over_http(small_corpus, ws / "FEC", fec_server)
     shutil.copytree(small_corpus / "recola", ws / "RECOLA")
-    face_images(ws / "powderfaces", 8)
+    face_images(ws / "powderfaces", UNLABELED)
     _weights(ws, ("vggface2.pt", "densenet201-c1103571.pth", "vggish-10086976.pth"))
     fsspec.filesystem("s3").put_file(str(small_corpus / "archive" / "interview.mp4"), "media/archive/interview.mp4")
 
@@ -233,6 +233,12 @@ def cluster_md_on_the_release_layout(log: str) -> None:
     for name in ("teacher128.pt", "teacher256.pt", "student.pt", "vggish_arousal.pt", "vggish_valence.pt",
                  "fusion.pt", "fusion_visual.pt", "fusion_audio.pt"):
         assert name in models, (name, models, log[-3000:])
+    # The student distilled: targets for every AffectNet row, FEC crop and unlabeled crop (each once),
+    # and each of its losses reached it (RKD from the targets, triplets, AffectNet).
+    targets = read_folder("s3://aver-runs/distill/targets").to_pandas()
+    assert len(targets) == AFFECTNET_ROWS + 3 * FEC_TRIPLETS + UNLABELED and targets["crop_id"].is_unique
+    history = json.loads(fs.cat("aver-runs/models/student.metrics.json"))
+    assert all(history[-1][k] > 0 for k in ("loss_rkd", "loss_fec", "loss_affectnet")), history
     metrics = fs.cat("aver-runs/eval/metrics.json")
     assert b"affectnet_accuracy" in metrics and b"fused" in metrics
     assert fs.ls("media/labels/scores") and fs.exists("media/labels/report/index.html")

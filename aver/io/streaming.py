@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import queue
+import sys
 import threading
 from typing import Iterator
 
@@ -66,12 +67,12 @@ def _glibc() -> ctypes.CDLL | None:
 def actor_device(gpus_per_actor: float, who: str):
     """The torch device of an actor that asked Ray for ``gpus_per_actor``: CUDA when it works, else
     the CPU, said in the log (a node may declare a GPU resource that CUDA cannot reach)."""
-    import ray
     import torch
 
     if gpus_per_actor <= 0:
         return torch.device("cpu")
-    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    ray = sys.modules.get("ray")  # imported in every Ray worker; absent where a stage runs without Ray
+    ids = ray.get_gpu_ids() if ray is not None and ray.is_initialized() else []
     if torch.cuda.is_available():
         print(f"{who}: on CUDA (Ray GPU ids {ids})", flush=True)
         return torch.device("cuda")

@@ -2,10 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from aver.pipelines.distill import DistillConfig
-from aver.pipelines.distill import run as distill
-from aver.models import Student, Teacher, load_checkpoint, save_checkpoint
-from aver.io.parts import join, read_folder
+from aver.models import Student, load_checkpoint
 from aver.train.face import StudentTrainConfig, run
 from tests.media_fixtures import corpus_subset
 
@@ -24,30 +21,6 @@ def test_targets_are_read_for_the_wanted_crops_only_and_joined_to_their_rows(tmp
     assert np.array_equal(found["b"], m[1]) and np.array_equal(found["a"], m[0])
     row = _target(found, "zz")
     assert not row["has_target"] and not row["target"].any() and row["target"].shape == (80,)
-
-
-def test_student_distils_from_teacher_targets_with_unlabeled_data(small_corpus, tmp_path, ray_local):
-    torch.manual_seed(0)
-    teachers = []
-    for d in (128, 256):
-        save_checkpoint(Teacher(d_face=d), str(tmp_path / f"t{d}.pt"))
-        teachers.append(str(tmp_path / f"t{d}.pt"))
-    # A third of the corpus's AffectNet rows and FEC triplets: every path of the loop, a third of the forwards.
-    data = corpus_subset(small_corpus, tmp_path / "data", affectnet_rows=32, fec_triplets=20)
-    aff, fec, images = data["affectnet"], data["fec"], data["affectnet_images"]
-    for source, root in ((aff, images), (fec, None), (str(small_corpus / "unlabeled"), None)):
-        distill(DistillConfig(input=source, images_root=root, teachers=tuple(teachers), output=str(tmp_path / "d"),
-                              actors=1, cpus_per_actor=0.5, batch_size=32))
-    assert read_folder(join(str(tmp_path / "d"), "targets")).num_rows == 32 + 3 * 20 + 24  # each FEC crop once
-    cfg = StudentTrainConfig(output=str(tmp_path), name="student", affectnet=aff, affectnet_images=images, fec=fec,
-                             targets=str(tmp_path / "d"), unlabeled=str(small_corpus / "unlabeled"), epochs=1,
-                             batch_size=4, cpus_per_worker=0.5, freeze="transition3")
-    history = run(cfg)
-    assert history[0]["loss_rkd"] > 0 and history[0]["loss_fec"] > 0 and history[0]["loss_affectnet"] > 0
-    model, _ = load_checkpoint(cfg.model_uri)
-    assert isinstance(model, Student)
-    with torch.no_grad():
-        assert model(torch.randn(2, 3, 140, 140)).distill.shape == (2, 80)
 
 
 def test_config_needs_targets_for_unlabeled(tmp_path):

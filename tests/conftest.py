@@ -12,9 +12,6 @@ from aver.demo.s3proxy import local_s3
 # actor process per run; nothing is preempted here). Jobs run by users keep Ray's defaults.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-# Each node's log monitor looks for new log files every 0.5 s instead of every 0.1 s (it globs the
-# session's log folder each time: 95 CPU-s over a suite run); new workers' lines arrive <= 0.5 s later.
-os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 # pytest-xdist (--dist loadfile) hands modules out in collection order. The documented-commands
 # test, the longest, goes first so the rest of the suite runs beside it rather than after it; the

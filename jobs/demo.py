@@ -95,9 +95,8 @@ def teachers(d: Demo) -> None:
 def distill_targets(d: Demo) -> None:
     corpus = d.path("corpus")
     teacher_uris = (d.path("models", "teacher128.pt"), d.path("models", "teacher256.pt"))
-    for source in (d.faces["affectnet"], d.faces["fec"], os.path.join(corpus, "unlabeled")):
-        distill(DistillConfig(input=source, teachers=teacher_uris, output=d.path("distill"),
-                              batch_size=64, **d.one_actor))
+    distill(DistillConfig(input=(d.faces["affectnet"], d.faces["fec"], os.path.join(corpus, "unlabeled")),
+                          teachers=teacher_uris, output=d.path("distill"), batch_size=64, **d.one_actor))
 
 
 def students(d: Demo) -> None:

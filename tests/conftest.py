@@ -119,7 +119,8 @@ def ray_head(s3):
     first on PATH): its own auth token, every port its own, one GPU declared that CUDA cannot reach
     (GPU actors are scheduled on it and fall back to the CPU), 4 logical CPUs on the 2 cores (the
     jobs' default shares fit), and the local S3 in its environment as an instance profile gives a
-    node its credentials. Yields (dashboard address, environment); only its own processes end.
+    node its credentials. Yields (dashboard address, environment, GCS address); only its own
+    processes end.
     One per module that asks, ended with it: beside it, Ray Train's placement-group cleaner in an
     embedded Ray cannot tell which cluster to ask (its monitor thread stops; docs/decisions.md)."""
     import socket
@@ -158,6 +159,6 @@ def ray_head(s3):
             stop_ray_cluster(temp_dir, also=f"--port={client}")
         else:
             raise AssertionError(f"no Ray head took jobs in 3 starts: {(ready.stdout + ready.stderr)[-2000:]}")
-        yield address, env
+        yield address, env, f"127.0.0.1:{gcs}"
     finally:
         stop_ray_cluster(temp_dir, also=client and f"--port={client}")

@@ -40,11 +40,11 @@ PLANTED = {
     "evaluate swaps arousal and valence": (
         "aver/pipelines/evaluate.py", 'out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 0])',
         'out[f"ccc.arousal.{variant}"] = ccc(target[:, 0], pred[:, 1])',
-        ["tests/pipelines/test_cluster.py", "-k", "known_answers"]),
+        ["tests/pipelines/test_evaluate.py", "-k", "known_answers"]),
     "evaluate scores the wrong FEC pair": (
         "aver/pipelines/evaluate.py", 'triplet_accuracy(e[f"{name}.i"], e[f"{name}.j"], e[f"{name}.k"])',
         'triplet_accuracy(e[f"{name}.i"], e[f"{name}.k"], e[f"{name}.j"])',
-        ["tests/pipelines/test_cluster.py", "-k", "known_answers"]),
+        ["tests/pipelines/test_evaluate.py", "-k", "known_answers"]),
     "a module-level ray.init() in aver/pipelines/stages.py": (
         "aver/pipelines/stages.py", 'from aver.pipelines.ledger import STAGING, Unit, status_row\n',
         'from aver.pipelines.ledger import STAGING, Unit, status_row\nimport ray\nray.init(num_cpus=1, include_dashboard=False)\n',
@@ -106,6 +106,13 @@ PLANTED = {
         "aver/pipelines/ledger.py", "units.append(Unit(chunk_id(prefix, ids),",
         "units.append(Unit(f\"{prefix}-{start // per_unit:06d}\",",
         ["tests/pipelines/test_fault_isolation.py", "-k", "adding"]),
+    "training configs hand relative local paths to their workers": (
+        "aver/train/harness.py", "                setattr(self, name, absolute(getattr(self, name)))",
+        "                setattr(self, name, getattr(self, name))",
+        ["tests/train/test_harness.py", "-k", "relative"]),
+    "batch jobs hand relative local paths to their tasks": (
+        "aver/pipelines/stages.py", "setattr(self, name, absolute(uri) if uri else uri)",
+        "setattr(self, name, uri)", ["tests/train/test_harness.py", "-k", "relative"]),
 }
 
 # module -> the tests that guard it (for the generic pass)

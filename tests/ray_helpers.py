@@ -97,6 +97,17 @@ def stop_ray_cluster(temp_dir: str, also: str | None = None) -> None:
             pass
 
 
+def start_ray_node(args: list[str], temp_dir: str, env: dict) -> None:
+    """``ray start ARGS`` with its own temp dir and every port of its own: several nodes on one
+    machine, and any Ray an earlier test left running, hold the defaults."""
+    from aver.demo.s3proxy import free_port
+
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    r = ray_cli(["start", *args, *ports, f"--temp-dir={temp_dir}"], env, timeout=180)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
 def ray_cli(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)

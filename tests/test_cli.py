@@ -1,6 +1,7 @@
 """Command lines built from the config dataclasses: flags, defaults and help come from the fields."""
 
 import dataclasses
+import os
 
 import pytest
 
@@ -29,8 +30,8 @@ def test_nested_tuple_and_json_flags_reach_the_config():
     assert cfg.detector.min_prob == 0.5 and cfg.detector.thresholds == (0.1, 0.2, 0.3)
     assert cfg.detector.batch_size == 5 and cfg.batch_size == 3  # same field name, two configs
     assert cfg.retry.attempts == 7 and cfg.all_faces and cfg.storage_options == {"anon": True}
-    d = parse(DistillConfig, ["--input", "i", "--output", "o", "--teachers", "a.pt", "b.pt"])
-    assert d.teachers == ("a.pt", "b.pt")
+    d = parse(DistillConfig, ["--input", "i", "s3://b/j", "--output", "o", "--teachers", "s3://b/a.pt", "s3://b/b.pt"])
+    assert d.teachers == ("s3://b/a.pt", "s3://b/b.pt") and d.input == (os.path.abspath("i"), "s3://b/j")
     f = parse(FusionTrainConfig, ["--output", "o", "--recola", "r", "--student", "s", "--vggish-arousal", "a",
                                   "--vggish-valence", "v", "--modalities", "audio"])
     assert f.modalities == ("audio",) and f.name == "fusion" and f.epochs == 20

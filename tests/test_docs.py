@@ -3,7 +3,8 @@
 Each document's ```sh blocks run as one bash script (tests/docs_shell.py: real bash; stand-ins only
 for what manages machines elsewhere: aws, ray up/dashboard/down, make). Their paths are the ones a
 user has: README's run in a folder laid out as the demo corpus (`affectnet/training.csv` beside
-`Manually_Annotated_Images/`, `fec/`, `recola/`, ...), docs/cluster.md's upload local folders laid
+`Manually_Annotated_Images/`, `fec/`, `recola/`, ...), its local jobs on the same head (RAY_ADDRESS
+set, as where `ray start --head` runs: relative paths must still reach the workers), docs/cluster.md's upload local folders laid
 out as the datasets' releases (AffectNet's `Manually_Annotated_file_lists/` and
 `Manually_Annotated_Images/` side by side) to a local S3 (moto) and submit every job to a Ray head
 started here (one GPU declared, none present). Only the dashboard's address is mapped (the docs'
@@ -196,12 +197,15 @@ def _cluster_workspace(ws, small_corpus, fec_server) -> None:
 @pytest.mark.timeout(1800)  # 462 s alone; 15 min was outlived on a loaded 2-CPU machine
 def test_readme_and_cluster_md_commands_run_as_written(tmp_path, small_corpus, fec_server, head, random_models):
     # The two documents at once (independent users; the machine waits on Ray more than it computes).
-    address, env = head
+    address, env, gcs = head
     readme, cluster = tmp_path / "repo", tmp_path / "laptop"
     _readme_workspace(readme, small_corpus, fec_server, random_models)
     _cluster_workspace(cluster, small_corpus, fec_server)
-    running = {doc: start_doc(doc, cwd, env, address) for doc, cwd in (("README.md", readme),
-                                                                       ("docs/cluster.md", cluster))}
+    # README's `python jobs/...` lines join the head (RAY_ADDRESS, as on a machine where `ray start
+    # --head` runs) instead of starting a Ray each: their relative paths must reach the head's
+    # workers, which run elsewhere. tests/test_console.py runs a job that starts its own Ray.
+    running = {doc: start_doc(doc, cwd, dict(env, **extra), address)
+               for doc, cwd, extra in (("README.md", readme, {"RAY_ADDRESS": gcs}), ("docs/cluster.md", cluster, {}))}
     logs = {doc: finish_doc(doc, proc, log, timeout=1700) for doc, (proc, log) in running.items()}
     readme_on_the_demo_layout(readme, logs["README.md"])
     cluster_md_on_the_release_layout(logs["docs/cluster.md"])

@@ -24,7 +24,7 @@ from aver.data.manifests import is_affectnet_csv, is_fec_csv, read_affectnet, re
 from aver.faces import crop_face
 from aver.faults import MediaError, is_transient, with_retries
 from aver.io.media import IMAGE_EXTENSIONS, InputItem, items_in_listing, list_inputs, load_image
-from aver.io.storage import redact, url_to_fs
+from aver.io.storage import absolute, redact, split_credentials, url_to_fs
 from aver.io.streaming import first_and_rest
 from aver.models import StudentConfig, Teacher, autocast, load_checkpoint, same_weights
 from aver.models._base import resize_crops
@@ -39,11 +39,12 @@ TARGETS_SCHEMA = pa.schema([("crop_id", pa.string()), ("target", pa.list_(pa.flo
 
 @dataclass
 class DistillConfig(ActorPoolConfig):
-    uri_fields = ("input", "output")
+    uri_fields = ("output",)
 
-    input: str
-    """faces/ folder of extract_faces (or its parent), an AffectNet training.csv / validation.csv,
-    a Google FEC CSV (images fetched beside it), or a folder/glob/manifest of face images."""
+    input: tuple[str, ...]
+    """One or more sources, each a faces/ folder of extract_faces (or its parent), an AffectNet
+    training.csv / validation.csv, a Google FEC CSV (images fetched beside it), or a
+    folder/glob/manifest of face images; their units run together, into one output."""
     teachers: tuple[str, str]
     """Two aver Teacher checkpoints (d_face 128 and 256 in the paper)."""
     output: str
@@ -58,18 +59,31 @@ class DistillConfig(ActorPoolConfig):
     is read (and its crops held) this many at a time."""
     images_root: str | None = None
     """Image folder of an AffectNet CSV (default: Manually_Annotated_Images/ beside the CSV, else
-    beside the CSV's folder) or of fetched FEC images (default: images/ beside the CSV)."""
+    beside the CSV's folder) or of fetched FEC images (default: images/ beside the CSV); with one
+    input only."""
     margin: float = 0.2
     """Context around manifest face boxes, as for extract_faces crops."""
     precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})
     """'bf16' autocast, 'fp32', or 'auto' (bf16 on CUDA, fp32 on CPU)."""
 
     def storage_uris(self) -> list[tuple[str, str]]:
-        return super().storage_uris() + [("teachers", t) for t in self.teachers]
+        return super().storage_uris() + [("input", i) for i in self.input] + [("teachers", t) for t in self.teachers]
 
     def __post_init__(self) -> None:
+        self.input = (self.input,) if isinstance(self.input, str) else tuple(self.input)
+        if not self.input:
+            raise ValueError("distill needs at least one input")
+        if self.images_root and len(self.input) > 1:
+            raise ValueError(f"--images-root names the images of one input, and {len(self.input)} were given: "
+                             "distill them one at a time, or leave the images where the datasets put them")
+        inputs = []
+        for uri in self.input:
+            uri, self.storage_options = split_credentials(uri, self.storage_options)
+            inputs.append(absolute(uri))
+        self.input = tuple(inputs)
+        self.images_root = absolute(self.images_root) if self.images_root else None
         super().__post_init__()
-        self.teachers = tuple(self.teachers)
+        self.teachers = tuple(absolute(t) for t in self.teachers)
         if len(self.teachers) != 2:
             raise ValueError(f"distill needs exactly two teacher checkpoints, got {len(self.teachers)}")
         if self.batch_size < 1 or self.images_per_unit < 1:
@@ -90,46 +104,61 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _crop_entries(cfg: DistillConfig, listing: list[InputItem] | None) -> tuple[str, list[dict], int]:
+def _crop_entries(cfg: DistillConfig, source: str, listing: list[InputItem] | None) -> tuple[str, list[dict], int]:
     """What to crop for a non-faces/ input: (prefix, entries, rejected manifest rows)."""
-    if is_affectnet_csv(cfg.input, cfg.storage_options):
-        m = read_affectnet(cfg.input, cfg.images_root, cfg.storage_options)
+    so = cfg.storage_options
+    if is_affectnet_csv(source, so):
+        m = read_affectnet(source, cfg.images_root, so)
         return "affectnet", [{"item_id": r["crop_id"], "source": r["source"], "box": r["box"]} for r in m.records], \
             len(m.rejected)
-    if is_fec_csv(cfg.input, cfg.storage_options):
-        m = read_fec(cfg.input, cfg.images_root, cfg.storage_options)
+    if is_fec_csv(source, so):
+        m = read_fec(source, cfg.images_root, so)
         unique = {f["crop_id"]: f for r in m.records for f in r["faces"]}
         return "fec", [{"item_id": f["crop_id"], "source": f["source"], "box_frac": f["box_frac"]}
                        for f in sorted(unique.values(), key=lambda f: f["crop_id"])], len(m.rejected)
-    images = [i for i in (listing if listing is not None else list_inputs(cfg.input, cfg.storage_options,
-                                                                           IMAGE_EXTENSIONS)) if i.kind == "image"]
+    images = [i for i in (listing if listing is not None else list_inputs(source, so, IMAGE_EXTENSIONS))
+              if i.kind == "image"]
     return "images", [{"item_id": i.item_id, "source": i.source, "refusal": i.refusal} for i in images], 0
+
+
+def _faces_parts(source: str, cfg: DistillConfig) -> tuple[list[tuple[str, dict]], list[InputItem] | None]:
+    """A folder input's faces/ parts as single units, if it has any; else the images in it (one
+    recursive listing either way). Not a folder: no parts, no listing."""
+    fs, path = url_to_fs(source, cfg.storage_options)
+    fs.invalidate_cache()
+    if not fs.isdir(path):
+        return [], None
+    protocol = source.split("://", 1)[0] + "://" if "://" in source else ""
+    root = path.rstrip("/")
+    files = fs.find(root)
+    parts = {folder: sorted(p for p in files if os.path.dirname(p) == folder and p.endswith(".parquet")
+                            and not os.path.basename(p).startswith(".")) for folder in (root + "/faces", root)}
+    found = parts[root + "/faces"] or parts[root]
+    names = [os.path.basename(p)[: -len(".parquet")] for p in found]
+    return ([(n, {"item_id": n, "source": protocol + p, "kind": "faces"}) for n, p in zip(names, found)],
+            None if found else items_in_listing(source, files, IMAGE_EXTENSIONS))
 
 
 def plan_units(cfg: DistillConfig) -> Plan:
     """One unit per faces/ part, or chunks of pending crops (AffectNet / FEC manifests, image
-    folders); unit ids never depend on positions (see :mod:`aver.pipelines.ledger`)."""
-    fs, path = url_to_fs(cfg.input, cfg.storage_options)
-    fs.invalidate_cache()
-    protocol = cfg.input.split("://", 1)[0] + "://" if "://" in cfg.input else ""
-    listing = None
-    if fs.isdir(path):  # one recursive listing: faces/ parts if there are any, else the images in it
-        root = path.rstrip("/")
-        files = fs.find(root)
-        parts = {folder: sorted(p for p in files if os.path.dirname(p) == folder and p.endswith(".parquet")
-                                and not os.path.basename(p).startswith(".")) for folder in (root + "/faces", root)}
-        found = parts[root + "/faces"] or parts[root]
-        if found:
-            names = [os.path.basename(p)[: -len(".parquet")] for p in found]
-            return plan(cfg.output, cfg.storage_options, id_column="item_id",
-                        singles=[(n, {"item_id": n, "source": protocol + p, "kind": "faces"})
-                                 for n, p in zip(names, found)])
-        listing = items_in_listing(cfg.input, files, IMAGE_EXTENSIONS)
-    prefix, entries, rejected = _crop_entries(cfg, listing)
-    if rejected:
-        print(f"distill: {rejected} manifest rows rejected (malformed or unused labels)", flush=True)
-    return plan(cfg.output, cfg.storage_options, singles=[], chunked=[(e["item_id"], e) for e in entries],
-                prefix=prefix, per_unit=cfg.images_per_unit, id_column="item_id", output_folders=("targets",))
+    folders), over every input; unit ids never depend on positions (see :mod:`aver.pipelines.ledger`)."""
+    singles: dict[str, dict] = {}
+    chunked: dict[str, dict[str, dict]] = {}  # prefix -> item id -> entry (an image listed twice is one item)
+    for source in cfg.input:
+        parts, listing = _faces_parts(source, cfg)
+        singles.update(parts)
+        if parts:
+            continue
+        prefix, entries, rejected = _crop_entries(cfg, source, listing)
+        if rejected:
+            print(f"distill: {rejected} rows of {redact(source)} rejected (malformed or unused labels)", flush=True)
+        chunked.setdefault(prefix, {}).update((e["item_id"], e) for e in entries)
+    # One ledger per chunk prefix (each reads its own status parts); the singles go with the first.
+    plans = [plan(cfg.output, cfg.storage_options, singles=list(singles.items()) if n == 0 else [],
+                  chunked=list(entries.items()), prefix=prefix, per_unit=cfg.images_per_unit, id_column="item_id",
+                  output_folders=("targets",))
+             for n, (prefix, entries) in enumerate(sorted(chunked.items()) or [("images", {})])]
+    return Plan([u for p in plans for u in p.units], sum(p.n_complete for p in plans))
 
 
 @dataclass(kw_only=True)
@@ -295,7 +324,7 @@ def _commit(cfg: DistillConfig, unit: Unit, targets, statuses: list[dict]) -> li
 def run(cfg: DistillConfig) -> dict[str, int]:
     """Run on the current Ray cluster (a local one if none); returns the count of each status
     among the inputs processed now."""
-    work = with_retries(lambda: plan_units(cfg), cfg.retry, cfg.input)
+    work = with_retries(lambda: plan_units(cfg), cfg.retry, " ".join(cfg.input))
     print(f"distill: {work.n_complete} units already complete, {len(work.units)} to do "
           f"({sum(len(u.items) for u in work.units)} inputs)", flush=True)
     if not work.units:

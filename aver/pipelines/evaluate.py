@@ -22,7 +22,7 @@ from aver.data.manifests import affectnet_csv, affectnet_images_root
 from aver.data.prefix_store import PrefixStore, prefix_store_folder
 from aver.data.recola import SessionWindows, session_windows
 from aver.io.parts import join
-from aver.io.storage import exists, read_bytes, redact, write_bytes_atomic
+from aver.io.storage import absolute, exists, read_bytes, redact, write_bytes_atomic
 from aver.metrics import balanced_logreg_accuracy, ccc, triplet_accuracy
 from aver.models import Student, autocast, load_checkpoint, to_device
 
@@ -77,6 +77,11 @@ class EvaluateConfig:
     """What the data are, for the heading of the metrics table (default: the data folder)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options."""
+
+    def __post_init__(self) -> None:
+        for name in ("models", "data", "output", "prefix_cache"):  # tasks and actors run in other folders
+            if getattr(self, name):
+                setattr(self, name, absolute(getattr(self, name)))
 
 
 def _path(cfg: EvaluateConfig, rel: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 from aver.faults import RetryPolicy, verdict, with_retries
 from aver.io.parts import join, remove
-from aver.io.storage import read_bytes, redact, register_secrets, split_credentials, write_bytes_atomic
+from aver.io.storage import absolute, read_bytes, redact, register_secrets, split_credentials, write_bytes_atomic
 from aver.io.streaming import trim_heap
 from aver.pipelines.ledger import STAGING, Unit, status_row
 
@@ -86,7 +86,7 @@ class ActorPoolConfig:
             self.retry = RetryPolicy(**self.retry)
         for name in self.uri_fields:
             uri, self.storage_options = split_credentials(getattr(self, name), self.storage_options)
-            setattr(self, name, uri)
+            setattr(self, name, absolute(uri) if uri else uri)  # tasks run in other folders, on other machines
         register_secrets(self.storage_options)
 
 

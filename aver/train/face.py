@@ -27,6 +27,8 @@ from aver.train.harness import TrainConfig, begin, epochs, fit, maybe_fail, prep
 class FaceTrainConfig(TrainConfig):
     """What the teacher and the student train on (Algorithm 1): AffectNet and FEC, and the loss weights."""
 
+    path_fields = ("output", "affectnet", "fec", "affectnet_images", "fec_images")
+
     affectnet: str = ""
     """AffectNet training.csv (local or fsspec URI): the release's
     Manually_Annotated_file_lists/training.csv, or a training.csv beside Manually_Annotated_Images/."""
@@ -104,6 +106,7 @@ class StudentTrainConfig(FaceTrainConfig):
     norm5 and the heads); its outputs are computed once and cached. None trains everything."""
 
     weight_fields = ("imagenet",)
+    path_fields = FaceTrainConfig.path_fields + ("targets", "unlabeled")
 
     def __post_init__(self) -> None:
         super().__post_init__()

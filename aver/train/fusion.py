@@ -24,6 +24,8 @@ from aver.train.harness import TrainConfig, begin, ccc_epoch, epochs, fit, prepa
 
 @dataclass
 class FusionTrainConfig(TrainConfig):
+    path_fields = ("output", "recola", "student", "vggish_arousal", "vggish_valence", "features_cache")
+
     name: str = "fusion"
     """Run name: final model OUTPUT/models/NAME.pt (the demo trains fusion, fusion_visual, fusion_audio)."""
     epochs: int = 20

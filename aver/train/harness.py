@@ -66,6 +66,8 @@ class TrainConfig:
 
     weight_fields: ClassVar[tuple[str, ...]] = ()
     """Fields naming pretrained weights (registry name or URI), shipped to the workers by :func:`begin`."""
+    path_fields: ClassVar[tuple[str, ...]] = ("output",)
+    """Fields naming data or outputs: a relative local path is made absolute (workers run in other folders)."""
 
     def build_model(self, pretrained: bool = True) -> torch.nn.Module:
         """The network this run trains (``pretrained``: with the upstream weights the config names)."""
@@ -84,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"name must be a plain folder name, got {self.name!r}")
         if self.fail_at is not None:
             self.fail_at = tuple(self.fail_at)
+        for name in self.path_fields:
+            if getattr(self, name):
+                setattr(self, name, absolute(getattr(self, name)))
 
     @property
     def model_uri(self) -> str:

@@ -44,6 +44,7 @@ class VGGishTrainConfig(TrainConfig):
     outputs, computed once and cached (fast recipe). None trains everything."""
 
     weight_fields = ("audioset",)
+    path_fields = ("output", "recola")
 
     def __post_init__(self) -> None:
         self.name = self.name or f"vggish_{self.dimension}"

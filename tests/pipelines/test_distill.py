@@ -114,6 +114,9 @@ def test_config_validation():
         DistillConfig(input="x", teachers=("a",), output="o")
     with pytest.raises(ValueError):
         DistillConfig(input="x", teachers=("a", "b"), output="o", precision="fp8")
+    with pytest.raises(ValueError, match="images of one input"):
+        DistillConfig(input=("x.csv", "y.csv"), images_root="imgs", teachers=("a", "b"), output="o")
+    assert DistillConfig(input="s3://k:s@b/x", teachers=("a", "b"), output="o").input == ("s3://b/x",)
 
 
 def _expected_targets(teachers, crops):
@@ -125,45 +128,42 @@ def _expected_targets(teachers, crops):
                       for v in (o1.fec, o1.affectnet, o2.fec, o2.affectnet)], 1).numpy()
 
 
-def test_distill_affectnet_manifest_crops_given_boxes(tmp_path, teachers, ray_local):
+def test_distill_both_manifests_in_one_run_crops_given_boxes_and_dedupes(tmp_path, teachers, ray_local):
+    # Guards against: manifest boxes ignored, FEC crops shared by triplets distilled twice, and
+    # several inputs planned as one (each reads its own images; a rerun finds every unit complete).
+    from aver.data.manifests import fec_image_name
     from aver.faces import crop_face
+    from aver.pipelines.distill import plan_units
 
     models, uris = teachers
-    (tmp_path / "imgs" / "1").mkdir(parents=True)
+    affectnet = tmp_path / "affectnet"
+    (affectnet / "Manually_Annotated_Images" / "1").mkdir(parents=True)  # the release's layout: no --images-root
     scene = np.full((300, 400, 3), 80, np.uint8)
     patch = face_patch(160)
     scene[60:220, 100:100 + patch.shape[1]] = patch
-    Image.fromarray(scene).save(tmp_path / "imgs" / "1" / "a.png")
-    csv = tmp_path / "training.csv"
-    csv.write_text("subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal\n"
-                   "1/a.png,100,60,130,160,,1,0.5,0.2\n1/missing.png,0,0,10,10,,2,0,0\n1/a.png,0,0,5,5,,9,0,0\n")
-    cfg = DistillConfig(input=str(csv), images_root=str(tmp_path / "imgs"), teachers=uris,
-                        output=str(tmp_path / "out"), actors=1, cpus_per_actor=0.5)
-    assert run(cfg) == {"ok": 1, "corrupt": 1}
-    targets = read_folder(str(tmp_path / "out" / "targets")).to_pandas()
-    assert targets["crop_id"].tolist() == ["affectnet:1/a.png"]
-    expected = _expected_targets(models, [crop_face(scene, (100, 60, 230, 220), size=140, margin=0.2)])
-    assert np.allclose(np.stack(targets["target"].to_numpy()), expected, atol=1e-4)
-    status = read_folder(str(tmp_path / "out" / "status")).to_pandas().set_index("item_id")
-    assert status.loc["affectnet:1/missing.png", "status"] == "corrupt"
-    assert len(status) == 2  # the label-9 row is rejected by the reader, not a crop
-
-
-def test_distill_fec_manifest_dedupes_crops(tmp_path, teachers, ray_local):
-    from aver.data.manifests import fec_image_name
-
-    _, uris = teachers
-    (tmp_path / "images").mkdir()
+    Image.fromarray(scene).save(affectnet / "Manually_Annotated_Images" / "1" / "a.png")
+    (affectnet / "training.csv").write_text(
+        "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal\n"
+        "1/a.png,100,60,130,160,,1,0.5,0.2\n1/missing.png,0,0,10,10,,2,0,0\n1/a.png,0,0,5,5,,9,0,0\n")
+    (tmp_path / "fec" / "images").mkdir(parents=True)
     for url in ("http://x/1.jpg", "http://x/2.jpg"):
-        Image.fromarray(face_patch(140)).save(tmp_path / "images" / fec_image_name(url), format="JPEG")
+        Image.fromarray(face_patch(140)).save(tmp_path / "fec" / "images" / fec_image_name(url), format="JPEG")
     row = ("http://x/1.jpg,0.1,0.9,0.1,0.9,http://x/2.jpg,0.0,1.0,0.0,1.0,http://x/3.jpg,0.1,0.9,0.1,0.9,"
            "TWO_CLASS_TRIPLET,a,3,b,3\n")
-    (tmp_path / "fec.csv").write_text(row + row)
-    cfg = DistillConfig(input=str(tmp_path / "fec.csv"), teachers=uris, output=str(tmp_path / "out"),
-                        actors=1, cpus_per_actor=0.5)
-    assert run(cfg) == {"ok": 2, "corrupt": 1}  # three unique crops, image 3 never fetched
-    status = read_folder(str(tmp_path / "out" / "status")).to_pandas()
-    assert sorted(status["status"]) == ["corrupt", "ok", "ok"]
+    (tmp_path / "fec" / "fec.csv").write_text(row + row)
+    cfg = DistillConfig(input=(str(affectnet / "training.csv"), str(tmp_path / "fec" / "fec.csv")), teachers=uris,
+                        output=str(tmp_path / "out"), actors=1, cpus_per_actor=0.5)
+    # AffectNet: one crop, one missing image (the label-9 row is rejected by the reader, not a crop);
+    # FEC: three unique crops, image 3 never fetched.
+    assert run(cfg) == {"ok": 3, "corrupt": 2}
+    targets = read_folder(str(tmp_path / "out" / "targets")).to_pandas().set_index("crop_id")
+    assert len(targets) == 3 and targets.index.is_unique
+    expected = _expected_targets(models, [crop_face(scene, (100, 60, 230, 220), size=140, margin=0.2)])
+    assert np.allclose(targets.loc["affectnet:1/a.png", "target"], expected[0], atol=1e-4)
+    status = read_folder(str(tmp_path / "out" / "status")).to_pandas().set_index("item_id")
+    assert len(status) == 5 and status.loc["affectnet:1/missing.png", "status"] == "corrupt"
+    again = plan_units(cfg)
+    assert (again.units, again.n_complete) == ([], 2)  # one chunk per dataset, each counted once
 
 
 def test_shared_trunk_path_equals_two_separate_forwards(tmp_path):

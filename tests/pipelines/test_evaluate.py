@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,20 @@ from aver.models import FusionModel, Student, VGGishEmotion, save_checkpoint
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
+def test_evaluate_writes_the_paper_metrics_against_known_answers(small_corpus, tmp_path, ray_local):
+    # Guards against: evaluate scoring the wrong FEC pair, swapping arousal and valence, recomputing
+    # what a training run cached, or redoing finished splits. FEC: every test triplet is rewritten so
+    # that its annotated pair is one picture twice, so the right pair is always the closest (accuracy
+    # exactly 1) and any other never is (0). RECOLA: CCC per column of a direct forward of the fusion
+    # model over the same windows. (The GPU shares of its actor pools are checked on a head that
+    # declares a GPU by tests/test_docs.py, whose docs/cluster.md submits evaluate.)
+    import csv
+
+    from aver.data.manifests import read_recola
+    from aver.data.recola import SessionFeaturizer, SessionWindows
+    from aver.metrics import ccc
+    from aver.models import load_checkpoint
+
     torch.manual_seed(0)
     models = tmp_path / "models"
     student = Student()
@@ -25,12 +39,21 @@ def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
     save_checkpoint(nodistill, str(models / "student_nodistill.pt"))
     save_checkpoint(VGGishEmotion(), str(models / "vggish_arousal.pt"))
     save_checkpoint(VGGishEmotion(), str(models / "vggish_valence.pt"))
-    save_checkpoint(FusionModel(1920, 256), str(models / "fusion.pt"))
+    fusion = FusionModel(1920, 256)
+    with torch.no_grad():
+        fusion.head.weight.mul_(30)  # outputs that vary, so the two columns' CCCs differ clearly
+    save_checkpoint(fusion, str(models / "fusion.pt"))
     save_checkpoint(FusionModel(1920, 256, modalities=("audio",)), str(models / "fusion_audio.pt"))
     data = tmp_path / "data"
-    data.mkdir()
-    for sub in ("affectnet", "fec", "recola"):
+    (data / "fec").mkdir(parents=True)
+    for sub in ("affectnet", "recola"):
         (data / sub).symlink_to(small_corpus / sub)
+    (data / "fec" / "images").symlink_to(small_corpus / "fec" / "images")
+    name = "faceexp-comparison-data-test-public.csv"
+    with open(small_corpus / "fec" / name) as f, open(data / "fec" / name, "w", newline="") as out:
+        for row in csv.reader(f):
+            row[5:10] = row[0:5]  # image 2 := image 1
+            csv.writer(out).writerow(row[:16] + ["rater", "3"])  # image 3 is the odd one
     cfg = EvaluateConfig(models=str(models), data=str(data), output=str(tmp_path / "eval"), window_s=4.8,
                          prefix_cache=str(tmp_path / "train"))
     stage = student.shared_stage(nodistill)
@@ -51,8 +74,25 @@ def test_evaluate_writes_the_paper_metrics(small_corpus, tmp_path, ray_local):
     done = sorted(p.name for p in (tmp_path / "eval" / "embeddings").glob("*/*.npz"))
     assert done == ["affectnet_eval.npz", "affectnet_train.npz", "fec_eval.npz"]
     students = {"student": str(models / "student.pt"), "student_nodistill": str(models / "student_nodistill.pt")}
+    assert metrics["fec_triplet_accuracy"] == metrics["student_nodistill.fec_triplet_accuracy"] == 1.0
+    # the dev windows evaluate scored, cut again here from the session timelines it cached
+    (features,) = (tmp_path / "eval" / "features").iterdir()
+    c = SessionWindows(recola=str(data / "recola"), student=str(models / "student.pt"),
+                       vggish_arousal=str(models / "vggish_arousal.pt"), vggish_valence=str(models / "vggish_valence.pt"),
+                       window_s=4.8, features_cache=str(features))
+    dev = [r for r in read_recola(c.recola).records if r["split"] == "dev"]
+    windows = SessionFeaturizer(c)({k: [r[k] for r in dev] for k in dev[0]})
+    with torch.no_grad():
+        pred = load_checkpoint(str(models / "fusion.pt"))[0](torch.from_numpy(windows["visual"]),
+                                                            torch.from_numpy(windows["audio"])).numpy()
+    target = windows["target"]
+    for dim, col in (("arousal", 0), ("valence", 1)):
+        right = ccc(target[:, col], pred[:, col])
+        wrong = [ccc(target[:, col], pred[:, 1 - col]), ccc(target[:, 1 - col], pred[:, 1 - col])]
+        assert all(abs(w - right) > 0.05 * abs(right) for w in wrong)  # so a swap would show
+        assert metrics["ccc"][dim]["fused"] == pytest.approx(right, rel=1e-3)
     (data / "affectnet").unlink()
-    (data / "fec").unlink()
+    shutil.rmtree(data / "fec")
     again = face_metrics(cfg, students)
     assert again["student"] == {k: metrics[k] for k in ("affectnet_accuracy", "fec_triplet_accuracy")}
     # The AffectNet training embeddings came from the marked prefix outputs, the others were computed.

@@ -5,6 +5,7 @@ rerun after adding one input, and with credentials in the URI and the storage op
 import glob
 import os
 import shutil
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,8 +21,8 @@ from aver.io.parts import read_folder
 from aver.pipelines.score import ScoreVideosConfig
 from aver.pipelines.score import run as score
 from tests.media_fixtures import face_images, face_video, hostile_corpus
-from tests.ray_helpers import run_job, same_rows, unique_rows
-from aver.demo.s3proxy import S3Proxy
+from tests.ray_helpers import run_job, same_rows, start_ray_node, stop_ray_cluster, unique_rows
+from aver.demo.s3proxy import S3Proxy, free_port
 
 pytestmark = pytest.mark.timeout(600)
 FAST = RetryPolicy(attempts=4, backoff_s=0.05)
@@ -206,12 +207,20 @@ def test_no_secret_in_output_logs_or_files(tmp_path, s3, random_models):
     # a manifest naming inputs with credentials inside (refused, and said so without them)
     (tmp_path / "list.txt").write_text(f"s3://{key}:{secret}@{bucket}/sec/in/v.mp4\n"
                                        f"s3://{key}:{leak[2]}@Bad_Bucket!/sec/in/v.mp4\n")
+    # The three jobs on one Ray head of this test's own (its logs all under ray_tmp), as drivers
+    # joining a running cluster; no credentials in its environment.
     ray_tmp = f"/tmp/aver-secret-{os.getpid()}"
-    env = {"RAY_TMPDIR": ray_tmp, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "RAY_AUTH_MODE": "disabled"}
+    gcs = f"127.0.0.1:{free_port()}"
     endpoint = {"client_kwargs": {"endpoint_url": s3["endpoint"]}}
     import json
 
     try:
+        start_ray_node(["--head", "--num-cpus=2", f"--port={gcs.rsplit(':', 1)[1]}", "--include-dashboard=false",
+                        f"--ray-client-server-port={free_port()}"], ray_tmp,
+                       dict(os.environ, **env, RAY_USAGE_STATS_ENABLED="0",
+                            PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")))
+        env["RAY_ADDRESS"] = gcs
         runs = [
             run_job(["jobs/extract_faces.py", "--input", f"s3://{leak[0]}:{leak[2]}@{bucket}/sec/in/",
                      "--output", str(tmp_path / "faces"), "--actors", "1", "--cpus-per-actor", "0.5",
@@ -244,4 +253,5 @@ def test_no_secret_in_output_logs_or_files(tmp_path, s3, random_models):
             for s in leak:
                 assert s not in text, p
     finally:
+        stop_ray_cluster(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)

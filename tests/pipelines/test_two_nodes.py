@@ -27,7 +27,7 @@ import torch
 from aver.io.parts import read_folder
 from aver.demo.s3proxy import free_port
 from tests.media_fixtures import face_images, face_video
-from tests.ray_helpers import ROOT, ray_cli, same_rows, stop_ray_cluster, unique_rows
+from tests.ray_helpers import ROOT, same_rows, start_ray_node, stop_ray_cluster, unique_rows
 
 BIN = os.path.dirname(sys.executable)
 
@@ -36,7 +36,7 @@ class TwoNodes:
     """A head (CPUs only, dashboard for the state API) and GPU nodes added and killed at will."""
 
     def __init__(self, head_cpus: int = 2) -> None:
-        # No token authentication (tests/pipelines/test_cluster.py covers it): this process reads
+        # No token authentication (tests/test_docs.py covers it): this process reads
         # the state API too, and nothing outside 127.0.0.1 reaches these ports.
         self.env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=BIN + os.pathsep + os.environ.get("PATH", ""),
                         RAY_USAGE_STATS_ENABLED="0")
@@ -58,11 +58,7 @@ class TwoNodes:
     def _start(self, args: list[str], name: str) -> str:
         temp_dir = f"/tmp/aver-2n-{os.getpid()}-{name}-{len(self.temp_dirs)}"
         self.temp_dirs.append(temp_dir)
-        # every port its own: two nodes on one machine (and any Ray an earlier test left running)
-        ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-        r = ray_cli(["start", *args, *ports, f"--temp-dir={temp_dir}"], self.env, timeout=180)
-        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        start_ray_node(args, temp_dir, self.env)
         return temp_dir
 
     def alive_nodes(self) -> list[dict]:

@@ -29,6 +29,34 @@ def test_train_config_validation():
         TrainConfig(output="o", name="x", epochs=0)
 
 
+def test_relative_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
+    # Guards against: a job on a running cluster (RAY_ADDRESS) handing its workers paths relative
+    # to the driver's folder; they run in another (tests/test_docs.py runs README's jobs that way).
+    from aver.pipelines.distill import DistillConfig
+    from aver.pipelines.evaluate import EvaluateConfig
+    from aver.pipelines.score import ScoreVideosConfig
+    from aver.train.face import StudentTrainConfig
+    from aver.train.fusion import FusionTrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    here = str(tmp_path)
+    student = StudentTrainConfig(output="runs/", affectnet="affectnet/training.csv", fec="s3://b/fec.csv",
+                                 targets="runs/distill", imagenet="densenet201")
+    assert (student.output, student.affectnet, student.fec, student.targets, student.imagenet) == \
+        (f"{here}/runs", f"{here}/affectnet/training.csv", "s3://b/fec.csv", f"{here}/runs/distill", "densenet201")
+    fusion = FusionTrainConfig(output="r", recola="recola", student="m/student.pt", vggish_arousal="m/a.pt",
+                               vggish_valence="s3://b/v.pt")
+    assert (fusion.recola, fusion.student, fusion.vggish_valence) == (f"{here}/recola", f"{here}/m/student.pt",
+                                                                      "s3://b/v.pt")
+    distill = DistillConfig(input=("faces", "s3://b/x.csv"), teachers=("t1.pt", "t2.pt"), output="out")
+    assert (distill.input, distill.teachers, distill.output) == \
+        ((f"{here}/faces", "s3://b/x.csv"), (f"{here}/t1.pt", f"{here}/t2.pt"), f"{here}/out")
+    score = ScoreVideosConfig(input="videos/", output="labels", model="models")
+    assert (score.input, score.output, score.model) == (f"{here}/videos", f"{here}/labels", f"{here}/models")
+    evaluate = EvaluateConfig(models="models", data="s3://b/data", output="eval")
+    assert (evaluate.models, evaluate.data, evaluate.output) == (f"{here}/models", "s3://b/data", f"{here}/eval")
+
+
 def test_epochs_set_the_learning_rate_of_each_epoch_and_resume_mid_schedule():
     import math
 

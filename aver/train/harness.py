@@ -289,7 +289,7 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, jo
     it starts and, at the end, what it did and where the model and the logs are."""
     import time
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from aver.console import duration, logs_dir
@@ -307,6 +307,9 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, jo
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), **_quiet_train()),
         datasets=datasets,
+        # One worker reads its datasets whole: no split, so no split-coordinator actor (a process
+        # and a Ray Data execution of its own) per dataset.
+        dataset_config=DataConfig(datasets_to_split="all" if cfg.num_workers > 1 else []),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:

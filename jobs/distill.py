@@ -6,7 +6,8 @@
       --teachers s3://b/models/teacher128.pt s3://b/models/teacher256.pt --output s3://b/distill/ \\
       --gpus-per-actor 0.5 --batch-size 512
 
-Input: extract_faces output (faces/ parts), AffectNet / Google FEC CSVs, or face images.
+Input: one or more of extract_faces output (faces/ parts), AffectNet / Google FEC CSVs, or face
+images (`--input A B C`: their units run together, into one OUTPUT).
 Writes OUTPUT/targets/ (crop_id, target[80]) and OUTPUT/status/. Rerunning skips finished parts.
 """
 

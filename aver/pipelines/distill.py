@@ -153,12 +153,9 @@ def plan_units(cfg: DistillConfig) -> Plan:
         if rejected:
             print(f"distill: {rejected} rows of {redact(source)} rejected (malformed or unused labels)", flush=True)
         chunked.setdefault(prefix, {}).update((e["item_id"], e) for e in entries)
-    # One ledger per chunk prefix (each reads its own status parts); the singles go with the first.
-    plans = [plan(cfg.output, cfg.storage_options, singles=list(singles.items()) if n == 0 else [],
-                  chunked=list(entries.items()), prefix=prefix, per_unit=cfg.images_per_unit, id_column="item_id",
-                  output_folders=("targets",))
-             for n, (prefix, entries) in enumerate(sorted(chunked.items()) or [("images", {})])]
-    return Plan([u for p in plans for u in p.units], sum(p.n_complete for p in plans))
+    return plan(cfg.output, cfg.storage_options, singles=list(singles.items()),
+                chunked={prefix: list(entries.items()) for prefix, entries in sorted(chunked.items())},
+                per_unit=cfg.images_per_unit, id_column="item_id", output_folders=("targets",))
 
 
 @dataclass(kw_only=True)

@@ -134,8 +134,8 @@ def plan_units(items: list[InputItem], cfg: ExtractFacesConfig) -> Plan:
     """Each video its own unit; images in chunks of pending images (see :mod:`aver.pipelines.ledger`)."""
     return plan(cfg.output, cfg.storage_options,
                 singles=[(i.item_id, vars(i)) for i in items if i.kind != "image"],
-                chunked=[(i.item_id, vars(i)) for i in items if i.kind == "image"],
-                prefix="images", per_unit=cfg.images_per_unit, output_folders=("faces",))
+                chunked={"images": [(i.item_id, vars(i)) for i in items if i.kind == "image"]},
+                per_unit=cfg.images_per_unit, output_folders=("faces",))
 
 
 def load_unit(unit: Unit, cfg: ExtractFacesConfig) -> FacesRecord | Iterator[FacesRecord]:

@@ -72,22 +72,24 @@ def chunk_id(prefix: str, ids: list[str]) -> str:
 
 
 def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, dict]],
-         chunked: list[tuple[str, dict]] = (), prefix: str = "images", per_unit: int = 1024,
+         chunked: dict[str, list[tuple[str, dict]]] | None = None, per_unit: int = 1024,
          id_column: str = "video_id", output_folders: tuple[str, ...] = ()) -> Plan:
     """The units still to process in ``output``.
 
-    ``singles`` are ``(unit_id, item)`` units of one item each (a video); ``chunked`` are
-    ``(item_id, item)`` pairs grouped into chunks named ``<prefix>-<hash>`` (images, crops).
-    What a killed run left in the staging area is removed."""
+    ``singles`` are ``(unit_id, item)`` units of one item each (a video); ``chunked`` maps a prefix
+    to ``(item_id, item)`` pairs grouped into chunks named ``<prefix>-<hash>`` (images, crops; each
+    prefix its own ledger). What a killed run left in the staging area is removed."""
     so = storage_options
     remove(join(output, STAGING), so, recursive=True)
     done = list_names(join(output, "status"), so)
     retry = list_names(join(output, "_retry"), so, suffix="")
     units = [Unit(uid, [item], uid in retry) for uid, item in singles if uid not in done or uid in retry]
     n_complete = sum(1 for uid, _ in singles if uid in done and uid not in retry)
-    if chunked:
-        by_id = dict(chunked)
-        single_ids = {uid for uid, _ in singles}  # a video named "images-..." is no chunk
+    single_ids = {uid for uid, _ in singles}  # a video named "images-..." is no chunk
+    for prefix, pairs in (chunked or {}).items():
+        if not pairs:
+            continue
+        by_id = dict(pairs)
         ledger = _read_ledger(output, so, sorted(u for u in done if u.startswith(prefix + "-") and u not in single_ids),
                               id_column)
         seen: set[str] = set()
@@ -102,11 +104,13 @@ def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, 
         for start in range(0, len(new), per_unit):
             ids = new[start:start + per_unit]
             units.append(Unit(chunk_id(prefix, ids), [by_id[i] for i in ids]))
-        # Parts of chunks whose status never landed (a killed run) would duplicate rows: drop them.
-        planned = {u.unit_id for u in units}
+    # Parts of chunks whose status never landed (a killed run) would duplicate rows: drop them.
+    prefixes = tuple(f"{prefix}-" for prefix, pairs in (chunked or {}).items() if pairs)
+    if prefixes:
+        keep = done | {u.unit_id for u in units} | single_ids
         for folder in output_folders:
             for name in list_names(join(output, folder), so):
-                if name.startswith(prefix + "-") and name not in done | planned | single_ids:
+                if name.startswith(prefixes) and name not in keep:
                     remove(join(output, folder, f"{name}.parquet"), so)
     return Plan(units, n_complete)
 

@@ -107,11 +107,11 @@ PLANTED = {
         "units.append(Unit(f\"{prefix}-{start // per_unit:06d}\",",
         ["tests/pipelines/test_fault_isolation.py", "-k", "adding"]),
     "training configs hand relative local paths to their workers": (
-        "aver/train/harness.py", "                setattr(self, name, absolute(getattr(self, name)))",
-        "                setattr(self, name, getattr(self, name))",
+        "aver/train/harness.py", "            setattr(self, name, absolute(getattr(self, name)))",
+        "            setattr(self, name, getattr(self, name))",
         ["tests/train/test_harness.py", "-k", "relative"]),
     "batch jobs hand relative local paths to their tasks": (
-        "aver/pipelines/stages.py", "setattr(self, name, absolute(uri) if uri else uri)",
+        "aver/pipelines/stages.py", "setattr(self, name, absolute(uri))",
         "setattr(self, name, uri)", ["tests/train/test_harness.py", "-k", "relative"]),
 }
 

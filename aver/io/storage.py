@@ -105,10 +105,10 @@ def is_local(uri: str) -> bool:
     return "://" not in str(uri) or (str(uri).startswith("file://") and "::" not in str(uri))
 
 
-def absolute(uri: str) -> str:
+def absolute(uri: str | None) -> str | None:
     """``uri`` with a relative local path made absolute here: processes Ray starts elsewhere (a
-    Ray Train worker runs in its run's folder) read the same file."""
-    return uri if "://" in uri or os.path.isabs(uri) else os.path.abspath(uri)
+    Ray Train worker runs in its run's folder) read the same file. None or "" (not given) stays."""
+    return uri if not uri or "://" in uri or os.path.isabs(uri) else os.path.abspath(uri)
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:

@@ -81,7 +81,7 @@ class DistillConfig(ActorPoolConfig):
             uri, self.storage_options = split_credentials(uri, self.storage_options)
             inputs.append(absolute(uri))
         self.input = tuple(inputs)
-        self.images_root = absolute(self.images_root) if self.images_root else None
+        self.images_root = absolute(self.images_root)
         super().__post_init__()
         self.teachers = tuple(absolute(t) for t in self.teachers)
         if len(self.teachers) != 2:

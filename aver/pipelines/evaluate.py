@@ -80,8 +80,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         for name in ("models", "data", "output", "prefix_cache"):  # tasks and actors run in other folders
-            if getattr(self, name):
-                setattr(self, name, absolute(getattr(self, name)))
+            setattr(self, name, absolute(getattr(self, name)))
 
 
 def _path(cfg: EvaluateConfig, rel: str) -> str:

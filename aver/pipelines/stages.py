@@ -86,7 +86,7 @@ class ActorPoolConfig:
             self.retry = RetryPolicy(**self.retry)
         for name in self.uri_fields:
             uri, self.storage_options = split_credentials(getattr(self, name), self.storage_options)
-            setattr(self, name, absolute(uri) if uri else uri)  # tasks run in other folders, on other machines
+            setattr(self, name, absolute(uri))  # tasks run in other folders, on other machines
         register_secrets(self.storage_options)
 
 

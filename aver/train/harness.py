@@ -87,8 +87,7 @@ class TrainConfig:
         if self.fail_at is not None:
             self.fail_at = tuple(self.fail_at)
         for name in self.path_fields:
-            if getattr(self, name):
-                setattr(self, name, absolute(getattr(self, name)))
+            setattr(self, name, absolute(getattr(self, name)))
 
     @property
     def model_uri(self) -> str:

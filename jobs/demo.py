@@ -78,10 +78,9 @@ class Demo:
 def corpus(d: Demo) -> None:
     if not os.path.exists(d.path("corpus", "recola")):
         print(write_corpus(d.path("corpus"), seed=d.seed, size=d.size))
-    for split in ("train", "test"):
-        fec = d.path("corpus", "fec")
-        fetch(FetchConfig(manifest=os.path.join(fec, f"faceexp-comparison-data-{split}-public.csv"), output=fec,
-                          allow_file_urls=True))
+    fec = d.path("corpus", "fec")
+    fetch(FetchConfig(manifest=tuple(os.path.join(fec, f"faceexp-comparison-data-{split}-public.csv")
+                                     for split in ("train", "test")), output=fec, allow_file_urls=True))
     init_ray(num_cpus=os.cpu_count())  # with its dashboard: Ray Train's cleaner asks its State API
 
 

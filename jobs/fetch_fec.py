@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Download the images of a Google FEC CSV (many links are dead: each gets a status row).
+"""Download the images of Google FEC CSVs (many links are dead: each gets a status row).
 
-  python jobs/fetch_fec.py --manifest fec/faceexp-comparison-data-train-public.csv --output fec/
+  python jobs/fetch_fec.py --manifest fec/faceexp-comparison-data-{train,test}-public.csv --output fec/
 
 Writes OUTPUT/images/<sha1(url)[:24]>.<ext> (what the FEC readers look for under images/ beside
-the CSV) and OUTPUT/fetch_status/<manifest>.parquet. Rerunning fetches only what is missing.
+the CSV) and OUTPUT/fetch_status/<manifest>.parquet per manifest. Rerunning fetches only what is missing.
 """
 
 from __future__ import annotations

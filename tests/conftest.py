@@ -20,6 +20,13 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 FIRST, LAST = ("tests/test_docs.py",), ("tests/pipelines/test_two_nodes.py", "tests/train/test_two_nodes.py")
 
 
+def pytest_configure(config):
+    # xdist >= 3.6 reorders modules by their number of tests unless told not to: the documents'
+    # test (one long test) then started 8 minutes in and ran alone at the end.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         module = item.nodeid.split("::")[0]
@@ -88,9 +95,8 @@ def small_corpus(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("small_corpus")
     write_corpus(str(root), seed=7, size="small")
-    for split in ("train", "test"):
-        fetch(FetchConfig(manifest=str(root / "fec" / f"faceexp-comparison-data-{split}-public.csv"),
-                          output=str(root / "fec"), allow_file_urls=True))
+    fetch(FetchConfig(manifest=tuple(str(root / "fec" / f"faceexp-comparison-data-{split}-public.csv")
+                                     for split in ("train", "test")), output=str(root / "fec"), allow_file_urls=True))
     return root
 
 

@@ -29,8 +29,9 @@ FETCH_SCHEMA = pa.schema([("url", pa.string()), ("file", pa.string()), ("status"
 
 @dataclass
 class FetchConfig:
-    manifest: str
-    """Google FEC faceexp-comparison-data-{train,test}-public.csv (no header; local or fsspec URI)."""
+    manifest: tuple[str, ...]
+    """Google FEC faceexp-comparison-data-{train,test}-public.csv, one or several (no header; local or
+    fsspec URIs): an image several of them name is fetched once."""
     output: str
     """Folder for images/ and fetch_status/: the CSV's own folder, where every job looks for the
     images by default (images/ beside the CSV)."""
@@ -50,6 +51,9 @@ class FetchConfig:
     """Also copy ``file://`` URLs (the demo corpus's); off, they get a ``failed`` row."""
 
     def __post_init__(self) -> None:
+        self.manifest = (self.manifest,) if isinstance(self.manifest, str) else tuple(self.manifest)
+        if not self.manifest:
+            raise ValueError("fetch_fec needs at least one manifest")
         if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0 or self.workers < 1 or self.max_bytes < 1:
             raise ValueError("timeout_s > 0, retries >= 0, backoff_s >= 0, workers >= 1, max_bytes >= 1")
 
@@ -94,20 +98,24 @@ def fetch_one(url: str, cfg: FetchConfig) -> dict:
 
 
 def run(cfg: FetchConfig) -> dict[str, int]:
-    """Fetch every image of the manifest; writes fetch_status/<manifest>.parquet; returns counts."""
-    manifest = read_fec(cfg.manifest, storage_options=cfg.storage_options or None)
-    urls = sorted({f["url"] for r in manifest.records for f in r["faces"]})
+    """Fetch every image the manifests name, once each; writes fetch_status/<manifest>.parquet per
+    manifest (the rows of its images); returns the counts over the images."""
+    manifests = {uri: read_fec(uri, storage_options=cfg.storage_options or None) for uri in cfg.manifest}
+    wanted = {uri: sorted({f["url"] for r in m.records for f in r["faces"]}) for uri, m in manifests.items()}
+    urls = sorted(set().union(*wanted.values()))
     progress = Progress("fetch_fec", len(urls), "images")
-    rows = []
+    rows = {}
     with ThreadPoolExecutor(cfg.workers) as pool:
-        for row in pool.map(lambda u: fetch_one(u, cfg), urls):
-            rows.append(row)
+        for url, row in zip(urls, pool.map(lambda u: fetch_one(u, cfg), urls)):
+            rows[url] = row
             progress.update()
     progress.close()
-    name = cfg.manifest.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    write_table(join(cfg.output, "fetch_status", f"{name}.parquet"), pa.Table.from_pylist(rows, schema=FETCH_SCHEMA),
-                cfg.storage_options)
-    counts = {"ok": sum(r["status"] == "ok" for r in rows), "failed": sum(r["status"] == "failed" for r in rows),
-              "rejected_rows": len(manifest.rejected)}
+    for uri, its_urls in wanted.items():
+        name = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        write_table(join(cfg.output, "fetch_status", f"{name}.parquet"),
+                    pa.Table.from_pylist([rows[u] for u in its_urls], schema=FETCH_SCHEMA), cfg.storage_options)
+    counts = {"ok": sum(r["status"] == "ok" for r in rows.values()),
+              "failed": sum(r["status"] == "failed" for r in rows.values()),
+              "rejected_rows": sum(len(m.rejected) for m in manifests.values())}
     print("fetch_fec: " + ", ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
     return counts

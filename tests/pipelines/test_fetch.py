@@ -49,16 +49,23 @@ def test_fetch_serves_some_fails_others_and_reruns(tmp_path, server):
     row = lambda a, b, c: f"{a},0,1,0,1,{b},0,1,0,1,{c},0,1,0,1,ONE_CLASS_TRIPLET,r1,1\n"  # noqa: E731
     csv = tmp_path / "fec.csv"
     csv.write_text(row(*urls[:3]) + row(*urls[3:]) + "bad,row\n")
-    cfg = FetchConfig(manifest=str(csv), output=str(tmp_path), timeout_s=5, retries=2, backoff_s=0.01, workers=4)
-    assert run(cfg) == {"ok": 4, "failed": 2, "rejected_rows": 1}
+    test_csv = tmp_path / "fec_test.csv"  # a second manifest naming two of the same images and a new one
+    test_csv.write_text(row(urls[0], urls[4], f"{server}/ok/7.jpg"))
+    cfg = FetchConfig(manifest=(str(csv), str(test_csv)), output=str(tmp_path), timeout_s=5, retries=2,
+                      backoff_s=0.01, workers=4)
+    assert run(cfg) == {"ok": 5, "failed": 2, "rejected_rows": 1}
+    assert _Handler.hits["/ok/1.jpg"] == 1  # named by both manifests, fetched once
+    its_own = pq.read_table(tmp_path / "fetch_status" / "fec_test.parquet").to_pandas()
+    assert sorted(its_own["url"]) == sorted([urls[0], urls[4], f"{server}/ok/7.jpg"])
     status = pq.read_table(tmp_path / "fetch_status" / "fec.parquet").to_pandas().set_index("url")
+    assert len(status) == 6
     assert status.loc[f"{server}/gone/3.jpg", "error"] == "HTTP 404"
     assert status.loc[f"{server}/gone/3.jpg", "attempts"] == 1  # dead links are not retried
     assert status.loc[f"{server}/flaky/2.jpg", "attempts"] == 2
     assert "only http" in status.loc["ftp://x/4.jpg", "error"]
     assert (tmp_path / "images" / fec_image_name(f"{server}/ok/1.jpg")).read_bytes().endswith(b"/ok/1.jpg")
     before = dict(_Handler.hits)
-    assert run(cfg)["ok"] == 4
+    assert run(cfg)["ok"] == 5
     assert _Handler.hits["/ok/1.jpg"] == before["/ok/1.jpg"]  # already fetched: not downloaded again
 
 

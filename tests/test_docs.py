@@ -243,6 +243,8 @@ def cluster_md_on_the_release_layout(log: str) -> None:
     assert len(targets) == AFFECTNET_ROWS + 3 * FEC_TRIPLETS + UNLABELED and targets["crop_id"].is_unique
     history = json.loads(fs.cat("aver-runs/models/student.metrics.json"))
     assert all(history[-1][k] > 0 for k in ("loss_rkd", "loss_fec", "loss_affectnet")), history
+    # the three fusion variants featurise the training sessions once, the next two read the cache
+    assert log.count("train sessions (faces at") == 1, log[-3000:]
     metrics = fs.cat("aver-runs/eval/metrics.json")
     assert b"affectnet_accuracy" in metrics and b"fused" in metrics
     assert fs.ls("media/labels/scores") and fs.exists("media/labels/report/index.html")

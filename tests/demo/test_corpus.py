@@ -12,10 +12,9 @@ from aver.demo.corpus import PROTOTYPES, Identity, draw_face, expression_from_af
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(str(root), seed=3, size="small")
-    return root
+def corpus(small_corpus):
+    """The suite's corpus (size small, seed 7; its FEC images fetched beside the CSVs)."""
+    return small_corpus
 
 
 def _digest(path):
@@ -24,7 +23,7 @@ def _digest(path):
 
 def test_corpus_is_deterministic_for_a_seed(corpus, tmp_path):
     again = tmp_path / "again"
-    write_corpus(str(again), seed=3, size="small")
+    write_corpus(str(again), seed=7, size="small")
     for rel in ("affectnet/training.csv", "recola/ratings_gold_standard/valence/train_1.arff",
                 "affectnet/Manually_Annotated_Images/tra000/training_00005.jpg"):
         assert _digest(corpus / rel) == _digest(again / rel)

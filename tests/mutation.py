@@ -83,6 +83,9 @@ PLANTED = {
         "aver/faces.py", "return np.asarray(Image.fromarray(_as_rgb(image)).crop(region)",
         "return np.asarray(Image.fromarray(_as_rgb(image)[..., ::-1].copy()).crop(region)",
         ["tests/test_faces.py", "-k", "rgb"]),
+    "fetch_fec's status of one manifest lists every manifest's images": (
+        "aver/pipelines/fetch.py", "[rows[u] for u in its_urls]", "list(rows.values())",
+        ["tests/pipelines/test_fetch.py"]),
     "a transient fault recorded as corrupt": (
         "aver/faults.py", '    if is_transient(exc):\n        return "failed"\n', "",
         ["tests/test_faults.py"]),
@@ -93,7 +96,7 @@ PLANTED = {
         """            whole = pq.read_table(f, columns=["crop_id", "crop"])
             for start in range(0, len(whole), rows):
                 table = whole.slice(start, rows)""",
-        ["tests/pipelines/test_distill.py", "-k", "40000"]),
+        ["tests/pipelines/test_distill.py", "-k", "10000"]),
     "the committed record handed on to the driver": (
         "aver/pipelines/stages.py", '    return {"summary": summaries}\n',
         '    return {"summary": summaries, "record": [batch["record"][-1]] * len(summaries)}\n',

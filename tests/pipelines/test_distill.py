@@ -196,7 +196,7 @@ def test_preprocess_keeps_rgb_order():
     assert torch.allclose(x[0, 2], torch.full((140, 140), -127.5 / 128))
 
 
-def test_a_faces_part_of_40000_crops_is_loaded_a_slice_at_a_time(tmp_path):
+def test_a_faces_part_of_10000_crops_is_loaded_a_slice_at_a_time(tmp_path):
     # Guards against: a whole faces part made one record (an hour of video: ~18k crops, ~1 GB in one
     # pickled cell) and a load task that holds it. The part is written as parts were before row
     # groups (one row group): slicing by rows must hold there too.
@@ -207,7 +207,7 @@ def test_a_faces_part_of_40000_crops_is_loaded_a_slice_at_a_time(tmp_path):
     from aver.pipelines.distill import load_unit
     from aver.pipelines.ledger import Unit
 
-    n, per_slice = 40_000, 512
+    n, per_slice = 10_000, 256
     crop = _jpeg(np.asarray(Image.fromarray(face_patch(140)).resize((140, 140))))
     ids = [f"v-{i:07d}" for i in range(n)]
     table = pa.table({"video_id": ["v"] * n, "source": ["x"] * n, "crop_id": ids, "frame_index": list(range(n)),
@@ -234,6 +234,6 @@ def test_a_faces_part_of_40000_crops_is_loaded_a_slice_at_a_time(tmp_path):
     finally:
         tracemalloc.stop()
     assert seen == ids  # every crop once, in order
-    # the part's crops decoded at once would be 40,000 x 58.8 KB = 2.35 GB
+    # the part's crops decoded at once would be 10,000 x 58.8 KB = 588 MB
     assert peak < 4 * slice_bytes, (peak, slice_bytes)
     assert most < 16 * 2**20, most  # Arrow's own buffers: pages of the part, not the part

@@ -89,14 +89,25 @@ def _ray_processes() -> list:
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
-    """The demo corpus at size 'small' (seed 7) with its FEC images fetched, shared by the suite."""
+    """The demo corpus at size 'small' (seed 7) with its FEC images fetched, shared by the suite:
+    written once per run, by the first xdist worker that asks (the others wait for it). Tests only
+    read it (every job's caches and outputs go under their own output folder)."""
+    from filelock import FileLock
+
     from aver.pipelines.fetch import FetchConfig, run as fetch
     from aver.demo.corpus import write_corpus
 
-    root = tmp_path_factory.mktemp("small_corpus")
-    write_corpus(str(root), seed=7, size="small")
-    fetch(FetchConfig(manifest=tuple(str(root / "fec" / f"faceexp-comparison-data-{split}-public.csv")
-                                     for split in ("train", "test")), output=str(root / "fec"), allow_file_urls=True))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.mktemp("small_corpus")
+    else:  # the run's folder, above each worker's own
+        root = tmp_path_factory.getbasetemp().parent / "small_corpus"
+    with FileLock(str(root) + ".lock"):
+        if not (root / ".written").exists():
+            write_corpus(str(root), seed=7, size="small")
+            fetch(FetchConfig(manifest=tuple(str(root / "fec" / f"faceexp-comparison-data-{split}-public.csv")
+                                             for split in ("train", "test")), output=str(root / "fec"),
+                              allow_file_urls=True))
+            (root / ".written").touch()
     return root
 
 

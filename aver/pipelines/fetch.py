@@ -54,6 +54,9 @@ class FetchConfig:
         self.manifest = (self.manifest,) if isinstance(self.manifest, str) else tuple(self.manifest)
         if not self.manifest:
             raise ValueError("fetch_fec needs at least one manifest")
+        names = [status_name(m) for m in self.manifest]
+        if len(set(names)) != len(names):
+            raise ValueError(f"manifests of one file name would share one fetch_status part: {', '.join(self.manifest)}")
         if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0 or self.workers < 1 or self.max_bytes < 1:
             raise ValueError("timeout_s > 0, retries >= 0, backoff_s >= 0, workers >= 1, max_bytes >= 1")
 
@@ -97,6 +100,11 @@ def fetch_one(url: str, cfg: FetchConfig) -> dict:
     return {**row, "status": "failed", "error": error}
 
 
+def status_name(manifest: str) -> str:
+    """The manifest's file name without its extension: its part is fetch_status/<name>.parquet."""
+    return manifest.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
 def run(cfg: FetchConfig) -> dict[str, int]:
     """Fetch every image the manifests name, once each; writes fetch_status/<manifest>.parquet per
     manifest (the rows of its images); returns the counts over the images."""
@@ -111,8 +119,7 @@ def run(cfg: FetchConfig) -> dict[str, int]:
             progress.update()
     progress.close()
     for uri, its_urls in wanted.items():
-        name = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        write_table(join(cfg.output, "fetch_status", f"{name}.parquet"),
+        write_table(join(cfg.output, "fetch_status", f"{status_name(uri)}.parquet"),
                     pa.Table.from_pylist([rows[u] for u in its_urls], schema=FETCH_SCHEMA), cfg.storage_options)
     counts = {"ok": sum(r["status"] == "ok" for r in rows.values()),
               "failed": sum(r["status"] == "failed" for r in rows.values()),

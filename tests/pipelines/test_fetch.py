@@ -66,6 +66,8 @@ def test_fetch_serves_some_fails_others_and_reruns(tmp_path, server):
     assert (tmp_path / "images" / fec_image_name(f"{server}/ok/1.jpg")).read_bytes().endswith(b"/ok/1.jpg")
     before = dict(_Handler.hits)
     assert run(cfg)["ok"] == 5
+    with pytest.raises(ValueError, match="one file name"):
+        FetchConfig(manifest=(str(csv), str(tmp_path / "other" / "fec.csv")), output=str(tmp_path))
     assert _Handler.hits["/ok/1.jpg"] == before["/ok/1.jpg"]  # already fetched: not downloaded again
 
 

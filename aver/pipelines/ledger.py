@@ -86,9 +86,8 @@ def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, 
     units = [Unit(uid, [item], uid in retry) for uid, item in singles if uid not in done or uid in retry]
     n_complete = sum(1 for uid, _ in singles if uid in done and uid not in retry)
     single_ids = {uid for uid, _ in singles}  # a video named "images-..." is no chunk
-    for prefix, pairs in (chunked or {}).items():
-        if not pairs:
-            continue
+    chunked = {prefix: pairs for prefix, pairs in (chunked or {}).items() if pairs}
+    for prefix, pairs in chunked.items():
         by_id = dict(pairs)
         ledger = _read_ledger(output, so, sorted(u for u in done if u.startswith(prefix + "-") and u not in single_ids),
                               id_column)
@@ -105,7 +104,7 @@ def plan(output: str, storage_options: dict | None, *, singles: list[tuple[str, 
             ids = new[start:start + per_unit]
             units.append(Unit(chunk_id(prefix, ids), [by_id[i] for i in ids]))
     # Parts of chunks whose status never landed (a killed run) would duplicate rows: drop them.
-    prefixes = tuple(f"{prefix}-" for prefix, pairs in (chunked or {}).items() if pairs)
+    prefixes = tuple(f"{prefix}-" for prefix in chunked)
     if prefixes:
         keep = done | {u.unit_id for u in units} | single_ids
         for folder in output_folders:

@@ -165,14 +165,14 @@ def test_transient_s3_faults_are_retried_then_redone_by_a_rerun(job, tmp_path, s
     # 1. every request for the inputs fails for a while (3 requests): the retries absorb it, and
     # this run is the reference the faulty run's rows must equal in the end
     proxy.fail_next, proxy.fail_next_key = 3, "/in/"
-    clean = run("blip")
-    assert clean == {"ok": {"extract_faces": 7, "distill": 6, "score_videos": 3}[job]} and len(proxy.failed) == 3
+    reference = run("blip")
+    assert reference == {"ok": {"extract_faces": 7, "distill": 6, "score_videos": 3}[job]} and len(proxy.failed) == 3
     # 2. two inputs stay unreadable for the whole first run: failed, and only they
     victims = ["talk1.mp4", "talk2.mp4"] if job == "score_videos" else ["face002.jpg", "face004.jpg"]
     proxy.fail_keys = {f"/in/{v}" for v in victims}
     capsys.readouterr()
     first = run("faulty")
-    assert first == {"ok": clean["ok"] - 2, "failed": 2}
+    assert first == {"ok": reference["ok"] - 2, "failed": 2}
     assert "2 inputs hit transient faults that outlived the retries: run the same command again" in capsys.readouterr().out
     id_col = "video_id" if job != "distill" else "item_id"
     status = read_folder(f"{bucket}/faulty/status", so).to_pandas()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -16,6 +16,7 @@ from aver.constants import CROP_SIZE
 from aver.faults import MediaError, RetryPolicy, is_transient
 from aver.io.media import MAX_DURATION_S, VideoFrame, VideoReader
 from aver.io.streaming import prefetch
+from aver.tracking import FaceTracker, TrackerConfig, colour_histogram, histogram_distance
 
 
 @dataclass
@@ -28,8 +29,9 @@ class FaceDetectorConfig:
     """Smallest face MTCNN looks for, in pixels of the detection image."""
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     """P-, R-, O-net score thresholds (facenet-pytorch defaults)."""
-    min_prob: float = 0.9
-    """Detections below this final probability are dropped."""
+    min_prob: float = 0.7
+    """Detections below this final probability are dropped (MTCNN's own last threshold); those below
+    the tracker's ``high_prob`` only extend face tracks (:class:`aver.tracking.TrackerConfig`)."""
     detect_max_side: int = 640
     """Frames whose longer side exceeds this are downscaled for detection; boxes are mapped back."""
     batch_size: int = 32
@@ -53,6 +55,8 @@ class Detection:
     box: np.ndarray
     """x1, y1, x2, y2 in source-frame pixels."""
     prob: float
+    identity: np.ndarray | None = None
+    """The face's identity embedding, when an identity model ran (links tracks across cuts)."""
 
 
 class FaceDetector:
@@ -155,68 +159,6 @@ def crop_face(image: np.ndarray, box, *, size: int = CROP_SIZE, margin: float = 
     return np.asarray(Image.fromarray(_as_rgb(image)).crop(region).resize((size, size), Image.BILINEAR))
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-@dataclass
-class _Track:
-    track_id: int
-    box: np.ndarray
-    last_frame: int
-    score: float = 0.0
-    frames: list[int] = field(default_factory=list)
-
-
-class FaceTracker:
-    """Links detections across sampled frames into tracks by IoU and centre continuity.
-
-    A detection joins the live track it overlaps most (IoU >= ``min_iou``, or centre within half a
-    box side) if that track was seen within ``max_gap`` sampled frames; otherwise it starts a new
-    track. The primary track is the one with the largest sum of prob x box area over the video: the
-    face that is on screen longest and largest, not just the largest face of each frame.
-    """
-
-    def __init__(self, min_iou: float = 0.3, max_gap: int = 10) -> None:
-        self.min_iou = min_iou
-        self.max_gap = max_gap
-        self.tracks: list[_Track] = []
-
-    def update(self, step: int, detections: list[Detection]) -> list[int]:
-        """Track ids for ``detections`` seen at sampled-frame number ``step``."""
-        live = [t for t in self.tracks if step - t.last_frame <= self.max_gap]
-        ids: list[int] = []
-        taken: set[int] = set()
-        for det in detections:
-            best, best_score = None, 0.0
-            for t in live:
-                if t.track_id in taken:
-                    continue
-                score = iou(det.box, t.box)
-                if score < self.min_iou:
-                    side = max(t.box[2] - t.box[0], t.box[3] - t.box[1])
-                    dist = np.hypot(*((det.box[:2] + det.box[2:]) / 2 - (t.box[:2] + t.box[2:]) / 2))
-                    score = 0.5 * self.min_iou * (1 - dist / (0.5 * side)) if dist < 0.5 * side else 0.0
-                if score > best_score:
-                    best, best_score = t, score
-            if best is None:
-                best = _Track(len(self.tracks), det.box, step)
-                self.tracks.append(best)
-            best.box, best.last_frame = det.box, step
-            best.score += det.prob * float((det.box[2] - det.box[0]) * (det.box[3] - det.box[1]))
-            best.frames.append(step)
-            taken.add(best.track_id)
-            ids.append(best.track_id)
-        return ids
-
-    def primary(self) -> int | None:
-        return max(self.tracks, key=lambda t: t.score).track_id if self.tracks else None
-
-
 @dataclass
 class TrackedFrame:
     """One sampled frame: where it is, and its faces as (track id, detection, crop: JPEG bytes or array)."""
@@ -228,6 +170,9 @@ class TrackedFrame:
     timestamp_s: float
     """Presentation time."""
     faces: list[tuple[int, Detection, bytes | np.ndarray]]
+    """The faces a track took (a low-confidence detection no track took is left out)."""
+    cut: bool = False
+    """A shot cut comes before this frame."""
 
 
 @dataclass
@@ -235,7 +180,7 @@ class VideoScan:
     """What :func:`scan_video` saw of one video."""
 
     tracker: FaceTracker
-    """The tracks; ``tracker.primary()`` is the primary face."""
+    """The tracks and shot cuts; ``tracker.people()`` links them, ``tracker.primary()`` is the primary person."""
     n_frames: int
     """Frames sampled."""
     decoded_s: float
@@ -268,14 +213,16 @@ def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
 def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceDetectorConfig,
                    retry: RetryPolicy | None = None, max_side: int | None = None,
                    storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
-                   max_duration_s: float = MAX_DURATION_S) -> Iterator[list[VideoFrame]]:
+                   max_duration_s: float = MAX_DURATION_S,
+                   cut_distance: float = TrackerConfig.cut_distance) -> Iterator[list[VideoFrame]]:
     """The frames of ``source`` sampled at ``fps``, ``detector.batch_size`` at a time, each at most
-    ``max_side`` pixels on its longer side and with its :func:`detection_view`. A storage fault
+    ``max_side`` pixels on its longer side, with its :func:`detection_view` and whether a shot cut
+    comes before it (colour-histogram distance to the previous sampled frame >= ``cut_distance``). A storage fault
     midway is retried as ``retry`` says by reading the video again and skipping the frames already
     handed on; a stream broken midway ends with the last whole segment (``decoded.broken``; one broken in its first segment raises ``corrupt``);
     one that decodes no frame raises ``too_short``."""
     retry = retry or RetryPolicy(attempts=1)
-    attempt = 0
+    attempt, previous = 0, None  # the colour histogram of the last frame handed on
     while True:
         try:
             with VideoReader(source, storage_options=storage_options, max_bytes=max_bytes,
@@ -287,7 +234,11 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceD
                             skip -= 1
                             continue
                         image = _fit(frame.image, max_side)
-                        chunk.append(VideoFrame(frame.index, frame.timestamp_s, image, detection_view(image, detector)))
+                        view = detection_view(image, detector)
+                        hist = colour_histogram(view[0])
+                        cut = histogram_distance(previous, hist) >= cut_distance
+                        chunk.append(VideoFrame(frame.index, frame.timestamp_s, image, view, cut))
+                        previous = hist
                         if len(chunk) == detector.batch_size:
                             decoded.n_frames += len(chunk)
                             yield chunk
@@ -319,29 +270,33 @@ def detect_frames(detector: FaceDetector, frames: list[VideoFrame], *,
     return [[(d, crop(image, d.box)) for d in dets] for image, dets in zip(images, detector.detect(images, views))]
 
 
-def track_frames(tracker: FaceTracker, frames: Iterable[tuple[int, float, list[tuple[Detection, object]]]],
+def track_frames(tracker: FaceTracker, frames: Iterable[tuple[int, float, bool, list[tuple[Detection, object]]]],
                  start: int = 0) -> list[TrackedFrame]:
-    """Link detected frames, given in order as (frame index, time, [(detection, crop)]) from
-    sampled-frame number ``start`` on, into ``tracker``'s tracks."""
+    """Link detected frames, given in order as (frame index, time, shot cut before it, [(detection,
+    crop)]) from sampled-frame number ``start`` on, into ``tracker``'s tracks."""
     done = []
-    for step, (index, timestamp_s, faces) in enumerate(frames, start):
-        ids = tracker.update(step, [d for d, _ in faces])
-        done.append(TrackedFrame(step, index, timestamp_s, [(tid, d, c) for tid, (d, c) in zip(ids, faces)]))
+    for step, (index, timestamp_s, cut, faces) in enumerate(frames, start):
+        dets = [d for d, _ in faces]
+        identities = [d.identity for d in dets] if any(d.identity is not None for d in dets) else None
+        ids = tracker.update(step, dets, cut=cut, identities=identities)
+        done.append(TrackedFrame(step, index, timestamp_s,
+                                 [(tid, d, c) for tid, (d, c) in zip(ids, faces) if tid is not None], cut))
     return done
 
 
 def scan_video(source: str, detector: FaceDetector, on_frames: Callable[[list[TrackedFrame]], None], *,
                fps: float, storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
-               max_duration_s: float = MAX_DURATION_S, jpeg: bool = True) -> VideoScan:
+               max_duration_s: float = MAX_DURATION_S, jpeg: bool = True,
+               tracking: TrackerConfig | None = None) -> VideoScan:
     """Decode ``source`` at ``fps``, detect faces batch by batch and link them into tracks, in one
     process (fusion featurising); each batch of tracked frames goes to ``on_frames`` as it is done,
     so no video is ever held whole. Crops are JPEG bytes or, with ``jpeg=False``, arrays for a
     model that uses them at once. The batch jobs run the same steps as Ray Data stages."""
-    tracker, decoded, n = FaceTracker(), Decoded(), 0
+    tracker, decoded, n = FaceTracker(tracking or TrackerConfig()), Decoded(), 0
     for chunk in prefetch(frame_segments(source, decoded, fps=fps, detector=detector.config,
                                          storage_options=storage_options, max_bytes=max_bytes,
-                                         max_duration_s=max_duration_s)):
+                                         max_duration_s=max_duration_s, cut_distance=tracker.config.cut_distance)):
         found = detect_frames(detector, chunk, jpeg=jpeg)
-        on_frames(track_frames(tracker, ((f.index, f.timestamp_s, faces) for f, faces in zip(chunk, found)), n))
+        on_frames(track_frames(tracker, ((f.index, f.timestamp_s, f.cut, faces) for f, faces in zip(chunk, found)), n))
         n += len(chunk)
     return VideoScan(tracker, decoded.n_frames, decoded.decoded_s, decoded.broken)

@@ -5,8 +5,9 @@
   ray job submit -- python jobs/score_videos.py --input s3://b/archive/ --output s3://b/labels/ \\
       --model s3://b/models/ --gpus-per-actor 0.5
 
-Writes OUTPUT/scores/ (one row per face track and --hop-s step: t_start_s, t_end_s, arousal,
-valence, face_detected, modality, expression_probs), OUTPUT/summary/ (one row per input),
+Writes OUTPUT/scores/ (per --hop-s step: one row per person on screen in it, track_id the person,
+and one of the soundtrack, track_id null: t_start_s, t_end_s, arousal, valence, face_detected,
+modality, expression_probs), OUTPUT/tracks/ (one row per person), OUTPUT/summary/ and
 OUTPUT/status/ (one row per input) and OUTPUT/report/ (index.html, a timeline PNG per input, the
 archive's circumplex). Inputs without a face are scored from audio, inputs without audio from
 faces; the modality column says which. Rerunning skips inputs already complete.

@@ -72,9 +72,24 @@ PLANTED = {
     "circumplex names written at their points": (
         "aver/pipelines/report.py", 'xytext=(1.04, 1 - (i + 0.5) / n), textcoords="axes fraction"',
         'xytext=(4, 4), textcoords="offset points"', ["tests/pipelines/test_report.py", "-k", "overlap"]),
-    "the primary track is the smallest face": (
-        "aver/faces.py", "return max(self.tracks, key=lambda t: t.score).track_id",
-        "return min(self.tracks, key=lambda t: t.score).track_id", ["tests/test_faces.py", "-k", "tracker"]),
+    "the primary person is the smallest face": (
+        "aver/tracking.py", "return max(sorted(weight), key=lambda p: weight[p]) if weight else None",
+        "return min(sorted(weight), key=lambda p: weight[p]) if weight else None",
+        ["tests/test_tracking.py", "-k", "tracker"]),
+    "the tracker predicts no motion": (
+        "aver/tracking.py", "self.x = self._F @ self.x", "self.x = self.x", ["tests/test_tracking.py", "-k", "motion"]),
+    "a shot cut does not end the tracks": (
+        "aver/tracking.py", "if cut or step - t.last > cfg.max_gap:", "if step - t.last > cfg.max_gap:",
+        ["tests/test_tracking.py", "-k", "cut"]),
+    "low-confidence detections start tracks": (
+        "aver/tracking.py", "        for i in high:\n            if ids[i] is None:",
+        "        for i in high + low:\n            if ids[i] is None:", ["tests/test_tracking.py", "-k", "spurious"]),
+    "identity linking without the margin": (
+        "aver/tracking.py", "best_sim - runner_up >= cfg.link_margin", "best_sim - runner_up >= 0",
+        ["tests/test_tracking.py", "-k", "margin"]),
+    "a person's rows at every step, on screen or not": (
+        "aver/pipelines/score.py", "if not people.on_screen(pid, start, end):", "if not people.counts.get(pid):",
+        ["tests/pipelines/test_score.py", "-k", "people_link"]),
     "distill's shared trunk feeds the teachers in the wrong order": (
         "aver/pipelines/distill.py", "out = [t(trunk, after=\"trunk\") for t in self.teachers]",
         "out = [t(trunk, after=\"trunk\") for t in self.teachers[::-1]]",

@@ -58,11 +58,11 @@ def test_help_documents_every_field_with_its_docstring():
     text = parser_for(ScoreVideosConfig).format_help()
     docs = field_docs(ScoreVideosConfig)
     for f in dataclasses.fields(ScoreVideosConfig):
-        if dataclasses.is_dataclass(f.type) or f.name in ("detector", "retry"):
+        if dataclasses.is_dataclass(f.type) or f.name in ("detector", "tracker", "retry"):
             continue
         assert "--" + f.name.replace("_", "-") in text
         assert docs[f.name].split()[0] in text
-    assert "--detector-min-prob" in text and "(default 0.9)" in text
+    assert "--detector-min-prob" in text and "(default 0.7)" in text and "--tracker-max-gap" in text
     assert "--fail-at" not in parser_for(TeacherTrainConfig).format_help()  # testing-only flag stays hidden
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aver.faces import Detection, FaceDetector, FaceDetectorConfig, FaceTracker
+from aver.faces import Detection, FaceDetector, FaceDetectorConfig
 from tests.media_fixtures import face_patch
 
 
@@ -52,37 +52,6 @@ def test_crop_outside_frame_is_padded(detector):
     img = np.asarray(Image.open(io.BytesIO(detector.crop(frame, np.array([-30.0, -30.0, 30.0, 30.0])))))
     assert img.shape == (140, 140, 3)
     assert img[:40, :40].mean() < 30 and img[-30:, -30:].mean() > 170
-
-
-def test_tracker_picks_persistent_face_not_largest_once():
-    tr = FaceTracker()
-    small = lambda x: Detection(np.array([x, 50, x + 40, 90.0]), 0.99)  # noqa: E731
-    big = Detection(np.array([200, 20, 300, 120.0]), 0.99)
-    ids = [tr.update(0, [big, small(10)])]
-    for step in range(1, 12):
-        ids.append(tr.update(step, [small(10 + 2 * step)]))
-    assert len({i[-1] for i in ids}) == 1  # the moving small face keeps one id
-    assert tr.primary() == ids[0][1]
-    assert tr.primary() != ids[0][0]
-
-
-def test_tracker_primary_is_the_larger_of_two_faces_always_there():
-    # Guards against: a primary track chosen by first appearance, count alone or the smaller face.
-    tr = FaceTracker()
-    small = Detection(np.array([10, 50, 50, 90.0]), 0.99)
-    large = Detection(np.array([200, 20, 300, 120.0]), 0.95)
-    for step in range(6):
-        ids = tr.update(step, [small, large] if step % 2 else [large, small])
-    assert tr.primary() == ids[1 if step % 2 else 0]
-    assert sorted(len(t.frames) for t in tr.tracks) == [6, 6]
-
-
-def test_tracker_starts_new_track_after_gap_or_jump():
-    tr = FaceTracker(max_gap=2)
-    a = tr.update(0, [Detection(np.array([0, 0, 50, 50.0]), 0.99)])[0]
-    b = tr.update(1, [Detection(np.array([200, 200, 250, 250.0]), 0.99)])[0]
-    c = tr.update(10, [Detection(np.array([0, 0, 50, 50.0]), 0.99)])[0]
-    assert len({a, b, c}) == 3
 
 
 def test_rejects_frames_it_cannot_read(detector):

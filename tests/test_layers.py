@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = [
     ("aver.constants", "aver.faults", "aver.io", "aver.console"),
     ("aver.models", "aver.audio", "aver.losses", "aver.metrics"),
-    ("aver.faces", "aver.data"),
+    ("aver.tracking", "aver.faces", "aver.data"),
     ("aver.train", "aver.pipelines"),
     ("aver.cli",),
 ]

@@ -35,22 +35,23 @@ class AudioTimeline:
 
 @dataclass
 class FaceFeatures:
-    """Student outputs of every face track of one video, per sampled frame."""
+    """Student outputs of every person of one video (face tracks linked), per sampled frame."""
 
     times: list[float] = field(default_factory=list)
     """Time of each sampled frame."""
     feats: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
-    """track id -> {sampled-frame number: float16 embedding [1920]}."""
+    """person id -> {sampled-frame number: float16 embedding [1920]}."""
     probs: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
-    """track id -> {sampled-frame number: expression probabilities [8]}."""
+    """person id -> {sampled-frame number: expression probabilities [8]}."""
     tracker: FaceTracker | None = None
+    primary_person: int | None = None
     decoded_s: float = 0.0
     broken: object = None
     """The MediaError of a stream broken midway (frames before it are kept), else None."""
 
     def track(self, track_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(present [N] bool, embeddings [N,1920] float16, probabilities [N,8]) of one track over all
-        sampled frames; zeros where the track has no face."""
+        """(present [N] bool, embeddings [N,1920] float16, probabilities [N,8]) of one person over all
+        sampled frames; zeros where they have no face."""
         n = len(self.times)
         present = np.zeros(n, bool)
         feats = np.zeros((n, VISUAL_DIM), np.float16)
@@ -63,8 +64,8 @@ class FaceFeatures:
         return present, feats, probs
 
     def primary(self) -> int | None:
-        """The primary track (on screen longest and largest), None when no face was found."""
-        return self.tracker.primary() if self.feats else None
+        """The primary person (on screen longest and largest), None when no face was found."""
+        return self.primary_person if self.feats else None
 
 
 @torch.no_grad()
@@ -85,7 +86,8 @@ def student_features(student: torch.nn.Module, crops: list[np.ndarray], batch_si
 def face_features(source: str, detector: FaceDetector, student: torch.nn.Module, *, fps: float,
                   batch_size: int = 64, storage_options: dict | None = None, **limits) -> FaceFeatures:
     """Detect, track and embed the faces of one video batch by batch (see :func:`aver.faces.scan_video`,
-    which takes ``limits``); raises its MediaError when nothing decoded."""
+    which takes ``limits``), then link the tracks into people (by motion); raises its MediaError when
+    nothing decoded."""
     found = FaceFeatures()
     device = next(student.parameters()).device
 
@@ -105,6 +107,14 @@ def face_features(source: str, detector: FaceDetector, student: torch.nn.Module,
 
     scan = scan_video(source, detector, embed, fps=fps, storage_options=storage_options, jpeg=False, **limits)
     found.tracker, found.decoded_s, found.broken = scan.tracker, scan.decoded_s, scan.broken
+    people = scan.tracker.people()
+    for by in (found.feats, found.probs):  # a person's tracks never overlap in time: no frame twice
+        tracks = dict(by)
+        by.clear()
+        for tid, steps in sorted(tracks.items()):
+            if tid in people:
+                by.setdefault(people[tid], {}).update(steps)
+    found.primary_person = scan.tracker.primary(people)
     return found
 
 

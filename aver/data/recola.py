@@ -20,6 +20,7 @@ from aver.faults import RetryPolicy, with_retries
 from aver.io.media import MediaError, read_audio
 from aver.io.parts import join
 from aver.io.storage import exists, read_bytes, redact, write_bytes_atomic
+from aver.tracking import TRACKING_VERSION
 
 
 def session_labels(record: dict, storage_options: dict | None = None) -> np.ndarray:
@@ -122,8 +123,9 @@ class SessionWindows:
             raise ValueError("featurizers >= 0, featurizer_cpus > 0, featurizer_gpus >= 0")
 
     def features_key(self) -> str:
-        """Names the feature timelines of one set of models and fps: the checkpoints' content hashes."""
-        h = hashlib.sha256(f"fps={self.fps}".encode())
+        """Names the feature timelines of one set of models, fps and tracking (which face is the
+        primary one): the checkpoints' content hashes."""
+        h = hashlib.sha256(f"fps={self.fps} tracking={TRACKING_VERSION}".encode())
         for uri in (self.student, self.vggish_arousal, self.vggish_valence):
             h.update(hashlib.sha256(read_bytes(uri, self.storage_options or None)).digest())
         return h.hexdigest()[:16]

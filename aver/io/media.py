@@ -226,6 +226,8 @@ class VideoFrame:
     """HxWx3 uint8 RGB."""
     view: tuple[np.ndarray, float] | None = None
     """The frame at face-detection resolution and its scale (made beside the decoding, on its CPU)."""
+    cut: bool = False
+    """A shot cut comes before this frame (its colours differ from the previous sampled frame's)."""
 
 
 def _av_error(source: str, e: Exception) -> Exception:

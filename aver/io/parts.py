@@ -24,6 +24,7 @@ STATUS_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("n_frames", pa.int64()),
     ("duration_s", pa.float64()),
+    ("scoring_version", pa.int32()),  # score_videos: what its rows mean (null for the other jobs)
 ])
 
 

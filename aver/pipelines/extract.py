@@ -1,4 +1,4 @@
-"""extract_faces: media -> ``faces/`` (one row per sampled frame, primary face track) + ``status/``.
+"""extract_faces: media -> ``faces/`` (one row per sampled frame, primary person) + ``status/``.
 
 Work is cut into units (one video, or a chunk of images); each unit's rows go to
 ``faces/<unit>.parquet`` and then its status rows to ``status/<unit>.parquet``, both written
@@ -13,8 +13,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, FaceTracker, TrackedFrame,
-                        detect_frames, frame_segments, track_frames)
+from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, TrackedFrame, detect_frames,
+                        frame_segments, track_frames)
 from aver.faults import with_retries
 from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, list_inputs, load_image
 from aver.io.storage import redact
@@ -22,6 +22,7 @@ from aver.pipelines.cluster import actor_setup, connect
 from aver.pipelines.ledger import Plan, Unit, commit, plan, status_row
 from aver.pipelines.stages import (ActorPoolConfig, ModelStage, Record, Records, guarded, guarded_map, run_stages,
                                    summarise)
+from aver.tracking import FaceTracker, TrackerConfig
 
 FACES_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -48,6 +49,8 @@ class ExtractFacesConfig(ActorPoolConfig):
     """Frames sampled per second of video (by presentation timestamp)."""
     detector: FaceDetectorConfig = field(default_factory=FaceDetectorConfig)
     """MTCNN and crop settings."""
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    """How a video's detections become tracks and people (the primary person's crops are kept)."""
     images_per_unit: int = 256
     """Images handled (and written) together as one unit of work."""
     max_bytes: int = 20 * 2**30
@@ -59,6 +62,8 @@ class ExtractFacesConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.tracker, dict):
+            self.tracker = TrackerConfig(**self.tracker)
         if self.fps <= 0 or self.fps > 120:
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
         if self.images_per_unit < 1:
@@ -82,8 +87,8 @@ class FacesRecord(Record):
     """A chunk's faces rows, once detected."""
     frames: list[VideoFrame] | None = None
     """A segment's sampled frames (model input)."""
-    detected: list[tuple[int, float, list[tuple[Detection, bytes]]]] | None = None
-    """A segment's frames as (frame index, time, [(detection, JPEG crop)]), best face first."""
+    detected: list[tuple[int, float, bool, list[tuple[Detection, bytes]]]] | None = None
+    """A segment's frames as (frame index, time, shot cut before it, [(detection, JPEG crop)]), best face first."""
     decoded: Decoded | None = None
     """On a video's last record: what decoding saw."""
 
@@ -114,7 +119,7 @@ def image_rows(loaded: list[tuple[InputItem, np.ndarray]], detections: list, det
             if failure:
                 statuses.append(status_row("video_id", item.item_id, source, *failure))
                 continue
-        best = dets[0] if dets else None
+        best = next((d for d in dets if d.prob >= cfg.tracker.high_prob), None)  # the most confident face
         rows.append({
             "video_id": item.item_id, "source": source, "crop_id": crop_id(item.item_id, 0),
             "frame_index": 0, "timestamp_s": 0.0, "track_id": 0 if best else None,
@@ -153,7 +158,8 @@ def _video_segments(unit: Unit, item: InputItem, cfg: ExtractFacesConfig) -> Ite
     decoded = Decoded()
     for frames in frame_segments(item.source, decoded, fps=cfg.fps, detector=cfg.detector, retry=cfg.retry,
                                  max_side=cfg.frame_max_side, storage_options=cfg.storage_options,
-                                 max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s):
+                                 max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s,
+                                 cut_distance=cfg.tracker.cut_distance):
         yield FacesRecord(unit=unit, frames=frames)
     yield FacesRecord(unit=unit, decoded=decoded)
 
@@ -189,16 +195,16 @@ class FaceExtractor(ModelStage):
         start = 0
         for r in segments:
             n = len(r.frames)
-            r.detected = [(f.index, f.timestamp_s, faces) for f, faces in zip(r.frames, found[start:start + n])]
+            r.detected = [(f.index, f.timestamp_s, f.cut, faces) for f, faces in zip(r.frames, found[start:start + n])]
             start += n
 
 
 def write_unit(unit: Unit, records: Records, cfg: ExtractFacesConfig) -> list[dict]:
     """Commit: ``faces/<unit>.parquet`` then the unit's status rows. A video's segments are read
-    twice, one at a time: their boxes linked into tracks (the primary track is known only at the
-    end), then the primary track's crops written segment by segment."""
+    twice, one at a time: their boxes linked into tracks and people (the primary person is known
+    only at the end), then the primary person's crops written segment by segment."""
     item = InputItem(**unit.items[0])
-    tracker, decoded, n = FaceTracker(), None, 0
+    tracker, decoded, n = FaceTracker(cfg.tracker), None, 0
     for r in records():
         if r.failure:
             statuses = [status_row("video_id", i["item_id"], redact(i["source"]), *r.failure) for i in unit.items]
@@ -207,14 +213,15 @@ def write_unit(unit: Unit, records: Records, cfg: ExtractFacesConfig) -> list[di
             return _commit(cfg, unit, r.faces, r.statuses)
         n += len(track_frames(tracker, r.detected or (), n))
         decoded = r.decoded or decoded
-    primary, source = tracker.primary(), redact(item.source)
+    people = tracker.people()
+    primary, source = tracker.primary(people), redact(item.source)
 
     def faces() -> Iterator[pa.Table]:  # the same tracks again, segment by segment: the primary's crops
-        again, step = FaceTracker(), 0
+        again, step = FaceTracker(cfg.tracker), 0
         for r in records():
             frames = track_frames(again, r.detected or (), step)
             step += len(frames)
-            yield _faces_table([_frame_row(item, source, frame, primary) for frame in frames])
+            yield _faces_table([_frame_row(item, source, frame, people, primary) for frame in frames])
 
     status = status_row("video_id", item.item_id, source, n_frames=n, duration_s=round(decoded.decoded_s, 6))
     if decoded.broken is not None:
@@ -224,9 +231,9 @@ def write_unit(unit: Unit, records: Records, cfg: ExtractFacesConfig) -> list[di
     return _commit(cfg, unit, faces, [status])
 
 
-def _frame_row(item: InputItem, source: str, frame: TrackedFrame, primary: int | None) -> dict:
-    """One faces row of a video's sampled frame: the primary track's face, or nulls."""
-    hit = next(((d, jpeg) for tid, d, jpeg in frame.faces if tid == primary), None)
+def _frame_row(item: InputItem, source: str, frame: TrackedFrame, people: dict[int, int], primary: int | None) -> dict:
+    """One faces row of a video's sampled frame: the primary person's face, or nulls."""
+    hit = next(((d, jpeg) for tid, d, jpeg in frame.faces if people.get(tid, -1) == primary), None)
     return {"video_id": item.item_id, "source": source, "crop_id": crop_id(item.item_id, frame.index),
             "frame_index": frame.index, "timestamp_s": frame.timestamp_s, "track_id": primary if hit else None,
             "box": [float(v) for v in hit[0].box] if hit else None, "prob": float(hit[0].prob) if hit else None,

@@ -38,6 +38,8 @@ SUMMARY_SCHEMA = pa.schema([
     ("duration_s", pa.float64()),
     ("n_steps", pa.int64()),
     ("n_tracks", pa.int32()),
+    ("n_people", pa.int32()),
+    ("n_cuts", pa.int32()),
     ("has_audio", pa.bool_()),
     ("modalities", pa.string()),
     ("face_coverage", pa.float32()),
@@ -46,6 +48,22 @@ SUMMARY_SCHEMA = pa.schema([
     ("arousal_std", pa.float32()),
     ("valence_std", pa.float32()),
     ("dominant_expression", pa.string()),
+    ("scoring_version", pa.int32()),
+])
+
+TRACKS_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("track_id", pa.int32()),  # the person: scores/' track_id
+    ("primary", pa.bool_()),
+    ("first_s", pa.float64()),
+    ("last_s", pa.float64()),
+    ("seconds_on_screen", pa.float64()),
+    ("n_frames", pa.int64()),
+    ("n_tracks", pa.int32()),  # motion-linked tracks the person was made of
+    ("arousal_mean", pa.float32()),
+    ("valence_mean", pa.float32()),
+    ("dominant_expression", pa.string()),
+    ("crop", pa.binary()),  # the largest, surest face of the person: a small JPEG
 ])
 
 # One colour per AffectNet class (Neutral, Happy, Sad, Surprise, Fear, Disgust, Anger, Contempt).
@@ -67,15 +85,24 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def timeline_png(scores: pa.Table, summary: dict[str, Any]) -> bytes:
-    """Arousal and valence over time (one line per track) above a band of the dominant expression."""
+def timeline_png(scores: pa.Table, summary: dict[str, Any], cuts: list[float] = ()) -> bytes:
+    """Arousal and valence over time (one line per person, dashed for the soundtrack; broken where a
+    person is off screen) above a band of the dominant expression; shot cuts as grey lines."""
     df = scores.to_pandas().sort_values(["track_id", "t_end_s"], na_position="first")
     fig = _figure(10, 4)
     ax, band = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [5, 1]})
     for tid, part in df.groupby(df["track_id"].fillna(-1), sort=True):
-        label = "" if tid < 0 else f" (track {int(tid)})"
-        ax.plot(part["t_end_s"], part["arousal"], color="#d32f2f", lw=1.5, label=f"arousal{label}")
-        ax.plot(part["t_end_s"], part["valence"], color="#1565c0", lw=1.5, label=f"valence{label}")
+        label, style = (" (soundtrack)", "--") if tid < 0 else (f" (person {int(tid)})", "-")
+        gap = part["t_start_s"].to_numpy()[1:] > part["t_end_s"].to_numpy()[:-1] + 1e-6
+        t = part["t_end_s"].to_numpy(float)
+        for name, colour in (("arousal", "#d32f2f"), ("valence", "#1565c0")):
+            y = part[name].to_numpy(float)
+            y = np.insert(y, np.flatnonzero(gap) + 1, np.nan)  # no line across a time off screen
+            ax.plot(np.insert(t, np.flatnonzero(gap) + 1, np.nan), y, style, color=colour, lw=1.5,
+                    label=f"{name}{label}")
+    for c in cuts:
+        ax.axvline(c, color="#9e9e9e", lw=0.8)
+        band.axvline(c, color="#616161", lw=0.8)
     ax.axhline(0, color="#bbbbbb", lw=0.8)
     ax.set_ylim(-1.05, 1.05)
     ax.set_ylabel("score")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(500)
 EXPECTED = {  # name: (status, modalities its rows may use)
     "interview.mp4": ("ok", {"audio+visual", "audio"}),
     "face_leaves.mp4": ("ok", {"audio+visual", "audio"}),
-    "silent_face.mp4": ("no_audio", {"visual", "none"}),
+    "silent_face.mp4": ("no_audio", {"visual"}),
     "no_face.mp4": ("no_face", {"audio"}),
     "podcast.wav": ("ok", {"audio"}),
     "broken.mp4": ("corrupt", set()),
@@ -36,24 +36,37 @@ def test_mixed_archive_rows_flags_status_and_report(tmp_path, small_corpus, rand
     names = dict(zip(status["video_id"], (os.path.basename(s) for s in status["source"])))
     scores["name"] = scores["video_id"].map(names)
     assert "broken.mp4" not in set(scores["name"])
+    summary = read_folder(str(out / "summary")).to_pandas().set_index("video_id")
+    people = summary["n_people"].groupby(summary.index.map(names)).sum()
     for name, rows in scores.groupby("name"):
         assert set(rows["modality"]) <= EXPECTED[name][1], name
-        # 12 s inputs, one row per 0.4 s step (one track at most here)
-        assert len(rows) == 30 and np.allclose(np.sort(rows["t_end_s"]), np.arange(1, 31) * 0.4), name
-        scored = rows[rows["modality"] != "none"]
-        assert scored[["arousal", "valence"]].notna().all().all(), name
-        assert scored[["arousal", "valence"]].abs().le(1).all().all(), name
-        assert rows.loc[rows["modality"] == "none", ["arousal", "valence"]].isna().all().all()
-        has_face = rows["face_detected"]
-        assert rows.loc[has_face, "expression_probs"].map(lambda p: abs(sum(p) - 1) < 1e-4).all()
-        assert rows.loc[~has_face, "expression_probs"].isna().all()
-    by_name = {n: g.sort_values("t_end_s") for n, g in scores.groupby("name")}
+        assert rows[["arousal", "valence"]].notna().all().all() and rows[["arousal", "valence"]].abs().le(1).all().all()
+        # 12 s inputs, 0.4 s steps: the soundtrack's series at every step (when there is audio) ...
+        sound = rows[rows["track_id"].isna()]
+        assert len(sound) == (0 if name == "silent_face.mp4" else 30), name
+        assert sound.empty or np.allclose(np.sort(sound["t_end_s"]), np.arange(1, 31) * 0.4)
+        assert (sound["modality"] == "audio").all() and not sound["face_detected"].any()
+        assert sound["expression_probs"].isna().all()
+        # ... and the primary person's rows only at steps where their face is on screen
+        face = rows[rows["track_id"].notna()]
+        assert face["track_id"].nunique() <= 1 and len(rows) <= 30 * people[name] + 30, name
+        assert (face["modality"] == ("visual" if name == "silent_face.mp4" else "audio+visual")).all()
+        has_face = face["face_detected"]
+        assert face.loc[has_face, "expression_probs"].map(lambda p: abs(sum(p) - 1) < 1e-4).all()
+    by_name = {n: g[g["track_id"].notna()].sort_values("t_end_s") for n, g in scores.groupby("name")}
     # MTCNN misses some drawn faces (expressions it has never seen), never the faceless frames
     assert by_name["interview.mp4"]["face_detected"].any() and by_name["silent_face.mp4"]["face_detected"].any()
-    assert not by_name["no_face.mp4"]["face_detected"].any() and by_name["no_face.mp4"]["track_id"].isna().all()
-    leaves = by_name["face_leaves.mp4"]["face_detected"].to_numpy()
-    assert leaves[:15].any() and not leaves[15:].any()  # the face leaves halfway through (6 s)
-    summary = read_folder(str(out / "summary")).to_pandas().set_index("video_id")
+    assert by_name["no_face.mp4"].empty and people["no_face.mp4"] == 0
+    # the face leaves halfway through (6 s): no rows of it after, where the soundtrack goes on alone
+    leaves = by_name["face_leaves.mp4"]
+    assert len(leaves) and leaves["t_start_s"].max() < 6.0 + 2.0
+    tracks = read_folder(str(out / "tracks")).to_pandas()
+    assert set(tracks["video_id"].map(names)) == {n for n in people.index if people[n]}
+    assert tracks.groupby("video_id")["primary"].sum().eq(1).all()
+    from PIL import Image
+    import io as _io
+    assert all(Image.open(_io.BytesIO(c)).size == (64, 64) for c in tracks["crop"])
+    assert (summary["scoring_version"] == 2).all() and (status["scoring_version"] == 2).all()
     assert sorted(summary.index.map(names)) == sorted(n for n in EXPECTED if n != "broken.mp4")
     assert summary.loc[summary.index.map(names) == "silent_face.mp4", "has_audio"].item() is False
     assert summary.loc[summary.index.map(names) == "no_face.mp4", "dominant_expression"].isna().all()
@@ -87,7 +100,7 @@ def test_killed_job_rerun_equals_uninterrupted(tmp_path, random_models, ray_loca
     key = ["video_id", "track_id", "t_end_s"]
     a = read_folder(str(tmp_path / "clean" / "scores")).to_pandas().sort_values(key).reset_index(drop=True)
     b = read_folder(str(tmp_path / "killed" / "scores")).to_pandas().sort_values(key).reset_index(drop=True)
-    assert len(a) == len(b) == 4 * 6 and a["arousal"].notna().all()
+    assert len(a) == len(b) == 4 * (6 + 6) and a["arousal"].notna().all()  # the face's and the soundtrack's
     same_rows(a, b, "scores")  # the rerun's inputs met other inputs' frames in their model batches
     sa = read_folder(str(tmp_path / "clean" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
     sb = read_folder(str(tmp_path / "killed" / "status")).to_pandas().sort_values("video_id").reset_index(drop=True)
@@ -126,13 +139,17 @@ def test_all_faces_scores_every_track_and_the_default_only_the_primary(tmp_path,
         assert status["status"] == "ok"
         found[all_faces] = read_folder(str(out / "scores")).to_pandas()
     one, every = found[False], found[True]
-    assert one["track_id"].nunique() == 1 and len(one) == 7  # 3 s: steps ending at 0.4, 0.8, ... 2.8 s
-    assert every["track_id"].nunique() == 2 and len(every) == 2 * len(one)
-    primary = one["track_id"].iloc[0]
-    # the primary track (larger face) scores the same with or without --all-faces
+    # 3 s: steps ending at 0.4, 0.8, ... 2.8 s; the soundtrack's series and the people's
+    assert one["track_id"].nunique() == 1 and len(one) == 2 * 7
+    assert every["track_id"].nunique() == 2 and len(every) == 3 * 7
+    assert (every.loc[every["track_id"].isna(), "modality"] == "audio").all()
+    assert (every.loc[every["track_id"].notna(), "modality"] == "audio+visual").all()
+    primary = one["track_id"].dropna().iloc[0]
+    # the primary person (larger face) scores the same with or without --all-faces
     same = every[every["track_id"] == primary].reset_index(drop=True)
-    assert np.allclose(same["arousal"], one["arousal"].reset_index(drop=True), atol=1e-6)
-    assert (every["modality"] == "audio+visual").all()
+    assert np.allclose(same["arousal"], one[one["track_id"] == primary]["arousal"].reset_index(drop=True), atol=1e-6)
+    tracks = read_folder(str(tmp_path / "out1" / "tracks")).to_pandas()
+    assert len(tracks) == 2 and tracks.loc[tracks["primary"], "track_id"].item() == primary
 
 
 def _direct_audio_scores(wav: str, models, ends, model_file: str, window_s=9.6):
@@ -189,7 +206,7 @@ def test_streamed_windows_equal_windows_cut_from_the_whole_timelines(tmp_path):
     from aver.data.features import AUDIO_DIM, VISUAL_DIM, centred, take, window_shape
     from aver.faces import Detection
     from aver.pipelines.ledger import Unit
-    from aver.pipelines.score import ScoreRecord, _first_pass, score_rows
+    from aver.pipelines.score import FaceOut, ScoreRecord, _first_pass, score_rows
 
     class Sums(torch.nn.Module):
         def forward(self, vis, aud):
@@ -205,18 +222,22 @@ def test_streamed_windows_equal_windows_cut_from_the_whole_timelines(tmp_path):
     unit = Unit("v", [])
     records = []
     for s in range(0, n, per_segment):
-        detected = [(i, float(times[i]), [(Detection(box, 0.99), (embeddings[i], np.full(8, 0.125)))] if present[i]
-                     else []) for i in range(s, min(n, s + per_segment))]
+        detected = [(i, float(times[i]), False,
+                     [(Detection(box, 0.99), FaceOut(embeddings[i], np.full(8, 0.125), b""))] if present[i] else [])
+                    for i in range(s, min(n, s + per_segment))]
         records.append(ScoreRecord(unit=unit, detected=detected))
     audio = rng.normal(size=(75, AUDIO_DIM)).astype(np.float32)
     records.append(ScoreRecord(unit=unit, audio=audio))
-    tracks, timeline, _ = _first_pass(lambda: iter(records))
-    assert list(tracks.counts) == [0] and tracks.counts[0] == present.sum()
-    assert timeline is not None and len(timeline.features) == 75
     cfg = ScoreVideosConfig(input="x", output=str(tmp_path), model="m", batch_size=5)
+    people, timeline, _ = _first_pass(lambda: iter(records), cfg)
+    assert list(people.counts) == [0] and people.counts[0] == present.sum()
+    assert timeline is not None and len(timeline.features) == 75
     model = Sums()
-    rows = score_rows(cfg, "v", n / fps, lambda: iter(records), tracks, [tracks.primary], timeline,
+    rows = score_rows(cfg, "v", n / fps, lambda: iter(records), people, [people.primary], timeline,
                       {"fused": model, "visual": model, "audio": model})
+    sound = [r for r in rows if r["track_id"] is None]
+    rows = [r for r in rows if r["track_id"] == 0]
+    assert len(sound) == len(rows) and all(r["arousal"] == 0 for r in sound)  # no face in the soundtrack's
     tv, ta = window_shape(cfg.window_s, fps)
     vis_all = centred(embeddings.astype(np.float32), present)  # the whole recording's, as training cuts
     aud_all = centred(audio)
@@ -228,3 +249,81 @@ def test_streamed_windows_equal_windows_cut_from_the_whole_timelines(tmp_path):
         assert np.isclose(row["arousal"], take(times, vis_all, w_start, end, tv).astype(np.float64).sum(), rtol=1e-4)
         assert np.isclose(row["valence"], take(aud_times, aud_all, w_start, end, ta).astype(np.float64).sum(),
                           rtol=1e-4, atol=1e-3)
+    for row, face_row in zip(sound, rows):  # the soundtrack's window is the face's, without the face
+        assert (row["t_end_s"], row["valence"]) == (face_row["t_end_s"], face_row["valence"])
+
+
+class _TintIdentity:
+    """An identity network for the tests: a face crop's mean colour, which the scenes tint per person."""
+
+    def embed(self, crops, batch_size=64):
+        x = np.stack([c.reshape(-1, 3).mean(0) for c in crops]).astype(np.float32)
+        x -= x.mean(1, keepdims=True)  # the tint, not the brightness
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("scene", ["cut_and_back", "leave_and_return"])
+def test_people_link_across_a_cut_and_a_long_absence_and_have_rows_only_on_screen(tmp_path, random_models, scene):
+    # Guards against: a person cut away from (or gone for 3 s) and back counted twice, the other person
+    # framed alike taking the first one's track at a cut, and rows for a person who is not on screen.
+    from aver.io.media import list_inputs
+    from aver.pipelines.ledger import Unit
+    from aver.pipelines.score import VideoScorer, load_unit, write_unit
+    from tests.pipelines.in_process import run_unit
+    from tests.tracking_scenes import SCENES, render
+
+    truth = SCENES[scene]()
+    (tmp_path / "in").mkdir()
+    render(truth, str(tmp_path / "in" / f"{scene}.mp4"))
+    item = list_inputs(str(tmp_path / "in"))[0]
+    cfg = ScoreVideosConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(random_models),
+                            all_faces=True)
+    scorer = VideoScorer(cfg)
+    scorer.identity = _TintIdentity()
+    [status] = run_unit(Unit(item.item_id, [vars(item)]), cfg, load_unit, scorer, write_unit)
+    assert status["status"] == "ok"
+    summary = read_folder(str(tmp_path / "out" / "summary")).to_pandas().iloc[0]
+    assert summary["n_people"] == 2 and summary["n_cuts"] == (2 if scene == "cut_and_back" else 0)
+    tracks = read_folder(str(tmp_path / "out" / "tracks")).to_pandas().set_index("track_id")
+    assert len(tracks) == 2 and tracks["n_tracks"].max() == 2  # one person made of two tracks
+    scores = read_folder(str(tmp_path / "out" / "scores")).to_pandas()
+    steps = 45 / 5 / cfg.hop_s
+    assert len(scores) <= steps * 2 + steps  # at most two people on screen, and the soundtrack
+    twice = tracks.index[tracks["n_tracks"] == 2].item()
+    away = scores[(scores["track_id"] == twice) & (scores["t_start_s"] > 3.4) & (scores["t_end_s"] < 5.6)]
+    assert away.empty  # frames 15-29 (3-6 s): the person is not on screen, so no rows of theirs
+    assert (scores["track_id"] == twice).sum() >= 0.8 * 2 * 3 / cfg.hop_s
+
+
+def test_the_identity_network_runs_in_the_job_from_a_weights_file(tmp_path, random_models):
+    from aver.io.media import list_inputs
+    from aver.models import IdentityNet
+    from aver.pipelines.ledger import Unit
+    from aver.pipelines.score import VideoScorer, load_unit, write_unit
+    from tests.pipelines.in_process import run_unit
+
+    torch.manual_seed(0)
+    torch.save(IdentityNet().net.state_dict(), tmp_path / "facenet.pt")  # random weights, facenet-pytorch's layout
+    (tmp_path / "in").mkdir()
+    _two_faces(tmp_path / "in" / "two.mp4", seconds=1.2)
+    item = list_inputs(str(tmp_path / "in"))[0]
+    cfg = ScoreVideosConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(random_models),
+                            all_faces=True, identity_model=str(tmp_path / "facenet.pt"))
+    [status] = run_unit(Unit(item.item_id, [vars(item)]), cfg, load_unit, VideoScorer(cfg), write_unit)
+    assert status["status"] == "ok"
+    assert len(read_folder(str(tmp_path / "out" / "tracks"))) == 2  # two faces side by side: never one person
+
+
+def test_an_output_folder_of_another_scoring_version_is_refused_with_what_to_do(tmp_path):
+    from aver.io.parts import write_table, status_table
+    from aver.pipelines.score import SCORING_VERSION, check_version
+
+    cfg = ScoreVideosConfig(input="i", output=str(tmp_path / "new"), model="m")
+    check_version(cfg)  # a new folder is marked with this version ...
+    assert (tmp_path / "new" / "VERSION").read_text().strip() == str(SCORING_VERSION)
+    check_version(cfg)  # ... and accepted again
+    old = tmp_path / "old"  # scored before outputs carried a version: status parts, no VERSION
+    write_table(str(old / "status" / "a.parquet"), status_table([{"video_id": "a", "status": "ok"}]))
+    with pytest.raises(ValueError, match="scoring version 1.*new --output"):
+        check_version(ScoreVideosConfig(input="i", output=str(old), model="m"))
+    assert not (old / "VERSION").exists()

@@ -270,7 +270,8 @@ def test_score_videos_on_two_nodes_writes_each_input_once_to_a_shared_folder(clu
     assert rc == 0, log[-4000:]
     assert "score_videos: ok=2" in log
     scores = unique_rows(f"{out}/scores", {}, ["video_id", "track_id", "t_end_s"])
-    assert len(scores) == 2 * 3 and scores["video_id"].nunique() == 2  # 1.2 s: steps at 0.4, 0.8, 1.2 s
+    # 1.2 s: steps at 0.4, 0.8, 1.2 s, each with the face's row and the soundtrack's
+    assert len(scores) == 2 * (3 + 3) and scores["video_id"].nunique() == 2
     assert len(read_folder(f"{out}/status")) == 2
     assert _model_actors(cluster.placement(), "VideoScorer") <= gpu_nodes
 

@@ -1,0 +1,59 @@
+"""Who a face is, for linking face tracks across misses and cuts (not one of the paper's networks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from aver.models.weights import load_state_dict
+
+
+class IdentityNet(nn.Module):
+    """facenet-pytorch's whole InceptionResnetV1 (VGGFace2 weights: registry ``facenet-vggface2``):
+    a unit-length 512-d identity embedding after ``last_bn`` of a 160 px face. The teachers keep only
+    its trunk and the student learns expressions with identity factored out, so neither tells people
+    apart; this does, at one more forward per face."""
+
+    input_size = 160
+    embedding_dim = 512
+
+    def __init__(self) -> None:
+        from facenet_pytorch import InceptionResnetV1
+
+        super().__init__()
+        self.net = InceptionResnetV1(pretrained=None, classify=False)
+
+    @classmethod
+    def from_weights(cls, uri: str = "facenet-vggface2", *, sha256: str | None = None,
+                     storage_options: dict | None = None) -> "IdentityNet":
+        """The network with a facenet-pytorch state dict (registry name or any URI); its classifier
+        layer, if present, is not used."""
+        model = cls()
+        state = load_state_dict(uri, sha256=sha256, storage_options=storage_options)
+        wanted = model.net.state_dict().keys()
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise ValueError(f"not a facenet-pytorch InceptionResnetV1 state dict: missing {missing[:3]}...")
+        model.net.load_state_dict({k: state[k] for k in wanted})
+        return model.eval()
+
+    @classmethod
+    def preprocess(cls, crops: list[np.ndarray], device: torch.device | str | None = None) -> torch.Tensor:
+        """uint8 RGB face crops (any square size) -> float ``[B,3,160,160]``, facenet standardisation."""
+        x = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2).float()
+        if x.shape[-1] != cls.input_size:
+            x = F.interpolate(x, size=(cls.input_size, cls.input_size), mode="bilinear", align_corners=False)
+        return (x - 127.5) / 128.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x).float(), dim=1)
+
+    @torch.inference_mode()
+    def embed(self, crops: list[np.ndarray], batch_size: int = 64) -> np.ndarray:
+        """Identity embeddings ``[N, 512]`` float32 of uint8 RGB face crops."""
+        device = next(self.parameters()).device
+        out = [self(self.preprocess(crops[s:s + batch_size], device)).cpu().numpy()
+               for s in range(0, len(crops), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.embedding_dim), np.float32)

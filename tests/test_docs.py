@@ -251,3 +251,21 @@ def cluster_md_on_the_release_layout(log: str) -> None:
     for actor in ("SessionFeaturizer", "evaluate"):  # the featurisers' GPU share granted, the CPU taken
         assert f"{actor}: Ray GPU ids [0] but CUDA is not available: falling back to CPU" in log \
             or f"{actor}: on CUDA (Ray GPU ids [0])" in log, actor
+
+
+def test_readme_lists_the_columns_of_every_output_folder():
+    """README's table of output folders names each schema's columns (abbreviations spelled out)."""
+    from aver.io.parts import STATUS_SCHEMA
+    from aver.pipelines.distill import TARGETS_SCHEMA
+    from aver.pipelines.extract import FACES_SCHEMA
+    from aver.pipelines.report import SCORES_SCHEMA, SUMMARY_SCHEMA, TRACKS_SCHEMA
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    table = text[text.index("\nstatus/ "):text.index("```", text.index("\nstatus/ "))]
+    folders = dict(re.findall(r"^(\w+)/\s+(.*?)(?=^\w+/|\Z)", table, flags=re.S | re.M))
+    folders = {k: v.replace("arousal/valence mean and std", "arousal_mean valence_mean arousal_std valence_std")
+               for k, v in folders.items()}
+    for name, schema in (("status", STATUS_SCHEMA), ("faces", FACES_SCHEMA), ("targets", TARGETS_SCHEMA),
+                         ("scores", SCORES_SCHEMA), ("tracks", TRACKS_SCHEMA), ("summary", SUMMARY_SCHEMA)):
+        words = set(re.findall(r"\w+", folders[name]))
+        assert set(schema.names) <= words, (name, set(schema.names) - words)

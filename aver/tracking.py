@@ -156,7 +156,7 @@ class FaceTracker:
     tracks: list[Track] = field(default_factory=list)
     cuts: list[int] = field(default_factory=list)
     """Sampled frames that begin a new shot."""
-    _step: int = -1
+    _step: int = field(default=-1, init=False, repr=False)
 
     def update(self, step: int, detections: list, *, cut: bool = False,
                identities: list[np.ndarray | None] | None = None) -> list[int | None]:

@@ -90,11 +90,11 @@ def _weights(folder, names):
     """Upstream-layout state dicts of the three pretrained trunks (random values: nothing downloads)."""
     import torch
 
-    from aver.models import Student, Teacher, VGGishEmotion
+    from aver.models import IdentityNet, Student, VGGishEmotion
 
     os.makedirs(folder, exist_ok=True)
     facenet, densenet, vggish = names
-    torch.save(Teacher().trunk.state_dict(), os.path.join(folder, facenet))
+    torch.save(IdentityNet().net.state_dict(), os.path.join(folder, facenet))  # the whole InceptionResnetV1
     torch.save(Student().backbone.state_dict(), os.path.join(folder, densenet))
     torch.save({f"features.{k}": v for k, v in VGGishEmotion().features.state_dict().items()},
                os.path.join(folder, vggish))
@@ -248,6 +248,7 @@ def cluster_md_on_the_release_layout(log: str) -> None:
     metrics = fs.cat("aver-runs/eval/metrics.json")
     assert b"affectnet_accuracy" in metrics and b"fused" in metrics
     assert fs.ls("media/labels/scores") and fs.exists("media/labels/report/index.html")
+    assert fs.ls("media/labels/tracks") and "links by motion only" not in log  # the identity network ran
     for actor in ("SessionFeaturizer", "evaluate"):  # the featurisers' GPU share granted, the CPU taken
         assert f"{actor}: Ray GPU ids [0] but CUDA is not available: falling back to CPU" in log \
             or f"{actor}: on CUDA (Ray GPU ids [0])" in log, actor

@@ -250,7 +250,9 @@ def session_windows(cfg: SessionWindows, split: str):
     sessions = _sessions(cfg, split)
     so = cfg.storage_options or None
     todo = sum(not (cfg.features_cache and exists(join(cfg.features_cache, f"{r['name']}.npz"), so)) for r in sessions)
-    most = min(cfg.featurizers or len(sessions), len(sessions))
+    # sessions already in the cache are only read: one actor serves them (each actor is a process
+    # with the models' imports), more only for sessions still to featurise
+    most = max(1, min(cfg.featurizers or len(sessions), todo))
     if todo:
         print(f"featurising {todo} of {len(sessions)} {split} sessions (faces at {cfg.fps:g} fps, voice; "
               f"{most} actor{'s' if most > 1 else ''} at most)", flush=True)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aver.models.weights import load_state_dict
+from aver.models.weights import load_facenet
 
 
 class IdentityNet(nn.Module):
@@ -31,12 +31,7 @@ class IdentityNet(nn.Module):
         """The network with a facenet-pytorch state dict (registry name or any URI); its classifier
         layer, if present, is not used."""
         model = cls()
-        state = load_state_dict(uri, sha256=sha256, storage_options=storage_options)
-        wanted = model.net.state_dict().keys()
-        missing = [k for k in wanted if k not in state]
-        if missing:
-            raise ValueError(f"not a facenet-pytorch InceptionResnetV1 state dict: missing {missing[:3]}...")
-        model.net.load_state_dict({k: state[k] for k in wanted})
+        load_facenet(model.net, uri, sha256=sha256, storage_options=storage_options)
         return model.eval()
 
     @classmethod

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from aver.models._base import crops_to_batch, take_config
-from aver.models.weights import load_state_dict
+from aver.models.weights import load_facenet
 
 
 @dataclass
@@ -117,10 +117,5 @@ class Teacher(nn.Module):
         """A teacher whose trunk holds facenet-pytorch VGGFace2 weights (registry name or any URI);
         ``kwargs`` are :class:`TeacherConfig` fields."""
         model = cls(**kwargs)
-        state = load_state_dict(uri, sha256=sha256, storage_options=storage_options)
-        wanted = model.trunk.state_dict().keys()
-        missing = [k for k in wanted if k not in state]
-        if missing:
-            raise ValueError(f"not a facenet-pytorch InceptionResnetV1 state dict: missing {missing[:3]}...")
-        model.trunk.load_state_dict({k: state[k] for k in wanted})
+        load_facenet(model.trunk, uri, sha256=sha256, storage_options=storage_options)
         return model

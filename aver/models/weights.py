@@ -129,3 +129,16 @@ def load_state_dict(
     if not isinstance(state, dict):
         raise ValueError(f"{redact(uri)} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def load_facenet(module: torch.nn.Module, uri: str, *, sha256: str | None = None,
+                 storage_options: dict | None = None) -> None:
+    """Load into ``module`` (facenet-pytorch's InceptionResnetV1, or a part of it) its entries of
+    the facenet state dict at ``uri`` (registry name or any URI; the file may hold more, as the
+    released one holds a classifier)."""
+    state = load_state_dict(uri, sha256=sha256, storage_options=storage_options)
+    wanted = module.state_dict().keys()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise ValueError(f"not a facenet-pytorch InceptionResnetV1 state dict: missing {missing[:3]}...")
+    module.load_state_dict({k: state[k] for k in wanted})

@@ -223,6 +223,7 @@ def readme_on_the_demo_layout(ws, log: str) -> None:
     assert read_folder(str(ws / "runs" / "distill" / "targets")).num_rows == \
         read_folder(str(ws / "runs" / "faces" / "faces")).num_rows > 0
     assert read_folder(str(ws / "labels" / "scores")).num_rows > 0 and (ws / "labels" / "report" / "index.html").exists()
+    assert log.count("face tracks link by motion only") == 1  # no --identity-model: said once
     # the submitted extract_faces: one status each on S3, its GPU share granted and the CPU taken
     status = read_folder("s3://work/faces/status").to_pandas()
     assert sorted(status["status"]) == ["corrupt", "ok"]
@@ -248,7 +249,7 @@ def cluster_md_on_the_release_layout(log: str) -> None:
     metrics = fs.cat("aver-runs/eval/metrics.json")
     assert b"affectnet_accuracy" in metrics and b"fused" in metrics
     assert fs.ls("media/labels/scores") and fs.exists("media/labels/report/index.html")
-    assert fs.ls("media/labels/tracks") and "links by motion only" not in log  # the identity network ran
+    assert fs.ls("media/labels/tracks") and "link by motion only" not in log  # the identity network ran
     for actor in ("SessionFeaturizer", "evaluate"):  # the featurisers' GPU share granted, the CPU taken
         assert f"{actor}: Ray GPU ids [0] but CUDA is not available: falling back to CPU" in log \
             or f"{actor}: on CUDA (Ray GPU ids [0])" in log, actor

@@ -14,7 +14,7 @@ from PIL import Image
 
 from aver.constants import CROP_SIZE
 from aver.faults import MediaError, RetryPolicy, is_transient
-from aver.io.media import MAX_DURATION_S, VideoFrame, VideoReader
+from aver.io.media import MAX_DURATION_S, ClipRange, VideoFrame, VideoReader
 from aver.io.streaming import prefetch
 from aver.tracking import FaceTracker, TrackerConfig, colour_histogram, histogram_distance
 
@@ -200,6 +200,12 @@ class Decoded:
     broken: MediaError | None = None
     """The content error that stopped a stream broken midway (what came before is kept); None if whole."""
 
+    def then(self, later: "Decoded | None") -> "Decoded":
+        """What decoding saw of this clip and the ``later`` one (None: nothing more)."""
+        if later is None:
+            return self
+        return Decoded(self.n_frames + later.n_frames, max(self.decoded_s, later.decoded_s), self.broken or later.broken)
+
 
 def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
     h, w = image.shape[:2]
@@ -214,25 +220,31 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceD
                    retry: RetryPolicy | None = None, max_side: int | None = None,
                    storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
                    max_duration_s: float = MAX_DURATION_S,
-                   cut_distance: float = TrackerConfig.cut_distance) -> Iterator[list[VideoFrame]]:
+                   cut_distance: float = TrackerConfig.cut_distance,
+                   clip: ClipRange | None = None) -> Iterator[list[VideoFrame]]:
     """The frames of ``source`` sampled at ``fps``, ``detector.batch_size`` at a time, each at most
     ``max_side`` pixels on its longer side, with its :func:`detection_view` and whether a shot cut
     comes before it (colour-histogram distance to the previous sampled frame >= ``cut_distance``). A storage fault
     midway is retried as ``retry`` says by reading the video again and skipping the frames already
     handed on; a stream broken midway ends with the last whole segment (``decoded.broken``; one broken in its first segment raises ``corrupt``);
-    one that decodes no frame raises ``too_short``."""
+    one that decodes no frame raises ``too_short``. With ``clip``, only that time range (a clip after
+    the first one is midway: a break in it, or no frame at all, is no error of the input's; the
+    first frame's cut is decided by the clip before it, whose last frame this one has not seen)."""
     retry = retry or RetryPolicy(attempts=1)
     attempt, previous = 0, None  # the colour histogram of the last frame handed on
+    midway = clip is not None and clip.start_s > 0
     while True:
         try:
             with VideoReader(source, storage_options=storage_options, max_bytes=max_bytes,
                              max_duration_s=max_duration_s) as reader:
                 skip, chunk = decoded.n_frames, []
                 try:
-                    for frame in reader.frames(fps):
+                    for frame in reader.frames(fps, clip):
                         if skip:
                             skip -= 1
                             continue
+                        if previous is None and reader.before is not None:
+                            previous = colour_histogram(detection_view(_fit(reader.before, max_side), detector)[0])
                         image = _fit(frame.image, max_side)
                         view = detection_view(image, detector)
                         hist = colour_histogram(view[0])
@@ -244,7 +256,7 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceD
                             yield chunk
                             chunk = []
                 except MediaError as e:  # broken midway: keep the segments handed on, drop the partial one
-                    if not decoded.n_frames or e.status != "corrupt":
+                    if (not decoded.n_frames and not midway) or e.status != "corrupt":
                         raise
                     decoded.broken, chunk = e, []
                 decoded.n_frames += len(chunk)
@@ -257,7 +269,7 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceD
                 raise
             time.sleep(retry.delay(attempt))
             attempt += 1
-    if not decoded.n_frames:
+    if not decoded.n_frames and not midway:
         raise MediaError("too_short", "no frame decoded at the sampling rate")
 
 

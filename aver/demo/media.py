@@ -10,7 +10,7 @@ from aver.constants import SAMPLE_RATE
 
 
 def write_video(path: str, frames: Iterator[np.ndarray], fps: float, *, audio: np.ndarray | None = None,
-                sample_rate: int = SAMPLE_RATE, codec: str = "libx264") -> None:
+                sample_rate: int = SAMPLE_RATE, codec: str = "libx264", keyframe_every: int | None = None) -> None:
     """Encode HxWx3 uint8 RGB ``frames`` (and optional mono float32 ``audio``) with PyAV.
 
     Used by the demo corpus and the tests; even frame sizes are required by yuv420p.
@@ -22,6 +22,8 @@ def write_video(path: str, frames: Iterator[np.ndarray], fps: float, *, audio: n
         vs = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         vs.pix_fmt = "yuv420p"
         vs.options = {"preset": "ultrafast"} if codec == "libx264" else {}
+        if keyframe_every:  # a long recording's keyframe interval (x264's own default: 250 frames)
+            vs.options = {**vs.options, "g": str(keyframe_every), "keyint_min": str(keyframe_every)}
         a_stream = None
         if audio is not None:
             a_stream = out.add_stream("aac", rate=sample_rate)

@@ -238,6 +238,39 @@ def _av_error(source: str, e: Exception) -> Exception:
     return MediaError("corrupt", f"cannot decode {redact(source)}: {type(e).__name__}: {e}")
 
 
+@dataclass(frozen=True)
+class ClipRange:
+    """A time range of a video read on its own (:meth:`VideoReader.frames`)."""
+
+    start_s: float
+    """Its first sampling slot's start, from the stream's first frame."""
+    end_s: float | None
+    """The next range's start; None: to the end."""
+    origin_s: float
+    """Presentation time of the stream's first frame (what times are counted from)."""
+
+
+def probe_video(source: str, *, storage_options: dict | None = None, longer_than: float = 0.0,
+                max_bytes: int = 20 * 2**30) -> tuple[float, float] | None:
+    """``(duration by the header, presentation time of the first frame)`` of a video whose header
+    says it runs longer than ``longer_than`` seconds; None for any other input (shorter, no header
+    duration, not decodable: reading it whole decides). Reads the header and decodes one frame."""
+    try:
+        with VideoReader(source, storage_options=storage_options, max_bytes=max_bytes) as reader:
+            container = reader._container
+            vs = container.streams.video[0]
+            duration = (float(vs.duration * vs.time_base) if vs.duration
+                        else container.duration / 1e6 if container.duration else None)
+            if duration is None or duration <= longer_than:
+                return None
+            for frame in container.decode(vs):
+                if frame.pts is not None:
+                    return duration, float(frame.pts * frame.time_base)
+    except MediaError:
+        return None
+    return None
+
+
 class VideoReader:
     """Streams frames of one video sampled at ``fps`` by presentation timestamp, turned upright by
     the stream's display matrix.
@@ -258,7 +291,9 @@ class VideoReader:
         self.decoded_s = 0.0
         """Seconds of video decoded so far (last frame's end relative to the first frame)."""
         self.n_decoded = 0
-        """Frames decoded so far."""
+        """Frames decoded so far (of the clip read, when one is)."""
+        self.before: np.ndarray | None = None
+        """Reading a clip: the frame sampled last before it, when decoding from the keyframe saw it."""
         f, size = _open(source, storage_options)
         if size == 0:
             f.close()
@@ -282,35 +317,60 @@ class VideoReader:
             raise MediaError("unsupported", f"{redact(source)}: no decoder for its video codec")
         self.has_audio = bool(self._container.streams.audio)
 
-    def frames(self, fps: float) -> Iterator[VideoFrame]:
-        """Frames at ``fps``: the first frame whose PTS reaches each multiple of 1/fps."""
+    def frames(self, fps: float, clip: "ClipRange | None" = None) -> Iterator[VideoFrame]:
+        """Frames at ``fps``: for each slot [k/fps, (k+1)/fps) of presentation time from the stream's
+        first frame, the first frame in it. With ``clip``, only the slots in its range: decoding
+        starts at the keyframe at or before it (frames before it dropped), so a video read clip by
+        clip gives exactly the frames, indices and times of one read whole. A frame's index is its
+        presentation time times the stream's frame rate (its number in a constant-rate stream; never
+        a count of decoded frames, which restarts at a seek)."""
         if fps <= 0:
             raise ValueError("fps must be positive")
         vs = self._container.streams.video[0]
         vs.thread_type = "AUTO"
-        start = None
-        next_t = 0.0
-        period = 1.0 / fps
-        index = -1
+        rate = float(vs.average_rate or vs.guessed_rate or 0) or None
+        origin = clip.origin_s if clip is not None else None
+        begin, end = (clip.start_s, clip.end_s) if clip is not None else (0.0, None)
+        next_t, period, last_index, n = begin, 1.0 / fps, -1, 0
+        # the frame sampled last before the clip (its colours tell a cut at the clip's first frame):
+        # the first frame of the last slot before it, known when decoding began before that slot
+        first_t, slot_before, before = None, None, None
+        if clip is not None and begin > 0:
+            at = origin + max(0.0, begin - 2 * period)
+            self._container.seek(int(at / vs.time_base), stream=vs, backward=True, any_frame=False)
         try:
             for frame in self._container.decode(vs):
-                index += 1
-                if index == 0:
+                n += 1
+                if n == 1:
                     self._check_size(frame.width, frame.height)
                 if frame.pts is None:
                     continue
                 t = float(frame.pts * frame.time_base)
-                start = t if start is None else start
-                t -= start
+                origin = t if origin is None else origin
+                t -= origin
+                if end is not None and t + 1e-6 >= end:
+                    break  # the next clip's
                 if t > self.max_duration_s:
                     raise MediaError("too_large", f"{redact(self.source)} runs longer than the "
                                                   f"{self.max_duration_s:.0f} s limit (by decoded timestamps)")
+                if t + 1e-6 < begin:  # decoded from the keyframe before the clip
+                    first_t = t if first_t is None else first_t
+                    slot = int((t + 1e-6) / period)
+                    if slot != slot_before:
+                        slot_before, before = slot, frame if first_t <= slot * period + 1e-6 else None
+                    continue
+                if before is not None:
+                    self.before = upright(before.to_ndarray(format="rgb24"), before.rotation)
+                    before = None
                 step = float(frame.duration * frame.time_base) if frame.duration else 0.0
-                self.n_decoded = index + 1
+                self.n_decoded += 1
                 self.decoded_s = max(self.decoded_s, t + step)
                 if t + 1e-6 < next_t:
                     continue
                 next_t = (int((t + 1e-6) / period) + 1) * period
+                # two sampled frames of a variable-rate stream may round to one number: keep them apart
+                index = max(round(t * rate) if rate else int(round(frame.pts)), last_index + 1)
+                last_index = index
                 yield VideoFrame(index, round(t, 6), upright(frame.to_ndarray(format="rgb24"), frame.rotation))
         except MediaError:
             raise

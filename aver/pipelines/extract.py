@@ -20,7 +20,8 @@ from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame,
 from aver.io.storage import redact
 from aver.pipelines.cluster import actor_setup, connect
 from aver.pipelines.ledger import Plan, Unit, commit, plan, status_row
-from aver.pipelines.stages import (ActorPoolConfig, ModelStage, Record, Records, guarded, guarded_map, run_stages,
+from aver.pipelines.stages import (CLIP_S, ActorPoolConfig, ModelStage, Record, Records, check_clip_s, guarded,
+                                   guarded_map, plan_long_inputs, run_stages, say_clips,
                                    summarise)
 from aver.tracking import FaceTracker, TrackerConfig
 
@@ -59,6 +60,9 @@ class ExtractFacesConfig(ActorPoolConfig):
     """Videos that decode longer than this get status too_large."""
     frame_max_side: int = FRAME_MAX_SIDE
     """Sampled frames larger than this on their longer side are downscaled where they are decoded."""
+    clip_s: float = CLIP_S
+    """Videos longer than this (by their headers) are read as clips of this length on any nodes at
+    once, and resumed clip by clip; 0: every video read whole by one task."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +70,7 @@ class ExtractFacesConfig(ActorPoolConfig):
             self.tracker = TrackerConfig(**self.tracker)
         if self.fps <= 0 or self.fps > 120:
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
+        check_clip_s(self.clip_s, self.fps)
         if self.images_per_unit < 1:
             raise ValueError("images_per_unit must be >= 1")
 
@@ -159,9 +164,9 @@ def _video_segments(unit: Unit, item: InputItem, cfg: ExtractFacesConfig) -> Ite
     for frames in frame_segments(item.source, decoded, fps=cfg.fps, detector=cfg.detector, retry=cfg.retry,
                                  max_side=cfg.frame_max_side, storage_options=cfg.storage_options,
                                  max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s,
-                                 cut_distance=cfg.tracker.cut_distance):
+                                 cut_distance=cfg.tracker.cut_distance, clip=unit.clip and unit.clip.range):
         yield FacesRecord(unit=unit, frames=frames)
-    yield FacesRecord(unit=unit, decoded=decoded)
+    yield FacesRecord(unit=unit, decoded=decoded, ends_input=decoded.broken is not None)
 
 
 class FaceExtractor(ModelStage):
@@ -212,7 +217,7 @@ def write_unit(unit: Unit, records: Records, cfg: ExtractFacesConfig) -> list[di
         if r.faces is not None:  # a chunk of images: one record
             return _commit(cfg, unit, r.faces, r.statuses)
         n += len(track_frames(tracker, r.detected or (), n))
-        decoded = r.decoded or decoded
+        decoded = decoded.then(r.decoded) if decoded is not None else r.decoded  # one per clip of a long video
     people = tracker.people()
     primary, source = tracker.primary(people), redact(item.source)
 
@@ -252,11 +257,16 @@ def run(cfg: ExtractFacesConfig) -> dict[str, int]:
     items = with_retries(lambda: list_inputs(cfg.input, cfg.storage_options), cfg.retry, cfg.input)
     work = with_retries(lambda: plan_units(items, cfg), cfg.retry, cfg.output)
     todo = work.units
+    n_inputs = sum(len(u.items) for u in todo)
     print(f"extract_faces: {len(items)} inputs; {work.n_complete} units already complete, {len(todo)} to do "
-          f"({sum(len(u.items) for u in todo)} inputs)", flush=True)
+          f"({n_inputs} inputs)", flush=True)
     if not todo:
         return {}
     connect(cfg)
+    todo, finalize = with_retries(lambda: plan_long_inputs(todo, cfg, clip_s=cfg.clip_s, fps=cfg.fps,
+                                                           max_duration_s=cfg.max_duration_s, audio=False),
+                                  cfg.retry, cfg.output)
+    say_clips("extract_faces", todo, finalize)
     return summarise("extract_faces", run_stages(todo, cfg, load=load_unit, model=FaceExtractor, commit=write_unit,
-                                                 id_column="video_id", records_per_call=cfg.records_per_call),
-                     sum(len(u.items) for u in todo), cfg.output)
+                                                 id_column="video_id", records_per_call=cfg.records_per_call,
+                                                 finalize=finalize), n_inputs, cfg.output)

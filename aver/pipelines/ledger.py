@@ -14,6 +14,13 @@ per item; the status part, written last, is the unit's completion mark and the l
   ``_retry/<unit>`` before its parts are written; a rerun processes its failed items again,
   merges them with the unit's final rows, rewrites the unit's parts under the same names and
   removes the marker. No id ever appears twice.
+- **Long inputs are clips.** A video longer than the job's ``clip_s`` is planned as clip units
+  (time ranges; with score_videos its audio one more), named ``<input>.<clip>`` where the clip's name
+  holds a hash of ``clip_s`` and ``fps``. A clip's segments are kept in ``_clips/<input>/<clip>/``
+  and its commit is the marker ``_clips/<input>/<clip>.done``; once every clip of an input is
+  committed, one task commits the input from them (its parts, status last) and removes
+  ``_clips/<input>/``. A rerun plans only the clips without a marker; clips of other settings,
+  and those of inputs complete since, are removed when it plans.
 - **Staging is scratch.** The segments of a unit cut into several records (a long video, a large
   faces part) wait in ``_staging/<unit>/`` until the unit commits, which removes them; whatever a
   killed run left there is removed when the next run plans, before anything is staged again.
@@ -26,15 +33,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from aver.faults import RETRIED, RetryPolicy, with_retries
 from aver.io.parts import join, list_names, read_part, remove, status_table, write_table, write_tables
+from aver.io.media import ClipRange
 from aver.io.storage import write_bytes_atomic
 
 STAGING = "_staging"
 """Folder under a job's output where segments wait for their unit's commit."""
+CLIPS = "_clips"
+"""Folder under a job's output where the clips of long inputs wait for the input's commit."""
 
 
 @dataclass
@@ -47,6 +58,32 @@ class Unit:
     """The inputs it covers (an item's fields, or a manifest entry)."""
     retry: bool = False
     """It was committed before with ``failed`` items: only those are redone, then merged."""
+    clip: "Clip | None" = None
+    """The time range of a long input it is, if it is one."""
+
+
+@dataclass
+class Clip:
+    """A clip of a long input: what of the input a clip unit reads, and where it stands among the
+    input's clips."""
+
+    input: Unit
+    """The input's own unit (its finalize commits it)."""
+    name: str
+    """``c<hash of clip_s and fps>-<index>``, or ``...-audio`` for the audio of the whole input."""
+    names: list[str]
+    """All the input's clips, in the order its finalize reads them (video clips, then the audio)."""
+    ranges: list[ClipRange | None]
+    """Their time ranges (None: the audio of the whole input)."""
+
+    @property
+    def index(self) -> int:
+        return self.names.index(self.name)
+
+    @property
+    def range(self) -> ClipRange | None:
+        """This clip's time range; None for the audio clip."""
+        return self.ranges[self.index]
 
 
 @dataclass
@@ -123,6 +160,47 @@ def _read_ledger(output: str, so, names: list[str], id_column: str) -> dict[str,
 
     with ThreadPoolExecutor(16) as pool:
         return dict(zip(names, pool.map(read, names)))
+
+
+def clip_names(clip_s: float, fps: float, n_video: int, audio: bool) -> list[str]:
+    """The clips of an input cut into ``n_video`` video clips (and its audio as one more)."""
+    key = "c" + hashlib.sha1(f"{clip_s!r}|{fps!r}".encode()).hexdigest()[:8]
+    return [f"{key}-{k:04d}" for k in range(n_video)] + ([f"{key}-audio"] if audio else [])
+
+
+def plan_clips(output: str, storage_options: dict | None, units: list[Unit], probes: dict[str, tuple[float, float]],
+               *, clip_s: float, fps: float, audio: bool, max_duration_s: float) -> tuple[list[Unit], list[Clip]]:
+    """Cut the units of inputs that ``probes`` names (``unit id -> (duration, first frame time)``)
+    into clip units of ``clip_s`` (whole sampling slots at ``fps``; the last one open-ended, none past
+    ``max_duration_s``), leaving out the clips committed before. Returns the units to run, and one
+    clip of each input whose clips were all committed before (only its finalize is left to do).
+    Clips of other settings, and those of inputs no longer pending, are removed."""
+    so = storage_options
+    slots = max(1, round(clip_s * fps))
+    pending = {u.unit_id for u in units}
+    for name in list_names(join(output, CLIPS), so, suffix=""):
+        if name not in pending:
+            remove(join(output, CLIPS, name), so, recursive=True)
+    todo, finalize_only = [], []
+    for unit in units:
+        if unit.unit_id not in probes:
+            todo.append(unit)
+            continue
+        duration, origin = probes[unit.unit_id]
+        n_video = max(1, int(np.ceil(min(duration, max_duration_s) * fps / slots - 1e-9)))
+        names = clip_names(clip_s, fps, n_video, audio)
+        folder = join(output, CLIPS, unit.unit_id)
+        done = list_names(folder, so, suffix=".done")
+        for stale in list_names(folder, so, suffix="") - set(names) - {f"{n}.done" for n in names}:
+            remove(join(folder, stale), so, recursive=True)
+        ranges = [ClipRange(k * slots / fps, (k + 1) * slots / fps if k + 1 < n_video else None, origin)
+                  if k < n_video else None for k in range(len(names))]
+        clips = [Clip(unit, name, names, ranges) for name in names]
+        left = [c for c in clips if c.name not in done]
+        todo += [Unit(f"{unit.unit_id}.{c.name}", unit.items, unit.retry, c) for c in left]
+        if not left:
+            finalize_only.append(clips[-1])
+    return todo, finalize_only
 
 
 Part = tuple[pa.Table | Callable[[], Iterable[pa.Table]], pa.Schema, str]

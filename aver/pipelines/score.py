@@ -22,6 +22,7 @@ Per input, written atomically in this order: ``scores/<id>.parquet``, ``tracks/<
 
 from __future__ import annotations
 
+import copy
 import io
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ from aver.models.weights import ship
 from aver.pipelines.report import SCORES_SCHEMA, SUMMARY_SCHEMA, TRACKS_SCHEMA, build_report, timeline_png
 from aver.pipelines.cluster import actor_setup, connect
 from aver.pipelines.ledger import Unit, commit, plan, status_row
-from aver.pipelines.stages import ActorPoolConfig, ModelStage, Record, Records, run_stages, summarise
+from aver.pipelines.stages import (CLIP_S, ActorPoolConfig, ModelStage, Record, Records, check_clip_s,
+                                   plan_long_inputs, run_stages, say_clips, summarise)
 from aver.tracking import TRACKING_VERSION, FaceTracker, TrackerConfig
 
 SCORING_VERSION = TRACKING_VERSION
@@ -96,9 +98,13 @@ class ScoreVideosConfig(ActorPoolConfig):
     """Inputs that decode longer than this get status too_large."""
     frame_max_side: int = FRAME_MAX_SIDE
     """Sampled frames larger than this on their longer side are downscaled where they are decoded."""
+    clip_s: float = CLIP_S
+    """Videos longer than this (by their headers) are read as clips of this length on any nodes at
+    once (their audio as one more), and resumed clip by clip; 0: every input read whole by one task."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_clip_s(self.clip_s, self.fps)
         if isinstance(self.detector, dict):
             self.detector = FaceDetectorConfig(**self.detector)
         if isinstance(self.tracker, dict):
@@ -156,44 +162,61 @@ class ScoreRecord(Record):
 def load_unit(unit: Unit, cfg: ScoreVideosConfig) -> Iterator[ScoreRecord]:
     """Load stage (CPU task): a video's sampled frames in segments of ``detector.batch_size``, then
     its audio's log-mel in stretches of :data:`MEL_CHUNK` frames (decoded as it goes), then a last
-    record with what decoding saw and the verdict that stopped either modality, if any."""
+    record with what decoding saw and the verdict that stopped either modality, if any. A clip of a
+    long video reads its time range of the video only; the audio of the whole input is a clip of its own."""
     item = InputItem(**unit.items[0])
     item.check()
-    decoded, video_error = None, None
-    if item.kind != "audio":
-        decoded = Decoded()
-        try:
-            for frames in frame_segments(item.source, decoded, fps=cfg.fps, detector=cfg.detector,
-                                         retry=cfg.retry, max_side=cfg.frame_max_side,
-                                         storage_options=cfg.storage_options, max_bytes=cfg.max_bytes,
-                                         max_duration_s=cfg.max_duration_s, cut_distance=cfg.tracker.cut_distance):
-                yield ScoreRecord(unit=unit, frames=frames)
-            video_error = decoded.broken
-        except MediaError as e:  # no usable video: what was handed on is dropped, the audio may score
-            decoded, video_error = None, e
-    last = ScoreRecord(unit=unit, decoded=decoded, video_error=video_error)
-    if not (video_error is not None and video_error.status in ("corrupt", "too_large") and decoded is None):
-        samples = 0
-
-        def waves() -> Iterator[np.ndarray]:
-            nonlocal samples
-            for wave in audio_chunks(item.source, storage_options=cfg.storage_options or None,
-                                     max_duration_s=cfg.max_duration_s):
-                samples += len(wave)
-                yield wave
-
-        try:  # a storage fault before the first stretch is retried; one later stops the audio
-            chunks = with_retries(lambda: first_and_rest(mel_chunks(waves(), MEL_CHUNK)), cfg.retry, item.source)
-            n = 0
-            for chunk in chunks:
-                n += chunk.steps
-                yield ScoreRecord(unit=unit, mel=chunk)
-            last.audio_s = samples / SAMPLE_RATE
-            if not n:
-                last.audio_error = MediaError("too_short", "audio shorter than one VGGish step")
-        except MediaError as e:
-            last.audio_error = e
+    clip = unit.clip
+    last = ScoreRecord(unit=unit)
+    if clip is None or clip.range is not None:
+        if item.kind != "audio":
+            yield from _video_part(unit, item, cfg, last)
+        if clip is not None:  # a video clip: its audio is read with the input's audio clip
+            last.ends_input = last.decoded is not None and last.decoded.broken is not None
+            yield last
+            return
+    if not (last.video_error is not None and last.video_error.status in ("corrupt", "too_large") and last.decoded is None):
+        yield from _audio_part(unit, item, cfg, last)
     yield last
+
+
+def _video_part(unit: Unit, item: InputItem, cfg: ScoreVideosConfig, last: ScoreRecord) -> Iterator[ScoreRecord]:
+    """The video's frames in segments; ``last`` learns what decoding saw and what stopped it."""
+    decoded = Decoded()
+    try:
+        for frames in frame_segments(item.source, decoded, fps=cfg.fps, detector=cfg.detector,
+                                     retry=cfg.retry, max_side=cfg.frame_max_side,
+                                     storage_options=cfg.storage_options, max_bytes=cfg.max_bytes,
+                                     max_duration_s=cfg.max_duration_s, cut_distance=cfg.tracker.cut_distance,
+                                     clip=unit.clip and unit.clip.range):
+            yield ScoreRecord(unit=unit, frames=frames)
+        last.decoded, last.video_error = decoded, decoded.broken
+    except MediaError as e:  # no usable video: what was handed on is dropped, the audio may score
+        last.decoded, last.video_error = None, e
+
+
+def _audio_part(unit: Unit, item: InputItem, cfg: ScoreVideosConfig, last: ScoreRecord) -> Iterator[ScoreRecord]:
+    """The audio's log-mel in stretches; ``last`` learns how long it ran and what stopped it."""
+    samples = 0
+
+    def waves() -> Iterator[np.ndarray]:
+        nonlocal samples
+        for wave in audio_chunks(item.source, storage_options=cfg.storage_options or None,
+                                 max_duration_s=cfg.max_duration_s):
+            samples += len(wave)
+            yield wave
+
+    try:  # a storage fault before the first stretch is retried; one later stops the audio
+        chunks = with_retries(lambda: first_and_rest(mel_chunks(waves(), MEL_CHUNK)), cfg.retry, item.source)
+        n = 0
+        for chunk in chunks:
+            n += chunk.steps
+            yield ScoreRecord(unit=unit, mel=chunk)
+        last.audio_s = samples / SAMPLE_RATE
+        if not n:
+            last.audio_error = MediaError("too_short", "audio shorter than one VGGish step")
+    except MediaError as e:
+        last.audio_error = e
 
 
 MEL_CHUNK = 4096
@@ -363,9 +386,12 @@ def _first_pass(records: Records, cfg: ScoreVideosConfig) -> tuple[People, Audio
                 weight = d.prob * float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))
                 if tid not in pictures or weight > pictures[tid][0]:
                     pictures[tid] = (weight, out.thumbnail)
-        if r.audio is not None:
+        if r.audio is not None and not _video_unusable(last):
             audio.append(r.audio)
-        last = r
+        if r.last:
+            last = _ended(last, r)
+    if _video_unusable(last):  # as a whole read, which never decodes the audio of such an input
+        audio, last.audio_s, last.audio_error = [], 0.0, None
     people.of, people.n_tracks = tracker.people(), len(tracker.tracks)
     for tid, pid in people.of.items():
         people.counts[pid] = people.counts.get(pid, 0) + counts[tid]
@@ -378,6 +404,25 @@ def _first_pass(records: Records, cfg: ScoreVideosConfig) -> tuple[People, Audio
         return people, None, last
     feats = np.concatenate(audio).astype(np.float32)
     return people, AudioTimeline(np.arange(len(feats)) * AUDIO_STEP_S, feats), last
+
+
+def _ended(ending: ScoreRecord | None, r: ScoreRecord) -> ScoreRecord:
+    """What the last records of an input's clips say together (one record: itself): decoding seen
+    over the video clips in order, the audio from the audio clip."""
+    if ending is None:
+        return copy.copy(r)
+    if r.unit.clip is not None and r.unit.clip.range is None:
+        ending.audio_s, ending.audio_error = r.audio_s, r.audio_error
+        return ending
+    both = ending.decoded is not None and r.decoded is not None
+    ending.decoded = ending.decoded.then(r.decoded) if both else None
+    ending.video_error = ending.video_error or r.video_error
+    return ending
+
+
+def _video_unusable(last: ScoreRecord | None) -> bool:
+    return (last is not None and last.decoded is None and last.video_error is not None
+            and last.video_error.status in ("corrupt", "too_large"))
 
 
 def _score(item: InputItem, records: Records, status: dict, cfg: ScoreVideosConfig) -> tuple[dict, dict]:
@@ -631,9 +676,14 @@ def run(cfg: ScoreVideosConfig) -> dict[str, int]:
             print("score_videos: no --identity-model: face tracks link by motion only (a person who leaves the "
                   "frame for long or is cut away from comes back as another)", flush=True)
         connect(cfg)
-        counts = summarise("score_videos", run_stages(work.units, cfg, load=load_unit, model=VideoScorer,
+        units, finalize = with_retries(lambda: plan_long_inputs(work.units, cfg, clip_s=cfg.clip_s, fps=cfg.fps,
+                                                                max_duration_s=cfg.max_duration_s, audio=True),
+                                       cfg.retry, cfg.output)
+        say_clips("score_videos", units, finalize)
+        counts = summarise("score_videos", run_stages(units, cfg, load=load_unit, model=VideoScorer,
                                                       commit=write_unit, id_column="video_id",
-                                                      records_per_call=cfg.records_per_call), len(work.units), cfg.output)
+                                                      records_per_call=cfg.records_per_call, finalize=finalize),
+                           len(work.units), cfg.output)
     if items:
         index, rebuilt = build_report(cfg.output, cfg.storage_options, cfg.report_page_size)
         print(f"score_videos: report {'at' if rebuilt else 'unchanged at'} {redact(index)}", flush=True)

@@ -29,11 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
-from aver.faults import RetryPolicy, verdict, with_retries
+from aver.faults import RETRIED, RetryPolicy, verdict, with_retries
 from aver.io.parts import join, remove
 from aver.io.storage import absolute, read_bytes, redact, register_secrets, split_credentials, write_bytes_atomic
 from aver.io.streaming import trim_heap
-from aver.pipelines.ledger import STAGING, Unit, status_row
+from aver.pipelines.ledger import CLIPS, STAGING, Clip, Unit, plan_clips, status_row
 
 
 @dataclass(kw_only=True)
@@ -104,6 +104,11 @@ class Record:
     """It is the unit's last record."""
     failure: tuple[str, str] | None = None
     """(status, error) of what ended the unit; its other fields are then empty."""
+    ends_input: bool = False
+    """On a clip's last record: the input's usable video ends in this clip (its stream broke): the
+    clips after it are not read, nor used."""
+    node: str | None = None
+    """On a unit's last record: the node whose load task read it."""
 
 
 Records = Callable[[], Iterator[Record]]
@@ -129,14 +134,22 @@ def guarded_map(fn: Callable[[Any], Any], items: list, cfg: ActorPoolConfig,
         return list(pool.map(lambda item: guarded(lambda: fn(item), cfg.retry, source(item)), items))
 
 
-def _load_stage(batch: dict, load: Callable, cfg: ActorPoolConfig) -> Iterator[dict]:
+def _load_stage(batch: dict, load: Callable, cfg: ActorPoolConfig, segments=None) -> Iterator[dict]:
     """CPU task: ``load(unit, cfg)`` for each unit, a record or an iterator of records (a video's
     segments), each handed on as soon as it is made; whatever it raises ends the unit with a
-    record holding its ``failure``."""
+    record holding its ``failure``. A video clip after one whose stream broke is not read."""
+    import ray
+
     register_secrets(cfg.storage_options)
+    node = ray.get_runtime_context().get_node_id()
     for blob in batch["record"]:
         unit = pickle.loads(blob)
         segment, held = 0, None
+        clip = unit.clip
+        if clip is not None and clip.range is not None and segments is not None and \
+                ray.get(segments.ended_before.remote(clip.input.unit_id, clip.index)):
+            yield _row(Record(unit=unit, node=node), 0, True)  # its finalize never reads it
+            continue
         try:
             made = load(unit, cfg)
             for record in ([made] if isinstance(made, Record) else made):
@@ -151,6 +164,7 @@ def _load_stage(batch: dict, load: Callable, cfg: ActorPoolConfig) -> Iterator[d
                 yield _row(held, segment, False)
                 segment += 1
             held = Record(unit=unit, failure=verdict(e, f"unit {unit.unit_id}"))
+        held.node = node
         yield _row(held, segment, True)
         trim_heap()
 
@@ -242,12 +256,16 @@ class _StagedSegments:
     """Ray actor on the driver's node (no CPUs): which segments of each staged unit are in the
     staging area. It answers the stage-out task that stages a unit's last missing segment with the
     unit's segment count (and every other with 0): that task commits the unit, once. A retried task
-    of the same segment (its worker died) gets the claim again; the commit it redoes is idempotent."""
+    of the same segment (its worker died) gets the claim again; the commit it redoes is idempotent.
+    For long inputs it also counts the clips still to end (the task that ends the last one commits
+    the input) and which clip's stream broke (the clips after it are not read)."""
 
-    def __init__(self):
+    def __init__(self, clips_left: dict[str, set[str]] | None = None):
         self.staged: dict[str, set[int]] = {}
         self.total: dict[str, int] = {}
         self.claimed: dict[str, int] = {}  # unit -> the segment whose task commits it
+        self.clips_left = clips_left or {}  # input -> its clips not ended yet in this run
+        self.ended_at: dict[str, int] = {}  # input -> first clip whose stream broke
 
     def staged_one(self, unit_id: str, segment: int, n_segments: int | None) -> int:
         if unit_id in self.claimed:
@@ -262,13 +280,29 @@ class _StagedSegments:
         self.claimed[unit_id] = segment
         return self.total[unit_id]
 
+    def input_ends(self, input_id: str, index: int) -> None:
+        self.ended_at[input_id] = min(index, self.ended_at.get(input_id, index))
 
-def _stage_out(batch: dict, commit: Callable, cfg: ActorPoolConfig, id_column: str, segments) -> dict:
+    def ended_before(self, input_id: str, index: int) -> bool:
+        return self.ended_at.get(input_id, index) < index
+
+    def clip_ended(self, input_id: str, name: str) -> bool:
+        """Whether ``name`` was the input's last clip to end (its caller commits the input)."""
+        left = self.clips_left.get(input_id)
+        if left is None or name not in left:
+            return False  # a retried task's second report: the first one decided
+        left.discard(name)
+        return not left
+
+
+def _stage_out(batch: dict, commit: Callable, cfg: ActorPoolConfig, id_column: str, segments, run_id: str) -> dict:
     """CPU task: a unit that is one record is committed; a segment of a longer one is staged, and
     the task that stages its unit's last missing segment commits the unit from the staging area
-    (read back one segment at a time) and clears it. Only the committed units' summaries go on to
-    the driver. A staging write that fails still counts the segment: the commit finds it missing
-    and reports the unit unrecorded (the rerun does it again)."""
+    (read back one segment at a time) and clears it. A clip of a long input is kept in
+    ``_clips/`` and marked committed instead; the task that ends an input's last clip commits the
+    input from all its clips. Only the committed inputs' summaries go on to the driver. A staging
+    write that fails still counts the segment: the commit finds it missing and reports the unit
+    unrecorded (the rerun does it again)."""
     import ray
 
     register_secrets(cfg.storage_options)
@@ -276,8 +310,8 @@ def _stage_out(batch: dict, commit: Callable, cfg: ActorPoolConfig, id_column: s
     summaries = []
     for blob, segment, last in zip(batch["record"], batch["segment"], batch["last"]):
         record: Record = pickle.loads(blob)
-        unit, segment = record.unit, int(segment)
-        if segment == 0 and last:
+        unit, segment, clip = record.unit, int(segment), record.unit.clip
+        if segment == 0 and last and clip is None:
             summaries.append(_commit(commit, unit, lambda: iter([record]), cfg, id_column))
             continue
         uri = _staged(cfg, unit, segment)
@@ -285,20 +319,116 @@ def _stage_out(batch: dict, commit: Callable, cfg: ActorPoolConfig, id_column: s
             with_retries(lambda: write_bytes_atomic(uri, blob, so), cfg.retry, uri)
         except Exception as e:  # noqa: BLE001
             verdict(e, uri)  # logged; the commit finds the segment missing
+        ending = {"node": record.node, "ends": record.ends_input,
+                  "failed": bool(record.failure and record.failure[0] in RETRIED)} if last else None
         record = None  # staged: not held through the commit
+        if clip is not None and ending is not None and ending["ends"]:
+            ray.get(segments.input_ends.remote(clip.input.unit_id, clip.index))
         n_segments = ray.get(segments.staged_one.remote(unit.unit_id, segment, segment + 1 if last else None))
-        if n_segments:
+        if n_segments and clip is None:
             summaries.append(_commit(commit, unit, _staged_records(cfg, unit, n_segments), cfg, id_column))
             try:
                 remove(join(cfg.output, STAGING, unit.unit_id), so, recursive=True)
             except Exception as e:  # noqa: BLE001 - scratch: the run's end (or the next plan) removes it
                 verdict(e, f"staging of {unit.unit_id}")
+        elif n_segments:
+            summary = _end_clip(commit, clip, n_segments, ending, cfg, id_column, segments, run_id)
+            if summary is not None:
+                summaries.append(summary)
         trim_heap()
     return {"summary": summaries}
 
 
+def _end_clip(commit: Callable, clip: Clip, n_segments: int, ending: dict | None, cfg: ActorPoolConfig,
+              id_column: str, segments, run_id: str) -> str | None:
+    """A clip's segments are all kept: mark it committed (``.done``, or ``.failed`` when a transient
+    fault outlived the retries: a rerun reads it again), and commit the input if it was the last."""
+    import ray
+
+    so, ending = cfg.storage_options, ending or {}
+    mark = {"n_segments": n_segments, "node": ending.get("node"), "ends": bool(ending.get("ends")), "run": run_id}
+    uri = join(_clip_folder(cfg, clip), f"{clip.name}.{'failed' if ending.get('failed') else 'done'}")
+    try:
+        with_retries(lambda: write_bytes_atomic(uri, json.dumps(mark).encode(), so), cfg.retry, uri)
+    except Exception as e:  # noqa: BLE001 - the input's commit finds the clip missing: a rerun redoes it
+        verdict(e, uri)
+    if not ray.get(segments.clip_ended.remote(clip.input.unit_id, clip.name)):
+        return None
+    return _finalize(commit, clip, cfg, id_column)
+
+
+def _finalize(commit: Callable, clip: Clip, cfg: ActorPoolConfig, id_column: str) -> str:
+    """Commit a long input from its clips (video clips after one whose stream broke left out), its
+    ``clips/`` part (where and in which run each clip was read) first; then remove its clips, unless
+    a clip is to be read again."""
+    import pyarrow as pa
+
+    from aver.io.parts import write_table
+
+    so, folder = cfg.storage_options, _clip_folder(cfg, clip)
+    marks: list[tuple[str, dict]] = []
+    for name in clip.names:
+        for state in ("done", "failed"):
+            uri = join(folder, f"{name}.{state}")
+            try:
+                marks.append((name, {**json.loads(with_retries(lambda: read_bytes(uri, so), cfg.retry, uri)),
+                                     "state": state}))
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            marks.append((name, {"n_segments": 0, "state": "missing"}))
+    # video clips after the one whose stream broke are left out (as a read of the whole input ends there)
+    ended = next((k for k, (_, m) in enumerate(marks) if m.get("ends")), len(marks))
+    used = [k <= ended or clip.ranges[k] is None for k in range(len(marks))]
+
+    def records() -> Iterator[Record]:
+        for (name, m), use in zip(marks, used):
+            if not use:
+                continue
+            if m["state"] == "missing":
+                raise OSError(f"clip {name} of {clip.input.unit_id} was not kept: read it again")
+            for segment in range(m["n_segments"]):
+                uri = join(folder, name, f"{segment:06d}.pkl")
+                yield pickle.loads(with_retries(lambda: read_bytes(uri, so), cfg.retry, uri))
+
+    rows = [{id_column: clip.input.unit_id, "clip": name, "start_s": span.start_s if span else None,
+             "end_s": span.end_s if span else None, "node_id": m.get("node"), "run_id": m.get("run"),
+             "state": m["state"], "used": use} for (name, m), span, use in zip(marks, clip.ranges, used)]
+    part = join(cfg.output, "clips", f"{clip.input.unit_id}.parquet")
+    try:
+        table = pa.Table.from_pylist(rows, schema=clips_schema(id_column))
+        with_retries(lambda: write_table(part, table, so), cfg.retry, part)
+        summary = _commit(commit, clip.input, records, cfg, id_column)
+    except Exception as e:  # noqa: BLE001 - nothing recorded: the rerun commits it again
+        s = Summary.of(_unrecorded(clip.input, verdict(e, f"unit {clip.input.unit_id}"), id_column), id_column)
+        summary = json.dumps({"counts": s.counts, "noted": s.noted, "more": s.more})
+    counts = json.loads(summary)["counts"]
+    if not any(counts.get(status) for status in (*RETRIED, "unrecorded")) and all(m["state"] == "done" for _, m in marks):
+        try:
+            remove(folder, so, recursive=True)
+        except Exception as e:  # noqa: BLE001 - the next plan removes the clips of complete inputs
+            verdict(e, f"clips of {clip.input.unit_id}")
+    return summary
+
+
+def clips_schema(id_column: str):
+    """``clips/``: one row per clip of a long input: its range, the node that read it, in which run."""
+    import pyarrow as pa
+
+    return pa.schema([(id_column, pa.string()), ("clip", pa.string()), ("start_s", pa.float64()),
+                      ("end_s", pa.float64()), ("node_id", pa.string()), ("run_id", pa.string()),
+                      ("state", pa.string()), ("used", pa.bool_())])
+
+
 def _staged(cfg, unit: Unit, segment: int) -> str:
+    if unit.clip is not None:
+        return join(_clip_folder(cfg, unit.clip), unit.clip.name, f"{segment:06d}.pkl")
     return join(cfg.output, STAGING, unit.unit_id, f"{segment:06d}.pkl")
+
+
+def _clip_folder(cfg, clip: Clip) -> str:
+    return join(cfg.output, CLIPS, clip.input.unit_id)
 
 
 def _staged_records(cfg: ActorPoolConfig, unit: Unit, n_segments: int) -> Records:
@@ -321,12 +451,16 @@ def model_pool(cfg: ActorPoolConfig, n_units: int):
 
 def run_stages(units: list[Unit], cfg: ActorPoolConfig, *, load: Callable[[Unit, Any], Record | Iterator[Record]],
                model: type[ModelStage], commit: Callable[[Unit, Records, Any], list[dict]], id_column: str,
-               records_per_call: int = 1) -> Iterator[Summary]:
+               records_per_call: int = 1, finalize: list[Clip] = ()) -> Iterator[Summary]:
     """Stream ``units`` through load tasks -> ``model`` actors (``records_per_call`` records per
-    call) -> stage-out tasks, which commit each unit once all its records are out; yields each
-    unit's :class:`Summary` as it completes, and nothing else reaches the driver. ``cfg.output``
-    is where parts and staging go. Runs on the cluster the job's
-    :func:`~aver.pipelines.cluster.connect` joined once it had planned work."""
+    call) -> stage-out tasks, which commit each unit once all its records are out (a long input
+    once all its clips are); yields each input's :class:`Summary` as it completes, and nothing else
+    reaches the driver. ``finalize``: a clip of each input whose clips were all committed by an
+    earlier run (its commit is left to do). ``cfg.output`` is where parts and staging go. Runs on
+    the cluster the job's :func:`~aver.pipelines.cluster.connect` joined once it had planned work."""
+    import time
+    import uuid
+
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -335,24 +469,93 @@ def run_stages(units: list[Unit], cfg: ActorPoolConfig, *, load: Callable[[Unit,
     # keeps Ray Data from fusing the load tasks into the actors when both ask for the same CPUs.
     gpu = {"num_cpus": cfg.cpus_per_actor, "max_restarts": -1,
            **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {})}
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    segments = ray.remote(_StagedSegments).options(num_cpus=0, scheduling_strategy=here).remote()
-    rows = [{"unit_id": u.unit_id, "record": pickle.dumps(u, protocol=5)} for u in units]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    del rows
-    ds.context.override_object_store_memory_limit_fraction = cfg.read_ahead  # the stages below copy it
-    ds = ds.map_batches(_load_stage, fn_kwargs={"load": load, "cfg": cfg}, batch_size=1, **cpu)
-    ds = ds.map_batches(model, fn_constructor_kwargs={"cfg": cfg}, batch_size=records_per_call,
-                        compute=model_pool(cfg, len(units)), **gpu)
-    ds = ds.map_batches(_stage_out, fn_kwargs={"commit": commit, "cfg": cfg, "id_column": id_column,
-                                               "segments": segments},
-                        batch_size=1, concurrency=cfg.write_tasks or None, **cpu)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        yield from map(_parse, batch["summary"])
-    ray.kill(segments)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    finishing = [ray.remote(_finalize).options(**cpu, max_retries=3).remote(commit, clip, cfg, id_column)
+                 for clip in finalize]
+    if units:
+        clips_left: dict[str, set[str]] = {}
+        for u in units:
+            if u.clip is not None:
+                clips_left.setdefault(u.clip.input.unit_id, set()).add(u.clip.name)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        segments = ray.remote(_StagedSegments).options(num_cpus=0, scheduling_strategy=here).remote(clips_left)
+        rows = [{"unit_id": u.unit_id, "record": pickle.dumps(u, protocol=5)} for u in units]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        del rows
+        ds.context.override_object_store_memory_limit_fraction = cfg.read_ahead  # the stages below copy it
+        ds = ds.map_batches(_load_stage, fn_kwargs={"load": load, "cfg": cfg, "segments": segments},
+                            batch_size=1, **cpu)
+        ds = ds.map_batches(model, fn_constructor_kwargs={"cfg": cfg}, batch_size=records_per_call,
+                            compute=model_pool(cfg, len(units)), **gpu)
+        ds = ds.map_batches(_stage_out, fn_kwargs={"commit": commit, "cfg": cfg, "id_column": id_column,
+                                                   "segments": segments, "run_id": run_id},
+                            batch_size=1, concurrency=cfg.write_tasks or None, **cpu)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            yield from map(_parse, batch["summary"])
+        ray.kill(segments)
+    yield from map(_parse, ray.get(finishing))
     # Every unit is committed or reported: what staging holds (a unit whose commit failed, segments
     # staged again by a retried task) is scratch.
     remove(join(cfg.output, STAGING), cfg.storage_options, recursive=True)
+
+
+CLIP_S = 300.0
+"""Default clip length of long videos: five minutes is 1500 frames at 5 fps, seconds of decoding
+and a few staged segments, so a clip's seek and bookkeeping cost under 1%, while a 10-hour
+recording still spreads over 120 clips (docs/decisions.md)."""
+
+
+def check_clip_s(clip_s: float, fps: float) -> None:
+    if clip_s != 0 and clip_s * fps < 1:
+        raise ValueError(f"clip_s must be 0 (no clips) or hold at least one frame at {fps} fps, got {clip_s}")
+
+
+def say_clips(job: str, units: list[Unit], finalize: list[Clip]) -> None:
+    """Print how the long inputs were cut: clips to read now, and clips read by an earlier run."""
+    long: dict[str, tuple[int, int]] = {}
+    for u in units:
+        if u.clip is not None:
+            total, todo = long.get(u.clip.input.unit_id, (len(u.clip.names), 0))
+            long[u.clip.input.unit_id] = (total, todo + 1)
+    if long or finalize:
+        total = sum(t for t, _ in long.values()) + sum(len(c.names) for c in finalize)
+        todo = sum(n for _, n in long.values())
+        print(f"{job}: {len(long) + len(finalize)} long inputs in {total} clips; {todo} to read, "
+              f"{total - todo} read before", flush=True)
+
+
+PROBES_PER_TASK = 64
+"""Videos whose headers one planning task reads (``io_threads`` at a time)."""
+
+
+def plan_long_inputs(units: list[Unit], cfg: ActorPoolConfig, *, clip_s: float, fps: float,
+                     max_duration_s: float, audio: bool) -> tuple[list[Unit], list[Clip]]:
+    """The units of videos longer than ``clip_s`` (by their headers, read in Ray tasks on any node)
+    cut into clips (:func:`~aver.pipelines.ledger.plan_clips`); ``clip_s`` 0 cuts none."""
+    import ray
+
+    videos = [u for u in units if u.clip is None and len(u.items) == 1 and u.items[0].get("kind") == "video"
+              and not u.items[0].get("refusal")]
+    if not clip_s or not videos:
+        return units, []
+    probe = ray.remote(_probe_videos).options(num_cpus=cfg.cpus_per_task)
+    found: dict[str, tuple[float, float]] = {}
+    for got in ray.get([probe.remote([u.items[0] for u in videos[i:i + PROBES_PER_TASK]], cfg, clip_s)
+                        for i in range(0, len(videos), PROBES_PER_TASK)]):
+        found.update(got)
+    return plan_clips(cfg.output, cfg.storage_options, units, found, clip_s=clip_s, fps=fps, audio=audio,
+                      max_duration_s=max_duration_s)
+
+
+def _probe_videos(items: list[dict], cfg: ActorPoolConfig, clip_s: float) -> dict[str, tuple[float, float]]:
+    """Planning task: ``item id -> (duration, first frame's time)`` of the videos longer than ``clip_s``."""
+    from aver.io.media import probe_video
+
+    register_secrets(cfg.storage_options)
+    got = guarded_map(lambda item: probe_video(item["source"], storage_options=cfg.storage_options,
+                                               longer_than=clip_s), items, cfg, lambda item: item["source"])
+    # a video that cannot be probed is read whole: reading it decides its status
+    return {item["item_id"]: probe for item, (probe, _) in zip(items, got) if probe is not None}
 
 
 def _parse(summary: str) -> Summary:

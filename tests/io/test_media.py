@@ -7,7 +7,7 @@ from PIL import Image
 
 from aver.faults import MediaError
 from aver.demo.media import write_video
-from aver.io.media import VideoReader, item_id_for, list_inputs, load_image, read_audio
+from aver.io.media import ClipRange, VideoReader, item_id_for, list_inputs, load_image, probe_video, read_audio
 from tests.media_fixtures import audio_only, face_video
 
 
@@ -32,9 +32,45 @@ def test_frames_follow_presentation_timestamps_with_variable_frame_rate(tmp_path
             out.mux(p)
     with VideoReader(str(path)) as r:
         got = [(f.index, f.timestamp_s) for f in r.frames(fps=5)]
+        rate = float(r._container.streams.video[0].average_rate)
     # one frame per 0.2 s slot, the first whose PTS reaches it: 0.0, 0.2, (0.4 -> 0.7), 1.1, 1.5, 1.9
     assert [t for _, t in got] == pytest.approx([0.0, 0.2, 0.7, 1.1, 1.5, 1.9], abs=1e-3)
-    assert [i for i, _ in got] == [0, 2, 4, 5, 6, 7]
+    # indices from the PTS (time x the stream's mean rate), never a count of decoded frames
+    assert [i for i, _ in got] == [round(t * rate) for _, t in got] and rate != 5
+    # read as clips (each from the keyframe before it), the same frames, indices and times
+    with VideoReader(str(path)) as r:
+        clipped = [(f.index, f.timestamp_s) for f in r.frames(fps=5, clip=ClipRange(0.0, 0.6, 0.0))]
+    with VideoReader(str(path)) as r:
+        clipped += [(f.index, f.timestamp_s) for f in r.frames(fps=5, clip=ClipRange(0.6, None, 0.0))]
+    assert clipped == got
+
+
+def test_a_video_read_clip_by_clip_gives_the_frames_of_one_read_whole(tmp_path):
+    # Guards against: clips sampled from their own start (frames doubled or lost at a boundary),
+    # indices counted from a seek, a seek that lands after the clip's start.
+    rng = np.random.default_rng(0)
+    frames = [np.clip(np.full((64, 96, 3), (i * 7) % 255, np.int16) + rng.integers(0, 20, (64, 96, 3)), 0, 255)
+              .astype(np.uint8) for i in range(150)]
+    write_video(str(tmp_path / "long.mp4"), iter(frames), 25, keyframe_every=30)  # 6 s, a keyframe every 1.2 s
+    with VideoReader(str(tmp_path / "long.mp4")) as r:
+        whole = list(r.frames(fps=5))
+        whole_s = r.decoded_s
+    duration, origin = probe_video(str(tmp_path / "long.mp4"), longer_than=1.0)
+    assert duration == pytest.approx(6.0, abs=0.05) and probe_video(str(tmp_path / "long.mp4"), longer_than=7) is None
+    clipped, befores = [], []
+    for k in range(5):  # 1.4 s clips: boundaries between keyframes and between sampling slots' frames
+        with VideoReader(str(tmp_path / "long.mp4")) as r:
+            clipped += list(r.frames(fps=5, clip=ClipRange(k * 1.4, (k + 1) * 1.4 if k < 4 else None, origin)))
+            befores.append(r.before)
+            last_s = r.decoded_s
+    assert [(f.index, f.timestamp_s) for f in clipped] == [(f.index, f.timestamp_s) for f in whole]
+    assert len(whole) == 30 and all(np.array_equal(a.image, b.image) for a, b in zip(clipped, whole))
+    assert last_s == whole_s
+    # each clip after the first saw the frame sampled last before it (a cut at its start is found)
+    by_time = {f.timestamp_s: f.image for f in whole}
+    for k in range(1, 5):
+        previous = max(t for t in by_time if t < k * 1.4 - 1e-6)
+        assert np.array_equal(befores[k], by_time[previous])
 
 
 def test_reader_info_and_audio(tmp_path):

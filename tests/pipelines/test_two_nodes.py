@@ -314,3 +314,66 @@ def _assert_no_staging(fs, out: str) -> None:
     fs.invalidate_cache()
     left = fs.find(f"{out}/_staging") if fs.exists(f"{out}/_staging") else []
     assert not left, left
+
+
+@pytest.mark.timeout(900)
+def test_a_long_video_is_read_on_both_nodes_and_a_killed_run_rereads_only_its_uncommitted_clips(
+        cluster, s3_inputs, tmp_path):
+    # Guards against (issue 28): a long video read by one task on one node, a clipped run whose
+    # rows differ from a whole read, a rerun after a kill that reads committed clips again or
+    # writes a row twice.
+    from tests.pipelines.test_clips import long_take
+
+    inp, fs = s3_inputs, s3_inputs["fs"]
+    if len(cluster.alive_nodes()) < 2:
+        cluster.add_gpu_node()
+    long_take(tmp_path / "take.mp4", seconds=8.0)
+    fs.put(str(tmp_path / "take.mp4"), f"{inp['bucket']}/long/take.mp4")
+
+    def args(out: str, clip_s: float) -> list[str]:
+        # load tasks of half a CPU: the GPU node (1 CPU, half of it the model actor's) reads clips too
+        return ["jobs/score_videos.py", "--input", f"{inp['bucket']}/long/", "--model", f"{inp['bucket']}/models",
+                "--output", f"{inp['bucket']}/{out}", "--storage-options", json.dumps(inp["so"]),
+                "--gpus-per-actor", "1", "--cpus-per-actor", "0.5", "--cpus-per-task", "0.5",
+                "--records-per-call", "1", "--clip-s", str(clip_s)]
+
+    key = ["video_id", "track_id", "t_end_s"]
+    for out, clip_s in (("long-whole", 0), ("long-clips", 0.8)):
+        rc, log = _finish(cluster.run_job(args(out, clip_s)))
+        assert rc == 0 and "score_videos: ok=1" in log, log[-4000:]
+    assert "1 long inputs in 11 clips; 11 to read, 0 read before" in log  # 10 clips of 0.8 s and the audio
+    whole = unique_rows(f"{inp['bucket']}/long-whole/scores", inp["so"], key)
+    same_rows(whole, unique_rows(f"{inp['bucket']}/long-clips/scores", inp["so"], key), "scores")
+    clips = read_folder(f"{inp['bucket']}/long-clips/clips", inp["so"]).to_pandas()
+    assert len(clips) == 11 and set(clips["node_id"]) == {n["node_id"] for n in cluster.alive_nodes()}
+
+    for attempt in range(3):
+        out = f"long-killed-{attempt}"
+        job = cluster.run_job(args(out, 0.8))
+        folder = f"{inp['bucket']}/{out}/_clips/take-"
+        deadline = time.time() + 240
+        done: list[str] = []
+        while time.time() < deadline and job.poll() is None and len(done) < 3:
+            fs.invalidate_cache()
+            done = [p for p in fs.glob(f"{folder}*/*.done")]
+            time.sleep(0.2)
+        cluster.kill_gpu_raylet()
+        os.killpg(job.pid, signal.SIGKILL)  # the driver goes too: what it left is what a rerun finds
+        job.communicate()
+        fs.invalidate_cache()
+        done = fs.glob(f"{folder}*/*.done")
+        cluster.add_gpu_node()
+        print(f"killed run: {len(done)} of 11 clips committed")
+        if 1 <= len(done) < 11 and _status_parts(fs, f"{inp['bucket']}/{out}/status") == 0:
+            break
+    else:
+        pytest.fail("the kill never landed mid-video")
+    rc, log = _finish(cluster.run_job(args(out, 0.8)))
+    assert rc == 0 and "score_videos: ok=1" in log, log[-4000:]
+    assert f"1 long inputs in 11 clips; {11 - len(done)} to read, {len(done)} read before" in log
+    clips = read_folder(f"{inp['bucket']}/{out}/clips", inp["so"]).to_pandas()
+    assert sorted(clips["run_id"].value_counts().tolist()) == sorted([len(done), 11 - len(done)])
+    same_rows(whole, unique_rows(f"{inp['bucket']}/{out}/scores", inp["so"], key), "scores")
+    assert len(read_folder(f"{inp['bucket']}/{out}/status", inp["so"])) == 1
+    fs.invalidate_cache()
+    assert not fs.glob(f"{inp['bucket']}/{out}/_clips/**/*.pkl")  # the input's clips went with its commit

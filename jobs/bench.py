@@ -11,7 +11,9 @@
 (g) planning an input of 100k files against 25k: seconds and driver peak RSS;
 (h) peak memory of a student's training worker with 200k distillation targets against 50k;
 (j) peak memory of score_videos (largest process, and the tree) on one video 8x as long as another;
-(k) bytes the driver receives per input, score_videos on videos 4x as long; the driver's peak RSS.
+(k) bytes the driver receives per input, score_videos on videos 4x as long; the driver's peak RSS;
+(n) one long 720p video through extract_faces' load stage (a model stage that does nothing: decode-bound),
+    read as clips against read whole by one task.
 Writes the figures to --report (default docs/benchmarks.md).
 """
 
@@ -425,6 +427,84 @@ def driver_bytes(work: str, cpus: float, seconds: float = 10.0, n_videos: int = 
             f"**Ratio {b4 / b1:.2f}** of the bytes per input (target <= 1.1).\n")
 
 
+def _long_720p(path: str, seconds: float, fps: int = 25, keyframe_s: float = 2.0) -> None:
+    """A 720p recording at 25 fps, a keyframe every 2 s (as broadcast and phone video): a face
+    moving over a textured background that drifts (every frame costs the decoder work)."""
+    from PIL import Image
+    from skimage import data
+
+    from aver.demo.media import write_video
+
+    face = np.asarray(Image.fromarray(data.astronaut()[30:210, 140:310]).resize((300, 320)))
+    bg = np.random.default_rng(0).integers(40, 160, (720, 1400, 3), dtype=np.uint8)
+
+    def frames():
+        for i in range(int(seconds * fps)):
+            img = np.ascontiguousarray(bg[:, (3 * i) % 120:(3 * i) % 120 + 1280])
+            x = 100 + (4 * i) % 800
+            img[200:520, x:x + 300] = face
+            yield img
+
+    write_video(path, frames(), fps, keyframe_every=int(keyframe_s * fps))
+
+
+def _no_model():
+    """(n)'s model stage: drops the frames as a model stage does, and runs nothing."""
+    from aver.pipelines.stages import ModelStage
+
+    class NoModel(ModelStage):
+        consumed = ("frames",)
+
+        def __init__(self, cfg) -> None:
+            pass
+
+        def run(self, records) -> None:
+            pass
+
+    return NoModel
+
+
+def _count_frames(unit, records, cfg) -> list[dict]:
+    """(n)'s commit: reads every record back (as a real commit does) and writes nothing."""
+    from aver.pipelines.ledger import status_row
+
+    n = sum(1 for _ in records())  # records, read back as a commit reads them
+    return [status_row("video_id", unit.unit_id, None, n_frames=n)]
+
+
+def clip_speed(work: str, cpus: float, seconds: float = 60.0, clip_s: float = 15.0) -> str:
+    """(n) one long 720p video through extract_faces' load stage with a model stage that does
+    nothing, read as clips of ``clip_s`` vs read whole by one task: wall time of each run."""
+    from aver.io.media import list_inputs
+    from aver.pipelines.extract import ExtractFacesConfig, load_unit, plan_units
+    from aver.pipelines.stages import plan_long_inputs, run_stages
+
+    import ray.cloudpickle
+
+    if __name__ != "__main__":  # imported (tests): the workers cannot import jobs/ by name
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    folder = os.path.join(work, "long720")
+    os.makedirs(folder, exist_ok=True)
+    _long_720p(os.path.join(folder, "rec.mp4"), seconds)
+    took = {}
+    for name, clip in (("whole", 0.0), ("clips", clip_s)):
+        cfg = ExtractFacesConfig(input=folder, output=os.path.join(work, f"long720-{name}"), clip_s=clip,
+                                 cpus_per_task=1.0, cpus_per_actor=0.1, actors=1)
+        t = time.perf_counter()
+        units, finalize = plan_long_inputs(plan_units(list_inputs(folder), cfg).units, cfg, clip_s=clip,
+                                           fps=cfg.fps, max_duration_s=cfg.max_duration_s, audio=False)
+        frames = [s.counts for s in run_stages(units, cfg, load=load_unit, model=_no_model(), commit=_count_frames,
+                                               id_column="video_id", finalize=finalize)]
+        took[name] = (time.perf_counter() - t, len(units), frames)
+    (whole, _, _), (clipped, n_clips, _) = took["whole"], took["clips"]
+    return (f"## (n) one long video read as clips\n\nOne 1280x720 recording of {seconds:.0f} s at 25 fps "
+            f"(a keyframe every 2 s) through extract_faces' load stage at 5 fps (decode, downscale, detection "
+            f"view, cut histogram) with a model stage that does nothing; read whole by one task, or as "
+            f"{n_clips} clips of {clip_s:.0f} s on {int(cpus)} CPUs (load tasks of 1 CPU).\n\n"
+            f"| | wall s |\n|---|---|\n| one unit | {whole:.1f} |\n| {n_clips} clips | {clipped:.1f} |\n\n"
+            f"**Ratio {clipped / whole:.2f}** of the wall time (target <= 0.65).\n")
+
+
 def _count_driver_bytes_of(count_file: str, job: list[str]) -> int:
     """Run ``job`` (``jobs/X.py args``) in this process, counting what its driver receives."""
     import runpy
@@ -531,6 +611,7 @@ def main() -> int:
     lines.append(extract_speed(work, corpus, a.videos, cpus))
     lines.append(distill_efficiency(work, a.crops, cpus))
     lines.append(remote_distill_efficiency(work, a.crops, cpus))
+    lines.append(clip_speed(work, cpus))
     ray.shutdown()  # (c)-(e) run the jobs as a user would, each with its own local Ray
     lines.append(extract_memory(work, cpus))
     lines.append(score_speed(work, a.score_videos, cpus))

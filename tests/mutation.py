@@ -46,8 +46,9 @@ PLANTED = {
         'triplet_accuracy(e[f"{name}.i"], e[f"{name}.k"], e[f"{name}.j"])',
         ["tests/pipelines/test_evaluate.py", "-k", "known_answers"]),
     "a module-level ray.init() in aver/pipelines/stages.py": (
-        "aver/pipelines/stages.py", 'from aver.pipelines.ledger import STAGING, Unit, status_row\n',
-        'from aver.pipelines.ledger import STAGING, Unit, status_row\nimport ray\nray.init(num_cpus=1, include_dashboard=False)\n',
+        "aver/pipelines/stages.py", 'from aver.pipelines.ledger import CLIPS, STAGING, Clip, Unit, plan_clips, status_row\n',
+        'from aver.pipelines.ledger import CLIPS, STAGING, Clip, Unit, plan_clips, status_row\nimport ray\n'
+        'ray.init(num_cpus=1, include_dashboard=False)\n',
         ["tests/test_import.py"]),
     "score_videos swaps its arousal and valence columns": (
         "aver/pipelines/score.py", 'rows[key]["arousal"], rows[key]["valence"] = float(a), float(v)',
@@ -131,6 +132,33 @@ PLANTED = {
     "batch jobs hand relative local paths to their tasks": (
         "aver/pipelines/stages.py", "setattr(self, name, absolute(uri))",
         "setattr(self, name, uri)", ["tests/train/test_harness.py", "-k", "relative"]),
+    # issue 28: long videos as clips
+    "a clip samples from its own start, not the stream's slots": (
+        "aver/io/media.py", "next_t, period, last_index, n = begin, 1.0 / fps, -1, 0",
+        "next_t, period, last_index, n = begin + 0.1, 1.0 / fps, -1, 0",
+        ["tests/io/test_media.py", "-k", "clip"]),
+    "frame indices counted from the seek": (
+        "aver/io/media.py", "index = max(round(t * rate) if rate else int(round(frame.pts)), last_index + 1)",
+        "index = last_index + 1", ["tests/io/test_media.py", "-k", "clip or variable"]),
+    "a clip seeks to its start, not the keyframe before it": (
+        "aver/io/media.py", "backward=True, any_frame=False)", "backward=False, any_frame=True)",
+        ["tests/io/test_media.py", "-k", "clip"]),
+    "a clip's first frame never sees the frame before the clip (cuts at boundaries lost)": (
+        "aver/faces.py", "                        if previous is None and reader.before is not None:",
+        "                        if False:", ["tests/pipelines/test_clips.py", "-k", "whole"]),
+    "a rerun reads committed clips again": (
+        "aver/pipelines/ledger.py", "left = [c for c in clips if c.name not in done]", "left = clips",
+        ["tests/pipelines/test_clips.py", "-k", "rerun"]),
+    "clips of other settings kept for the rerun": (
+        "aver/pipelines/ledger.py", '    key = "c" + hashlib.sha1(f"{clip_s!r}|{fps!r}".encode()).hexdigest()[:8]',
+        '    key = "c" + hashlib.sha1(f"{fps!r}".encode()).hexdigest()[:8]',
+        ["tests/pipelines/test_clips.py", "-k", "rerun"]),
+    "video clips after the one whose stream broke are used": (
+        "aver/pipelines/stages.py", "    used = [k <= ended or clip.ranges[k] is None for k in range(len(marks))]",
+        "    used = [True for k in range(len(marks))]", ["tests/pipelines/test_clips.py", "-k", "broke"]),
+    "the audio clip's ending replaces the video's": (
+        "aver/pipelines/score.py", "    if r.unit.clip is not None and r.unit.clip.range is None:",
+        "    if False:", ["tests/pipelines/test_clips.py", "-k", "whole"]),
 }
 
 # module -> the tests that guard it (for the generic pass)

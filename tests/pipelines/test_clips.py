@@ -107,3 +107,36 @@ def test_a_rerun_plans_only_the_clips_not_committed(tmp_path):
     units, _ = plan_clips(str(tmp_path / "o2"), None, [Unit("a-1", [item])], {"a-1": (36000.0, 0.0)}, clip_s=60.0,
                           fps=5.0, audio=False, max_duration_s=300.0)
     assert len(units) == 5 and units[-1].clip.range.end_s is None
+
+
+def test_video_clips_after_the_one_whose_stream_broke_are_left_out(tmp_path):
+    # Guards against: a stream broken inside a clip ending nothing (the clips after it, read from
+    # their own keyframes, would add frames a whole read never reaches); the audio left out with them.
+    import pickle
+
+    from aver.io.media import ClipRange
+    from aver.pipelines.extract import ExtractFacesConfig
+    from aver.pipelines.ledger import Clip
+    from aver.pipelines.stages import Record, _finalize
+
+    cfg = ExtractFacesConfig(input=str(tmp_path), output=str(tmp_path / "out"))
+    item = {"source": "/v/a.mp4", "item_id": "a-1", "kind": "video"}
+    names = clip_names(60.0, 5.0, 3, True)
+    ranges = [ClipRange(0.0, 60.0, 0.0), ClipRange(60.0, 120.0, 0.0), ClipRange(120.0, None, 0.0), None]
+    whole = Unit("a-1", [item])
+    folder = tmp_path / "out" / CLIPS / "a-1"
+    for k, name in enumerate(names):
+        clip = Clip(whole, name, names, ranges)
+        os.makedirs(folder / name)
+        (folder / name / "000000.pkl").write_bytes(pickle.dumps(Record(unit=Unit(f"a-1.{name}", [item], clip=clip))))
+        (folder / f"{name}.done").write_text(json.dumps({"n_segments": 1, "ends": k == 1, "node": "n", "run": "r"}))
+    seen = []
+
+    def commit(unit, records, cfg):
+        seen.extend(r.unit.clip.name for r in records())
+        return [{"video_id": unit.unit_id, "status": "ok"}]
+
+    assert json.loads(_finalize(commit, Clip(whole, names[0], names, ranges), cfg, "video_id"))["counts"] == {"ok": 1}
+    assert seen == [names[0], names[1], names[3]]  # the clip after the break is not read; the audio is
+    part = read_folder(str(tmp_path / "out" / "clips")).to_pandas()
+    assert part["used"].tolist() == [True, True, False, True] and not folder.exists()

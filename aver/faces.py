@@ -199,6 +199,14 @@ class Decoded:
     """Seconds really decoded."""
     broken: MediaError | None = None
     """The content error that stopped a stream broken midway (what came before is kept); None if whole."""
+    ends_early: bool = False
+    """Reading a clip: the stream ended before the clip did (a header that claims more than there
+    is), so the clips after it hold nothing."""
+
+    @property
+    def ends_input(self) -> bool:
+        """Nothing after this clip is to be read: its stream broke, or ended."""
+        return self.broken is not None or self.ends_early
 
     def then(self, later: "Decoded | None") -> "Decoded":
         """What decoding saw of this clip and the ``later`` one (None: nothing more)."""
@@ -261,6 +269,7 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceD
                     decoded.broken, chunk = e, []
                 decoded.n_frames += len(chunk)
                 decoded.decoded_s = reader.decoded_s
+                decoded.ends_early = clip is not None and clip.end_s is not None and reader.ended
                 if chunk:
                     yield chunk
             break

@@ -261,6 +261,7 @@ def test_readme_lists_the_columns_of_every_output_folder():
     from aver.pipelines.distill import TARGETS_SCHEMA
     from aver.pipelines.extract import FACES_SCHEMA
     from aver.pipelines.report import SCORES_SCHEMA, SUMMARY_SCHEMA, TRACKS_SCHEMA
+    from aver.pipelines.stages import clips_schema
 
     text = open(os.path.join(ROOT, "README.md")).read()
     table = text[text.index("\nstatus/ "):text.index("```", text.index("\nstatus/ "))]
@@ -268,6 +269,7 @@ def test_readme_lists_the_columns_of_every_output_folder():
     folders = {k: v.replace("arousal/valence mean and std", "arousal_mean valence_mean arousal_std valence_std")
                for k, v in folders.items()}
     for name, schema in (("status", STATUS_SCHEMA), ("faces", FACES_SCHEMA), ("targets", TARGETS_SCHEMA),
-                         ("scores", SCORES_SCHEMA), ("tracks", TRACKS_SCHEMA), ("summary", SUMMARY_SCHEMA)):
+                         ("scores", SCORES_SCHEMA), ("tracks", TRACKS_SCHEMA), ("summary", SUMMARY_SCHEMA),
+                         ("clips", clips_schema("video_id"))):
         words = set(re.findall(r"\w+", folders[name]))
         assert set(schema.names) <= words, (name, set(schema.names) - words)

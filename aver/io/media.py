@@ -292,6 +292,8 @@ class VideoReader:
         """Seconds of video decoded so far (last frame's end relative to the first frame)."""
         self.n_decoded = 0
         """Frames decoded so far (of the clip read, when one is)."""
+        self.ended = False
+        """The stream ended before the range read did (always so reading to the end)."""
         self.before: np.ndarray | None = None
         """Reading a clip: the frame sampled last before it, when decoding from the keyframe saw it."""
         f, size = _open(source, storage_options)
@@ -349,7 +351,7 @@ class VideoReader:
                 origin = t if origin is None else origin
                 t -= origin
                 if end is not None and t + 1e-6 >= end:
-                    break  # the next clip's
+                    return  # the next clip's
                 if t > self.max_duration_s:
                     raise MediaError("too_large", f"{redact(self.source)} runs longer than the "
                                                   f"{self.max_duration_s:.0f} s limit (by decoded timestamps)")
@@ -372,6 +374,7 @@ class VideoReader:
                 index = max(round(t * rate) if rate else int(round(frame.pts)), last_index + 1)
                 last_index = index
                 yield VideoFrame(index, round(t, 6), upright(frame.to_ndarray(format="rgb24"), frame.rotation))
+            self.ended = True
         except MediaError:
             raise
         except Exception as e:  # noqa: BLE001 - a broken packet midway: report, keep what decoded

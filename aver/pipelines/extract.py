@@ -166,7 +166,7 @@ def _video_segments(unit: Unit, item: InputItem, cfg: ExtractFacesConfig) -> Ite
                                  max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s,
                                  cut_distance=cfg.tracker.cut_distance, clip=unit.clip and unit.clip.range):
         yield FacesRecord(unit=unit, frames=frames)
-    yield FacesRecord(unit=unit, decoded=decoded, ends_input=decoded.broken is not None)
+    yield FacesRecord(unit=unit, decoded=decoded, ends_input=decoded.ends_input)
 
 
 class FaceExtractor(ModelStage):

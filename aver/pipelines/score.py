@@ -1,6 +1,7 @@
 """score_videos: a media archive -> per-time-step arousal/valence and expression probabilities.
 
-One unit of work per input file, in three stages: a CPU task decodes frames at ``fps`` (segment
+One unit of work per input file (a video longer than ``clip_s``: a unit per clip, and its audio one
+more, committed together by one task once all are in), in three stages: a CPU task decodes frames at ``fps`` (segment
 by segment, so no video is ever held whole; shot cuts found on the way) and the audio's log-mel;
 model actors run MTCNN, the student (embeddings and 8-class probabilities per face crop), the
 identity network when given, and VGGish (frame features, in bounded chunks); a write task links the
@@ -172,7 +173,7 @@ def load_unit(unit: Unit, cfg: ScoreVideosConfig) -> Iterator[ScoreRecord]:
         if item.kind != "audio":
             yield from _video_part(unit, item, cfg, last)
         if clip is not None:  # a video clip: its audio is read with the input's audio clip
-            last.ends_input = last.decoded is not None and last.decoded.broken is not None
+            last.ends_input = last.decoded is not None and last.decoded.ends_input
             yield last
             return
     if not (last.video_error is not None and last.video_error.status in ("corrupt", "too_large") and last.decoded is None):

@@ -14,6 +14,11 @@ batch-inference shape (:func:`run_stages`):
    one at a time (as often as the job needs: tracking wants the whole video's boxes before any
    crop is kept), writes the parts, status last, and clears the unit's staging.
 
+A video longer than the job's ``clip_s`` is planned as clip units (:func:`plan_long_inputs`), each
+read by its own load task on any node: a clip's segments are kept in ``_clips/<input>/<clip>/`` and
+the clip marked committed when its last one is; the task that ends an input's last clip commits
+the input from all its clips, in order, one segment at a time (:func:`_finalize`).
+
 The driver plans, schedules and counts: what reaches it per unit is a :class:`Summary` (counts
 per status, a few rows that are not ok), whatever the unit's length, never crops, embeddings,
 targets, frames or audio. A record is pickled into one
@@ -530,19 +535,23 @@ PROBES_PER_TASK = 64
 
 def plan_long_inputs(units: list[Unit], cfg: ActorPoolConfig, *, clip_s: float, fps: float,
                      max_duration_s: float, audio: bool) -> tuple[list[Unit], list[Clip]]:
-    """The units of videos longer than ``clip_s`` (by their headers, read in Ray tasks on any node)
-    cut into clips (:func:`~aver.pipelines.ledger.plan_clips`); ``clip_s`` 0 cuts none."""
+    """The units of videos longer than ``clip_s`` (by their headers: read here for a few videos, else
+    in Ray tasks on any node, :data:`PROBES_PER_TASK` each) cut into clips (:func:`~aver.pipelines.ledger.plan_clips`); ``clip_s`` 0 cuts none."""
     import ray
 
     videos = [u for u in units if u.clip is None and len(u.items) == 1 and u.items[0].get("kind") == "video"
               and not u.items[0].get("refusal")]
     if not clip_s or not videos:
         return units, []
-    probe = ray.remote(_probe_videos).options(num_cpus=cfg.cpus_per_task)
-    found: dict[str, tuple[float, float]] = {}
-    for got in ray.get([probe.remote([u.items[0] for u in videos[i:i + PROBES_PER_TASK]], cfg, clip_s)
-                        for i in range(0, len(videos), PROBES_PER_TASK)]):
-        found.update(got)
+    items = [u.items[0] for u in videos]
+    if len(items) <= PROBES_PER_TASK:  # a few headers: read here, sparing a worker's start
+        found = _probe_videos(items, cfg, clip_s)
+    else:
+        found = {}
+        probe = ray.remote(_probe_videos).options(num_cpus=cfg.cpus_per_task)
+        for got in ray.get([probe.remote(items[i:i + PROBES_PER_TASK], cfg, clip_s)
+                            for i in range(0, len(items), PROBES_PER_TASK)]):
+            found.update(got)
     return plan_clips(cfg.output, cfg.storage_options, units, found, clip_s=clip_s, fps=fps, audio=audio,
                       max_duration_s=max_duration_s)
 

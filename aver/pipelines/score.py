@@ -105,13 +105,13 @@ class ScoreVideosConfig(ActorPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_clip_s(self.clip_s, self.fps)
         if isinstance(self.detector, dict):
             self.detector = FaceDetectorConfig(**self.detector)
         if isinstance(self.tracker, dict):
             self.tracker = TrackerConfig(**self.tracker)
         if not 0 < self.fps <= 120:
             raise ValueError(f"fps must be in (0, 120], got {self.fps}")
+        check_clip_s(self.clip_s, self.fps)
         if self.window_s <= 0 or self.hop_s <= 0 or self.hop_s > self.window_s:
             raise ValueError("need window_s > 0 and 0 < hop_s <= window_s")
         if self.batch_size < 1 or self.report_page_size < 1:

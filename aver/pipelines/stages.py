@@ -153,7 +153,8 @@ def _load_stage(batch: dict, load: Callable, cfg: ActorPoolConfig, segments=None
         clip = unit.clip
         if clip is not None and clip.range is not None and segments is not None and \
                 ray.get(segments.ended_before.remote(clip.input.unit_id, clip.index)):
-            yield _row(Record(unit=unit, node=node), 0, True)  # its finalize never reads it
+            # a bare record the models pass by; the input's commit never reads it
+            yield _row(Record(unit=unit, node=node, failure=("skipped", "after the stream ended")), 0, True)
             continue
         try:
             made = load(unit, cfg)

@@ -1,7 +1,7 @@
 """The paper's four networks (SPEC §3) and their checkpoints."""
 
 from aver.models._base import autocast, to_device
-from aver.models.checkpoint import load_checkpoint, save_checkpoint
+from aver.models.checkpoint import load_checkpoint, save_checkpoint, skip_init
 from aver.models.fusion import FusionConfig, FusionModel
 from aver.models.identity import IdentityNet
 from aver.models.student import Student, StudentConfig, StudentOutput
@@ -12,5 +12,5 @@ from aver.models.weights import WEIGHTS, same_weights
 __all__ = [
     "AudioOutput", "FaceOutput", "FusionConfig", "FusionModel", "IdentityNet", "Student", "StudentConfig", "StudentOutput",
     "Teacher", "TeacherConfig", "VGGishConfig", "VGGishEmotion", "load_checkpoint", "same_weights",
-    "save_checkpoint", "WEIGHTS", "autocast", "to_device",
+    "save_checkpoint", "skip_init", "WEIGHTS", "autocast", "to_device",
 ]

@@ -18,7 +18,7 @@ import torch
 
 from aver.console import VERBOSE_ENV, init_ray, verbose
 from aver.io.parts import join
-from aver.models import autocast, save_checkpoint
+from aver.models import autocast, save_checkpoint, skip_init
 from aver.models.weights import ship
 from aver.io.storage import absolute, exists, read_bytes, redact, url_to_fs, write_bytes_atomic
 
@@ -313,7 +313,8 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, jo
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    model = cfg.build_model(pretrained=False)
+    with skip_init():
+        model = cfg.build_model(pretrained=False)
     model.load_state_dict(state["model"])
     history = json.loads(state["history"])
     write_bytes_atomic(cfg.metrics_uri, json.dumps(history, indent=1).encode(), cfg.storage_options)

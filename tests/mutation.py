@@ -72,7 +72,7 @@ PLANTED = {
         ["tests/train/test_harness.py", "-k", "rows_asked"]),
     "an empty prefix store taken for no store": (
         "aver/train/batches.py", "if self.store is not None else", "if self.store else",
-        ["tests/train/test_vggish.py", "-k", "features"]),
+        ["tests/train/test_vggish.py", "-k", "two_workers"]),
     "circumplex names written at their points": (
         "aver/pipelines/report.py", 'xytext=(1.04, 1 - (i + 0.5) / n), textcoords="axes fraction"',
         'xytext=(4, 4), textcoords="offset points"', ["tests/pipelines/test_report.py", "-k", "overlap"]),

@@ -3,6 +3,7 @@ extract_faces, distill and score_videos over every odd input at once, under inje
 rerun after adding one input, and with credentials in the URI and the storage options."""
 
 import glob
+import io
 import os
 import shutil
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from aver.pipelines.distill import DistillConfig
 from aver.pipelines.distill import run as distill
@@ -61,8 +63,26 @@ def test_every_odd_input_gets_one_status_row_in_extract_faces(hostile, tmp_path,
     row = status[status["source"].str.endswith("ten_hours.mkv")].iloc[0]
     assert len(by_name["ten_hours.mkv"]) == 5 and row["n_frames"] == 5 and row["duration_s"] == pytest.approx(1.0)
     assert by_name["strip.png"]["crop"].notna().all()  # the face in a 2000x40 strip is found
-    for name in ("tiny2.mp4", "tiny16.mp4", "unknown.avi", "loop.mp4", "outside.mp4", "x.mp4"):
+    for name in ("tiny2.mp4", "tiny16.mp4", "unknown.avi", "loop.mp4", "outside.mp4", "x.mp4", "empty.mp4", "text.mp4",
+                 "truncated.mp4", "speech_only.m4a", "huge.png", "tiny.png"):
         assert name not in by_name
+    # 2 s at 10 fps sampled at 5 fps: 10 rows per video, timestamps every 0.2 s
+    assert len(by_name["face.mp4"]) == 10
+    assert np.allclose(by_name["face.mp4"]["timestamp_s"], np.arange(10) * 0.2, atol=1e-3)
+    assert by_name["face.mp4"]["crop"].notna().all() and by_name["portrait.mp4"]["crop"].notna().all()
+    nf = by_name["noface.mp4"]
+    assert len(nf) == 10 and nf[["box", "prob", "crop", "track_id"]].isna().all().all()
+    # face for the first second only: crops then nulls, never invented values
+    ftn = by_name["face_then_none.mp4"]["crop"].notna().tolist()
+    assert ftn[:4] == [True] * 4 and ftn[-4:] == [False] * 4
+    ntf = by_name["none_then_face.mp4"]["crop"].notna().tolist()
+    assert ntf[:4] == [False] * 4 and ntf[-4:] == [True] * 4
+    for name in ("gray.png", "rgba.png", "gray16.png"):
+        assert by_name[name]["crop"].notna().all()
+    crop = Image.open(io.BytesIO(by_name["portrait.mp4"]["crop"].iloc[0]))
+    assert crop.size == (140, 140) and crop.mode == "RGB"
+    box = by_name["portrait.mp4"]["box"].iloc[0]
+    assert len(box) == 4 and 0 <= box[0] < box[2] <= 240 and 0 <= box[1] < box[3] <= 320
 
 
 def test_every_odd_input_gets_one_status_row_in_score_videos(hostile, tmp_path, random_models, ray_local):

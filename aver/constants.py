@@ -3,6 +3,10 @@
 CROP_SIZE = 140
 """Side of the square face crops every face network sees (paper §3.1)."""
 
+DISTILL_DIM = 80
+"""Width of a distillation target: [t1.fec, t1.affectnet, t2.fec, t2.affectnet] of the two teachers
+(32 + 8 + 32 + 8), what the student's distill head learns."""
+
 LABEL_STEP_S = 0.04
 """RECOLA's gold-label frame step, also the log-mel window and hop (40 ms)."""
 

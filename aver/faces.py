@@ -6,10 +6,9 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image
 
 from aver.constants import CROP_SIZE
@@ -17,6 +16,9 @@ from aver.faults import MediaError, RetryPolicy, is_transient
 from aver.io.media import MAX_DURATION_S, ClipRange, VideoFrame, VideoReader
 from aver.io.streaming import prefetch
 from aver.tracking import FaceTracker, TrackerConfig, colour_histogram, histogram_distance
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -65,6 +67,7 @@ class FaceDetector:
     large frames (detected on a downscaled copy). Input frames are HxWx3 uint8 RGB."""
 
     def __init__(self, config: FaceDetectorConfig | None = None, device: str | torch.device | None = None) -> None:
+        import torch  # here, not at the top: the CPU tasks that decode frames never load torch
         from facenet_pytorch import MTCNN
 
         self.config = config or FaceDetectorConfig()
@@ -79,6 +82,7 @@ class FaceDetector:
         (HxW or HxWx1) or RGBA; any of them of any size, in one call. ``views`` are the frames'
         :func:`detection_view` when the decoding stage made them already (the CPU work leaves the
         model's process); boxes are in the frames' pixels either way."""
+        import torch
         from facenet_pytorch.models.utils.detect_face import detect_face
 
         if views is None:

@@ -33,3 +33,14 @@ def test_importing_every_module_starts_nothing_reads_nothing_and_touches_no_netw
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.strip()) >= 27  # every module, not a chosen few
+
+
+def test_the_cpu_stages_of_extract_distill_and_training_reads_load_no_torch():
+    # Their Ray workers decode, crop and write: torch (~1.2 CPU-s and ~600 MB of RSS per process to
+    # import, the CUDA build) belongs in the model actors and the training workers only.
+    code = ("import sys\n"
+            "import aver.pipelines.extract, aver.pipelines.distill, aver.data.faces, aver.pipelines.fetch\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"

@@ -8,13 +8,12 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from aver.constants import CROP_SIZE
+from aver.constants import CROP_SIZE, DISTILL_DIM
 from aver.data.manifests import Manifest, read_affectnet, read_fec
 from aver.faces import crop_face
 from aver.faults import MediaError
 from aver.io.media import load_image
 from aver.io.storage import redact, url_to_fs
-from aver.models import StudentConfig
 
 log = logging.getLogger("aver")
 
@@ -94,7 +93,7 @@ def distill_targets(uri: str, wanted: set[str], storage_options: dict | None = N
 def _target(targets: dict[str, np.ndarray], crop_id: str) -> dict:
     """The ``target`` (80 floats, zeros when the crop has none) and ``has_target`` columns of a row."""
     t = targets.get(crop_id)
-    return {"target": np.zeros(StudentConfig.distill_dim, np.float32) if t is None else t, "has_target": t is not None}
+    return {"target": np.zeros(DISTILL_DIM, np.float32) if t is None else t, "has_target": t is not None}
 
 
 def _with_targets(rows: list[dict], targets: str | None, storage_options) -> list[dict]:
@@ -158,7 +157,7 @@ def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
             "type": np.asarray(out["type"], np.int64),
             **{k: np.asarray(out[k], dtype=object) for k in ("i_id", "j_id", "k_id")}}
     if with_targets:
-        dim = StudentConfig.distill_dim
+        dim = DISTILL_DIM
         done.update({f"target_{x}": np.asarray(out[f"target_{x}"], np.float32).reshape(-1, dim) for x in "ijk"})
         done.update({f"has_target_{x}": np.asarray(out[f"has_target_{x}"], bool) for x in "ijk"})
     return done

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from aver.constants import CROP_SIZE
 from aver.faults import MediaError, is_transient
 from aver.io.storage import has_userinfo, redact, url_to_fs
 
@@ -542,3 +543,17 @@ def to_rgb8(img) -> np.ndarray:
         rgb = arr[..., :3] * (arr[..., 3:4] / 255.0)
         return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def resize_crops(images) -> np.ndarray:
+    """uint8 RGB crops (``[B,H,W,3]`` array or a list of HxWx3) as one ``[B,140,140,3]`` array;
+    crops of another size are resized (bilinear)."""
+    from PIL import Image
+
+    if isinstance(images, np.ndarray) and images.shape[1:3] == (CROP_SIZE, CROP_SIZE):
+        return images
+    if not len(images):
+        return np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    return np.stack([im if im.shape[:2] == (CROP_SIZE, CROP_SIZE)
+                     else np.asarray(Image.fromarray(im).resize((CROP_SIZE,) * 2, Image.BILINEAR))
+                     for im in images])

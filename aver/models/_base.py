@@ -8,7 +8,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from aver.constants import CROP_SIZE
+from aver.io.media import resize_crops
 
 C = TypeVar("C")
 
@@ -23,20 +23,6 @@ def take_config(config_class: type[C], args: tuple, kwargs: dict) -> C:
     if len(args) > len(names):
         raise TypeError(f"{config_class.__name__} has {len(names)} fields, got {len(args)} positional values")
     return config_class(**dict(zip(names, args)), **kwargs)
-
-
-def resize_crops(images) -> np.ndarray:
-    """uint8 RGB crops (``[B,H,W,3]`` array or a list of HxWx3) as one ``[B,140,140,3]`` array;
-    crops of another size are resized (bilinear)."""
-    from PIL import Image
-
-    if isinstance(images, np.ndarray) and images.shape[1:3] == (CROP_SIZE, CROP_SIZE):
-        return images
-    if not len(images):
-        return np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
-    return np.stack([im if im.shape[:2] == (CROP_SIZE, CROP_SIZE)
-                     else np.asarray(Image.fromarray(im).resize((CROP_SIZE,) * 2, Image.BILINEAR))
-                     for im in images])
 
 
 def crops_to_batch(images, device: torch.device | str | None = None) -> torch.Tensor:

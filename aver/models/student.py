@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aver.constants import DISTILL_DIM
 from aver.models._base import crops_to_batch, take_config
 from aver.models.weights import load_state_dict, same_weights
 
@@ -18,7 +19,7 @@ class StudentConfig:
     """Output size of the FEC triplet head."""
     num_classes: int = 8
     """AffectNet classes (0-7)."""
-    distill_dim: int = 80
+    distill_dim: int = DISTILL_DIM
     """Size of the distillation head: [t1.fec, t1.affectnet, t2.fec, t2.affectnet]."""
 
     def __post_init__(self) -> None:

@@ -11,29 +11,26 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
-from aver.constants import CROP_SIZE
+from aver.constants import CROP_SIZE, DISTILL_DIM
 from aver.data.manifests import is_affectnet_csv, is_fec_csv, read_affectnet, read_fec
 from aver.faces import crop_face
 from aver.faults import MediaError, is_transient, with_retries
-from aver.io.media import IMAGE_EXTENSIONS, InputItem, items_in_listing, list_inputs, load_image
+from aver.io.media import IMAGE_EXTENSIONS, InputItem, items_in_listing, list_inputs, load_image, resize_crops
 from aver.io.storage import absolute, redact, split_credentials, url_to_fs
 from aver.io.streaming import first_and_rest
-from aver.models import StudentConfig, Teacher, autocast, load_checkpoint, same_weights
-from aver.models._base import resize_crops
 from aver.pipelines.cluster import actor_setup, connect
 from aver.pipelines.ledger import Plan, Unit, commit, plan, status_row
 from aver.pipelines.stages import ActorPoolConfig, ModelStage, Record, Records, guarded_map, run_stages, summarise
 
-DISTILL_DIM = StudentConfig.distill_dim
-"""Width of a target: [t1.fec, t1.affectnet, t2.fec, t2.affectnet], what the student's distill head learns."""
+if TYPE_CHECKING:  # torch and the models load in the model actors only, not in the CPU tasks
+    import torch
 TARGETS_SCHEMA = pa.schema([("crop_id", pa.string()), ("target", pa.list_(pa.float32(), DISTILL_DIM))])
 
 
@@ -94,6 +91,8 @@ class DistillConfig(ActorPoolConfig):
 
 def teacher_targets(out1, out2) -> torch.Tensor:
     """``[B,80]``: the four teacher outputs, each L2-normalised, concatenated."""
+    import torch
+
     parts = [out1.fec, out1.affectnet, out2.fec, out2.affectnet]
     return torch.cat([torch.nn.functional.normalize(p.float(), dim=1) for p in parts], dim=1)
 
@@ -253,6 +252,10 @@ class TeacherPair(ModelStage):
     through them in batches of ``batch_size``."""
 
     def __init__(self, cfg: DistillConfig) -> None:
+        import torch
+
+        from aver.models import Teacher, autocast, load_checkpoint, same_weights
+
         self.cfg = cfg
         self.device = actor_setup(cfg, "distill TeacherPair")
         self.teachers = []
@@ -266,10 +269,11 @@ class TeacherPair(ModelStage):
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = autocast(self.device, enabled=use_bf16)
 
-    @torch.inference_mode()
     def targets(self, images: np.ndarray) -> np.ndarray:
-        x = Teacher.preprocess(images, self.device)
-        with self.autocast:
+        import torch
+
+        x = self.teachers[0].preprocess(images, self.device)
+        with torch.inference_mode(), self.autocast:
             if self.shared_trunk:
                 trunk = self.teachers[0].trunk(x)
                 out = [t(trunk, after="trunk") for t in self.teachers]

@@ -85,10 +85,8 @@ def corpus(d: Demo) -> None:
 
 
 def teachers(d: Demo) -> None:
-    for dim in (128, 256):
-        print(f"teacher d_face={dim}", flush=True)
-        train_face(TeacherTrainConfig(**d.common, **d.faces, name=f"teacher{dim}", epochs=d.epochs(14), batch_size=32,
-                                      lr=2e-3, lr_schedule="cosine", d_face=dim, freeze="trunk"))
+    train_face(TeacherTrainConfig(**d.common, **d.faces, epochs=d.epochs(14), batch_size=32, lr=2e-3,
+                                  lr_schedule="cosine", d_face=(128, 256), freeze="trunk"))
 
 
 def distill_targets(d: Demo) -> None:
@@ -108,20 +106,16 @@ def students(d: Demo) -> None:
 
 
 def vggish(d: Demo) -> None:
-    for dim in ("arousal", "valence"):
-        train_vggish(VGGishTrainConfig(**d.common, name=f"vggish_{dim}", recola=d.path("corpus", "recola"),
-                                       dimension=dim, epochs=d.epochs(8), batch_size=16, lr=1e-4, segment_frames=96,
-                                       hop_frames=20, freeze="features"))
+    train_vggish(VGGishTrainConfig(**d.common, recola=d.path("corpus", "recola"), dimension=("arousal", "valence"),
+                                   epochs=d.epochs(8), batch_size=16, lr=1e-4, segment_frames=96, hop_frames=20,
+                                   freeze="features"))
 
 
 def fusion(d: Demo) -> None:
-    for name, modalities in (("fusion", ("visual", "audio")), ("fusion_visual", ("visual",)),
-                             ("fusion_audio", ("audio",))):
-        print(name, flush=True)
-        train_fusion(FusionTrainConfig(
-            **d.common, name=name, recola=d.path("corpus", "recola"), student=d.path("models", "student.pt"),
-            vggish_arousal=d.path("models", "vggish_arousal.pt"), vggish_valence=d.path("models", "vggish_valence.pt"),
-            modalities=modalities, epochs=d.epochs(10), batch_size=16, lr=1e-3, featurizer_cpus=d.cpus))
+    train_fusion(FusionTrainConfig(
+        **d.common, recola=d.path("corpus", "recola"), student=d.path("models", "student.pt"),
+        vggish_arousal=d.path("models", "vggish_arousal.pt"), vggish_valence=d.path("models", "vggish_valence.pt"),
+        variants=("fused", "visual", "audio"), epochs=d.epochs(10), batch_size=16, lr=1e-3, featurizer_cpus=d.cpus))
 
 
 def evaluation(d: Demo) -> None:

@@ -3,12 +3,12 @@
 
   python jobs/train_fusion.py --recola recola/ --student runs/models/student.pt \\
       --vggish-arousal runs/models/vggish_arousal.pt --vggish-valence runs/models/vggish_valence.pt \\
-      --output runs/ --name fusion
-  ... --modalities visual --name fusion_visual     # Table 3's visual-only variant
+      --output runs/ --variants fused visual audio     # with Table 3's one-modality variants
 
 Sessions are featurised once (student embeddings of the primary face at --fps; VGGish frame
 features of both networks), cut into --window-s windows every --hop-s; loss 1 - CCC per
-dimension. Checkpoints every epoch, resumes on rerun; final model OUTPUT/models/NAME.pt.
+dimension; the variants train side by side on the same windows. Checkpoints every epoch, resumes
+on rerun; final models OUTPUT/models/fusion.pt, fusion_visual.pt, fusion_audio.pt.
 """
 
 from __future__ import annotations

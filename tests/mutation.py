@@ -24,6 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name: (file, text to replace, replacement, tests that must fail)
 PLANTED = {
+    "variants of one run built one after another from one seed": (
+        "aver/train/harness.py", "        torch.manual_seed(cfg.seed)\n        models[name] =", "        models[name] =",
+        ["tests/train/test_harness.py", "-k", "variants"]),
     "frame_features max-pools frequency and reverses time": (
         "aver/models/vggish.py", "x = self.features(mel).mean(dim=3).transpose(1, 2)",
         "x = self.features(mel).amax(dim=3).flip(2).transpose(1, 2)", ["tests/models/test_vggish.py"]),

@@ -33,15 +33,23 @@ def test_nested_tuple_and_json_flags_reach_the_config():
     d = parse(DistillConfig, ["--input", "i", "s3://b/j", "--output", "o", "--teachers", "s3://b/a.pt", "s3://b/b.pt"])
     assert d.teachers == ("s3://b/a.pt", "s3://b/b.pt") and d.input == (os.path.abspath("i"), "s3://b/j")
     f = parse(FusionTrainConfig, ["--output", "o", "--recola", "r", "--student", "s", "--vggish-arousal", "a",
-                                  "--vggish-valence", "v", "--modalities", "audio"])
-    assert f.modalities == ("audio",) and f.name == "fusion" and f.epochs == 20
+                                  "--vggish-valence", "v", "--variants", "fused", "audio"])
+    assert f.variants == ("fused", "audio") and f.name == "fusion+fusion_audio" and f.epochs == 20
+    assert f.named_variants() == {"fusion": ("visual", "audio"), "fusion_audio": ("audio",)}
 
 
 def test_job_defaults_live_in_the_config_subclass():
     t = parse(TeacherTrainConfig, ["--output", "o", "--affectnet", "a.csv", "--fec", "f.csv", "--freeze", "trunk"])
-    assert t.name == "teacher128" and t.freeze == "trunk"
+    assert t.name == "teacher128" and t.freeze == "trunk" and t.named_variants() == {"teacher128": 128}
+    both = parse(TeacherTrainConfig, ["--output", "o", "--affectnet", "a.csv", "--fec", "f.csv", "--d-face", "128", "256"])
+    assert both.name == "teacher128+teacher256" and both.named_variants() == {"teacher128": 128, "teacher256": 256}
     v = parse(VGGishTrainConfig, ["--output", "o", "--recola", "r", "--dimension", "valence"])
     assert v.name == "vggish_valence" and v.lr == 1e-4 and v.batch_size == 8
+    # one variant may be renamed; several are published under their own names
+    assert parse(VGGishTrainConfig, ["--output", "o", "--recola", "r", "--name", "mine"]).named_variants() == \
+        {"mine": "arousal"}
+    assert parse(VGGishTrainConfig, ["--output", "o", "--recola", "r", "--name", "run", "--dimension", "arousal",
+                                     "valence"]).named_variants() == {"vggish_arousal": "arousal", "vggish_valence": "valence"}
 
 
 def test_bad_values_are_a_usage_error_with_the_configs_message(capsys):

@@ -3,7 +3,8 @@
 Every step draws an AffectNet batch and an FEC triplet batch and runs them through the network in
 one forward pass: L = L_FEC + alpha * L_AffectNet. With distillation targets (the student), the
 80-d head also learns RKD against the teachers' targets on every crop that has one, and an
-unlabeled batch joins each step, contributing RKD only.
+unlabeled batch joins each step, contributing RKD only. Several teachers (``--d-face 128 256``)
+train side by side on the same batches and the same cached trunk outputs.
 """
 
 from __future__ import annotations
@@ -63,10 +64,12 @@ class FaceTrainConfig(TrainConfig):
 
 @dataclass
 class TeacherTrainConfig(FaceTrainConfig):
-    name: str = "teacher128"
-    """Run name: checkpoints under OUTPUT/runs/NAME, final model OUTPUT/models/NAME.pt."""
-    d_face: int = TeacherConfig.d_face
-    """Face embedding width (the paper's two teachers: 128 and 256)."""
+    name: str = ""
+    """Run name: checkpoints under OUTPUT/runs/NAME (default teacherD, or teacherD1+teacherD2 for
+    several --d-face); one teacher is published as OUTPUT/models/NAME.pt, several as teacherD.pt each."""
+    d_face: tuple[int, ...] = (TeacherConfig.d_face,)
+    """Face embedding widths: one teacher per width, trained side by side on the same batches (the
+    paper's two: 128 256)."""
     facenet: str | None = None
     """facenet-pytorch VGGFace2 weights for the trunk (registry name or URI); None = random init."""
     freeze: str | None = field(default=None, metadata={"choices": Teacher.stages})
@@ -76,16 +79,24 @@ class TeacherTrainConfig(FaceTrainConfig):
     weight_fields = ("facenet",)
 
     def __post_init__(self) -> None:
+        self.d_face = (self.d_face,) if isinstance(self.d_face, int) else tuple(self.d_face)
+        if not self.d_face or any(d < 1 for d in self.d_face) or len(set(self.d_face)) < len(self.d_face):
+            raise ValueError(f"d_face must be distinct positive widths, got {self.d_face}")
+        self.name = self.name or "+".join(f"teacher{d}" for d in self.d_face)
         super().__post_init__()
-        if self.d_face < 1:
-            raise ValueError("d_face must be positive")
         if self.freeze is not None and self.freeze not in Teacher.stages:
             raise ValueError(f"freeze must be None or one of {Teacher.stages}, got {self.freeze!r}")
 
-    def build_model(self, pretrained: bool = True) -> Teacher:
+    def named_variants(self) -> dict[str, int]:
+        if len(self.d_face) == 1:
+            return {self.name: self.d_face[0]}
+        return {f"teacher{d}": d for d in self.d_face}
+
+    def build_model(self, variant: int | None = None, pretrained: bool = True) -> Teacher:
+        d_face = variant or self.d_face[0]
         if pretrained and self.facenet:
-            return Teacher.from_facenet(self.facenet, storage_options=self.storage_options or None, d_face=self.d_face)
-        return Teacher(TeacherConfig(d_face=self.d_face))
+            return Teacher.from_facenet(self.facenet, storage_options=self.storage_options or None, d_face=d_face)
+        return Teacher(TeacherConfig(d_face=d_face))
 
 
 @dataclass
@@ -123,7 +134,7 @@ class StudentTrainConfig(FaceTrainConfig):
     def unlabeled_uri(self) -> str | None:
         return self.unlabeled
 
-    def build_model(self, pretrained: bool = True) -> Student:
+    def build_model(self, variant: None = None, pretrained: bool = True) -> Student:
         if pretrained and self.imagenet:
             return Student.from_imagenet(self.imagenet, storage_options=self.storage_options or None)
         return Student()
@@ -144,11 +155,17 @@ def train_loop_per_worker(config: dict) -> None:
     unused = ("distill_head",) if isinstance(cfg, StudentTrainConfig) and not distill else ()
     model, core, optimizer, start, history, device = prepare_worker(cfg, freeze=freeze, unused=unused)
     loss_cfg = cfg.loss
-    encode, store = input_encoder(cfg, core, freeze, type(core).preprocess, device)
+    # the variants' frozen prefixes are equal (build_variants): one cache serves them all
+    encode, store = input_encoder(cfg, core.first, freeze, type(core.first).preprocess, device)
 
     def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
         return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, cfg.batch_size, cache=bool(freeze),
                             seed=seed, store=store, shuffle_buffer=cfg.shuffle_buffer)
+
+    def frozen_eval() -> None:
+        if freeze:
+            for m in core.values():
+                m.prefix(freeze).eval()
 
     # An epoch is a pass over AffectNet; FEC and the unlabeled crops are streams that go on from
     # where the last epoch (or the run that was resumed) left them: one batch of each per step.
@@ -156,12 +173,12 @@ def train_loop_per_worker(config: dict) -> None:
     trained = sum(int(h.get("steps", 0)) for h in history)
     fec_iter = source("fec", ("i", "j", "k"), cfg.seed + 1).stream(trained)
     unl_iter = source("unlabeled", ("image",), cfg.seed + 2).stream(trained) if cfg.unlabeled_uri else None
+    keys = ("loss", "loss_rkd") if distill else ("loss",)
+    keys += ("loss_fec", "loss_affectnet", "accuracy", "triplet_accuracy")
     for epoch in epochs(cfg, start, optimizer):
         model.train()
-        if freeze:
-            core.prefix(freeze).eval()
-        totals = dict.fromkeys(("loss", "loss_rkd") if distill else ("loss",), 0.0)
-        totals.update(dict.fromkeys(("loss_fec", "loss_affectnet", "accuracy", "triplet_accuracy"), 0.0))
+        frozen_eval()
+        totals = {name: dict.fromkeys(keys, 0.0) for name in core.names}
         steps = 0
         recent = deque(maxlen=RECALIBRATION_BATCHES)  # the epoch's last inputs, for the BN statistics
         for step, batch in enumerate(affectnet.epoch(epoch)):
@@ -173,48 +190,56 @@ def train_loop_per_worker(config: dict) -> None:
                 unl = next(unl_iter)
                 parts.append(unl["image"])
             with autocast(device):  # one forward pass over every batch: DDP syncs BN buffers on each
-                out = model(to_device(torch.cat(parts), device), after=freeze)
-            out = type(out)(*(o.float() for o in out))
+                outs = model(core.same(to_device(torch.cat(parts), device)), after=freeze)
             na, n = len(batch["image"]), len(trip["i"])
             labels = torch.as_tensor(batch["label"]).long().to(device)
-            logits = out.affectnet[:na]
-            loss_aff = F.cross_entropy(logits, labels)
-            e_i, e_j, e_k = out.fec[na:na + n], out.fec[na + n:na + 2 * n], out.fec[na + 2 * n:na + 3 * n]
-            loss_fec = fec_triplet_loss(e_i, e_j, e_k, loss_cfg.margins(torch.as_tensor(trip["type"]).to(device)))
-            loss = loss_fec + loss_cfg.affectnet_weight * loss_aff
+            margins = loss_cfg.margins(torch.as_tensor(trip["type"]).to(device))
             if distill:  # the targets came joined to the rows, in the order of the forward's images
                 joined = [batch, *({"target": trip[f"target_{x}"], "has_target": trip[f"has_target_{x}"]}
                                    for x in "ijk")] + ([unl] if unl_iter is not None else [])
                 target = torch.cat([torch.as_tensor(np.asarray(b["target"], np.float32)) for b in joined])
                 mask = torch.cat([torch.as_tensor(np.asarray(b["has_target"], bool)) for b in joined])
-                # fewer than 3 crops with a target: a zero that still reaches the head, whose
-                # gradient every DDP rank waits for
-                loss_rkd = 0.0 * out.distill.sum()
-                if int(mask.sum()) >= 3:
-                    loss_rkd = rkd_loss(out.distill[mask.to(device)], target[mask].to(device),
-                                        distance_weight=loss_cfg.rkd_distance_weight,
-                                        angle_weight=loss_cfg.rkd_angle_weight)
-                loss = loss + loss_rkd
-                totals["loss_rkd"] += loss_rkd.item()
+            loss = 0.0
+            for name, out in outs.items():  # the sum of the variants' losses: each trains as if alone
+                out = type(out)(*(o.float() for o in out))
+                logits = out.affectnet[:na]
+                loss_aff = F.cross_entropy(logits, labels)
+                e_i, e_j, e_k = out.fec[na:na + n], out.fec[na + n:na + 2 * n], out.fec[na + 2 * n:na + 3 * n]
+                loss_fec = fec_triplet_loss(e_i, e_j, e_k, margins)
+                mine = loss_fec + loss_cfg.affectnet_weight * loss_aff
+                t = totals[name]
+                if distill:
+                    # fewer than 3 crops with a target: a zero that still reaches the head, whose
+                    # gradient every DDP rank waits for
+                    loss_rkd = 0.0 * out.distill.sum()
+                    if int(mask.sum()) >= 3:
+                        loss_rkd = rkd_loss(out.distill[mask.to(device)], target[mask].to(device),
+                                            distance_weight=loss_cfg.rkd_distance_weight,
+                                            angle_weight=loss_cfg.rkd_angle_weight)
+                    mine = mine + loss_rkd
+                    t["loss_rkd"] += loss_rkd.item()
+                loss = loss + mine
+                t["loss"] += mine.item()
+                t["loss_fec"] += loss_fec.item()
+                t["loss_affectnet"] += loss_aff.item()
+                t["accuracy"] += (logits.argmax(1) == labels).float().mean().item()
+                t["triplet_accuracy"] += _triplet_correct(e_i.detach(), e_j.detach(), e_k.detach()).item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals["loss"] += loss.item()
-            totals["loss_fec"] += loss_fec.item()
-            totals["loss_affectnet"] += loss_aff.item()
-            totals["accuracy"] += (logits.argmax(1) == labels).float().mean().item()
-            totals["triplet_accuracy"] += _triplet_correct(e_i.detach(), e_j.detach(), e_k.detach()).item()
             steps += 1
         core.eval()
-        recalibrate_batchnorm(core, (x.to(device) for x in recent), forward=lambda x: core(x, after=freeze))
+        for m in core.values():
+            recalibrate_batchnorm(m, (x.to(device) for x in recent), forward=lambda x, m=m: m(x, after=freeze))
         recent.clear()
         trim_heap()
-        metrics = {k: v / max(steps, 1) for k, v in totals.items()}
-        history = report_epoch(epoch, {**metrics, "steps": steps}, model, optimizer, history, cfg)
+        metrics = {name: {k: v / max(steps, 1) for k, v in t.items()} for name, t in totals.items()}
+        history = report_epoch(epoch, metrics, model, optimizer, history, cfg, shared={"steps": steps})
 
 
-def run(cfg: FaceTrainConfig) -> list[dict] | None:
-    """Train (or resume) a teacher or a student; returns the metric history, None when already finished."""
+def run(cfg: FaceTrainConfig) -> dict[str, list[dict]] | None:
+    """Train (or resume) the teachers or a student; returns ``{model name: metric history}``, None
+    when already finished."""
     job = "train_student" if isinstance(cfg, StudentTrainConfig) else "train_teacher"
     if not begin(cfg, job):
         return None

@@ -3,7 +3,8 @@
 Sessions are featurised once (primary-face crops -> student embeddings at ``fps``; audio ->
 VGGish frame features of the arousal and valence networks), cut into windows of ``window_s`` every
 ``hop_s``, and the model learns the gold (arousal, valence) of each window's last ``target_s``
-with 1 - CCC per dimension. ``modalities`` trains the visual-only / audio-only variants (Table 3).
+with 1 - CCC per dimension. ``variants`` picks the fused model and the visual-only / audio-only
+ones (Table 3), trained side by side on the same windows.
 """
 
 from __future__ import annotations
@@ -17,17 +18,23 @@ from aver.data.recola import SessionWindows, count_windows, session_windows
 from aver.io.parts import join
 from aver.metrics import ccc
 from aver.models import FusionConfig, FusionModel, to_device
-from aver.models.fusion import MODALITIES
 from aver.train.batches import ShardBatches
 from aver.train.harness import TrainConfig, begin, ccc_epoch, epochs, fit, prepare_worker, report_epoch, require_batches
+
+
+VARIANTS = {"fused": ("fusion", ("visual", "audio")), "visual": ("fusion_visual", ("visual",)),
+            "audio": ("fusion_audio", ("audio",))}
+"""Table 3's variants: their published names and inputs."""
 
 
 @dataclass
 class FusionTrainConfig(TrainConfig):
     path_fields = ("output", "recola", "student", "vggish_arousal", "vggish_valence", "features_cache")
 
-    name: str = "fusion"
-    """Run name: final model OUTPUT/models/NAME.pt (the demo trains fusion, fusion_visual, fusion_audio)."""
+    name: str = ""
+    """Run name: checkpoints under OUTPUT/runs/NAME (default the variants' model names joined by
+    +); one variant is published as OUTPUT/models/NAME.pt, several under their own names
+    (fusion, fusion_visual, fusion_audio)."""
     epochs: int = 20
     """Passes over the training windows."""
     batch_size: int = 16
@@ -41,8 +48,9 @@ class FusionTrainConfig(TrainConfig):
     """VGGish arousal checkpoint (train_vggish output)."""
     vggish_valence: str = ""
     """VGGish valence checkpoint."""
-    modalities: tuple[str, ...] = field(default=MODALITIES, metadata={"choices": MODALITIES})
-    """Inputs used: visual and audio (fused), or one of them."""
+    variants: tuple[str, ...] = field(default=("fused",), metadata={"choices": tuple(VARIANTS)})
+    """Models trained side by side on the same windows: fused (visual and audio, published as
+    fusion), visual (fusion_visual), audio (fusion_audio)."""
     window_s: float = SessionWindows.window_s
     """Window length fed to the fusion model."""
     hop_s: float = SessionWindows.hop_s
@@ -66,12 +74,14 @@ class FusionTrainConfig(TrainConfig):
     hashes): every run with the same ones (fused / visual-only / audio-only) featurises once. Default OUTPUT/features."""
 
     def __post_init__(self) -> None:
+        self.variants = (self.variants,) if isinstance(self.variants, str) else tuple(self.variants)
+        if not self.variants or any(v not in VARIANTS for v in self.variants) or \
+                len(set(self.variants)) < len(self.variants):
+            raise ValueError(f"variants must be distinct ones of {tuple(VARIANTS)}, got {self.variants!r}")
+        self.name = self.name or "+".join(VARIANTS[v][0] for v in self.variants)
         super().__post_init__()
-        self.modalities = tuple(self.modalities)
         if not self.recola or not self.student or not self.vggish_arousal or not self.vggish_valence:
             raise ValueError("train_fusion needs --recola, --student, --vggish-arousal and --vggish-valence")
-        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
-            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}")
         self.windows()  # checks the windowing
         if self.batch_size < 2:
             raise ValueError("CCC needs batches of at least 2 windows")
@@ -86,36 +96,48 @@ class FusionTrainConfig(TrainConfig):
                               featurizer_cpus=self.featurizer_cpus, featurizer_gpus=self.featurizer_gpus,
                               features_cache=self.features_cache, storage_options=self.storage_options)
 
-    def build_model(self, pretrained: bool = True) -> FusionModel:
-        return FusionModel(FusionConfig(visual_dim=VISUAL_DIM, audio_dim=AUDIO_DIM, modalities=self.modalities))
+    def named_variants(self) -> dict[str, tuple[str, ...]]:
+        """{model name: its inputs}."""
+        if len(self.variants) == 1:
+            return {self.name: VARIANTS[self.variants[0]][1]}
+        return dict(VARIANTS[v] for v in self.variants)
+
+    def build_model(self, variant: tuple[str, ...] | None = None, pretrained: bool = True) -> FusionModel:
+        modalities = variant or VARIANTS[self.variants[0]][1]
+        return FusionModel(FusionConfig(visual_dim=VISUAL_DIM, audio_dim=AUDIO_DIM, modalities=modalities))
 
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     cfg: FusionTrainConfig = config["cfg"]
-    model, _, optimizer, start, history, device = prepare_worker(cfg, optimizer=torch.optim.Adam)
-
-    fused = len(cfg.modalities) == 2
+    model, core, optimizer, start, history, device = prepare_worker(cfg, optimizer=torch.optim.Adam)
+    inputs = cfg.named_variants()
 
     def predict(batch):
-        visual = to_device(batch["visual"], device)
-        if fused and model.training and cfg.visual_dropout:
-            visual = visual * (torch.rand(len(visual), 1, 1, device=device) >= cfg.visual_dropout).to(visual.dtype)
-        return (model(visual, to_device(batch["audio"], device)),
-                to_device(torch.as_tensor(batch["target"]), device))
+        visual, audio = to_device(batch["visual"], device), to_device(batch["audio"], device)
+        target = to_device(torch.as_tensor(batch["target"]), device)
+        args = {}
+        for name, modalities in inputs.items():
+            v = visual if "visual" in modalities else None
+            if len(modalities) == 2 and model.training and cfg.visual_dropout:
+                v = v * (torch.rand(len(v), 1, 1, device=device) >= cfg.visual_dropout).to(v.dtype)
+            args[name] = (v, audio if "audio" in modalities else None)
+        return {name: (pred, target) for name, pred in model(args).items()}
 
     # Windows are small and reread every epoch: keep this worker's shard in memory (float16).
     windows = ShardBatches(ray.train.get_dataset_shard("train"), ("visual", "audio"), torch.as_tensor, cfg.batch_size,
                            cache=True, seed=cfg.seed, drop_last=True)
     for epoch in epochs(cfg, start, optimizer):
-        loss, p, t = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, cfg, epoch)
-        metrics = {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
+        results = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, cfg, epoch)
+        metrics = {name: {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
+                   for name, (loss, p, t) in results.items()}
         history = report_epoch(epoch, metrics, model, optimizer, history, cfg)
 
 
-def run(cfg: FusionTrainConfig) -> list[dict] | None:
-    """Featurise the train sessions and train (or resume) the fusion model."""
+def run(cfg: FusionTrainConfig) -> dict[str, list[dict]] | None:
+    """Featurise the train sessions and train (or resume) the fusion variants; returns
+    ``{model name: metric history}``, None when already finished."""
     if not begin(cfg, "train_fusion"):
         return None
     n = count_windows(cfg.windows(), "train")

@@ -30,7 +30,8 @@ class TrainConfig:
     output: str
     """Folder (local or fsspec URI) for Ray Train runs (checkpoints) and the final model."""
     name: str
-    """Run name: checkpoints under OUTPUT/runs/NAME, final model OUTPUT/models/NAME.pt."""
+    """Run name: checkpoints under OUTPUT/runs/NAME; its model OUTPUT/models/NAME.pt (a run of
+    several variants publishes each under its variant's name)."""
     epochs: int = 5
     """Passes over the main training set."""
     batch_size: int = 32
@@ -69,8 +70,13 @@ class TrainConfig:
     path_fields: ClassVar[tuple[str, ...]] = ("output",)
     """Fields naming data or outputs: a relative local path is made absolute (workers run in other folders)."""
 
-    def build_model(self, pretrained: bool = True) -> torch.nn.Module:
-        """The network this run trains (``pretrained``: with the upstream weights the config names)."""
+    def named_variants(self) -> dict[str, Any]:
+        """{published model name: variant} this run trains side by side on the same batches (both
+        teachers, both VGGish dimensions, the fusion variants); most runs train one."""
+        return {self.name: None}
+
+    def build_model(self, variant: Any = None, pretrained: bool = True) -> torch.nn.Module:
+        """The network of one variant (``pretrained``: with the upstream weights the config names)."""
         raise NotImplementedError
 
     def __post_init__(self) -> None:
@@ -89,22 +95,67 @@ class TrainConfig:
         for name in self.path_fields:
             setattr(self, name, absolute(getattr(self, name)))
 
-    @property
-    def model_uri(self) -> str:
-        return join(self.output, "models", f"{self.name}.pt")
+    def model_uri(self, name: str) -> str:
+        return join(self.output, "models", f"{name}.pt")
+
+    def metrics_uri(self, name: str) -> str:
+        return join(self.output, "models", f"{name}.metrics.json")
+
+
+class Variants(torch.nn.ModuleDict):
+    """The models one run trains side by side on the same batches, as one module (one DDP wrapper,
+    one optimizer). Their parameters are disjoint and the run minimises the sum of their losses:
+    each parameter's gradient, and so its AdamW/Adam update, is its own model's alone, so each
+    variant trains as it would in a run of its own, while the data is read and cached once.
+
+    ``forward(inputs, **kwargs)`` takes ``{name: args}`` and returns ``{name: output}``.
+    """
+
+    def __init__(self, models: dict[str, torch.nn.Module]) -> None:
+        super().__init__({str(i): m for i, m in enumerate(models.values())})  # names may hold dots
+        self.names = list(models)
+
+    def named(self) -> dict[str, torch.nn.Module]:
+        return dict(zip(self.names, self.values()))
+
+    def forward(self, inputs: dict[str, tuple], **kwargs) -> dict:
+        return {name: m(*inputs[name], **kwargs) for name, m in self.named().items()}
+
+    def same(self, *args) -> dict[str, tuple]:
+        """The inputs of a forward that gives every variant the same arguments."""
+        return dict.fromkeys(self.names, args)
 
     @property
-    def metrics_uri(self) -> str:
-        return join(self.output, "models", f"{self.name}.metrics.json")
+    def first(self) -> torch.nn.Module:
+        return self["0"]
+
+
+def build_variants(cfg: TrainConfig, pretrained: bool = True, freeze: str | None = None) -> Variants:
+    """Every variant of ``cfg``, each built from ``cfg.seed`` as a run of its own would build it.
+    Variants trained on a frozen prefix share its cached outputs, so their prefixes must be equal
+    (the same upstream weights, or the same seed)."""
+    models = {}
+    for name, variant in cfg.named_variants().items():
+        torch.manual_seed(cfg.seed)
+        models[name] = cfg.build_model(variant, pretrained=pretrained)
+    model = Variants(models)
+    if freeze and len(models) > 1:
+        reference = model.first.prefix(freeze).state_dict()
+        for name, m in model.named().items():
+            mine = m.prefix(freeze).state_dict()
+            if mine.keys() != reference.keys() or any(not torch.equal(mine[k], reference[k]) for k in mine):
+                raise ValueError(f"{name}: variants trained in one run on a frozen {freeze} need the same "
+                                 f"{freeze} weights; train them in runs of their own")
+    return model
 
 
 def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, unused: tuple[str, ...] = (),
                    optimizer: type = torch.optim.AdamW) -> tuple:
-    """The common start of a train loop: seed and threads, ``cfg.build_model()`` frozen up to
+    """The common start of a train loop: seed and threads, the run's :class:`Variants` frozen up to
     ``freeze`` (``model.prefix``) and without gradients in the submodules named in ``unused`` (parts
     no loss of this run reaches: DDP would wait for their gradients forever), channels_last, wrapped
     by Ray Train, an optimizer over what trains, and the last checkpoint restored. Returns (model as
-    wrapped, the model itself, optimizer, first epoch, history, device)."""
+    wrapped, the Variants themselves, optimizer, first epoch, history, device)."""
     import ray.train.torch
 
     if not verbose():  # "Reporting training result ..." per report: its logger escapes Train's level filter
@@ -112,15 +163,15 @@ def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, unused: tuple
 
         import ray.train.v2._internal.execution.context as train_context
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    torch.manual_seed(cfg.seed)
     # this process runs on the worker's node: its CPUs, shared by the training workers placed there
     local = ray.train.get_context().get_local_world_size()
     torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // local))
-    model = cfg.build_model()
-    if freeze:
-        model.prefix(freeze).requires_grad_(False)
-    for name in unused:
-        model.get_submodule(name).requires_grad_(False)
+    model = build_variants(cfg, freeze=freeze)
+    for m in model.values():
+        if freeze:
+            m.prefix(freeze).requires_grad_(False)
+        for name in unused:
+            m.get_submodule(name).requires_grad_(False)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     core = model.module if hasattr(model, "module") else model
     opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -149,15 +200,16 @@ def epochs(cfg: TrainConfig, start: int, optimizer: torch.optim.Optimizer):
 
 
 def is_finished(cfg: TrainConfig) -> bool:
-    """True when the run's final model was published: a rerun must not retrain."""
-    return exists(cfg.model_uri, cfg.storage_options)
+    """True when the run's final models were published: a rerun must not retrain."""
+    return all(exists(cfg.model_uri(name), cfg.storage_options) for name in cfg.named_variants())
 
 
 def begin(cfg: TrainConfig, job: str) -> bool:
     """Whether ``job`` has work to do: False (and says so) when its final model exists; otherwise
     makes sure Ray is running (a local instance, or the cluster under ``ray job submit``)."""
     if is_finished(cfg):
-        print(f"{job}: {cfg.model_uri} exists; nothing to do", flush=True)
+        shown = ", ".join(redact(cfg.model_uri(name)) for name in cfg.named_variants())
+        print(f"{job}: {shown} exist{'s' if len(cfg.named_variants()) == 1 else ''}; nothing to do", flush=True)
         return False
     for name in cfg.weight_fields:  # registry names resolved here, read by the workers from OUTPUT/weights
         if getattr(cfg, name):
@@ -168,28 +220,34 @@ def begin(cfg: TrainConfig, job: str) -> bool:
 
 
 def ccc_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, predict: Callable,
-              cfg: TrainConfig, epoch: int) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """One epoch of 1 - CCC regression (Algorithm 2, fusion): ``predict(batch) -> (pred, target)``.
-    Returns the mean loss and all predictions and targets of the epoch (on CPU)."""
+              cfg: TrainConfig, epoch: int) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+    """One epoch of 1 - CCC regression (Algorithm 2, fusion) of every variant:
+    ``predict(batch) -> {name: (pred, target)}``, each step minimising the sum of their losses.
+    Returns ``{name: (mean loss, the epoch's predictions, its targets)}`` (on CPU)."""
     from aver.losses import ccc_loss
 
     model.train()
-    losses, preds, targets = [], [], []
+    losses: dict[str, list] = {}
+    preds: dict[str, list] = {}
+    targets: dict[str, list] = {}
     for step, batch in enumerate(batches):
         maybe_fail(cfg, epoch, step)
         with autocast(next(model.parameters()).device):
-            pred, target = predict(batch)
-        pred, target = pred.float(), target.float()
-        loss = ccc_loss(pred, target)
+            out = predict(batch)
+        total = 0.0
+        for name, (pred, target) in out.items():
+            pred, target = pred.float(), target.float()
+            loss = ccc_loss(pred, target)
+            total = total + loss
+            losses.setdefault(name, []).append(loss.item())
+            preds.setdefault(name, []).append(pred.detach().cpu())
+            targets.setdefault(name, []).append(target.cpu())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         optimizer.step()
-        losses.append(loss.item())
-        preds.append(pred.detach().float().cpu())
-        targets.append(target.float().cpu())
     if not losses:
         raise RuntimeError("an epoch without a single batch: the shard is smaller than one batch")
-    return sum(losses) / len(losses), torch.cat(preds), torch.cat(targets)
+    return {name: (sum(v) / len(v), torch.cat(preds[name]), torch.cat(targets[name])) for name, v in losses.items()}
 
 
 def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[int, list[dict]]:
@@ -210,22 +268,26 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     return int(state["epoch"]) + 1, history
 
 
-def report_epoch(epoch: int, metrics: dict[str, float], model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer | None, history: list[dict], cfg: TrainConfig) -> list[dict]:
-    """Report the epoch's metrics with a checkpoint (written by rank 0); returns the history.
-    Rank 0 prints them as one line (every ``cfg.log_every`` epochs and the last)."""
+def report_epoch(epoch: int, metrics: dict[str, dict[str, float]], model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | None, history: list[dict], cfg: TrainConfig,
+                 shared: dict[str, float] | None = None) -> list[dict]:
+    """Report the epoch's metrics (``{variant name: {metric: value}}``, and ``shared`` ones such as
+    the step count) with a checkpoint (written by rank 0); returns the history, whose rows hold
+    ``NAME/metric`` keys. Rank 0 prints a line per variant (every ``cfg.log_every`` epochs and the last)."""
     import time
 
     import ray.train
     from ray.train import Checkpoint
 
-    row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
+    row = {"epoch": epoch, **{k: float(v) for k, v in (shared or {}).items()},
+           **{f"{name}/{k}": float(v) for name, m in metrics.items() for k, v in m.items()}}
     history = [*history, row]
     rank = ray.train.get_context().get_world_rank()
     if rank == 0 and ((epoch + 1) % cfg.log_every == 0 or epoch + 1 == cfg.epochs):
         took = time.monotonic() - _epoch_started.get("t", time.monotonic())
-        shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch")
-        print(f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}: {shown} ({took:.0f} s)", flush=True)
+        for name, m in metrics.items():
+            shown = " ".join(f"{k}={v:.4g}" for k, v in m.items())
+            print(f"{name} epoch {epoch + 1}/{cfg.epochs}: {shown} ({took:.0f} s)", flush=True)
     _epoch_started["t"] = time.monotonic()
     if rank != 0:
         ray.train.report(row, checkpoint=None)
@@ -237,6 +299,12 @@ def report_epoch(epoch: int, metrics: dict[str, float], model: torch.nn.Module,
                     "history": json.dumps(history)}, os.path.join(d, "state.pt"))
         ray.train.report(row, checkpoint=Checkpoint.from_directory(d))
     return history
+
+
+def variant_history(history: list[dict], name: str) -> list[dict]:
+    """One variant's rows of a run's history, its keys without the ``NAME/`` prefix."""
+    return [{k.split("/", 1)[1] if "/" in k else k: v for k, v in row.items()
+             if "/" not in k or k.startswith(name + "/")} for row in history]
 
 
 def require_batches(n_examples: int, cfg: TrainConfig, what: str) -> None:
@@ -282,10 +350,11 @@ def _quiet_train() -> dict:
             "worker_runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}}
 
 
-def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, job: str) -> list[dict]:
+def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, job: str) -> dict[str, list[dict]]:
     """Run ``train_loop`` under a TorchTrainer (resuming a previous run of the same name), then
-    publish the last checkpoint's model as an aver checkpoint with its metric history; says what
-    it starts and, at the end, what it did and where the model and the logs are."""
+    publish each variant of the last checkpoint as an aver checkpoint with its metric history;
+    says what it starts and, at the end, what it did and where the models and the logs are.
+    Returns ``{model name: history}``."""
     import time
 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -294,7 +363,9 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, jo
     from aver.console import duration, logs_dir
 
     started = time.monotonic()
-    print(f"{job}: training {cfg.name} for {cfg.epochs} epochs on {cfg.num_workers} worker"
+    names = list(cfg.named_variants())
+    what = cfg.name if names == [cfg.name] else f"{' and '.join(names)} side by side"
+    print(f"{job}: training {what} for {cfg.epochs} epochs on {cfg.num_workers} worker"
           f"{'s' if cfg.num_workers > 1 else ''} ({'GPU' if cfg.use_gpu else 'CPU'})", flush=True)
     storage_path, storage_fs = _storage(cfg)
     trainer = TorchTrainer(
@@ -314,18 +385,23 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, jo
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     with skip_init():
-        model = cfg.build_model(pretrained=False)
+        model = build_variants(cfg, pretrained=False)
     model.load_state_dict(state["model"])
     history = json.loads(state["history"])
-    write_bytes_atomic(cfg.metrics_uri, json.dumps(history, indent=1).encode(), cfg.storage_options)
-    save_checkpoint(model.eval(), cfg.model_uri, meta={"history": json.dumps(history), "name": cfg.name},
-                    storage_options=cfg.storage_options)  # published last: its presence means finished
-    last = " ".join(f"{k}={v:.4g}" for k, v in history[-1].items() if k not in ("epoch", "steps"))
-    logs = logs_dir()
-    print(f"{job}: {cfg.name} done in {duration(time.monotonic() - started)}: last epoch {last}; model "
-          f"{redact(cfg.model_uri)}{'; logs ' + logs if logs else ''}", flush=True)
-    return history
+    histories = {}
+    for name, variant in model.named().items():
+        histories[name] = mine = variant_history(history, name)
+        write_bytes_atomic(cfg.metrics_uri(name), json.dumps(mine, indent=1).encode(), cfg.storage_options)
+        save_checkpoint(variant.eval(), cfg.model_uri(name), meta={"history": json.dumps(mine), "name": name},
+                        storage_options=cfg.storage_options)  # published last: its presence means finished
+    took, logs = duration(time.monotonic() - started), logs_dir()
+    for i, (name, mine) in enumerate(histories.items(), start=1):
+        last = " ".join(f"{k}={v:.4g}" for k, v in mine[-1].items() if k not in ("epoch", "steps"))
+        print(f"{job}: {name} done in {took}: last epoch {last}; model {redact(cfg.model_uri(name))}"
+              f"{'; logs ' + logs if logs and i == len(histories) else ''}", flush=True)
+    return histories
 
 
-def load_history(cfg: TrainConfig) -> list[dict]:
-    return json.loads(read_bytes(cfg.metrics_uri, cfg.storage_options))
+def load_history(cfg: TrainConfig, name: str | None = None) -> list[dict]:
+    """A published model's metric history (``name``: the run's model when it trains one)."""
+    return json.loads(read_bytes(cfg.metrics_uri(name or cfg.name), cfg.storage_options))

@@ -1,5 +1,6 @@
-"""train_vggish: Algorithm 2 — fine-tune the modified VGGish on RECOLA segments for one affect
-dimension with the negative CCC (as 1 - CCC) and Adam, data-parallel on Ray Train."""
+"""train_vggish: Algorithm 2 — fine-tune the modified VGGish on RECOLA segments, one network per
+affect dimension (both side by side on the same batches when asked), with the negative CCC (as
+1 - CCC) and Adam, data-parallel on Ray Train."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ DIMENSIONS = ("arousal", "valence")
 @dataclass
 class VGGishTrainConfig(TrainConfig):
     name: str = ""
-    """Run name (default vggish_DIMENSION): final model OUTPUT/models/NAME.pt."""
+    """Run name: checkpoints under OUTPUT/runs/NAME (default vggish_DIMENSION, or
+    vggish_arousal+vggish_valence); one network is published as OUTPUT/models/NAME.pt, two as
+    vggish_DIMENSION.pt each."""
     epochs: int = 10
     """Passes over the training segments."""
     batch_size: int = 8
@@ -29,8 +32,9 @@ class VGGishTrainConfig(TrainConfig):
     recola: str = ""
     """RECOLA root in the AVEC 2016 layout: recordings_audio/*.wav, recordings_video/*.mp4,
     ratings_gold_standard/{arousal,valence}/*.arff (sessions train_N, dev_N)."""
-    dimension: str = field(default="arousal", metadata={"choices": DIMENSIONS})
-    """Which affect dimension this network predicts (the paper trains one network per dimension)."""
+    dimension: tuple[str, ...] = field(default=("arousal",), metadata={"choices": DIMENSIONS})
+    """The affect dimensions: one network each (as the paper), trained side by side on the same
+    segments when both are given."""
     audioset: str | None = None
     """AudioSet VGGish weights (registry name 'vggish-audioset' or a URI); None = random init."""
     segment_frames: int = 480
@@ -47,12 +51,14 @@ class VGGishTrainConfig(TrainConfig):
     path_fields = ("output", "recola")
 
     def __post_init__(self) -> None:
-        self.name = self.name or f"vggish_{self.dimension}"
+        self.dimension = (self.dimension,) if isinstance(self.dimension, str) else tuple(self.dimension)
+        if not self.dimension or any(d not in DIMENSIONS for d in self.dimension) \
+                or len(set(self.dimension)) < len(self.dimension):
+            raise ValueError(f"dimension must be distinct ones of {DIMENSIONS}, got {self.dimension!r}")
+        self.name = self.name or "+".join(f"vggish_{d}" for d in self.dimension)
         super().__post_init__()
         if not self.recola:
             raise ValueError("train_vggish needs --recola")
-        if self.dimension not in DIMENSIONS:
-            raise ValueError(f"dimension must be one of {DIMENSIONS}, got {self.dimension!r}")
         if self.segment_frames < 8 or self.hop_frames < 1:
             raise ValueError("segment_frames >= 8 and hop_frames >= 1")
         if self.batch_size < 2:
@@ -60,7 +66,12 @@ class VGGishTrainConfig(TrainConfig):
         if self.freeze is not None and self.freeze not in VGGishEmotion.stages:
             raise ValueError(f"freeze must be None or one of {VGGishEmotion.stages}, got {self.freeze!r}")
 
-    def build_model(self, pretrained: bool = True) -> VGGishEmotion:
+    def named_variants(self) -> dict[str, str]:
+        if len(self.dimension) == 1:
+            return {self.name: self.dimension[0]}
+        return {f"vggish_{d}": d for d in self.dimension}
+
+    def build_model(self, variant: str | None = None, pretrained: bool = True) -> VGGishEmotion:
         if pretrained and self.audioset:
             return VGGishEmotion.from_audioset(self.audioset, dropout=self.dropout,
                                                storage_options=self.storage_options or None)
@@ -72,21 +83,26 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg: VGGishTrainConfig = config["cfg"]
     model, core, optimizer, start, history, device = prepare_worker(cfg, freeze=cfg.freeze, optimizer=torch.optim.Adam)
-    encode, store = input_encoder(cfg, core, cfg.freeze, VGGishEmotion.preprocess, device)
+    # the networks' frozen conv stacks are equal (build_variants): one cache serves both
+    encode, store = input_encoder(cfg, core.first, cfg.freeze, VGGishEmotion.preprocess, device)
     data = ShardBatches(ray.train.get_dataset_shard("train"), ("mel",), encode, cfg.batch_size,
                         cache=bool(cfg.freeze), seed=cfg.seed, drop_last=True, store=store)
+    dimension = cfg.named_variants()
 
     def predict(batch):
-        pred = model(to_device(batch["mel"], device), after=cfg.freeze).prediction
-        return pred, to_device(torch.as_tensor(batch[cfg.dimension]).float(), device)
+        out = model(core.same(to_device(batch["mel"], device)), after=cfg.freeze)
+        return {name: (o.prediction, to_device(torch.as_tensor(batch[dimension[name]]).float(), device))
+                for name, o in out.items()}
 
     for epoch in epochs(cfg, start, optimizer):
-        loss, preds, targets = ccc_epoch(model, optimizer, data.epoch(epoch), predict, cfg, epoch)
-        history = report_epoch(epoch, {"loss": loss, "ccc": ccc(targets, preds)}, model, optimizer, history, cfg)
+        results = ccc_epoch(model, optimizer, data.epoch(epoch), predict, cfg, epoch)
+        metrics = {name: {"loss": loss, "ccc": ccc(targets, preds)} for name, (loss, preds, targets) in results.items()}
+        history = report_epoch(epoch, metrics, model, optimizer, history, cfg)
 
 
-def run(cfg: VGGishTrainConfig) -> list[dict] | None:
-    """Train (or resume) one VGGish network; returns the metric history, None when already finished."""
+def run(cfg: VGGishTrainConfig) -> dict[str, list[dict]] | None:
+    """Train (or resume) the VGGish networks; returns ``{model name: metric history}``, None when
+    already finished."""
     if not begin(cfg, "train_vggish"):
         return None
     train = recola_audio_dataset(cfg.recola, "train", segment_frames=cfg.segment_frames, hop_frames=cfg.hop_frames,

@@ -58,11 +58,11 @@ def test_two_workers_train_without_targets_and_with_steps_that_have_too_few(smal
         given = _few_targets(tmp_path / "d", ids)
     cfg = StudentTrainConfig(output=str(tmp_path), name="student", epochs=1, batch_size=4, cpus_per_worker=0.5,
                              num_workers=2, freeze="transition3", targets=given, **data)
-    history = run(cfg)
+    history = run(cfg)["student"]
     assert history[0]["loss_fec"] > 0 and history[0]["loss_affectnet"] > 0
     if given:
         assert history[0]["loss_rkd"] == 0  # never 3 crops with a target in one step
-    trained, _ = load_checkpoint(cfg.model_uri)
+    trained, _ = load_checkpoint(cfg.model_uri("student"))
     head = trained.distill_head.weight
     torch.manual_seed(cfg.seed)  # the untrained head keeps its initialisation when no target reaches it
     assert torch.equal(head, Student().distill_head.weight) == (given is None)

@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,62 @@ def test_recalibrate_batchnorm_uses_exact_averages_of_trainable_layers():
     assert torch.allclose(model[2].running_mean, z.mean(0), atol=1e-5)
     assert torch.allclose(frozen.running_mean, torch.zeros(4))  # frozen statistics untouched
     assert not model[2].training and model[2].momentum == 0.1
+
+
+@dataclass
+class _Heads(TrainConfig):
+    """Two-layer regressors of different widths: 'ab' trains a and b side by side, 'b' b alone."""
+
+    def named_variants(self) -> dict:
+        return {"a": 3, "b": 4} if self.name == "ab" else {"b": 4}
+
+    def build_model(self, variant=None, pretrained=True):
+        return nn.Sequential(nn.Linear(5, variant), nn.Tanh(), nn.Linear(variant, 2))
+
+
+def test_variants_side_by_side_train_as_each_would_alone(tmp_path):
+    # Guards against: variants that are not each other's equals in one run (built one after another
+    # from one seed, so the second starts from other weights; a coupled loss or step), which would
+    # make a run of both teachers differ from two runs of one.
+    from aver.train.harness import build_variants, ccc_epoch, variant_history
+
+    torch.manual_seed(1)
+    data = [(torch.randn(8, 5), torch.randn(8, 2)) for _ in range(5)]
+    trained = {}
+    for name in ("ab", "b"):
+        cfg = _Heads(output=str(tmp_path), name=name, epochs=1, seed=3)
+        model = build_variants(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
+        results = ccc_epoch(model, opt, data, lambda b: {n: (o, b[1]) for n, o in model(model.same(b[0])).items()},
+                            cfg, 0)
+        trained[name] = (model.named()["b"].state_dict(), results["b"][0])
+    (together, loss_together), (alone, loss_alone) = trained["ab"], trained["b"]
+    assert abs(loss_together - loss_alone) < 1e-6
+    assert all(torch.allclose(together[k], alone[k], atol=1e-6) for k in alone)
+    history = [{"epoch": 0, "steps": 5, "a/loss": 0.5, "b/loss": 0.25}]
+    assert variant_history(history, "b") == [{"epoch": 0, "steps": 5, "loss": 0.25}]
+
+
+def test_variants_on_a_frozen_prefix_must_share_it(tmp_path):
+    # the prefix's outputs are cached once for every variant: two different trunks cannot share it
+    from aver.models import Teacher
+    from aver.train.face import TeacherTrainConfig
+    from aver.train.harness import build_variants
+
+    cfg = TeacherTrainConfig(output=str(tmp_path), affectnet="a.csv", fec="f.csv", d_face=(8, 16), freeze="trunk")
+    model = build_variants(cfg, freeze="trunk")  # random trunks from the same seed: equal
+    assert [m.config.d_face for m in model.values()] == [8, 16] and model.names == ["teacher8", "teacher16"]
+
+    def other_trunk(variant=None, pretrained=True):
+        m = Teacher(d_face=variant)
+        if variant == 16:
+            with torch.no_grad():
+                next(m.trunk.parameters()).add_(1.0)
+        return m
+
+    cfg.build_model = other_trunk
+    with pytest.raises(ValueError, match="same trunk weights"):
+        build_variants(cfg, freeze="trunk")
 
 
 def test_train_config_validation():
@@ -166,13 +224,13 @@ def test_restore_continues_from_the_saved_model_optimizer_epoch_and_history(tmp_
 
     monkeypatch.setattr(ray.train, "get_context", lambda: Context())
     monkeypatch.setattr(ray.train, "report", report)
-    history = report_epoch(3, {"loss": 0.5}, model, opt, [{"epoch": 2, "loss": 0.7}],
+    history = report_epoch(3, {"x": {"loss": 0.5}}, model, opt, [{"epoch": 2, "x/loss": 0.7}],
                            TrainConfig(output=str(tmp_path), name="x", epochs=4))
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(saved["dir"]))
     fresh = nn.Linear(3, 2)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     start, restored = restore(fresh, fresh_opt)
-    assert start == 4 and restored == history == [{"epoch": 2, "loss": 0.7}, {"epoch": 3, "loss": 0.5}]
+    assert start == 4 and restored == history == [{"epoch": 2, "x/loss": 0.7}, {"epoch": 3, "x/loss": 0.5}]
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     moments = [s["exp_avg"] for s in opt.state_dict()["state"].values()]

@@ -56,8 +56,11 @@ def balanced_logreg_accuracy(train_features, train_labels, test_features, test_l
     counts = np.bincount(y) if len(y) else np.zeros(1, int)
     folds = min(folds, int(counts[counts > 0].min(initial=len(y))))  # stratified folds: each class in each
     if C is None and folds >= 2:
+        # fits in parallel processes only where they pay: each of joblib's workers costs seconds of
+        # CPU to start, more than every fit of a few thousand rows takes
+        n_jobs = 2 if y.size * np.shape(train_features)[-1] >= 2_000_000 else None
         model = LogisticRegressionCV(Cs=list(Cs), cv=folds, scoring="accuracy", l1_ratios=(0.0,),
-                                     class_weight="balanced", max_iter=max_iter, n_jobs=2,
+                                     class_weight="balanced", max_iter=max_iter, n_jobs=n_jobs,
                                      use_legacy_attributes=False)
     else:
         model = LogisticRegression(C=1.0 if C is None else C, class_weight="balanced", max_iter=max_iter)

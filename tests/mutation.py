@@ -27,6 +27,12 @@ PLANTED = {
     "variants of one run built one after another from one seed": (
         "aver/train/harness.py", "        torch.manual_seed(cfg.seed)\n        models[name] =", "        models[name] =",
         ["tests/train/test_harness.py", "-k", "variants"]),
+    "TensorBoard curves of the last epoch only": (
+        "aver/train/harness.py", "    for row in history:\n        values =", "    for row in history[-1:]:\n        values =",
+        ["tests/train/test_harness.py", "-k", "tensorboard"]),
+    "every training worker prints its progress": (
+        "aver/train/harness.py", "every_s=30.0 if rank0 else math.inf", "every_s=30.0",
+        ["tests/train/test_harness.py", "-k", "progress"]),
     "frame_features max-pools frequency and reverses time": (
         "aver/models/vggish.py", "x = self.features(mel).mean(dim=3).transpose(1, 2)",
         "x = self.features(mel).amax(dim=3).flip(2).transpose(1, 2)", ["tests/models/test_vggish.py"]),

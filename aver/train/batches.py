@@ -93,6 +93,14 @@ class ShardBatches:
         order = sorted(range(len(keys)), key=keys.__getitem__)
         return {k: torch.cat(v)[order] if k in self.columns else np.concatenate(v)[order] for k, v in parts.items()}
 
+    @property
+    def steps(self) -> int | None:
+        """Batches a pass yields, when known: always when cached, once a pass ended when streamed."""
+        if self.cached is not None:
+            n = len(next(iter(self.cached.values())))
+            return n // self.bs if self.drop_last else -(-n // self.bs)
+        return self.pass_length or None
+
     def epoch(self, epoch: int, skip: int = 0):
         """Pass number ``epoch``, shuffled afresh (reproducibly when cached), from its ``skip``-th
         batch on (streamed: the skipped batches are read, not encoded)."""

@@ -21,7 +21,8 @@ from aver.io.streaming import trim_heap
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models import Student, Teacher, TeacherConfig, autocast, to_device
 from aver.train.batches import RECALIBRATION_BATCHES, ShardBatches, input_encoder, recalibrate_batchnorm
-from aver.train.harness import TrainConfig, begin, epochs, fit, maybe_fail, prepare_worker, report_epoch
+from aver.train.harness import (TrainConfig, begin, epochs, fit, maybe_fail, prepare_worker, report_epoch,
+                                step_progress)
 
 
 @dataclass
@@ -181,6 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
         totals = {name: dict.fromkeys(keys, 0.0) for name in core.names}
         steps = 0
         recent = deque(maxlen=RECALIBRATION_BATCHES)  # the epoch's last inputs, for the BN statistics
+        progress = step_progress(cfg, epoch, affectnet.steps)
         for step, batch in enumerate(affectnet.epoch(epoch)):
             maybe_fail(cfg, epoch, step)
             recent.append(batch["image"])
@@ -228,6 +230,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss.backward()
             optimizer.step()
             steps += 1
+            progress.update()
         core.eval()
         for m in core.values():
             recalibrate_batchnorm(m, (x.to(device) for x in recent), forward=lambda x, m=m: m(x, after=freeze))

@@ -129,10 +129,10 @@ def train_loop_per_worker(config: dict) -> None:
     windows = ShardBatches(ray.train.get_dataset_shard("train"), ("visual", "audio"), torch.as_tensor, cfg.batch_size,
                            cache=True, seed=cfg.seed, drop_last=True)
     for epoch in epochs(cfg, start, optimizer):
-        results = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, cfg, epoch)
+        results = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, cfg, epoch, total=windows.steps)
         metrics = {name: {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}
                    for name, (loss, p, t) in results.items()}
-        history = report_epoch(epoch, metrics, model, optimizer, history, cfg)
+        history = report_epoch(epoch, metrics, model, optimizer, history, cfg, shared={"steps": windows.pass_length})
 
 
 def run(cfg: FusionTrainConfig) -> dict[str, list[dict]] | None:

@@ -220,12 +220,15 @@ def begin(cfg: TrainConfig, job: str) -> bool:
 
 
 def ccc_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, predict: Callable,
-              cfg: TrainConfig, epoch: int) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+              cfg: TrainConfig, epoch: int, total: int | None = None
+              ) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
     """One epoch of 1 - CCC regression (Algorithm 2, fusion) of every variant:
-    ``predict(batch) -> {name: (pred, target)}``, each step minimising the sum of their losses.
-    Returns ``{name: (mean loss, the epoch's predictions, its targets)}`` (on CPU)."""
+    ``predict(batch) -> {name: (pred, target)}``, each step minimising the sum of their losses
+    (``total``: the epoch's steps, when known, for the progress line). Returns ``{name: (mean loss,
+    the epoch's predictions, its targets)}`` (on CPU)."""
     from aver.losses import ccc_loss
 
+    progress = step_progress(cfg, epoch, total)
     model.train()
     losses: dict[str, list] = {}
     preds: dict[str, list] = {}
@@ -234,17 +237,18 @@ def ccc_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches,
         maybe_fail(cfg, epoch, step)
         with autocast(next(model.parameters()).device):
             out = predict(batch)
-        total = 0.0
+        loss_sum = 0.0
         for name, (pred, target) in out.items():
             pred, target = pred.float(), target.float()
             loss = ccc_loss(pred, target)
-            total = total + loss
+            loss_sum = loss_sum + loss
             losses.setdefault(name, []).append(loss.item())
             preds.setdefault(name, []).append(pred.detach().cpu())
             targets.setdefault(name, []).append(target.cpu())
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss_sum.backward()
         optimizer.step()
+        progress.update()
     if not losses:
         raise RuntimeError("an epoch without a single batch: the shard is smaller than one batch")
     return {name: (sum(v) / len(v), torch.cat(preds[name]), torch.cat(targets[name])) for name, v in losses.items()}
@@ -272,14 +276,17 @@ def report_epoch(epoch: int, metrics: dict[str, dict[str, float]], model: torch.
                  optimizer: torch.optim.Optimizer | None, history: list[dict], cfg: TrainConfig,
                  shared: dict[str, float] | None = None) -> list[dict]:
     """Report the epoch's metrics (``{variant name: {metric: value}}``, and ``shared`` ones such as
-    the step count) with a checkpoint (written by rank 0); returns the history, whose rows hold
-    ``NAME/metric`` keys. Rank 0 prints a line per variant (every ``cfg.log_every`` epochs and the last)."""
+    the step count) with a checkpoint and the run's TensorBoard curves (both written by rank 0);
+    returns the history, whose rows hold ``NAME/metric`` keys, the learning rate and the time.
+    Rank 0 prints a line per variant (every ``cfg.log_every`` epochs and the last)."""
     import time
 
     import ray.train
     from ray.train import Checkpoint
 
+    lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
     row = {"epoch": epoch, **{k: float(v) for k, v in (shared or {}).items()},
+           **({"lr": float(lr)} if lr is not None else {}), "time": round(time.time(), 3),
            **{f"{name}/{k}": float(v) for name, m in metrics.items() for k, v in m.items()}}
     history = [*history, row]
     rank = ray.train.get_context().get_world_rank()
@@ -292,6 +299,7 @@ def report_epoch(epoch: int, metrics: dict[str, dict[str, float]], model: torch.
     if rank != 0:
         ray.train.report(row, checkpoint=None)
         return history
+    write_bytes_atomic(events_uri(cfg), tensorboard_events(history), cfg.storage_options)
     target = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory() as d:
         torch.save({"epoch": epoch, "model": target.state_dict(),
@@ -299,6 +307,56 @@ def report_epoch(epoch: int, metrics: dict[str, dict[str, float]], model: torch.
                     "history": json.dumps(history)}, os.path.join(d, "state.pt"))
         ray.train.report(row, checkpoint=Checkpoint.from_directory(d))
     return history
+
+
+EVENTS_FILE = "events.out.tfevents.aver"
+"""The run's TensorBoard event file, in OUTPUT/runs/NAME beside its checkpoints."""
+
+
+def events_uri(cfg: TrainConfig) -> str:
+    return join(cfg.output, "runs", cfg.name, EVENTS_FILE)
+
+
+def tensorboard_events(history: list[dict]) -> bytes:
+    """A TensorBoard event file of every epoch of ``history``: each metric (``NAME/metric`` tags,
+    one chart per variant and metric), the learning rate and the step count, at step = epoch.
+    Rewritten whole from the history at every epoch, so a run resumed from a checkpoint (whose
+    history ends at that epoch) continues the same curves with no epoch twice or missing, and the
+    same rows give the same bytes (each event's time is its row's): TensorBoard, which reads a
+    file on from where it stopped, sees only the new epochs appended."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.record_writer import masked_crc32c
+
+    def record(event: Event) -> bytes:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+    start = history[0].get("time", 0.0) if history else 0.0
+    out = [record(Event(wall_time=start, file_version="brain.Event:2"))]
+    for row in history:
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items() if k not in ("epoch", "time")]
+        out.append(record(Event(wall_time=row.get("time", start), step=int(row["epoch"]),
+                                summary=Summary(value=values))))
+    return b"".join(out)
+
+
+def step_progress(cfg: TrainConfig, epoch: int, total: int | None):
+    """An epoch's steps as they go (a :class:`~aver.console.Progress`): a line every 30 s from rank 0
+    (workers write to a log, never a terminal), steps done out of ``total`` when known, the rate and
+    the time left; no final line (the epoch's metrics line follows)."""
+    import math
+
+    import ray.train
+
+    from aver.console import Progress
+
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    return Progress(f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", total or None, unit="steps",
+                    every_s=30.0 if rank0 else math.inf)
 
 
 def variant_history(history: list[dict], name: str) -> list[dict]:
@@ -396,7 +454,7 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, jo
                         storage_options=cfg.storage_options)  # published last: its presence means finished
     took, logs = duration(time.monotonic() - started), logs_dir()
     for i, (name, mine) in enumerate(histories.items(), start=1):
-        last = " ".join(f"{k}={v:.4g}" for k, v in mine[-1].items() if k not in ("epoch", "steps"))
+        last = " ".join(f"{k}={v:.4g}" for k, v in mine[-1].items() if k not in ("epoch", "steps", "lr", "time"))
         print(f"{job}: {name} done in {took}: last epoch {last}; model {redact(cfg.model_uri(name))}"
               f"{'; logs ' + logs if logs and i == len(histories) else ''}", flush=True)
     return histories

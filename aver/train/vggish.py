@@ -95,9 +95,9 @@ def train_loop_per_worker(config: dict) -> None:
                 for name, o in out.items()}
 
     for epoch in epochs(cfg, start, optimizer):
-        results = ccc_epoch(model, optimizer, data.epoch(epoch), predict, cfg, epoch)
+        results = ccc_epoch(model, optimizer, data.epoch(epoch), predict, cfg, epoch, total=data.steps)
         metrics = {name: {"loss": loss, "ccc": ccc(targets, preds)} for name, (loss, preds, targets) in results.items()}
-        history = report_epoch(epoch, metrics, model, optimizer, history, cfg)
+        history = report_epoch(epoch, metrics, model, optimizer, history, cfg, shared={"steps": data.pass_length})
 
 
 def run(cfg: VGGishTrainConfig) -> dict[str, list[dict]] | None:

@@ -35,12 +35,20 @@ class _Heads(TrainConfig):
         return nn.Sequential(nn.Linear(5, variant), nn.Tanh(), nn.Linear(variant, 2))
 
 
-def test_variants_side_by_side_train_as_each_would_alone(tmp_path):
+class _Rank0:
+    def get_world_rank(self):
+        return 0
+
+
+def test_variants_side_by_side_train_as_each_would_alone(tmp_path, monkeypatch):
     # Guards against: variants that are not each other's equals in one run (built one after another
     # from one seed, so the second starts from other weights; a coupled loss or step), which would
     # make a run of both teachers differ from two runs of one.
+    import ray.train
+
     from aver.train.harness import build_variants, ccc_epoch, variant_history
 
+    monkeypatch.setattr(ray.train, "get_context", lambda: _Rank0())
     torch.manual_seed(1)
     data = [(torch.randn(8, 5), torch.randn(8, 2)) for _ in range(5)]
     trained = {}
@@ -230,13 +238,102 @@ def test_restore_continues_from_the_saved_model_optimizer_epoch_and_history(tmp_
     fresh = nn.Linear(3, 2)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     start, restored = restore(fresh, fresh_opt)
-    assert start == 4 and restored == history == [{"epoch": 2, "x/loss": 0.7}, {"epoch": 3, "x/loss": 0.5}]
+    assert start == 4 and restored == history and history[0] == {"epoch": 2, "x/loss": 0.7}
+    assert {k: history[1][k] for k in ("epoch", "x/loss", "lr")} == {"epoch": 3, "x/loss": 0.5, "lr": 0.1}
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     moments = [s["exp_avg"] for s in opt.state_dict()["state"].values()]
     assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, fresh_opt.state_dict()["state"].values()))
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     assert restore(nn.Linear(3, 2), None) == (0, [])  # a first run starts at epoch 0
+
+
+def _read_events(path) -> list:
+    """TensorBoard's records of ``path``, each checked against its CRCs, parsed as Events."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    data, events, at = open(path, "rb").read(), [], 0
+    while at < len(data):
+        header = data[at:at + 8]
+        (n,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[at + 8:at + 12])[0] == masked_crc32c(header)
+        body = data[at + 12:at + 12 + n]
+        assert struct.unpack("<I", data[at + 12 + n:at + 16 + n])[0] == masked_crc32c(body)
+        events.append(Event.FromString(body))
+        at += 16 + n
+    return events
+
+
+def test_tensorboard_curves_hold_every_epoch_once_across_a_resume(tmp_path, monkeypatch):
+    # Guards against: curves that restart or repeat epochs after a resume (an event file appended
+    # to by each attempt), and metrics, the learning rate or the step count missing from them.
+    import ray.train
+
+    from aver.train.harness import EVENTS_FILE, report_epoch, restore
+
+    saved = {}
+    monkeypatch.setattr(ray.train, "get_context", lambda: _Rank0())
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: saved.update(
+        dir=checkpoint.to_directory(str(tmp_path / f"ckpt{metrics['epoch']}"))))
+    cfg = TrainConfig(output=str(tmp_path), name="ab", epochs=3)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    history = []
+    for epoch in range(2):
+        history = report_epoch(epoch, {"a": {"loss": 1.0 - epoch / 4}, "b": {"loss": 2.0 - epoch}}, model, opt,
+                               history, cfg, shared={"steps": 5})
+    events_path = tmp_path / "runs" / "ab" / EVENTS_FILE
+    before = events_path.read_bytes()
+    # the run fails in epoch 2 and resumes from the checkpoint of epoch 1
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(saved["dir"]))
+    start, history = restore(nn.Linear(3, 2), None)
+    opt.param_groups[0]["lr"] = 0.05
+    report_epoch(start, {"a": {"loss": 0.5}, "b": {"loss": 0.25}}, model, opt, history, cfg, shared={"steps": 5})
+    after = events_path.read_bytes()
+    assert after.startswith(before)  # TensorBoard, reading on from where it stopped, sees epoch 2 appended
+    events = _read_events(events_path)
+    assert events[0].file_version == "brain.Event:2"
+    curves = {}
+    for e in events[1:]:
+        for v in e.summary.value:
+            curves.setdefault(v.tag, []).append((e.step, round(v.simple_value, 6)))
+    assert curves == {"steps": [(0, 5.0), (1, 5.0), (2, 5.0)], "lr": [(0, 0.1), (1, 0.1), (2, 0.05)],
+                      "a/loss": [(0, 1.0), (1, 0.75), (2, 0.5)], "b/loss": [(0, 2.0), (1, 1.0), (2, 0.25)]}
+
+
+def test_an_epochs_progress_line_every_30_s_from_rank_0(tmp_path, monkeypatch, capsys):
+    # on a fake clock: no line before 30 s, then the steps done of the total, the rate and the time left
+    import ray.train
+
+    import aver.console
+    from aver.train.harness import step_progress
+
+    now = [100.0]
+    monkeypatch.setattr(aver.console.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(ray.train, "get_context", lambda: _Rank0())
+    cfg = TrainConfig(output=str(tmp_path), name="teacher128+teacher256", epochs=20)
+    progress = step_progress(cfg, 2, 400)
+    for _ in range(10):
+        now[0] += 2.0
+        progress.update()
+    assert capsys.readouterr().out == ""  # 20 s in
+    for _ in range(6):
+        now[0] += 2.0
+        progress.update()
+    assert capsys.readouterr().out.splitlines() == [
+        "teacher128+teacher256 epoch 3/20: 15/400 steps (4 %), 0.5/s, ETA 12m50s"]
+    class Rank1:
+        def get_world_rank(self):
+            return 1
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: Rank1())
+    other = step_progress(cfg, 2, 400)
+    now[0] += 3600
+    other.update()
+    assert capsys.readouterr().out == ""  # only rank 0 speaks
 
 
 def test_begin_ships_registry_weights_to_the_runs_storage(s3, tmp_path, monkeypatch):

@@ -141,6 +141,31 @@ STAGES = [
 ]
 
 
+def training_curves(d: Demo) -> list[str]:
+    """A picture of every run's curves beside the evaluation's metrics table (eval/curves/NAME.png,
+    from each model's NAME.metrics.json), listed in the table."""
+    import glob
+    import json
+
+    from aver.pipelines.report import curves_png
+
+    os.makedirs(d.path("eval", "curves"), exist_ok=True)
+    written = []
+    for path in sorted(glob.glob(d.path("models", "*.metrics.json"))):
+        name = os.path.basename(path)[: -len(".metrics.json")]
+        with open(path) as f:
+            png, _ = curves_png(json.load(f), name)
+        written.append(d.path("eval", "curves", f"{name}.png"))
+        with open(written[-1], "wb") as f:
+            f.write(png)
+    with open(d.path("eval", "metrics.md")) as f:
+        table = f.read().split("\n## Training curves\n")[0]  # a rerun's evaluate may have left it as it was
+    with open(d.path("eval", "metrics.md"), "w") as f:
+        f.write(table.rstrip("\n") + "\n\n## Training curves\n\n"
+                + "".join(f"- [{os.path.basename(p)[:-4]}](curves/{os.path.basename(p)})\n" for p in written))
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="outputs/demo", help="demo folder (default outputs/demo)")
@@ -156,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     for title, stage in STAGES:
         print(f"\n=== [{duration(time.time() - started)}] {title}", flush=True)
         stage(d)
+    curves = training_curves(d)
     with open(d.path("eval", "metrics.md")) as f:
-        table = f.read()
-    print(f"\ndemo finished in {duration(time.time() - started)}\n\n{table}\nreport: file://{d.path('scores', 'report', 'index.html')}"
+        table = f.read().split("\n## Training curves\n")[0]
+    print(f"\ndemo finished in {duration(time.time() - started)}\n\n{table}\n"
+          f"training curves of {len(curves)} runs: file://{d.path('eval', 'curves')}/ (linked from metrics.md)\n"
+          f"report: file://{d.path('scores', 'report', 'index.html')}"
           f"\nmodels: {d.path('models')}\n\nscore your own videos with these models:\n"
           f"  python jobs/score_videos.py --input YOUR_VIDEOS/ --output scores/ --model {d.path('models')}", flush=True)
     return 0

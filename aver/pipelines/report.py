@@ -125,6 +125,27 @@ LABELLED_POINTS = 40
 beyond, it shows their density."""
 
 
+def curves_png(history: list[dict], title: str) -> tuple[bytes, list[str]]:
+    """A training run's curves (one model's metric history, as its NAME.metrics.json holds it): a
+    panel per metric over the epochs, losses on one. Returns the PNG and the metrics drawn."""
+    names = [k for k in history[0] if k not in ("epoch", "time", "steps")] if history else []
+    losses = [k for k in names if k.startswith("loss")]
+    panels = ([losses] if losses else []) + [[k] for k in names if k not in losses]
+    fig = _figure(3.2 * max(1, len(panels)), 2.6)
+    epochs = [int(row["epoch"]) + 1 for row in history]
+    for i, keys in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for k in keys:
+            ax.plot(epochs, [row.get(k, float("nan")) for row in history], marker=".", label=k)
+        ax.set_xlabel("epoch")
+        ax.set_title("losses" if keys is losses else keys[0], fontsize=9)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig), names
+
+
 def circumplex_figure(summary: pa.Table):
     """Each input's mean (valence, arousal) on the circumplex, coloured by its dominant expression,
     its name in a column to the right joined to it by a thin line (names are spaced evenly in the

@@ -40,6 +40,14 @@ def test_two_workers_survive_a_mid_epoch_failure_and_resume(small_corpus, tmp_pa
         with torch.no_grad():
             out = model(torch.randn(2, 3, 140, 140))
         assert out.fec.shape == (2, 32) and out.embedding.shape == (2, d) and torch.isfinite(out.affectnet).all()
+    # The run's TensorBoard curves hold epochs 0 and 1 once each, although epoch 1 ran twice.
+    from tests.train.test_harness import _read_events
+
+    steps = {}
+    for event in _read_events(run_dir / "events.out.tfevents.aver")[1:]:
+        for v in event.summary.value:
+            steps.setdefault(v.tag, []).append(event.step)
+    assert steps["teacher128/loss"] == steps["teacher256/accuracy"] == steps["lr"] == [0, 1]
     # A finished run is not trained again, and says so.
     capsys.readouterr()
     said = capsys.readouterr().out if run(cfg) is None else ""

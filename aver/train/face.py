@@ -83,14 +83,11 @@ class TeacherTrainConfig(FaceTrainConfig):
         self.d_face = (self.d_face,) if isinstance(self.d_face, int) else tuple(self.d_face)
         if not self.d_face or any(d < 1 for d in self.d_face) or len(set(self.d_face)) < len(self.d_face):
             raise ValueError(f"d_face must be distinct positive widths, got {self.d_face}")
-        self.name = self.name or "+".join(f"teacher{d}" for d in self.d_face)
         super().__post_init__()
         if self.freeze is not None and self.freeze not in Teacher.stages:
             raise ValueError(f"freeze must be None or one of {Teacher.stages}, got {self.freeze!r}")
 
-    def named_variants(self) -> dict[str, int]:
-        if len(self.d_face) == 1:
-            return {self.name: self.d_face[0]}
+    def default_variants(self) -> dict[str, int]:
         return {f"teacher{d}": d for d in self.d_face}
 
     def build_model(self, variant: int | None = None, pretrained: bool = True) -> Teacher:

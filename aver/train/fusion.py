@@ -78,7 +78,6 @@ class FusionTrainConfig(TrainConfig):
         if not self.variants or any(v not in VARIANTS for v in self.variants) or \
                 len(set(self.variants)) < len(self.variants):
             raise ValueError(f"variants must be distinct ones of {tuple(VARIANTS)}, got {self.variants!r}")
-        self.name = self.name or "+".join(VARIANTS[v][0] for v in self.variants)
         super().__post_init__()
         if not self.recola or not self.student or not self.vggish_arousal or not self.vggish_valence:
             raise ValueError("train_fusion needs --recola, --student, --vggish-arousal and --vggish-valence")
@@ -96,10 +95,8 @@ class FusionTrainConfig(TrainConfig):
                               featurizer_cpus=self.featurizer_cpus, featurizer_gpus=self.featurizer_gpus,
                               features_cache=self.features_cache, storage_options=self.storage_options)
 
-    def named_variants(self) -> dict[str, tuple[str, ...]]:
+    def default_variants(self) -> dict[str, tuple[str, ...]]:
         """{model name: its inputs}."""
-        if len(self.variants) == 1:
-            return {self.name: VARIANTS[self.variants[0]][1]}
         return dict(VARIANTS[v] for v in self.variants)
 
     def build_model(self, variant: tuple[str, ...] | None = None, pretrained: bool = True) -> FusionModel:
@@ -111,7 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     cfg: FusionTrainConfig = config["cfg"]
-    model, core, optimizer, start, history, device = prepare_worker(cfg, optimizer=torch.optim.Adam)
+    model, _, optimizer, start, history, device = prepare_worker(cfg, optimizer=torch.optim.Adam)
     inputs = cfg.named_variants()
 
     def predict(batch):

@@ -70,16 +70,22 @@ class TrainConfig:
     path_fields: ClassVar[tuple[str, ...]] = ("output",)
     """Fields naming data or outputs: a relative local path is made absolute (workers run in other folders)."""
 
-    def named_variants(self) -> dict[str, Any]:
-        """{published model name: variant} this run trains side by side on the same batches (both
-        teachers, both VGGish dimensions, the fusion variants); most runs train one."""
+    def default_variants(self) -> dict[str, Any]:
+        """{default model name: variant} of what this run trains side by side on the same batches
+        (both teachers, both VGGish dimensions, the fusion variants); most runs train one."""
         return {self.name: None}
+
+    def named_variants(self) -> dict[str, Any]:
+        """{published model name: variant}: a run of one variant publishes it as ``name``."""
+        named = self.default_variants()
+        return {self.name: next(iter(named.values()))} if len(named) == 1 else named
 
     def build_model(self, variant: Any = None, pretrained: bool = True) -> torch.nn.Module:
         """The network of one variant (``pretrained``: with the upstream weights the config names)."""
         raise NotImplementedError
 
     def __post_init__(self) -> None:
+        self.name = self.name or "+".join(self.default_variants())
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("epochs, batch_size and num_workers must be >= 1")
         if self.threads_per_worker < 0 or self.shuffle_buffer < 0 or self.log_every < 1:

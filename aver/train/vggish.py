@@ -55,7 +55,6 @@ class VGGishTrainConfig(TrainConfig):
         if not self.dimension or any(d not in DIMENSIONS for d in self.dimension) \
                 or len(set(self.dimension)) < len(self.dimension):
             raise ValueError(f"dimension must be distinct ones of {DIMENSIONS}, got {self.dimension!r}")
-        self.name = self.name or "+".join(f"vggish_{d}" for d in self.dimension)
         super().__post_init__()
         if not self.recola:
             raise ValueError("train_vggish needs --recola")
@@ -66,9 +65,7 @@ class VGGishTrainConfig(TrainConfig):
         if self.freeze is not None and self.freeze not in VGGishEmotion.stages:
             raise ValueError(f"freeze must be None or one of {VGGishEmotion.stages}, got {self.freeze!r}")
 
-    def named_variants(self) -> dict[str, str]:
-        if len(self.dimension) == 1:
-            return {self.name: self.dimension[0]}
+    def default_variants(self) -> dict[str, str]:
         return {f"vggish_{d}": d for d in self.dimension}
 
     def build_model(self, variant: str | None = None, pretrained: bool = True) -> VGGishEmotion:

@@ -28,7 +28,7 @@ def test_recalibrate_batchnorm_uses_exact_averages_of_trainable_layers():
 class _Heads(TrainConfig):
     """Two-layer regressors of different widths: 'ab' trains a and b side by side, 'b' b alone."""
 
-    def named_variants(self) -> dict:
+    def default_variants(self) -> dict:
         return {"a": 3, "b": 4} if self.name == "ab" else {"b": 4}
 
     def build_model(self, variant=None, pretrained=True):

@@ -68,6 +68,10 @@ class FaceDetector:
 
     def __init__(self, config: FaceDetectorConfig | None = None, device: str | torch.device | None = None) -> None:
         import torch  # here, not at the top: the CPU tasks that decode frames never load torch
+
+        from aver.models._base import import_torchvision
+
+        import_torchvision()
         from facenet_pytorch import MTCNN
 
         self.config = config or FaceDetectorConfig()

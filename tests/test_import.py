@@ -44,3 +44,22 @@ def test_the_cpu_stages_of_extract_distill_and_training_reads_load_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_building_the_models_and_the_detector_imports_no_dynamo_and_roi_align_still_works():
+    # torchvision imports torch._dynamo for one check inside roi_align (+1.5 CPU-s in every actor and
+    # training worker that builds a model): aver's models import torchvision without it.
+    code = ("import sys, torch\n"
+            "from aver.models import IdentityNet, Student, Teacher\n"
+            "from aver.faces import FaceDetector\n"
+            "Student(), Teacher(), IdentityNet(), FaceDetector(device='cpu')\n"
+            "print('torch._dynamo' in sys.modules)\n"
+            "from torchvision.ops import roi_align\n"
+            "x = torch.arange(64.).reshape(1, 1, 8, 8)\n"
+            "out = roi_align(x, torch.tensor([[0., 0., 0., 4., 4.]]), 2, aligned=True)\n"
+            "assert torch.allclose(out, x[:, :, :4, :4].reshape(1, 1, 2, 2, 2, 2).mean((3, 5))), out\n"
+            "from torchvision.ops.roi_align import is_compile_supported\n"
+            "print(is_compile_supported('cpu'), 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "True", "True"]

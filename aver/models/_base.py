@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import fields
 from typing import TypeVar
 
@@ -11,6 +13,29 @@ import torch
 from aver.io.media import resize_crops
 
 C = TypeVar("C")
+
+
+def import_torchvision() -> None:
+    """Import torchvision (which facenet-pytorch imports) without ``torch._dynamo``. torchvision
+    0.26's ``ops/roi_align.py`` imports ``torch._dynamo.utils`` at module level for one check inside
+    ``roi_align``, and ``import torchvision`` imports every op: +1.5 CPU-s in every process that
+    builds a model (torch itself keeps dynamo out of ``import torch``). The check is served lazily:
+    roi_align's first call imports dynamo, nothing else does."""
+    if "torchvision" in sys.modules or "torch._dynamo.utils" in sys.modules:
+        return
+
+    def is_compile_supported(device_type: str) -> bool:
+        from torch._dynamo.utils import is_compile_supported as real  # the real module, on first use
+
+        return real(device_type)
+
+    stand_in = types.ModuleType("torch._dynamo.utils")
+    stand_in.is_compile_supported = is_compile_supported  # type: ignore[attr-defined]
+    sys.modules["torch._dynamo.utils"] = stand_in  # found there, its package is never imported
+    try:
+        import torchvision  # noqa: F401
+    finally:
+        del sys.modules["torch._dynamo.utils"]
 
 
 def take_config(config_class: type[C], args: tuple, kwargs: dict) -> C:

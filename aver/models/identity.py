@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aver.models._base import import_torchvision
 from aver.models.weights import load_facenet
 
 
@@ -20,6 +21,7 @@ class IdentityNet(nn.Module):
     embedding_dim = 512
 
     def __init__(self) -> None:
+        import_torchvision()
         from facenet_pytorch import InceptionResnetV1
 
         super().__init__()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aver.constants import DISTILL_DIM
-from aver.models._base import crops_to_batch, take_config
+from aver.models._base import crops_to_batch, import_torchvision, take_config
 from aver.models.weights import load_state_dict, same_weights
 
 
@@ -61,6 +61,7 @@ class Student(nn.Module):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__()
+        import_torchvision()
         from torchvision.models import densenet201
 
         self.config = c = take_config(StudentConfig, args, kwargs)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from aver.models._base import crops_to_batch, take_config
+from aver.models._base import crops_to_batch, import_torchvision, take_config
 from aver.models.weights import load_facenet
 
 
@@ -56,6 +56,7 @@ class _DenseLayer(nn.Module):
 def _facenet_trunk() -> nn.Sequential:
     # facenet-pytorch's InceptionResnetV1 up to mixed_7a (the paper's "Inception 4e" output,
     # 1792x3x3 at 140 px). Module names are kept so upstream state-dict keys load as they are.
+    import_torchvision()
     from facenet_pytorch import InceptionResnetV1
 
     full = InceptionResnetV1(pretrained=None, classify=False)

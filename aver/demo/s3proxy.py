@@ -30,7 +30,10 @@ def free_port() -> int:
 def local_s3(bucket: str) -> Iterator[dict]:
     """A moto S3 server with ``bucket``; yields ``{"options": fsspec options, "endpoint", "bucket"}``."""
     port = free_port()
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+    # Objects up to 1 GiB stay in moto's memory (its default spills every object over 5 MB to a
+    # temporary file: checkpoints and models cost twice the CPU, most of it the kernel's).
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+               MOTO_S3_DEFAULT_KEY_BUFFER_SIZE=str(2**30))
     moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
     proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

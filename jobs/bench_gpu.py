@@ -58,7 +58,7 @@ class Sizes:
 
 
 GPU = Sizes(crops=16384, distill_batch=512, video_s=20.0, width=1280, height=720, videos=4, repeats=3)
-CPU = Sizes(crops=64, distill_batch=32, video_s=4.0, width=320, height=180, videos=1, repeats=1)
+CPU = Sizes(crops=32, distill_batch=16, video_s=2.0, width=320, height=180, videos=1, repeats=1)
 
 
 class Figures:

@@ -17,25 +17,33 @@ def run_job(args: list[str], timeout: float = 240, env: dict | None = None) -> s
 
 
 def kill_midway(args: list[str], output, total: int, timeout: float = 240, tries: int = 3) -> int:
-    """Start a job writing to ``output`` and SIGKILL it once 1 of ``total`` units is complete;
-    returns how many were complete. A kill that lands too late (all complete: a busy machine) is
+    """Start a job writing to ``output`` on this process's Ray (its driver joins the running cluster,
+    as under ``ray job submit``: no Ray of its own to start) and SIGKILL the driver once 1 of
+    ``total`` units is complete; returns how many were complete once Ray had ended what the driver
+    left (its actors and task workers). A kill that lands too late (all complete: a busy machine) is
     tried again on a fresh output, so the test never depends on when the kill lands."""
     import shutil
+
+    import ray
 
     status = os.path.join(str(output), "status")
     done = lambda: len([p for p in os.listdir(status) if p.endswith(".parquet") and not p.startswith(".")]) \
         if os.path.isdir(status) else 0  # noqa: E731
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     for _ in range(tries):
         shutil.rmtree(str(output), ignore_errors=True)
-        kill_when([*args, "--output", str(output)], lambda: done() >= 1, timeout=timeout)
+        kill_when([*args, "--output", str(output)], lambda: done() >= 1, timeout=timeout, env=env)
         if 1 <= done() < total:
             return done()
     raise AssertionError(f"the kill never landed midway in {tries} tries")
 
 
-def kill_when(args: list[str], ready, timeout: float = 240) -> None:
-    """Start a job and SIGKILL its whole process group (driver and local Ray) once ``ready()``."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+def kill_when(args: list[str], ready, timeout: float = 240, env: dict | None = None) -> None:
+    """Start a job and SIGKILL its whole process group (driver and the local Ray it started) once
+    ``ready()``. With ``env`` naming RAY_ADDRESS (the cluster this process is connected to), the
+    driver joins that cluster instead; this returns once Ray has seen the driver die and ended
+    its actors, so nothing of it writes after the count."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     try:
@@ -60,7 +68,25 @@ def kill_when(args: list[str], ready, timeout: float = 240) -> None:
             except psutil.NoSuchProcess:
                 pass
         proc.wait()
+        if env and "RAY_ADDRESS" in env:
+            _wait_job_ended(proc.pid)
         time.sleep(1)
+
+
+def _wait_job_ended(driver_pid: int, timeout: float = 60) -> None:
+    """Until the Ray this process is connected to has marked the job of ``driver_pid`` dead and
+    ended its actors (their workers with them)."""
+    from ray._private import state
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs = [j["JobID"] for j in state.jobs() if j["DriverPid"] == driver_pid and j["IsDead"]]
+        if jobs and not [a for a in state.actors().values() if a["JobID"] in jobs and a["State"] != "DEAD"]:
+            return
+        if not [j for j in state.jobs() if j["DriverPid"] == driver_pid]:
+            return  # killed before it joined: nothing of it runs
+        time.sleep(0.1)
+    raise TimeoutError(f"Ray never ended the job of the killed driver {driver_pid}")
 
 
 def stop_ray_cluster(temp_dir: str, also: str | None = None) -> None:

@@ -12,6 +12,11 @@ from aver.demo.s3proxy import local_s3
 # actor process per run; nothing is preempted here). Jobs run by users keep Ray's defaults.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# OpenMP's threads wait asleep, not spinning: the suite runs two test processes and their Ray
+# workers on 2 CPUs, and torch's idle OpenMP threads spinning between parallel regions took the CPU
+# from every other process (two 2-thread DenseNet forwards side by side: 8 CPU-s spinning, 2.3
+# asleep; docs/testing.md). Set before torch loads anywhere in the suite, inherited by every job.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # pytest-xdist (--dist loadfile) hands modules out in collection order. The documented-commands
 # test, the longest, goes first so the rest of the suite runs beside it rather than after it; the

@@ -29,21 +29,22 @@ def kill_midway(args: list[str], output, total: int, timeout: float = 240, tries
     status = os.path.join(str(output), "status")
     done = lambda: len([p for p in os.listdir(status) if p.endswith(".parquet") and not p.startswith(".")]) \
         if os.path.isdir(status) else 0  # noqa: E731
-    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    address = ray.get_runtime_context().gcs_address
     for _ in range(tries):
         shutil.rmtree(str(output), ignore_errors=True)
-        kill_when([*args, "--output", str(output)], lambda: done() >= 1, timeout=timeout, env=env)
+        kill_when([*args, "--output", str(output)], lambda: done() >= 1, timeout=timeout, ray_address=address)
         if 1 <= done() < total:
             return done()
     raise AssertionError(f"the kill never landed midway in {tries} tries")
 
 
-def kill_when(args: list[str], ready, timeout: float = 240, env: dict | None = None) -> None:
+def kill_when(args: list[str], ready, timeout: float = 240, ray_address: str | None = None) -> None:
     """Start a job and SIGKILL its whole process group (driver and the local Ray it started) once
-    ``ready()``. With ``env`` naming RAY_ADDRESS (the cluster this process is connected to), the
-    driver joins that cluster instead; this returns once Ray has seen the driver die and ended
-    its actors, so nothing of it writes after the count."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})),
+    ``ready()``. With ``ray_address`` (the cluster this process is connected to), the driver joins
+    that cluster instead; this returns once Ray has seen the driver die and ended its actors, so
+    nothing of it writes after the count."""
+    env = dict(os.environ, PYTHONPATH=ROOT, **({"RAY_ADDRESS": ray_address} if ray_address else {}))
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     try:
@@ -68,7 +69,7 @@ def kill_when(args: list[str], ready, timeout: float = 240, env: dict | None = N
             except psutil.NoSuchProcess:
                 pass
         proc.wait()
-        if env and "RAY_ADDRESS" in env:
+        if ray_address:
             _wait_job_ended(proc.pid)
         time.sleep(1)
 
@@ -80,11 +81,13 @@ def _wait_job_ended(driver_pid: int, timeout: float = 60) -> None:
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        jobs = [j["JobID"] for j in state.jobs() if j["DriverPid"] == driver_pid and j["IsDead"]]
-        if jobs and not [a for a in state.actors().values() if a["JobID"] in jobs and a["State"] != "DEAD"]:
-            return
-        if not [j for j in state.jobs() if j["DriverPid"] == driver_pid]:
+        jobs = [j for j in state.jobs() if j["DriverPid"] == driver_pid]
+        if not jobs:
             return  # killed before it joined: nothing of it runs
+        ids = {j["JobID"] for j in jobs}
+        if all(j["IsDead"] for j in jobs) and \
+                not [a for a in state.actors().values() if a["JobID"] in ids and a["State"] != "DEAD"]:
+            return
         time.sleep(0.1)
     raise TimeoutError(f"Ray never ended the job of the killed driver {driver_pid}")
 

@@ -237,7 +237,7 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceD
                    storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
                    max_duration_s: float = MAX_DURATION_S,
                    cut_distance: float = TrackerConfig.cut_distance,
-                   clip: ClipRange | None = None) -> Iterator[list[VideoFrame]]:
+                   clip: ClipRange | None = None, threads: int = 0) -> Iterator[list[VideoFrame]]:
     """The frames of ``source`` sampled at ``fps``, ``detector.batch_size`` at a time, each at most
     ``max_side`` pixels on its longer side, with its :func:`detection_view` and whether a shot cut
     comes before it (colour-histogram distance to the previous sampled frame >= ``cut_distance``). A storage fault
@@ -245,14 +245,15 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceD
     handed on; a stream broken midway ends with the last whole segment (``decoded.broken``; one broken in its first segment raises ``corrupt``);
     one that decodes no frame raises ``too_short``. With ``clip``, only that time range (a clip after
     the first one is midway: a break in it, or no frame at all, is no error of the input's; the
-    first frame's cut is decided by the clip before it, whose last frame this one has not seen)."""
+    first frame's cut is decided by the clip before it, whose last frame this one has not seen).
+    ``threads``: FFmpeg's decoding threads (0: its own choice)."""
     retry = retry or RetryPolicy(attempts=1)
     attempt, previous = 0, None  # the colour histogram of the last frame handed on
     midway = clip is not None and clip.start_s > 0
     while True:
         try:
             with VideoReader(source, storage_options=storage_options, max_bytes=max_bytes,
-                             max_duration_s=max_duration_s) as reader:
+                             max_duration_s=max_duration_s, threads=threads) as reader:
                 skip, chunk = decoded.n_frames, []
                 try:
                     for frame in reader.frames(fps, clip):

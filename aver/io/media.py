@@ -272,6 +272,13 @@ def probe_video(source: str, *, storage_options: dict | None = None, longer_than
     return None
 
 
+def decode_threads(cpus: float) -> int:
+    """FFmpeg threads for a task that reserved ``cpus`` CPUs: as many, at least one. FFmpeg's own
+    choice is a thread per core of the machine, so sixteen load tasks on a 16-core node would run
+    256 decoding threads, and one task alone would take cores reserved for others."""
+    return max(1, int(cpus))
+
+
 class VideoReader:
     """Streams frames of one video sampled at ``fps`` by presentation timestamp, turned upright by
     the stream's display matrix.
@@ -284,10 +291,13 @@ class VideoReader:
 
     def __init__(self, source: str, *, storage_options: dict | None = None, max_bytes: int = 20 * 2**30,
                  max_pixels: int = 7680 * 4320, max_duration_s: float = MAX_DURATION_S,
-                 min_side: int = MIN_SIDE) -> None:
+                 min_side: int = MIN_SIDE, threads: int = 0) -> None:
         import av
 
         self.source = source
+        self.threads = threads
+        """FFmpeg decoding threads: 0 lets FFmpeg take one per core of the machine; a Ray task passes
+        the CPUs it reserved (:func:`decode_threads`)."""
         self.max_pixels, self.max_duration_s, self.min_side = max_pixels, max_duration_s, min_side
         self.decoded_s = 0.0
         """Seconds of video decoded so far (last frame's end relative to the first frame)."""
@@ -331,6 +341,8 @@ class VideoReader:
             raise ValueError("fps must be positive")
         vs = self._container.streams.video[0]
         vs.thread_type = "AUTO"
+        if self.threads:
+            vs.codec_context.thread_count = self.threads
         rate = float(vs.average_rate or vs.guessed_rate or 0) or None
         origin = clip.origin_s if clip is not None else None
         begin, end = (clip.start_s, clip.end_s) if clip is not None else (0.0, None)

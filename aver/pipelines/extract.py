@@ -16,7 +16,8 @@ import pyarrow as pa
 from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, TrackedFrame, detect_frames,
                         frame_segments, track_frames)
 from aver.faults import with_retries
-from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, list_inputs, load_image
+from aver.io.media import (FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, decode_threads, list_inputs,
+                           load_image)
 from aver.io.storage import redact
 from aver.pipelines.cluster import actor_setup, connect
 from aver.pipelines.ledger import Plan, Unit, commit, plan, status_row
@@ -164,7 +165,8 @@ def _video_segments(unit: Unit, item: InputItem, cfg: ExtractFacesConfig) -> Ite
     for frames in frame_segments(item.source, decoded, fps=cfg.fps, detector=cfg.detector, retry=cfg.retry,
                                  max_side=cfg.frame_max_side, storage_options=cfg.storage_options,
                                  max_bytes=cfg.max_bytes, max_duration_s=cfg.max_duration_s,
-                                 cut_distance=cfg.tracker.cut_distance, clip=unit.clip and unit.clip.range):
+                                 cut_distance=cfg.tracker.cut_distance, clip=unit.clip and unit.clip.range,
+                                 threads=decode_threads(cfg.cpus_per_task)):
         yield FacesRecord(unit=unit, frames=frames)
     yield FacesRecord(unit=unit, decoded=decoded, ends_input=decoded.ends_input)
 

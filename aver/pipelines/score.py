@@ -40,7 +40,8 @@ from aver.data.features import (AUDIO_DIM, VISUAL_DIM, AudioTimeline, MelChunk, 
 from aver.data.recola import SessionWindows
 from aver.faces import Decoded, Detection, FaceDetector, FaceDetectorConfig, detect_frames, frame_segments, track_frames
 from aver.faults import MediaError, verdict, with_retries
-from aver.io.media import FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, audio_chunks, list_inputs
+from aver.io.media import (FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, audio_chunks, decode_threads,
+                           list_inputs)
 from aver.io.streaming import first_and_rest
 from aver.io.parts import join
 from aver.io.storage import absolute, redact
@@ -189,7 +190,8 @@ def _video_part(unit: Unit, item: InputItem, cfg: ScoreVideosConfig, last: Score
                                      retry=cfg.retry, max_side=cfg.frame_max_side,
                                      storage_options=cfg.storage_options, max_bytes=cfg.max_bytes,
                                      max_duration_s=cfg.max_duration_s, cut_distance=cfg.tracker.cut_distance,
-                                     clip=unit.clip and unit.clip.range):
+                                     clip=unit.clip and unit.clip.range,
+                                     threads=decode_threads(cfg.cpus_per_task)):
             yield ScoreRecord(unit=unit, frames=frames)
         last.decoded, last.video_error = decoded, decoded.broken
     except MediaError as e:  # no usable video: what was handed on is dropped, the audio may score
@@ -273,7 +275,7 @@ class VideoScorer(ModelStage):
             start += n
         for r in records:
             if r.mel is not None:
-                mel = torch.from_numpy(r.mel.mel)[None, None].to(self.device)
+                mel = torch.tensor(r.mel.mel)[None, None].to(self.device)  # a read-only view of the block
                 with self.autocast:
                     parts = [self.models[k].frame_features(mel).float().cpu().numpy()[0]
                              for k in ("vggish_arousal", "vggish_valence")]

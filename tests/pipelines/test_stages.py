@@ -27,7 +27,7 @@ def test_a_unit_that_breaks_a_shared_model_batch_fails_alone():
     # Guards against: one bad unit failing every unit gathered into the same model call.
     import pickle
 
-    from aver.pipelines.stages import ModelStage
+    from aver.pipelines.stages import ModelStage, pack, unpack
 
     class Doubler(ModelStage):
         def run(self, records):
@@ -38,12 +38,44 @@ def test_a_unit_that_breaks_a_shared_model_batch_fails_alone():
 
     records = [_Numbers(unit=Unit(f"u{i}", []), images=v) for i, v in enumerate((1, -1, 3))]
     records.append(Record(unit=Unit("u3", []), failure=("corrupt", "could not load")))
-    batch = {"unit_id": [r.unit.unit_id for r in records], "record": [pickle.dumps(r) for r in records]}
-    out = [pickle.loads(b) for b in Doubler()(batch)["record"]]
+    out = unpack(Doubler()(pack(records)))
     assert [getattr(r, "out", None) for r in out] == [2, None, 6, None]
     assert out[1].failure[0] == "error" and "negative input" in out[1].failure[1]
     assert out[3].failure == ("corrupt", "could not load")  # a load failure passes through untouched
     assert all(getattr(r, "images", None) is None for r in out)  # the model inputs do not travel on
+
+
+def test_records_travel_with_their_arrays_out_of_band():
+    # Guards against: a record's arrays copied out of the block when a stage reads it (a segment of
+    # 32 720p frames is 110 MB: the model actor spent 2 CPU-s a minute of video copying them).
+    import numpy as np
+
+    from aver.pipelines.stages import pack, unpack
+
+    grid = np.arange(24, dtype=np.float32).reshape(4, 6)
+    records = [_Numbers(unit=Unit("u0", []), images=[grid, grid[:, ::2], np.zeros((0, 3))], payload=b"abc"),
+               _Numbers(unit=Unit("u1", []), images=None, out=np.int64(7))]
+    block = pack(records)
+    assert block.num_rows == 2
+    got = unpack(block)
+    assert [g.unit.unit_id for g in got] == ["u0", "u1"] and got[0].payload == b"abc" and got[1].out == 7
+    for a, b in zip(got[0].images, records[0].images):
+        np.testing.assert_array_equal(a, b)
+    memory = block["payload"].chunk(0).buffers()[2]
+    at = got[0].images[0].__array_interface__["data"][0]
+    assert memory.address <= at < memory.address + memory.size  # rebuilt in place, not copied
+
+
+def _mapped_file(array) -> str:
+    """The file mapped where ``array``'s memory lies ('' for anonymous memory: a heap copy)."""
+    at = array.__array_interface__["data"][0]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= at < high:
+                return fields[5].strip() if len(fields) > 5 else ""
+    return ""
 
 
 @dataclass(kw_only=True)
@@ -77,17 +109,37 @@ class _StagedConfig(ActorPoolConfig):
 @pytest.mark.timeout(300)
 def test_staged_commits_in_flight_are_capped_and_staging_is_empty_after(ray_local, tmp_path):
     # Guards against: every staged unit's commit submitted at once (a backlog queued in Ray, which
-    # starts a worker process, torch and all, for each), and staging left behind by a finished run.
+    # starts a worker process, torch and all, for each), and staging left behind by a finished run;
+    # and records' arrays copied on their way into a model call (they are read in place).
     import time
 
     from aver.pipelines.stages import run_stages
 
-    def load(unit, cfg):
-        return iter([_Numbers(unit=unit, payload=b"x" * 100), _Numbers(unit=unit)])  # two segments: staged
+    import numpy as np
+
+    from aver.pipelines.stages import ModelStage
+
+    def load(unit, cfg):  # two segments (staged), with 2 MB of array each
+        return iter([_Numbers(unit=unit, payload=b"x" * 100, images=np.full(2**19, 1.0, np.float32)),
+                     _Numbers(unit=unit, images=np.full(2**19, 2.0, np.float32))])
+
+    class WhereArrays(ModelStage):
+        """Says where each record's array lies: read in place, it is in the object store's
+        mapping; a copy (a block of two records sliced by Ray Data into a call) is on the heap."""
+        consumed = ("images",)
+
+        def __init__(self, cfg):
+            pass
+
+        def run(self, records):
+            for r in records:
+                r.out = (_mapped_file(r.images), float(r.images[0]))
 
     def commit(unit, records, cfg):
         start = time.time()
-        assert [len(r.payload) for r in records()] == [100, 0]  # the segments, in order, read back
+        read = list(records())
+        assert [len(r.payload) for r in read] == [100, 0]  # the segments, in order, read back
+        assert [r.out[1] for r in read] == [1.0, 2.0] and all("plasma" in r.out[0] for r in read), [r.out for r in read]
         time.sleep(0.4)
         (tmp_path / unit.unit_id).write_text(f"{start} {time.time()}")
         return [{"item_id": unit.unit_id, "status": "ok"}]
@@ -97,7 +149,7 @@ def test_staged_commits_in_flight_are_capped_and_staging_is_empty_after(ray_loca
     cfg = _StagedConfig(actors=1, cpus_per_actor=0.5, cpus_per_task=0.25, write_tasks=1,
                         output=str(tmp_path / "out"))
     counts = {}
-    for summary in run_stages(units, cfg, load=load, model=_passing_stage(), commit=commit, id_column="item_id",
+    for summary in run_stages(units, cfg, load=load, model=WhereArrays, commit=commit, id_column="item_id",
                               records_per_call=5):
         for k, v in summary.counts.items():
             counts[k] = counts.get(k, 0) + v

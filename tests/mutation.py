@@ -133,7 +133,7 @@ PLANTED = {
         ["tests/pipelines/test_distill.py", "-k", "10000"]),
     "the committed record handed on to the driver": (
         "aver/pipelines/stages.py", '    return {"summary": summaries}\n',
-        '    return {"summary": summaries, "record": [batch["record"][-1]] * len(summaries)}\n',
+        '    return {"summary": summaries, "record": [batch["record"][-1].as_py()] * len(summaries)}\n',
         ["tests/pipelines/test_stages.py", "-k", "driver"]),
     "streamed windows lose their first frames": (
         "aver/pipelines/score.py", "        while held and held[0][0] < w_start - 0.01:",
@@ -150,6 +150,20 @@ PLANTED = {
     "batch jobs hand relative local paths to their tasks": (
         "aver/pipelines/stages.py", "setattr(self, name, absolute(uri))",
         "setattr(self, name, uri)", ["tests/train/test_harness.py", "-k", "relative"]),
+    "a stage copies each record's arrays out of its block": (
+        "aver/pipelines/stages.py", "            yield memory[ends[k]:ends[k + 1]]\n",
+        "            yield memoryview(bytes(memory[ends[k]:ends[k + 1]]))\n",
+        ["tests/pipelines/test_stages.py", "-k", "out_of_band or staged_commits"]),
+    "records packed into Ray Data's 128 MiB blocks (a model call slices, and copies, them)": (
+        "aver/pipelines/stages.py", "        ds.context.target_max_block_size = 2**20\n",
+        "        ds.context.target_max_block_size = 128 * 2**20\n",
+        ["tests/pipelines/test_stages.py", "-k", "staged_commits"]),
+    "decoding takes a thread per core whatever the task reserved": (
+        "aver/io/media.py", "            vs.codec_context.thread_count = self.threads\n", "            pass\n",
+        ["tests/io/test_media.py", "-k", "threads"]),
+    "score_videos' load ignores the CPUs its task reserved": (
+        "aver/pipelines/score.py", "threads=decode_threads(cfg.cpus_per_task))", "threads=0)",
+        ["tests/io/test_media.py", "-k", "threads"]),
     # issue 28: long videos as clips
     "a clip samples from its own start, not the stream's slots": (
         "aver/io/media.py", "next_t, period, last_index, n = begin, 1.0 / fps, -1, 0",

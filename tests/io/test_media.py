@@ -293,3 +293,35 @@ def test_storage_faults_while_decoding_are_not_verdicts(tmp_path, monkeypatch):
         with VideoReader(str(path)) as r:
             list(r.frames(fps=5))
     assert not isinstance(e.value, MediaError) and e.value.errno == _errno.EBUSY
+
+
+@pytest.mark.parametrize("job", ["extract", "score"])
+def test_a_load_task_decodes_with_the_threads_it_reserved(tmp_path, monkeypatch, job):
+    # Guards against: FFmpeg's own choice, a thread per core of the machine, in every load task
+    # (sixteen 1-CPU tasks on a 16-core node ran 256 decoding threads), and a job's load stage
+    # that does not pass its CPUs on.
+    import aver.io.media as media
+    from aver.io.media import decode_threads
+    from aver.pipelines import extract, score
+    from aver.pipelines.ledger import plan
+
+    assert [decode_threads(c) for c in (0.25, 0.5, 1, 2.5, 4)] == [1, 1, 1, 2, 4]
+    face_video(tmp_path / "in" / "v.mp4", seconds=1.0, audio=False)
+    seen = []
+    frames = media.VideoReader.frames
+
+    def watched(self, fps, clip=None):
+        for frame in frames(self, fps, clip):
+            seen.append(self._container.streams.video[0].codec_context.thread_count)
+            yield frame
+
+    monkeypatch.setattr(media.VideoReader, "frames", watched)
+    module, config = (extract, extract.ExtractFacesConfig) if job == "extract" else (score, score.ScoreVideosConfig)
+    for cpus in (0.5, 3.0):
+        more = {"model": str(tmp_path / "models")} if job == "score" else {}  # the load reads no model
+        cfg = config(input=str(tmp_path / "in"), output=str(tmp_path / f"out{cpus}"), cpus_per_task=cpus, **more)
+        items = media.list_inputs(cfg.input)
+        unit = plan(cfg.output, {}, singles=[(i.item_id, vars(i)) for i in items]).units[0]
+        seen.clear()
+        records = list(module.load_unit(unit, cfg))
+        assert records and seen and set(seen) == {decode_threads(cpus)}, (cpus, seen)

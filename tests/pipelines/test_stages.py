@@ -25,8 +25,6 @@ def test_model_pool_grows_with_the_cluster_and_is_capped_by_actors():
 
 def test_a_unit_that_breaks_a_shared_model_batch_fails_alone():
     # Guards against: one bad unit failing every unit gathered into the same model call.
-    import pickle
-
     from aver.pipelines.stages import ModelStage, pack, unpack
 
     class Doubler(ModelStage):
@@ -85,22 +83,6 @@ class _Numbers(Record):
     payload: bytes = b""
 
 
-def _passing_stage():
-    """A model stage that computes nothing (the tests that use it are about the other stages)."""
-    from aver.pipelines.stages import ModelStage
-
-    class Passing(ModelStage):
-        consumed = ()
-
-        def __init__(self, cfg):
-            pass
-
-        def run(self, records):
-            pass
-
-    return Passing
-
-
 @dataclass(kw_only=True)
 class _StagedConfig(ActorPoolConfig):
     output: str = ""
@@ -113,11 +95,9 @@ def test_staged_commits_in_flight_are_capped_and_staging_is_empty_after(ray_loca
     # and records' arrays copied on their way into a model call (they are read in place).
     import time
 
-    from aver.pipelines.stages import run_stages
-
     import numpy as np
 
-    from aver.pipelines.stages import ModelStage
+    from aver.pipelines.stages import ModelStage, run_stages
 
     def load(unit, cfg):  # two segments (staged), with 2 MB of array each
         return iter([_Numbers(unit=unit, payload=b"x" * 100, images=np.full(2**19, 1.0, np.float32)),

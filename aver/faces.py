@@ -3,7 +3,6 @@ into tracked face crops (:func:`scan_video`), used by extract_faces, score_video
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -62,32 +61,29 @@ class Detection:
 
 
 class FaceDetector:
-    """Batched MTCNN (facenet-pytorch, weights shipped in the package) that survives what the
-    upstream wrapper does not: frames without faces inside a batch, frames of different sizes,
-    large frames (detected on a downscaled copy). Input frames are HxWx3 uint8 RGB."""
+    """MTCNN (facenet-pytorch's networks and weights, batched on the device: :class:`aver.models.mtcnn.MTCNN`)
+    and the face crops, both on one device, for frames that upstream's wrapper does not take:
+    frames without faces inside a batch, frames of different sizes, large frames (detected on a
+    downscaled copy). Input frames are HxWx3 uint8 RGB (grayscale and RGBA are converted). On a
+    GPU, the next batch of frames is copied to the device while the current one is detected."""
 
     def __init__(self, config: FaceDetectorConfig | None = None, device: str | torch.device | None = None) -> None:
         import torch  # here, not at the top: the CPU tasks that decode frames never load torch
 
-        from aver.models._base import import_torchvision
-
-        import_torchvision()
-        from facenet_pytorch import MTCNN
+        from aver.models.mtcnn import MTCNN
 
         self.config = config or FaceDetectorConfig()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        mtcnn = MTCNN(device=self.device)
-        self._nets = (mtcnn.pnet, mtcnn.rnet, mtcnn.onet)
-        self._factor = mtcnn.factor
+        self.mtcnn = MTCNN(self.config.min_face_size, self.config.thresholds).to(self.device)
 
     def detect(self, frames: list[np.ndarray], views: list[tuple[np.ndarray, float]] | None = None
                ) -> list[list[Detection]]:
         """Detections for each frame (possibly empty), best first. Frames may be RGB, grayscale
         (HxW or HxWx1) or RGBA; any of them of any size, in one call. ``views`` are the frames'
         :func:`detection_view` when the decoding stage made them already (the CPU work leaves the
-        model's process); boxes are in the frames' pixels either way."""
+        model's process); boxes are in the frames' pixels either way. One host transfer per batch
+        of ``batch_size`` views: the boxes and probabilities."""
         import torch
-        from facenet_pytorch.models.utils.detect_face import detect_face
 
         if views is None:
             views = [detection_view(f, self.config) for f in frames]
@@ -98,30 +94,101 @@ class FaceDetector:
             if min(small.shape[:2]) >= self.config.min_face_size:
                 by_shape.setdefault(small.shape[:2], []).append(i)
         cfg = self.config
-        for indices in by_shape.values():
-            for start in range(0, len(indices), cfg.batch_size):
-                chunk = indices[start:start + cfg.batch_size]
-                batch = np.stack([views[i][0] for i in chunk])
-                with torch.no_grad():
-                    boxes, _ = detect_face(batch, cfg.min_face_size, *self._nets, list(cfg.thresholds),
-                                           self._factor, self.device)
-                for i, found in zip(chunk, boxes):
-                    found = np.asarray(found, dtype=np.float64).reshape(-1, 5)
-                    scale = views[i][1]
-                    dets = [Detection(row[:4] / scale, float(row[4])) for row in found if row[4] >= cfg.min_prob]
-                    results[i] = sorted(dets, key=lambda d: -d.prob)
+        chunks = [indices[s:s + cfg.batch_size] for indices in by_shape.values()
+                  for s in range(0, len(indices), cfg.batch_size)]
+        batches = self._uploads(np.stack([views[i][0] for i in chunk]) for chunk in chunks)
+        for chunk, batch in zip(chunks, batches):
+            boxes, probs, index = self.mtcnn(batch.permute(0, 3, 1, 2))
+            found = torch.cat([boxes, probs[:, None], index[:, None].to(boxes.dtype)], dim=1).cpu().numpy()
+            for k, i in enumerate(chunk):
+                rows = found[found[:, 5] == k].astype(np.float64)
+                scale = views[i][1]
+                dets = [Detection(row[:4] / scale, float(row[4])) for row in rows if row[4] >= cfg.min_prob]
+                results[i] = sorted(dets, key=lambda d: -d.prob)
         return results
 
-    def crop_array(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
-        """The configured crop of ``box`` (see :func:`crop_face`), HxWx3 uint8."""
-        return crop_face(frame, box, size=self.config.image_size, margin=self.config.margin)
+    def crops(self, frames: list[np.ndarray], boxes: list[list[np.ndarray]]) -> torch.Tensor:
+        """The configured crops (:func:`crop_face`, cut and resized in torch on the detector's
+        device) of each frame's ``boxes``, frame by frame: uint8 ``[K,3,S,S]`` on the device."""
+        import torch
+
+        size, out = self.config.image_size, []
+        wanted = [(f, b) for f, b in zip(frames, boxes) if len(b)]
+        for (_, frame_boxes), image in zip(wanted, self._uploads(_as_rgb(f) for f, _ in wanted)):
+            image = image.permute(2, 0, 1)
+            h, w = image.shape[1:]
+            for box in frame_boxes:
+                x1, y1, x2, y2 = _crop_region(box, self.config.margin)
+                face = image.new_zeros((3, max(1, y2 - y1), max(1, x2 - x1)))  # outside the frame: black
+                cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
+                if cx2 > cx1 and cy2 > cy1:
+                    face[:, cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1] = image[:, cy1:cy2, cx1:cx2]
+                out.append(resize_faces(face[None], size))
+        return torch.cat(out) if out else torch.zeros((0, 3, size, size), dtype=torch.uint8, device=self.device)
+
+    def encode(self, crops: torch.Tensor, quality: int | None = None) -> list[bytes]:
+        """``[K,3,H,W]`` uint8 crops as JPEG (``torchvision.io.encode_jpeg``: nvJPEG on a GPU,
+        libjpeg-turbo on the CPU), with one host transfer for all of them."""
+        import torch
+        from torchvision.io import encode_jpeg
+
+        if not len(crops):
+            return []
+        coded = encode_jpeg(list(crops.contiguous().unbind(0)), quality=quality or self.config.jpeg_quality)
+        ends = np.cumsum([0] + [len(c) for c in coded])
+        flat = torch.cat(coded).cpu().numpy()
+        return [flat[a:b].tobytes() for a, b in zip(ends[:-1], ends[1:])]
 
     def crop(self, frame: np.ndarray, box: np.ndarray) -> bytes:
         """The configured crop of ``box`` as JPEG bytes (what extract_faces stores)."""
-        face = self.crop_array(frame, box)
-        buf = io.BytesIO()
-        Image.fromarray(face).save(buf, format="JPEG", quality=self.config.jpeg_quality)
-        return buf.getvalue()
+        return self.encode(self.crops([frame], [[box]]))[0]
+
+    def _uploads(self, arrays: Iterable[np.ndarray]) -> Iterator[torch.Tensor]:
+        """Host arrays -> tensors on the device, in order. On a GPU a thread stacks and pins the
+        next one and copies it on a side stream while the current one is computed; on the CPU they
+        are the arrays themselves."""
+        import torch
+
+        if self.device.type != "cuda":
+            for a in arrays:
+                yield torch.from_numpy(np.ascontiguousarray(a))
+            return
+        copier = torch.cuda.Stream(self.device)
+
+        def send(a: np.ndarray):
+            host = torch.from_numpy(np.ascontiguousarray(a)).pin_memory()
+            with torch.cuda.stream(copier):
+                on_device = host.to(self.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(copier)
+            return on_device, done
+
+        for on_device, done in prefetch(map(send, arrays), depth=1):
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            on_device.record_stream(current)  # its memory is not reused before the detection ends
+            yield on_device
+
+
+def _crop_region(box, margin: float) -> tuple[int, int, int, int]:
+    """The square (x1, y1, x2, y2 integer pixels) around ``box`` enlarged by ``margin`` of its larger side."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(x2 - x1, y2 - y1) * (1.0 + margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return tuple(int(round(v)) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+
+
+def resize_faces(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B,3,H,W]`` uint8 -> ``[B,3,size,size]`` uint8, bilinear and antialiased when shrinking as
+    PIL's BILINEAR is (torch's uint8 kernel on the CPU matches it exactly; on a GPU it runs in
+    float, within 1 of it)."""
+    import torch
+    import torch.nn.functional as F
+
+    if images.device.type == "cpu":
+        return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def detection_view(frame: np.ndarray, config: FaceDetectorConfig) -> tuple[np.ndarray, float]:
@@ -159,11 +226,9 @@ def _as_rgb(frame: np.ndarray) -> np.ndarray:
 def crop_face(image: np.ndarray, box, *, size: int = CROP_SIZE, margin: float = 0.2) -> np.ndarray:
     """A square ``size`` x ``size`` RGB crop around ``box`` (x1, y1, x2, y2 pixels) enlarged by
     ``margin`` of its larger side; parts outside the image are black (never stretched, so faces on
-    the edge of non-square frames keep their proportions)."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    side = max(x2 - x1, y2 - y1) * (1.0 + margin)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    region = tuple(int(round(v)) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+    the edge of non-square frames keep their proportions). PIL on the host, for the CPU stages;
+    :meth:`FaceDetector.crops` cuts the same crops on the model's device."""
+    region = _crop_region(box, margin)
     return np.asarray(Image.fromarray(_as_rgb(image)).crop(region).resize((size, size), Image.BILINEAR))
 
 
@@ -291,13 +356,23 @@ def frame_segments(source: str, decoded: Decoded, *, fps: float, detector: FaceD
         raise MediaError("too_short", "no frame decoded at the sampling rate")
 
 
-def detect_frames(detector: FaceDetector, frames: list[VideoFrame], *,
-                  jpeg: bool = True) -> list[list[tuple[Detection, bytes | np.ndarray]]]:
-    """Each frame's faces as (detection, crop), best first; crops are JPEG bytes or arrays."""
-    crop = detector.crop if jpeg else detector.crop_array
+def detect_frames(detector: FaceDetector, frames: list[VideoFrame]) -> tuple[list[list[Detection]], torch.Tensor]:
+    """Each frame's detections, best first, and their crops in that order (frame by frame), uint8
+    ``[K,3,S,S]`` on the detector's device: the model stage encodes them or runs its networks on
+    them there."""
     images = [f.image for f in frames]
     views = [f.view for f in frames] if all(f.view is not None for f in frames) else None
-    return [[(d, crop(image, d.box)) for d in dets] for image, dets in zip(images, detector.detect(images, views))]
+    found = detector.detect(images, views)
+    return found, detector.crops(images, [[d.box for d in dets] for dets in found])
+
+
+def with_crops(found: list[list[Detection]], crops: list) -> list[list[tuple[Detection, object]]]:
+    """Each frame's faces as (detection, its crop), ``crops`` given in :func:`detect_frames`' order."""
+    out, k = [], 0
+    for dets in found:
+        out.append([(d, crops[k + i]) for i, d in enumerate(dets)])
+        k += len(dets)
+    return out
 
 
 def track_frames(tracker: FaceTracker, frames: Iterable[tuple[int, float, bool, list[tuple[Detection, object]]]],
@@ -326,7 +401,9 @@ def scan_video(source: str, detector: FaceDetector, on_frames: Callable[[list[Tr
     for chunk in prefetch(frame_segments(source, decoded, fps=fps, detector=detector.config,
                                          storage_options=storage_options, max_bytes=max_bytes,
                                          max_duration_s=max_duration_s, cut_distance=tracker.config.cut_distance)):
-        found = detect_frames(detector, chunk, jpeg=jpeg)
+        found, crops = detect_frames(detector, chunk)
+        crops = detector.encode(crops) if jpeg else list(crops.permute(0, 2, 3, 1).cpu().numpy())
+        found = with_crops(found, crops)
         on_frames(track_frames(tracker, ((f.index, f.timestamp_s, f.cut, faces) for f, faces in zip(chunk, found)), n))
         n += len(chunk)
     return VideoScan(tracker, decoded.n_frames, decoded.decoded_s, decoded.broken)

@@ -10,6 +10,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from aver.constants import CROP_SIZE
 from aver.io.media import resize_crops
 
 C = TypeVar("C")
@@ -51,8 +52,15 @@ def take_config(config_class: type[C], args: tuple, kwargs: dict) -> C:
 
 
 def crops_to_batch(images, device: torch.device | str | None = None) -> torch.Tensor:
-    """uint8 RGB crops (``[B,H,W,3]`` array or a list of HxWx3) -> uint8 ``[B,3,140,140]`` on
-    ``device`` (through pinned memory on CUDA); crops of another size are resized first."""
+    """uint8 RGB crops (``[B,H,W,3]`` array or a list of HxWx3, or a ``[B,3,H,W]`` tensor already
+    on a device: the detector's crops) -> uint8 ``[B,3,140,140]`` on ``device`` (through pinned
+    memory on CUDA); crops of another size are resized first."""
+    if isinstance(images, torch.Tensor):
+        x = images.to(device) if device is not None else images
+        if x.shape[-2:] != (CROP_SIZE, CROP_SIZE):
+            x = torch.nn.functional.interpolate(x.float(), size=(CROP_SIZE, CROP_SIZE), mode="bilinear",
+                                                antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        return x
     x = torch.as_tensor(resize_crops(images)).permute(0, 3, 1, 2)
     device = torch.device(device) if device is not None else x.device
     if device.type == "cuda":

@@ -38,8 +38,12 @@ class IdentityNet(nn.Module):
 
     @classmethod
     def preprocess(cls, crops: list[np.ndarray], device: torch.device | str | None = None) -> torch.Tensor:
-        """uint8 RGB face crops (any square size) -> float ``[B,3,160,160]``, facenet standardisation."""
-        x = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2).float()
+        """uint8 RGB face crops (HxWx3 arrays of any square size, or a ``[B,3,H,W]`` tensor) -> float
+        ``[B,3,160,160]``, facenet standardisation."""
+        if isinstance(crops, torch.Tensor):
+            x = crops.to(device).float()
+        else:
+            x = torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2).float()
         if x.shape[-1] != cls.input_size:
             x = F.interpolate(x, size=(cls.input_size, cls.input_size), mode="bilinear", align_corners=False)
         return (x - 127.5) / 128.0

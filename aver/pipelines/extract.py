@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, TrackedFrame, detect_frames,
-                        frame_segments, track_frames)
+                        frame_segments, track_frames, with_crops)
 from aver.faults import with_retries
 from aver.io.media import (FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, decode_threads, list_inputs,
                            load_image)
@@ -198,7 +198,8 @@ class FaceExtractor(ModelStage):
             start += n
         segments = [r for r in records if r.frames]
         frames = [f for r in segments for f in r.frames]
-        found = detect_frames(self.detector, frames) if frames else []
+        found, crops = detect_frames(self.detector, frames) if frames else ([], [])
+        found = with_crops(found, self.detector.encode(crops) if len(crops) else [])
         start = 0
         for r in segments:
             n = len(r.frames)

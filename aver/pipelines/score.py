@@ -24,7 +24,6 @@ Per input, written atomically in this order: ``scores/<id>.parquet``, ``tracks/<
 from __future__ import annotations
 
 import copy
-import io
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -38,7 +37,8 @@ from aver.constants import AUDIO_STEP_S
 from aver.data.features import (AUDIO_DIM, VISUAL_DIM, AudioTimeline, MelChunk, centred, in_span, mel_chunks,
                                 student_features, take, window_shape)
 from aver.data.recola import SessionWindows
-from aver.faces import Decoded, Detection, FaceDetector, FaceDetectorConfig, detect_frames, frame_segments, track_frames
+from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, detect_frames, frame_segments, resize_faces,
+                        track_frames, with_crops)
 from aver.faults import MediaError, verdict, with_retries
 from aver.io.media import (FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, audio_chunks, decode_threads,
                            list_inputs)
@@ -251,22 +251,22 @@ class VideoScorer(ModelStage):
     def run(self, records: list[ScoreRecord]) -> None:
         segments = [r for r in records if r.frames]
         frames = [f for r in segments for f in r.frames]
-        found = detect_frames(self.detector, frames, jpeg=False) if frames else []
-        crops = [crop for faces in found for _, crop in faces]
-        with self.autocast:
-            emb, prob = student_features(self.models["student"], crops, self.cfg.batch_size, self.device)
-        # identities in float32 (no autocast): linking compares them against a threshold
-        ident = self.identity.embed(crops, self.cfg.batch_size) if self.identity is not None and crops else None
-        k = 0
+        found, crops = detect_frames(self.detector, frames) if frames else ([], None)
+        n, ident = sum(len(d) for d in found), None
+        if n:
+            with self.autocast:
+                emb, prob = student_features(self.models["student"], crops, self.cfg.batch_size, self.device)
+            # identities in float32 (no autocast): linking compares them against a threshold
+            ident = self.identity.embed(crops, self.cfg.batch_size) if self.identity is not None else None
+            thumbnails = self.detector.encode(resize_faces(crops, THUMBNAIL), quality=85)
         embedded = []
-        for faces in found:
+        for faces in with_crops(found, range(n)):
             out = []
-            for i, (d, crop) in enumerate(faces):
+            for d, i in faces:
                 if ident is not None:
-                    d.identity = ident[k + i]
-                out.append((d, FaceOut(emb[k + i].astype(np.float16), prob[k + i], _thumbnail(crop))))
+                    d.identity = ident[i]
+                out.append((d, FaceOut(emb[i].astype(np.float16), prob[i], thumbnails[i])))
             embedded.append(out)
-            k += len(faces)
         start = 0
         for r in segments:
             n = len(r.frames)
@@ -280,14 +280,6 @@ class VideoScorer(ModelStage):
                     parts = [self.models[k].frame_features(mel).float().cpu().numpy()[0]
                              for k in ("vggish_arousal", "vggish_valence")]
                 r.audio = np.concatenate([p[r.mel.skip:r.mel.skip + r.mel.steps] for p in parts], axis=1)
-
-
-def _thumbnail(crop: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(crop).resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
 
 
 _FUSION: dict[tuple[str, str], torch.nn.Module] = {}

@@ -256,8 +256,8 @@ def test_streamed_windows_equal_windows_cut_from_the_whole_timelines(tmp_path):
 class _TintIdentity:
     """An identity network for the tests: a face crop's mean colour, which the scenes tint per person."""
 
-    def embed(self, crops, batch_size=64):
-        x = np.stack([c.reshape(-1, 3).mean(0) for c in crops]).astype(np.float32)
+    def embed(self, crops, batch_size=64):  # crops: [K,3,H,W] uint8 on the scorer's device
+        x = crops.float().mean((2, 3)).cpu().numpy()
         x -= x.mean(1, keepdims=True)  # the tint, not the brightness
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 

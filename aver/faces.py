@@ -4,6 +4,7 @@ into tracked face crops (:func:`scan_video`), used by extract_faces, score_video
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -150,13 +151,12 @@ class FaceDetector:
         import torch
 
         if self.device.type != "cuda":
-            for a in arrays:
-                yield torch.from_numpy(np.ascontiguousarray(a))
+            yield from map(_tensor, arrays)
             return
         copier = torch.cuda.Stream(self.device)
 
         def send(a: np.ndarray):
-            host = torch.from_numpy(np.ascontiguousarray(a)).pin_memory()
+            host = _tensor(a).pin_memory()
             with torch.cuda.stream(copier):
                 on_device = host.to(self.device, non_blocking=True)
                 done = torch.cuda.Event()
@@ -168,6 +168,16 @@ class FaceDetector:
             current.wait_event(done)
             on_device.record_stream(current)  # its memory is not reused before the detection ends
             yield on_device
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``a``'s memory, read-only arrays included (frames are views of Ray's object
+    store, which nothing here writes to)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _crop_region(box, margin: float) -> tuple[int, int, int, int]:

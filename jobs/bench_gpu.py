@@ -253,6 +253,23 @@ def bench_extract(work: str, sizes: Sizes, device: torch.device, figures: Figure
                 f"(goal {GOALS['extract']})")
     figures.add(f"extract_faces: GPU busy {busy_text(model, device)} in the model stage")
 
+    # before and after issue 29: facenet-pytorch's detect_face (a resize per candidate box, the host
+    # between stages) against the batched MTCNN, same networks, the same detection views
+    from facenet_pytorch.models.utils.detect_face import detect_face
+
+    views = np.stack([f.view[0] for r in batch for f in r.frames][:cfg.detector.batch_size])
+    mtcnn = stage.detector.mtcnn
+    on_device = torch.from_numpy(views).to(device).permute(0, 3, 1, 2)
+
+    def upstream():
+        with torch.no_grad():
+            detect_face(views, mtcnn.min_face_size, mtcnn.pnet, mtcnn.rnet, mtcnn.onet, list(mtcnn.thresholds),
+                        mtcnn.factor, device)
+
+    old_s, new_s = timed(upstream, device, sizes.repeats), timed(lambda: mtcnn(on_device)[0].cpu(), device, sizes.repeats)
+    figures.add(f"extract_faces: MTCNN on {len(views)} views {views.shape[2]}x{views.shape[1]}: facenet-pytorch "
+                f"{len(views) / old_s:,.1f} frames/s, batched {len(views) / new_s:,.1f} frames/s ({old_s / new_s:.2f}x)")
+
 
 def bench_score(work: str, sizes: Sizes, device: torch.device, figures: Figures) -> None:
     from aver.models import Student, VGGishEmotion, save_checkpoint

@@ -114,9 +114,29 @@ PLANTED = {
         "out = [t(trunk, after=\"trunk\") for t in self.teachers[::-1]]",
         ["tests/pipelines/test_distill.py", "-k", "shared_trunk"]),
     "crops in BGR": (
+        "aver/faces.py", "            image = image.permute(2, 0, 1)\n", "            image = image.flip(2).permute(2, 0, 1)\n",
+        ["tests/test_faces.py", "-k", "rgb"]),
+    "the CPU stages' PIL crops in BGR": (
         "aver/faces.py", "return np.asarray(Image.fromarray(_as_rgb(image)).crop(region)",
         "return np.asarray(Image.fromarray(_as_rgb(image)[..., ::-1].copy()).crop(region)",
-        ["tests/test_faces.py", "-k", "rgb"]),
+        ["tests/models/test_mtcnn.py", "-k", "crops"]),
+    "device crops shrunk without antialiasing": (
+        "aver/faces.py", 'return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True',
+        'return F.interpolate(images, size=(size, size), mode="bilinear", antialias=False',
+        ["tests/models/test_mtcnn.py", "-k", "crops"]),
+    "MTCNN's refine crops end their area bins a pixel short": (
+        "aver/models/mtcnn.py", "x0[:, None] + ((i + 1) * nx + size - 1) // size",
+        "x0[:, None] + (i + 1) * nx // size", ["tests/models/test_mtcnn.py", "-k", "agrees"]),
+    "O-Net's last NMS by IoU instead of the smaller box's area": (
+        "aver/models/mtcnn.py", "overlap = wide * tall / torch.minimum(area[:, None], area[None, :])",
+        "overlap = wide * tall / (area[:, None] + area[None, :] - wide * tall)",
+        ["tests/models/test_mtcnn.py", "-k", "agrees"]),
+    "MTCNN's NMS asks the host about every box": (
+        "aver/models/mtcnn.py", "        keep &= ~(suppresses[k] & keep[k])",
+        "        if keep[k]:\n            keep &= ~suppresses[k]", ["tests/models/test_mtcnn.py", "-k", "host"]),
+    "GPU model actors trim the heap after every call": (
+        "aver/pipelines/stages.py", 'if getattr(self.device, "type", "cpu") == "cpu":', "if True:",
+        ["tests/pipelines/test_stages.py", "-k", "trim"]),
     "fetch_fec's status of one manifest lists every manifest's images": (
         "aver/pipelines/fetch.py", "[rows[u] for u in its_urls]", "list(rows.values())",
         ["tests/pipelines/test_fetch.py"]),

@@ -22,7 +22,7 @@ sys.argv = ["jobs/bench_gpu.py", *sys.argv[1:]]
 runpy.run_path("jobs/bench_gpu.py", run_name="__main__")
 """
 FIGURES = ("distill: bare teacher pair", "distill: GPU busy", "extract_faces: load stage",
-           "extract_faces: model stage", "extract_faces: GPU busy", "score_videos: load stage",
+           "extract_faces: model stage", "extract_faces: GPU busy", "extract_faces: MTCNN on", "score_videos: load stage",
            "score_videos: model stage", "score_videos: GPU busy", "bench-gpu: done")
 
 

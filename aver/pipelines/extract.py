@@ -179,8 +179,8 @@ class FaceExtractor(ModelStage):
 
     def __init__(self, cfg: ExtractFacesConfig) -> None:
         self.cfg = cfg
-        device = actor_setup(cfg, "FaceExtractor")
-        self.detector = FaceDetector(cfg.detector, device=str(device))
+        self.device = actor_setup(cfg, "FaceExtractor")
+        self.detector = FaceDetector(cfg.detector, device=str(self.device))
 
     def run(self, records: list[FacesRecord]) -> None:
         chunks = [r for r in records if r.images is not None]

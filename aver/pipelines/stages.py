@@ -249,6 +249,8 @@ class ModelStage:
     ``consumed`` (the model inputs) are emptied before the records go on."""
 
     consumed: ClassVar[tuple[str, ...]] = ("images",)
+    device: Any = None
+    """The torch device its ``__init__`` put the models on."""
 
     def run(self, records: list[Record]) -> None:
         raise NotImplementedError
@@ -271,7 +273,10 @@ class ModelStage:
                     setattr(r, key, None)
         out = pack(records)
         del records, todo
-        trim_heap()
+        if getattr(self.device, "type", "cpu") == "cpu":
+            # a CPU actor's heap holds the batches' activations; a GPU actor's only small host buffers,
+            # and the trim (a walk of the whole heap) would stall the host between GPU batches
+            trim_heap()
         return out
 
 

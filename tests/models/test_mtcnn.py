@@ -31,7 +31,7 @@ def _backgrounds(rng, h, w):
     yield np.asarray(Image.fromarray(noise).resize((w, h), Image.BILINEAR))
     yield np.full((h, w, 3), rng.integers(40, 200, 3), np.uint8)
     for t in textures:
-        y, x = rng.integers(0, t.shape[0] - h // 2), rng.integers(0, t.shape[1] - w // 2)
+        y, x = (int(rng.integers(0, max(1, t.shape[k] - (h, w)[k] // 2))) for k in (0, 1))
         yield np.asarray(Image.fromarray(np.ascontiguousarray(t[y:, x:])).resize((w, h), Image.BILINEAR))
 
 
@@ -52,6 +52,27 @@ def composited(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
                 img[y:y + f.shape[0], x:x + f.shape[1]] = f
                 taken.append((y, y + f.shape[0], x, x + f.shape[1]))
             frames.append(img)
+    return frames[:n]
+
+
+def nested(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
+    """A large face with a small one inside its box (a picture on a shirt, a face on a screen
+    behind): O-Net's last NMS, which measures overlap against the smaller box, keeps one of them."""
+    rng, faces, frames = np.random.default_rng(seed), _photo_faces(), []
+    for bg in (b for _ in range(n) for b in _backgrounds(rng, h, w)):
+        img = bg.copy()
+        big = faces[rng.integers(2)]
+        side = int(rng.integers(min(h, w) // 2, min(h, w) - 10))
+        k = side / max(big.shape[:2])
+        big = np.asarray(Image.fromarray(big).resize((round(k * big.shape[1]), round(k * big.shape[0]))))
+        y, x = int(rng.integers(0, h - big.shape[0] + 1)), int(rng.integers(0, w - big.shape[1] + 1))
+        img[y:y + big.shape[0], x:x + big.shape[1]] = big
+        small = faces[rng.integers(len(faces))]
+        s = int(rng.integers(side // 5, side // 3))
+        small = np.asarray(Image.fromarray(small).resize((s, s)))
+        sy, sx = y + int(rng.integers(0, big.shape[0] - s)), x + int(rng.integers(0, big.shape[1] - s))
+        img[sy:sy + s, sx:sx + s] = small
+        frames.append(img)
     return frames[:n]
 
 
@@ -86,30 +107,35 @@ def test_batched_mtcnn_agrees_with_facenet_pytorch(mtcnn):
     # Guards against: crops resampled otherwise than upstream's area interpolation (roi_align
     # matched 95 % of the boxes, probabilities off by up to 0.09), NMS criteria or thresholds
     # changed, the pyramid's scales drifting, boxes regressed in another order.
-    batches = [composited(16, 240, 320, seed) for seed in range(8)] + [composited(8, 360, 640, 8)]
     demo = demo_frames(40, 0)
-    batches += [[f for f in demo if f.shape == shape] for shape in {f.shape for f in demo}]
-    n_ref = matched = extra = 0
-    worst_prob = 0.0
-    for frames in batches:
-        boxes, probs, index = mtcnn(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2))
-        ours = torch.cat([boxes, probs[:, None]], 1).numpy().astype(np.float64)
-        for k, ref in enumerate(_upstream(mtcnn, frames)):
-            mine = ours[index.numpy() == k]
-            n_ref += len(ref)
-            if not len(mine):
-                continue
-            iou = _iou(ref, mine) if len(ref) else np.zeros((0, len(mine)))
-            if len(ref):
+    groups = {"composited": [composited(16, 240, 320, seed) for seed in range(8)] + [composited(8, 360, 640, 8)],
+              "nested": [nested(16, 240, 320, seed) for seed in (9, 10)],
+              "demo": [[f for f in demo if f.shape == shape] for shape in {f.shape for f in demo}]}
+    total = 0
+    for name, batches in groups.items():  # each kind of scene meets the bounds on its own
+        n_ref = matched = extra = 0
+        worst_prob = 0.0
+        for frames in batches:
+            boxes, probs, index = mtcnn(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2))
+            ours = torch.cat([boxes, probs[:, None]], 1).numpy().astype(np.float64)
+            for k, ref in enumerate(_upstream(mtcnn, frames)):
+                mine = ours[index.numpy() == k]
+                n_ref += len(ref)
+                if not len(mine):
+                    continue
+                if not len(ref):
+                    extra += len(mine)
+                    continue
+                iou = _iou(ref, mine)
                 best = iou.argmax(1)
                 hit = iou[np.arange(len(ref)), best] >= 0.9
                 matched += int(hit.sum())
                 if hit.any():
                     worst_prob = max(worst_prob, float(np.abs(ref[hit, 4] - mine[best[hit], 4]).max()))
-            extra += int((iou.max(0, initial=0) < 0.9).sum()) if len(ref) else len(mine)
-    assert n_ref >= 500
-    assert matched >= 0.99 * n_ref and extra <= 0.01 * n_ref
-    assert worst_prob <= 0.01
+                extra += int((iou.max(0) < 0.9).sum())
+        assert matched >= 0.99 * n_ref and extra <= 0.01 * n_ref and worst_prob <= 0.01, (name, n_ref, matched, extra)
+        total += n_ref
+    assert total >= 500
 
 
 def test_device_crops_match_pil(mtcnn):
@@ -118,14 +144,18 @@ def test_device_crops_match_pil(mtcnn):
     from aver.models import Student
 
     detector = FaceDetector(FaceDetectorConfig(), device="cpu")
-    frames = composited(12, 240, 320, 20) + demo_frames(8, 1)[:4]
+    # faces from 28 px (enlarged) to 700 px (shrunk 5x: antialiasing matters) in frames up to 720p
+    frames = composited(12, 240, 320, 20) + nested(3, 720, 1280, 21) + demo_frames(8, 1)[:4]
     found = detector.detect(frames)
     boxes = [[d.box for d in dets] for dets in found]
     edge = np.array([-30.0, 150.0, 60.0, 260.0])  # partly outside: padded black
     mine = detector.crops(frames + [frames[0]], boxes + [[edge]]).permute(0, 2, 3, 1).numpy()
     ref = np.stack([crop_face(f, b) for f, bs in zip(frames + [frames[0]], boxes + [[edge]]) for b in bs])
     assert len(ref) >= 20 and mine.shape == ref.shape
-    assert np.abs(mine.astype(int) - ref.astype(int)).mean() <= 2
+    diff = np.abs(mine.astype(int) - ref.astype(int))
+    assert diff.mean(axis=(1, 2, 3)).max() <= 2  # every crop
+    # on the CPU the kernel is PIL's own algorithm: within 1 almost everywhere (unfiltered: 71 %)
+    assert (diff <= 1).mean(axis=(1, 2, 3)).min() >= 0.99
     torch.manual_seed(0)
     student = Student().eval()
     with torch.no_grad():

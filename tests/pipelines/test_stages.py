@@ -43,6 +43,30 @@ def test_a_unit_that_breaks_a_shared_model_batch_fails_alone():
     assert all(getattr(r, "images", None) is None for r in out)  # the model inputs do not travel on
 
 
+def test_only_cpu_model_actors_trim_the_heap_after_a_call(monkeypatch):
+    # Guards against: a GPU actor walking its whole heap (malloc_trim) between GPU batches, when
+    # what it holds of each batch is on the device; CPU actors must still trim (their activations).
+    import torch
+
+    from aver.pipelines import stages
+
+    trims = []
+    monkeypatch.setattr(stages, "trim_heap", lambda: trims.append(1))
+
+    class Identity(stages.ModelStage):
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def run(self, records):
+            pass
+
+    batch = stages.pack([_Numbers(unit=Unit("u0", []), images=1)])
+    Identity("cuda")(batch)  # a device that is named, not used: nothing here runs on it
+    assert trims == []
+    Identity("cpu")(batch)
+    assert trims == [1]
+
+
 def test_records_travel_with_their_arrays_out_of_band():
     # Guards against: a record's arrays copied out of the block when a stage reads it (a segment of
     # 32 720p frames is 110 MB: the model actor spent 2 CPU-s a minute of video copying them).

@@ -42,7 +42,8 @@ class MTCNN(nn.Module):
         from facenet_pytorch.models.utils.detect_face import bbreg, rerec
         from torchvision.ops import batched_nms
 
-        pixels = images.to(next(self.parameters()).dtype)
+        # planar before the pyramid: area resampling of channels-last frames is 1.5x slower on CPU
+        pixels = images.contiguous().to(next(self.parameters()).dtype)
         sums = _integral(images)
         boxes, index = self._propose(pixels)
         # R-Net: keep, NMS per image, regress, square
@@ -102,7 +103,8 @@ def _integral(images: torch.Tensor) -> torch.Tensor:
     """``[N,3,H+1,W+1]`` int32 sums of the pixels above and left of each corner (exact: a 4K frame's
     total is under 2**31)."""
     n, c, h, w = images.shape
-    sums = images.new_zeros((n, c, h + 1, w + 1), dtype=torch.int32)
+    sums = images.new_empty((n, c, h + 1, w + 1), dtype=torch.int32)
+    sums[:, :, 0], sums[:, :, :, 0] = 0, 0
     sums[:, :, 1:, 1:] = images
     return sums.cumsum_(2).cumsum_(3)  # in place: 3x faster than cumsum's copies and a pad on CPU
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, TrackedFrame, detect_frames,
-                        frame_segments, track_frames, with_crops)
+                        detection_view, frame_segments, track_frames, with_crops)
 from aver.faults import with_retries
 from aver.io.media import (FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, decode_threads, list_inputs,
                            load_image)
@@ -87,6 +87,8 @@ class FacesRecord(Record):
 
     images: list[tuple[InputItem, np.ndarray]] | None = None
     """A chunk's decoded images (model input)."""
+    views: list[tuple[np.ndarray, float]] | None = None
+    """The images' :func:`~aver.faces.detection_view` (model input, made in the load task)."""
     statuses: list[dict] = field(default_factory=list)
     """Status rows of a chunk's images (those that did not load, then the rest once detected)."""
     faces: pa.Table | None = None
@@ -116,8 +118,9 @@ def load_images(items: list[InputItem],
 def image_rows(loaded: list[tuple[InputItem, np.ndarray]], detections: list, detector: FaceDetector,
                cfg: ExtractFacesConfig) -> tuple[list[dict], list[dict]]:
     """One faces row per image (its most confident face, or nulls) and one status row per image;
-    a detection given as ``(None, failure)`` (the image broke the detector) costs its own row only."""
-    rows, statuses = [], []
+    a detection given as ``(None, failure)`` (the image broke the detector) costs its own row only.
+    The crops are cut and encoded together, on the detector's device."""
+    rows, statuses, found = [], [], []
     for (item, img), dets in zip(loaded, detections):
         source = redact(item.source)
         if isinstance(dets, tuple):  # (detections, failure) from the one-by-one pass
@@ -126,14 +129,17 @@ def image_rows(loaded: list[tuple[InputItem, np.ndarray]], detections: list, det
                 statuses.append(status_row("video_id", item.item_id, source, *failure))
                 continue
         best = next((d for d in dets if d.prob >= cfg.tracker.high_prob), None)  # the most confident face
+        found.append((img, best))
         rows.append({
             "video_id": item.item_id, "source": source, "crop_id": crop_id(item.item_id, 0),
             "frame_index": 0, "timestamp_s": 0.0, "track_id": 0 if best else None,
             "box": [float(v) for v in best.box] if best else None,
             "prob": float(best.prob) if best else None,
-            "crop": detector.crop(img, best.box) if best else None,
         })
         statuses.append(status_row("video_id", item.item_id, source, "ok" if best else "no_face", n_frames=1))
+    crops = iter(detector.encode(detector.crops([img for img, _ in found], [[b.box] if b else [] for _, b in found])))
+    for row, (_, best) in zip(rows, found):
+        row["crop"] = next(crops) if best else None
     return rows, statuses
 
 
@@ -155,7 +161,8 @@ def load_unit(unit: Unit, cfg: ExtractFacesConfig) -> FacesRecord | Iterator[Fac
     items = [InputItem(**i) for i in unit.items]
     if items[0].kind == "image":
         loaded, statuses = load_images(items, cfg)
-        return FacesRecord(unit=unit, images=loaded, statuses=statuses)
+        views = [detection_view(img, cfg.detector) for _, img in loaded]  # CPU work the model's actor skips
+        return FacesRecord(unit=unit, images=loaded, views=views, statuses=statuses)
     return _video_segments(unit, items[0], cfg)
 
 
@@ -175,7 +182,7 @@ class FaceExtractor(ModelStage):
     """Model stage (Ray Data actor): one FaceDetector (GPU when given one); the images of several
     chunks, or the frames of several video segments, are detected together."""
 
-    consumed = ("images", "frames")
+    consumed = ("images", "views", "frames")
 
     def __init__(self, cfg: ExtractFacesConfig) -> None:
         self.cfg = cfg
@@ -185,11 +192,12 @@ class FaceExtractor(ModelStage):
     def run(self, records: list[FacesRecord]) -> None:
         chunks = [r for r in records if r.images is not None]
         loaded = [pair for r in chunks for pair in r.images]
+        views = [v for r in chunks for v in r.views]
         try:
-            detections = self.detector.detect([img for _, img in loaded]) if loaded else []
+            detections = self.detector.detect([img for _, img in loaded], views) if loaded else []
         except Exception:  # noqa: BLE001 - find the image that broke the batch: each alone
-            detections = [guarded(lambda: self.detector.detect([img])[0], self.cfg.retry, item.source)
-                          for item, img in loaded]
+            detections = [guarded(lambda: self.detector.detect([img], [view])[0], self.cfg.retry, item.source)
+                          for (item, img), view in zip(loaded, views)]
         start = 0
         for r in chunks:
             n = len(r.images)

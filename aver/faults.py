@@ -13,8 +13,9 @@ import errno
 import logging
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from aver.io.storage import redact
 
@@ -163,3 +164,23 @@ def verdict(exc: BaseException, what: str) -> tuple[str, str]:
     elif status == "failed":
         log.warning("%s: gave up after retries: %s", redact(what), text)
     return status, text
+
+
+def guarded(fn: Callable[[], T], policy: RetryPolicy, what: str) -> tuple[T | None, tuple[str, str] | None]:
+    """``(fn(), None)``, or ``(None, (status, error))`` for whatever it raised once transient
+    faults were retried: one input's failure never reaches its neighbours."""
+    try:
+        return with_retries(fn, policy, what), None
+    except Exception as e:  # noqa: BLE001 - every failure of one input becomes its status row
+        return None, verdict(e, what)
+
+
+def guarded_map(fn: Callable[[Any], T], items: list, threads: int, policy: RetryPolicy,
+                source: Callable[[Any], str]) -> list[tuple[T | None, tuple[str, str] | None]]:
+    """:func:`guarded` ``fn(item)`` for every item, ``threads`` at a time (reads from remote storage
+    are latency-bound: a task that waits for one GET at a time spends its time waiting), in the
+    items' order."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(lambda item: guarded(lambda: fn(item), policy, source(item)), items))

@@ -134,6 +134,15 @@ PLANTED = {
     "MTCNN's NMS asks the host about every box": (
         "aver/models/mtcnn.py", "        keep &= ~(suppresses[k] & keep[k])",
         "        if keep[k]:\n            keep &= ~suppresses[k]", ["tests/models/test_mtcnn.py", "-k", "host"]),
+    "DDP gradients never sent in bf16": (
+        "aver/train/harness.py", "DistributedDataParallel) and cfg.bf16_gradients:", "DistributedDataParallel) and False:",
+        ["tests/train/test_harness.py", "-k", "bf16"]),
+    "training images read one at a time": (
+        "aver/data/faces.py", "faces, reading.io_threads, reading.retry,", "faces, 1, reading.retry,",
+        ["tests/data/test_faces.py", "-k", "in_flight"]),
+    "unreadable training images dropped without a count": (
+        "aver/data/faces.py", "    if failed and reading.dropped is not None:", "    if False:",
+        ["tests/data/test_faces.py", "-k", "in_flight"]),
     "GPU model actors trim the heap after every call": (
         "aver/pipelines/stages.py", 'if getattr(self.device, "type", "cpu") == "cpu":', "if True:",
         ["tests/pipelines/test_stages.py", "-k", "trim"]),

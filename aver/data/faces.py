@@ -4,6 +4,8 @@ crops. Cropping runs as Ray Data CPU tasks; unreadable images are dropped and co
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -11,27 +13,72 @@ import pyarrow as pa
 from aver.constants import CROP_SIZE, DISTILL_DIM
 from aver.data.manifests import Manifest, read_affectnet, read_fec
 from aver.faces import crop_face
-from aver.faults import MediaError
+from aver.faults import RetryPolicy, guarded_map
 from aver.io.media import load_image
 from aver.io.storage import redact, url_to_fs
 
 log = logging.getLogger("aver")
 
 
-def _crop(source: str, box=None, box_frac=None, margin: float = 0.2, storage_options=None) -> np.ndarray | None:
-    try:
-        image = load_image(source, storage_options=storage_options)
-    except MediaError as e:
-        log.warning("dropped %s: %s", redact(source), e)  # counted in the task's log, never silent
-        return None
-    if box_frac is not None:
+class DroppedImages:
+    """Ray actor (no CPUs) of a training run: the images each source's read tasks could not read
+    (after retries) and dropped from their batches, counted once per image however often it is
+    read again. The train loop reports the counts with each epoch's metrics."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, set[str]] = {}
+
+    def add(self, source: str, images: list[str]) -> None:
+        self.images.setdefault(source, set()).update(images)
+
+    def counts(self) -> dict[str, int]:
+        return {source: len(images) for source, images in self.images.items()}
+
+
+@dataclass
+class Reading:
+    """How the training datasets read their images: the same for every face source."""
+
+    margin: float = 0.2
+    """Context around a face box, as a fraction of its larger side (as extract_faces crops)."""
+    storage_options: dict | None = None
+    """fsspec options of the images' storage."""
+    io_threads: int = 16
+    """Image reads in flight per read task (an S3 GET waits 20-50 ms: one at a time, the GPU would wait)."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """How a transient storage fault is retried before the image counts as dropped."""
+    dropped: Any = None
+    """The run's :class:`DroppedImages` actor (None: dropped images are only logged)."""
+
+
+def _crop(face: dict, reading: Reading) -> np.ndarray:
+    image = load_image(face["source"], storage_options=reading.storage_options)
+    box = face.get("box")
+    if face.get("box_frac") is not None:
         h, w = image.shape[:2]
-        box = (box_frac[0] * w, box_frac[1] * h, box_frac[2] * w, box_frac[3] * h)
+        f = face["box_frac"]
+        box = (f[0] * w, f[1] * h, f[2] * w, f[3] * h)
     if box is None:
         from PIL import Image
 
         return np.asarray(Image.fromarray(image).resize((CROP_SIZE, CROP_SIZE), Image.BILINEAR))
-    return crop_face(image, box, size=CROP_SIZE, margin=margin)
+    return crop_face(image, tuple(box), size=CROP_SIZE, margin=reading.margin)
+
+
+def read_crops(faces: list[dict], what: str, reading: Reading) -> list[np.ndarray | None]:
+    """The 140x140 crop of every face (``source``, and ``box`` in pixels or ``box_frac`` of the
+    image, or neither: the whole image resized), ``reading.io_threads`` reads in flight, each
+    retried; None for an image that could not be read, which is logged and counted under ``what``."""
+    results = guarded_map(lambda face: _crop(face, reading), faces, reading.io_threads, reading.retry,
+                          lambda face: face["source"])
+    failed = []
+    for face, (_, failure) in zip(faces, results):
+        if failure:
+            failed.append(redact(face["source"]))
+            log.warning("%s: dropped %s: %s", what, failed[-1], failure[1])
+    if failed and reading.dropped is not None:
+        reading.dropped.add.remote(what, failed)
+    return [crop for crop, _ in results]
 
 
 def with_images(m: Manifest, sources, what: str, hint: str, storage_options=None) -> list[dict]:
@@ -52,15 +99,15 @@ def with_images(m: Manifest, sources, what: str, hint: str, storage_options=None
     return kept
 
 
-def _affectnet_batch(batch: dict, margin: float, storage_options) -> dict:
-    images, keep = [], []
-    for source, box in zip(batch["source"], batch["box"]):
-        crop = _crop(source, box=tuple(box), margin=margin, storage_options=storage_options)
-        keep.append(crop is not None)
-        images.append(crop if crop is not None else np.zeros((CROP_SIZE, CROP_SIZE, 3), np.uint8))
-    keep = np.array(keep, bool)
-    return {"crop_id": np.asarray(batch["crop_id"])[keep], "image": np.stack(images)[keep],
+def _affectnet_batch(batch: dict, reading: Reading) -> dict:
+    crops = read_crops([{"source": s, "box": b} for s, b in zip(batch["source"], batch["box"])], "affectnet", reading)
+    keep = np.array([c is not None for c in crops], bool)
+    return {"crop_id": np.asarray(batch["crop_id"])[keep], "image": _stack([c for c in crops if c is not None]),
             "label": np.asarray(batch["label"], np.int64)[keep], **_kept_targets(batch, keep)}
+
+
+def _stack(crops: list[np.ndarray]) -> np.ndarray:
+    return np.stack(crops) if crops else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
 
 
 def _kept_targets(batch: dict, keep: np.ndarray) -> dict:
@@ -113,48 +160,48 @@ def _rows(rows: list[dict], shuffled: bool):
     return ds.randomize_block_order() if shuffled else ds
 
 
-def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
-                      storage_options: dict | None = None, shuffled: bool = False, targets: str | None = None,
-                      num_cpus: float = 1.0):
+def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, reading: Reading | None = None,
+                      shuffled: bool = False, targets: str | None = None, num_cpus: float = 1.0):
     """Rows ``crop_id``, ``image`` (140x140x3 uint8), ``label`` (0-7); returns (dataset, rejected rows).
+    ``reading``: how images are read (storage, reads in flight, retries, the drop counter).
     ``shuffled``: the rows' blocks in a fresh order every pass (see :func:`_rows`). ``targets``: a
     distill output whose targets join the rows (``target``, ``has_target``). ``num_cpus``: per
     read-and-crop task."""
-    m = read_affectnet(csv_uri, images_root, storage_options)
+    reading = reading or Reading()
+    so = reading.storage_options
+    m = read_affectnet(csv_uri, images_root, so)
     records = with_images(m, lambda r: [r["source"]], f"AffectNet {redact(csv_uri)}",
-                          "is images_root (--affectnet-images) the folder of Manually_Annotated_Images?",
-                          storage_options)
+                          "is images_root (--affectnet-images) the folder of Manually_Annotated_Images?", so)
     rows = [{"crop_id": r["crop_id"], "source": r["source"], "box": list(r["box"]), "label": r["label"]}
             for r in records]
-    ds = _rows(_with_targets(rows, targets, storage_options), shuffled).map_batches(
-        _affectnet_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=64,
-        num_cpus=num_cpus)
+    ds = _rows(_with_targets(rows, targets, so), shuffled).map_batches(
+        _affectnet_batch, fn_kwargs={"reading": reading}, batch_size=64, num_cpus=num_cpus)
     return ds, m.rejected
 
 
-def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
+def _fec_batch(batch: dict, reading: Reading) -> dict:
     out = {"i": [], "j": [], "k": [], "type": [], "i_id": [], "j_id": [], "k_id": []}
     with_targets = "targets" in batch
     if with_targets:
         out.update({f"{key}_{x}": [] for key in ("target", "has_target") for x in "ijk"})
+    # every image of the batch's triplets read together; a triplet with an unreadable image is dropped
+    faces = [{"source": f["source"], "box_frac": f["box_frac"]} for row in batch["faces"] for f in row]
+    crops = iter(read_crops(faces, "fec", reading))
     rows = zip(batch["faces"], batch["pair"], batch["odd"], batch["type"])
     for row, (faces, pair, odd, kind) in enumerate(rows):
-        crops = [_crop(f["source"], box_frac=tuple(f["box_frac"]), margin=margin, storage_options=storage_options)
-                 for f in faces]
-        if any(c is None for c in crops):
+        mine = [next(crops) for _ in faces]
+        if any(c is None for c in mine):
             continue
-        out["i"].append(crops[int(pair[0])])
-        out["j"].append(crops[int(pair[1])])
-        out["k"].append(crops[int(odd)])
+        out["i"].append(mine[int(pair[0])])
+        out["j"].append(mine[int(pair[1])])
+        out["k"].append(mine[int(odd)])
         out["type"].append(int(kind))
         for x, index in (("i", pair[0]), ("j", pair[1]), ("k", odd)):
             out[f"{x}_id"].append(faces[int(index)]["crop_id"])
             if with_targets:
                 out[f"target_{x}"].append(batch["targets"][row][int(index)])
                 out[f"has_target_{x}"].append(bool(batch["has_targets"][row][int(index)]))
-    empty = np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
-    done = {**{k: np.stack(out[k]) if out[k] else empty for k in ("i", "j", "k")},
-            "type": np.asarray(out["type"], np.int64),
+    done = {**{k: _stack(out[k]) for k in ("i", "j", "k")}, "type": np.asarray(out["type"], np.int64),
             **{k: np.asarray(out[k], dtype=object) for k in ("i_id", "j_id", "k_id")}}
     if with_targets:
         dim = DISTILL_DIM
@@ -163,54 +210,50 @@ def _fec_batch(batch: dict, margin: float, storage_options) -> dict:
     return done
 
 
-def fec_dataset(csv_uri: str, images_root: str | None = None, *, margin: float = 0.2,
-                storage_options: dict | None = None, shuffled: bool = False, targets: str | None = None,
-                num_cpus: float = 1.0):
+def fec_dataset(csv_uri: str, images_root: str | None = None, *, reading: Reading | None = None,
+                shuffled: bool = False, targets: str | None = None, num_cpus: float = 1.0):
     """Rows ``i``, ``j`` (the annotated most-similar pair), ``k`` (the odd one) as 140x140x3 uint8
     crops, their crop ids ``i_id``/``j_id``/``k_id`` and ``type`` (0/1/2 = one/two/three-class);
-    triplets with a missing image are dropped; ``shuffled`` as in :func:`affectnet_dataset`;
-    ``targets`` joins each image's (``target_i``/``_j``/``_k``, ``has_target_i``/``_j``/``_k``);
-    ``num_cpus`` per read-and-crop task."""
-    m = read_fec(csv_uri, images_root, storage_options)
+    triplets with a missing image are dropped; ``reading`` and ``shuffled`` as in
+    :func:`affectnet_dataset`; ``targets`` joins each image's (``target_i``/``_j``/``_k``,
+    ``has_target_i``/``_j``/``_k``); ``num_cpus`` per read-and-crop task."""
+    reading = reading or Reading()
+    so = reading.storage_options
+    m = read_fec(csv_uri, images_root, so)
     records = with_images(m, lambda r: [f["source"] for f in r["faces"]], f"FEC triplets {redact(csv_uri)}",
-                          "run jobs/fetch_fec.py on this CSV first", storage_options)
+                          "run jobs/fetch_fec.py on this CSV first", so)
     rows = [{"faces": [{"source": f["source"], "box_frac": list(f["box_frac"]), "crop_id": f["crop_id"]}
                        for f in r["faces"]],
              "pair": list(r["pair"]), "odd": r["odd"], "type": r["type"]} for r in records]
     if targets:
-        found = distill_targets(targets, {f["crop_id"] for r in rows for f in r["faces"]}, storage_options)
+        found = distill_targets(targets, {f["crop_id"] for r in rows for f in r["faces"]}, so)
         for r in rows:
             joined = [_target(found, f["crop_id"]) for f in r["faces"]]
             r["targets"] = np.stack([t["target"] for t in joined])
             r["has_targets"] = np.array([t["has_target"] for t in joined])
-    ds = _rows(rows, shuffled).map_batches(
-        _fec_batch, fn_kwargs={"margin": margin, "storage_options": storage_options}, batch_size=32,
-        num_cpus=num_cpus)
+    ds = _rows(rows, shuffled).map_batches(_fec_batch, fn_kwargs={"reading": reading}, batch_size=32,
+                                           num_cpus=num_cpus)
     return ds, m.rejected
 
 
-def _image_batch(batch: dict, storage_options) -> dict:
-    images, keep = [], []
-    for source in batch["source"]:
-        crop = _crop(source, storage_options=storage_options)
-        keep.append(crop is not None)
-        if crop is not None:
-            images.append(crop)
-    keep = np.array(keep, bool)
+def _image_batch(batch: dict, reading: Reading) -> dict:
+    crops = read_crops([{"source": s} for s in batch["source"]], "unlabeled", reading)
+    keep = np.array([c is not None for c in crops], bool)
     return {"crop_id": np.asarray(batch["crop_id"], dtype=object)[keep],
-            "image": np.stack(images) if images else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8),
-            **_kept_targets(batch, keep)}
+            "image": _stack([c for c in crops if c is not None]), **_kept_targets(batch, keep)}
 
 
-def unlabeled_dataset(uri: str, storage_options: dict | None = None, shuffled: bool = False,
+def unlabeled_dataset(uri: str, *, reading: Reading | None = None, shuffled: bool = False,
                       targets: str | None = None):
     """Rows ``crop_id`` (the image's item id, as distill names it) and ``image`` (resized to 140);
-    ``shuffled`` and ``targets`` as in :func:`affectnet_dataset`."""
+    ``reading``, ``shuffled`` and ``targets`` as in :func:`affectnet_dataset`."""
     from aver.io.media import IMAGE_EXTENSIONS, list_inputs
 
-    items = [i for i in list_inputs(uri, storage_options, IMAGE_EXTENSIONS) if i.kind == "image"]
+    reading = reading or Reading()
+    so = reading.storage_options
+    items = [i for i in list_inputs(uri, so, IMAGE_EXTENSIONS) if i.kind == "image"]
     if not items:
         raise ValueError(f"no images under {uri}")
     rows = [{"crop_id": i.item_id, "source": i.source} for i in items]
-    return _rows(_with_targets(rows, targets, storage_options), shuffled).map_batches(_image_batch, fn_kwargs={"storage_options": storage_options},
-                                                 batch_size=64)
+    return _rows(_with_targets(rows, targets, so), shuffled).map_batches(
+        _image_batch, fn_kwargs={"reading": reading}, batch_size=64)

@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 from aver.constants import CROP_SIZE, DISTILL_DIM
 from aver.data.manifests import is_affectnet_csv, is_fec_csv, read_affectnet, read_fec
 from aver.faces import crop_face
-from aver.faults import MediaError, is_transient, with_retries
+from aver.faults import MediaError, guarded_map, is_transient, with_retries
 from aver.io.media import IMAGE_EXTENSIONS, InputItem, items_in_listing, list_inputs, load_image, resize_crops
 from aver.io.storage import absolute, redact, split_credentials, url_to_fs
 from aver.io.streaming import first_and_rest
 from aver.pipelines.cluster import actor_setup, connect
 from aver.pipelines.ledger import Plan, Unit, commit, plan, status_row
-from aver.pipelines.stages import ActorPoolConfig, ModelStage, Record, Records, guarded_map, run_stages, summarise
+from aver.pipelines.stages import ActorPoolConfig, ModelStage, Record, Records, run_stages, summarise
 
 if TYPE_CHECKING:  # torch and the models load in the model actors only, not in the CPU tasks
     import torch
@@ -207,7 +207,7 @@ def load_unit(unit: Unit, cfg: DistillConfig) -> TargetsRecord | Iterator[Target
             box = (frac[0] * w, frac[1] * h, frac[2] * w, frac[3] * h)
         return crop_face(image, box, size=CROP_SIZE, margin=cfg.margin) if box is not None else image
 
-    loaded = guarded_map(load, unit.items, cfg, lambda e: e["source"])
+    loaded = guarded_map(load, unit.items, cfg.io_threads, cfg.retry, lambda e: e["source"])
     ids, images, statuses = [], [], []
     for entry, (image, failure) in zip(unit.items, loaded):
         source = redact(entry["source"])

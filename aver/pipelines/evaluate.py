@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from aver.console import Progress, init_ray
-from aver.data.faces import affectnet_dataset, fec_dataset
+from aver.data.faces import Reading, affectnet_dataset, fec_dataset
 from aver.data.manifests import affectnet_csv, affectnet_images_root
 from aver.data.prefix_store import PrefixStore, prefix_store_folder
 from aver.data.recola import SessionWindows, session_windows
@@ -177,17 +177,19 @@ def face_metrics(cfg: EvaluateConfig, students: dict[str, str]) -> dict[str, dic
         h.update(_path(cfg, rel).encode())
     folder = join(cfg.output, "embeddings", h.hexdigest()[:16])
 
+    reading = Reading(storage_options=so)
+
     def affectnet(split: str, rel: str | None):
         csv = _path(cfg, rel) if rel else affectnet_csv(_path(cfg, "affectnet"), split, so)
         images = _path(cfg, cfg.affectnet_images) if cfg.affectnet_images else affectnet_images_root(csv, so)
-        return affectnet_dataset(csv, images, storage_options=so, num_cpus=cfg.cpus_per_task)[0]
+        return affectnet_dataset(csv, images, reading=reading, num_cpus=cfg.cpus_per_task)[0]
 
     tr, te = (_embeddings(cfg, students, f"affectnet_{split}", lambda name=name, rel=rel: affectnet(name, rel),
                           ("image",), "embedding", folder)
               for split, name, rel in (("train", "training", cfg.affectnet_train),
                                        ("eval", "validation", cfg.affectnet_eval)))
     e = _embeddings(cfg, students, "fec_eval",
-                    lambda: fec_dataset(_path(cfg, cfg.fec_eval), storage_options=so, num_cpus=cfg.cpus_per_task)[0],
+                    lambda: fec_dataset(_path(cfg, cfg.fec_eval), reading=reading, num_cpus=cfg.cpus_per_task)[0],
                     ("i", "j", "k"), "fec", folder)
     return {name: {"affectnet_accuracy": balanced_logreg_accuracy(tr[f"{name}.image"], tr["label"],
                                                                   te[f"{name}.image"], te["label"]),

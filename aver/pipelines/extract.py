@@ -15,15 +15,14 @@ import pyarrow as pa
 
 from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, TrackedFrame, detect_frames,
                         detection_view, frame_segments, track_frames, with_crops)
-from aver.faults import with_retries
+from aver.faults import guarded, guarded_map, with_retries
 from aver.io.media import (FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, decode_threads, list_inputs,
                            load_image)
 from aver.io.storage import redact
 from aver.pipelines.cluster import actor_setup, connect
 from aver.pipelines.ledger import Plan, Unit, commit, plan, status_row
-from aver.pipelines.stages import (CLIP_S, ActorPoolConfig, ModelStage, Record, Records, check_clip_s, guarded,
-                                   guarded_map, plan_long_inputs, run_stages, say_clips,
-                                   summarise)
+from aver.pipelines.stages import (CLIP_S, ActorPoolConfig, ModelStage, Record, Records, check_clip_s,
+                                   plan_long_inputs, run_stages, say_clips, summarise)
 from aver.tracking import FaceTracker, TrackerConfig
 
 FACES_SCHEMA = pa.schema([
@@ -105,7 +104,7 @@ def load_images(items: list[InputItem],
                 cfg: ExtractFacesConfig) -> tuple[list[tuple[InputItem, np.ndarray]], list[dict]]:
     """The images that load (``io_threads`` reads in flight), and a status row for each that does not."""
     results = guarded_map(lambda item: item.check() or load_image(item.source, storage_options=cfg.storage_options),
-                          items, cfg, lambda item: item.source)
+                          items, cfg.io_threads, cfg.retry, lambda item: item.source)
     loaded, statuses = [], []
     for item, (image, failure) in zip(items, results):
         if failure:
@@ -207,7 +206,7 @@ class FaceExtractor(ModelStage):
         segments = [r for r in records if r.frames]
         frames = [f for r in segments for f in r.frames]
         found, crops = detect_frames(self.detector, frames) if frames else ([], [])
-        found = with_crops(found, self.detector.encode(crops) if len(crops) else [])
+        found = with_crops(found, self.detector.encode(crops))
         start = 0
         for r in segments:
             n = len(r.frames)

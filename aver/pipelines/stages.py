@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import json
 import pickle
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
-from aver.faults import RETRIED, RetryPolicy, verdict, with_retries
+from aver.faults import RETRIED, RetryPolicy, guarded_map, verdict, with_retries
 from aver.io.parts import join, remove
 from aver.io.storage import absolute, read_bytes, redact, register_secrets, split_credentials, write_bytes_atomic
 from aver.io.streaming import trim_heap
@@ -119,25 +118,6 @@ class Record:
 
 Records = Callable[[], Iterator[Record]]
 """A unit's records in order, read again (from the staging area) each time it is called."""
-
-
-def guarded(fn: Callable[[], Any], policy: RetryPolicy, what: str) -> tuple[Any, tuple[str, str] | None]:
-    """``(fn(), None)``, or ``(None, (status, error))`` for whatever it raised once transient
-    faults were retried: one input's failure never reaches its neighbours."""
-    try:
-        return with_retries(fn, policy, what), None
-    except Exception as e:  # noqa: BLE001 - every failure of one input becomes its status row
-        return None, verdict(e, what)
-
-
-def guarded_map(fn: Callable[[Any], Any], items: list, cfg: ActorPoolConfig,
-                source: Callable[[Any], str]) -> list[tuple[Any, tuple[str, str] | None]]:
-    """:func:`guarded` ``fn(item)`` for every item, ``cfg.io_threads`` at a time (reads from remote
-    storage are latency-bound), in the items' order."""
-    if not items:
-        return []
-    with ThreadPoolExecutor(min(cfg.io_threads, len(items))) as pool:
-        return list(pool.map(lambda item: guarded(lambda: fn(item), cfg.retry, source(item)), items))
 
 
 def _load_stage(batch: dict, load: Callable, cfg: ActorPoolConfig, segments=None) -> Iterator[dict]:
@@ -631,7 +611,8 @@ def _probe_videos(items: list[dict], cfg: ActorPoolConfig, clip_s: float) -> dic
 
     register_secrets(cfg.storage_options)
     got = guarded_map(lambda item: probe_video(item["source"], storage_options=cfg.storage_options,
-                                               longer_than=clip_s), items, cfg, lambda item: item["source"])
+                                               longer_than=clip_s), items, cfg.io_threads, cfg.retry,
+                      lambda item: item["source"])
     # a video that cannot be probed is read whole: reading it decides its status
     return {item["item_id"]: probe for item, (probe, _) in zip(items, got) if probe is not None}
 

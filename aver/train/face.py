@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aver.data.faces import affectnet_dataset, fec_dataset, unlabeled_dataset
+from aver.data.faces import DroppedImages, Reading, affectnet_dataset, fec_dataset, unlabeled_dataset
 from aver.io.streaming import trim_heap
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models import Student, Teacher, TeacherConfig, autocast, to_device
@@ -171,6 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
     trained = sum(int(h.get("steps", 0)) for h in history)
     fec_iter = source("fec", ("i", "j", "k"), cfg.seed + 1).stream(trained)
     unl_iter = source("unlabeled", ("image",), cfg.seed + 2).stream(trained) if cfg.unlabeled_uri else None
+    datasets = ("affectnet", "fec", "unlabeled") if unl_iter is not None else ("affectnet", "fec")
     keys = ("loss", "loss_rkd") if distill else ("loss",)
     keys += ("loss_fec", "loss_affectnet", "accuracy", "triplet_accuracy")
     for epoch in epochs(cfg, start, optimizer):
@@ -234,7 +235,17 @@ def train_loop_per_worker(config: dict) -> None:
         recent.clear()
         trim_heap()
         metrics = {name: {k: v / max(steps, 1) for k, v in t.items()} for name, t in totals.items()}
-        history = report_epoch(epoch, metrics, model, optimizer, history, cfg, shared={"steps": steps})
+        history = report_epoch(epoch, metrics, model, optimizer, history, cfg,
+                               shared={"steps": steps, **dropped_images(config.get("dropped"), datasets)})
+
+
+def dropped_images(counter, sources: tuple[str, ...]) -> dict[str, int]:
+    """``dropped_SOURCE``: the images of each source that could not be read so far in this run
+    (they are left out of its batches), from the run's :class:`~aver.data.faces.DroppedImages`."""
+    import ray
+
+    counts = ray.get(counter.counts.remote()) if counter is not None else {}
+    return {f"dropped_{s}": counts.get(s, 0) for s in sources}
 
 
 def run(cfg: FaceTrainConfig) -> dict[str, list[dict]] | None:
@@ -243,17 +254,21 @@ def run(cfg: FaceTrainConfig) -> dict[str, list[dict]] | None:
     job = "train_student" if isinstance(cfg, StudentTrainConfig) else "train_teacher"
     if not begin(cfg, job):
         return None
-    so = cfg.storage_options or None
+    import ray
+
     targets = cfg.targets_uri
-    affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, storage_options=so, shuffled=True,
+    dropped = ray.remote(num_cpus=0)(DroppedImages).remote()
+    reading = Reading(storage_options=cfg.storage_options or None, io_threads=cfg.io_threads, retry=cfg.retry,
+                      dropped=dropped)
+    affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, reading=reading, shuffled=True,
                                      targets=targets)
-    fec, _ = fec_dataset(cfg.fec, cfg.fec_images, storage_options=so, shuffled=True, targets=targets)
+    fec, _ = fec_dataset(cfg.fec, cfg.fec_images, reading=reading, shuffled=True, targets=targets)
     affectnet = affectnet.drop_columns(["crop_id"])  # ids only named the rows whose targets were joined
     fec = fec.drop_columns(["i_id", "j_id", "k_id"])
     datasets = {"affectnet": affectnet, "fec": fec}
     if isinstance(cfg, StudentTrainConfig):
         print(f"{job}: distillation {'on' if cfg.targets else 'off'}", flush=True)
     if cfg.unlabeled_uri:
-        unlabeled = unlabeled_dataset(cfg.unlabeled_uri, so, shuffled=True, targets=targets)
+        unlabeled = unlabeled_dataset(cfg.unlabeled_uri, reading=reading, shuffled=True, targets=targets)
         datasets["unlabeled"] = unlabeled.drop_columns(["crop_id"])
-    return fit(train_loop_per_worker, cfg, datasets, job)
+    return fit(train_loop_per_worker, cfg, datasets, job, {"dropped": dropped})

@@ -17,12 +17,14 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from aver.console import VERBOSE_ENV, init_ray, verbose
+from aver.faults import RetryPolicy
 from aver.io.parts import join
 from aver.models import autocast, save_checkpoint, skip_init
 from aver.models.weights import ship
 from aver.io.storage import absolute, exists, read_bytes, redact, url_to_fs, write_bytes_atomic
 
 LR_SCHEDULES = ("constant", "cosine")
+GRAD_COMMS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -60,6 +62,13 @@ class TrainConfig:
     """Print the metrics line every N epochs (and after the last)."""
     max_failures: int = 2
     """Worker-group restarts Ray Train may make; each resumes from the last checkpoint."""
+    io_threads: int = 16
+    """Image reads in flight per read task (an S3 GET waits 20-50 ms: one at a time, a GPU would wait)."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """How a read that fails transiently is retried before its image is dropped (and counted)."""
+    grad_comm: str = field(default="auto", metadata={"choices": GRAD_COMMS})
+    """How data-parallel workers exchange gradients: "bf16" (a DDP comm hook halves the all-reduce),
+    "fp32" (as computed), "auto" (bf16 on GPUs, fp32 on CPUs)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for OUTPUT (e.g. an S3 endpoint)."""
     fail_at: tuple[int, int] | None = field(default=None, metadata={"cli": False})
@@ -94,12 +103,23 @@ class TrainConfig:
             raise ValueError("lr > 0, weight_decay >= 0, cpus_per_worker > 0, max_failures >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.io_threads < 1:
+            raise ValueError("io_threads must be >= 1")
+        if isinstance(self.retry, dict):
+            self.retry = RetryPolicy(**self.retry)
+        if self.grad_comm not in GRAD_COMMS:
+            raise ValueError(f"grad_comm must be one of {GRAD_COMMS}, got {self.grad_comm!r}")
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a plain folder name, got {self.name!r}")
         if self.fail_at is not None:
             self.fail_at = tuple(self.fail_at)
         for name in self.path_fields:
             setattr(self, name, absolute(getattr(self, name)))
+
+    @property
+    def bf16_gradients(self) -> bool:
+        """Whether DDP all-reduces gradients in bf16 (``grad_comm``)."""
+        return self.grad_comm == "bf16" or (self.grad_comm == "auto" and self.use_gpu)
 
     def model_uri(self, name: str) -> str:
         return join(self.output, "models", f"{name}.pt")
@@ -179,10 +199,22 @@ def prepare_worker(cfg: TrainConfig, *, freeze: str | None = None, unused: tuple
         for name in unused:
             m.get_submodule(name).requires_grad_(False)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+    compress_gradients(model, cfg)
     core = model.module if hasattr(model, "module") else model
     opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = restore(model, opt)
     return model, core, opt, start, history, ray.train.torch.get_device()
+
+
+def compress_gradients(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """All-reduce a DDP model's gradients in bf16 when ``cfg.bf16_gradients`` (a DDP comm hook):
+    half the bytes of every step's all-reduce (DenseNet201's gradients: ~73 MB in fp32); the
+    optimizer still gets fp32 gradients, the bf16 sum cast back. A model that is not DDP (one
+    worker) has nothing to send."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and cfg.bf16_gradients:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        model.register_comm_hook(None, bf16_compress_hook)
 
 
 _epoch_started: dict[str, float] = {}
@@ -414,11 +446,12 @@ def _quiet_train() -> dict:
             "worker_runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}}
 
 
-def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, job: str) -> dict[str, list[dict]]:
-    """Run ``train_loop`` under a TorchTrainer (resuming a previous run of the same name), then
-    publish each variant of the last checkpoint as an aver checkpoint with its metric history;
-    says what it starts and, at the end, what it did and where the models and the logs are.
-    Returns ``{model name: history}``."""
+def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, job: str,
+        loop_config: dict | None = None) -> dict[str, list[dict]]:
+    """Run ``train_loop`` under a TorchTrainer (resuming a previous run of the same name; its config
+    ``{"cfg": cfg, **loop_config}``), then publish each variant of the last checkpoint as an aver
+    checkpoint with its metric history; says what it starts and, at the end, what it did and where
+    the models and the logs are. Returns ``{model name: history}``."""
     import time
 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -434,7 +467,7 @@ def fit(train_loop: Callable[[dict], None], cfg: TrainConfig, datasets: dict, jo
     storage_path, storage_fs = _storage(cfg)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, **(loop_config or {})},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,

@@ -63,3 +63,60 @@ def test_targets_join_the_rows_of_each_image(small_corpus, tmp_path, ray_local):
     rows = fec_dataset(data["fec"], targets=str(tmp_path / "d"))[0].take_all()
     assert all(check(rows, f"{x}_id", f"_{x}") == 6 for x in "ijk")
     assert unlabeled_dataset(str(small_corpus / "unlabeled"), targets=str(tmp_path / "d")).count() == 24
+
+
+class _Counter:
+    """Stands in for the run's DroppedImages actor in one process."""
+
+    def __init__(self):
+        from aver.data.faces import DroppedImages
+
+        self.actor = DroppedImages()
+        self.add = self  # counter.add.remote(...)
+
+    def remote(self, *args):
+        self.actor.add(*args)
+
+
+def test_reads_in_flight_retried_and_failures_counted(monkeypatch):
+    # Guards against: reads one at a time (each S3 GET waited for in turn), transient faults that
+    # drop an image instead of retrying it, and unreadable images dropped without being counted.
+    import threading
+    import time
+
+    import numpy as np
+
+    import aver.data.faces as faces
+    from aver.faults import MediaError, RetryPolicy
+
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0, "flaky": 0}
+
+    def slow_load(source, storage_options=None):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.1)  # a GET's latency
+        with lock:
+            state["now"] -= 1
+        if source.endswith("broken.jpg"):
+            raise MediaError("corrupt", "not an image")
+        if source.endswith("flaky.jpg") and state["flaky"] == 0:
+            state["flaky"] += 1
+            raise ConnectionResetError("connection reset")  # transient: tried again
+        return np.full((200, 180, 3), 120, np.uint8)
+
+    monkeypatch.setattr(faces, "load_image", slow_load)
+    counter = _Counter()
+    reading = faces.Reading(io_threads=8, retry=RetryPolicy(attempts=3, backoff_s=0.01), dropped=counter)
+    wanted = [{"source": f"s3://b/{i}.jpg"} for i in range(14)] + [{"source": "s3://b/broken.jpg"},
+                                                                    {"source": "s3://b/flaky.jpg"}]
+    t = time.monotonic()
+    crops = faces.read_crops(wanted, "unlabeled", reading)
+    took = time.monotonic() - t
+    assert state["most"] == 8 and took < 0.6  # 16 reads of 0.1 s, 8 at a time: ~0.3 s (one at a time: 1.6)
+    assert [c is None for c in crops] == [False] * 14 + [True, False]
+    assert all(c.shape == (140, 140, 3) and c.dtype == np.uint8 for c in crops if c is not None)
+    assert counter.actor.counts() == {"unlabeled": 1}
+    faces.read_crops(wanted[-2:-1], "unlabeled", reading)  # the same broken image read again: still one
+    assert counter.actor.counts() == {"unlabeled": 1}

@@ -351,3 +351,58 @@ def test_begin_ships_registry_weights_to_the_runs_storage(s3, tmp_path, monkeypa
                              storage_options=s3["options"])
     assert begin(cfg, "train_teacher")
     assert cfg.facenet == f"{out}/weights/{WEIGHTS['facenet-vggface2'].filename}"
+
+
+def _ddp_worker(rank: int, port: int, grad_comm: str, use_gpu: bool, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from aver.models import FusionModel
+    from aver.train.harness import compress_gradients
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(FusionModel(32, 16))
+    compress_gradients(model, TrainConfig(output="o", name="x", grad_comm=grad_comm, use_gpu=use_gpu))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(1 + rank)  # each worker its own batch
+    losses, grads = [], None
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 20, 32), torch.randn(4, 12, 16)).pow(2).mean()
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()]) if grads is None else grads  # step 1's
+        opt.step()
+        losses.append(loss.item())
+    torch.save({"hook": model._get_ddp_logging_data().get("comm_hook"), "grads": grads, "losses": losses,
+                "weights": [p.detach().clone() for p in model.parameters()]}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_ddp_gradients_all_reduced_in_bf16_when_asked(tmp_path):
+    # Guards against: the bf16 comm hook never registered (or registered on CPU runs by default),
+    # and a hook that lets the workers' weights drift apart.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    runs = {}
+    for grad_comm, use_gpu in (("bf16", False), ("auto", False)):
+        out = tmp_path / grad_comm
+        out.mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_ddp_worker, args=(port, grad_comm, use_gpu, str(out)), nprocs=2)
+        runs[grad_comm] = [torch.load(out / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["hook"] for r in runs["bf16"]] == ["bf16_compress_hook"] * 2
+    assert runs["auto"][0]["hook"] is None  # on CPUs, "auto" sends the gradients as computed
+    a, b = runs["bf16"]
+    assert all(torch.equal(x, y) for x, y in zip(a["weights"], b["weights"]))  # the workers stay one model
+    exact = runs["auto"][0]["grads"]
+    assert not torch.equal(a["grads"], exact)  # the sum really went through bf16 ...
+    assert torch.allclose(a["grads"], exact, rtol=2e-2, atol=1e-4)  # ... to bf16's precision
+    assert TrainConfig(output="o", name="x", use_gpu=True).bf16_gradients  # "auto" on GPUs

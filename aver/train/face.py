@@ -257,7 +257,11 @@ def run(cfg: FaceTrainConfig) -> dict[str, list[dict]] | None:
     import ray
 
     targets = cfg.targets_uri
-    dropped = ray.remote(num_cpus=0)(DroppedImages).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on the driver's node, which the job lives and dies with (a worker node may be lost mid-run)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    dropped = ray.remote(DroppedImages).options(num_cpus=0, scheduling_strategy=here).remote()
     reading = Reading(storage_options=cfg.storage_options or None, io_threads=cfg.io_threads, retry=cfg.retry,
                       dropped=dropped)
     affectnet, _ = affectnet_dataset(cfg.affectnet, cfg.affectnet_images, reading=reading, shuffled=True,

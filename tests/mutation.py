@@ -143,6 +143,9 @@ PLANTED = {
     "unreadable training images dropped without a count": (
         "aver/data/faces.py", "    if failed and reading.dropped is not None:", "    if False:",
         ["tests/data/test_faces.py", "-k", "in_flight"]),
+    "a frozen-prefix cache over its budget kept in the heap": (
+        "aver/train/batches.py", "        if self.limit is not None and self.held > self.limit:", "        if False:",
+        ["tests/train/test_batches.py", "-k", "mapped_file"]),
     "GPU model actors trim the heap after every call": (
         "aver/pipelines/stages.py", 'if getattr(self.device, "type", "cpu") == "cpu":', "if True:",
         ["tests/pipelines/test_stages.py", "-k", "trim"]),

@@ -55,9 +55,14 @@ class ShardBatches:
 
     def __init__(self, shard, image_columns: tuple[str, ...], encode: Callable, batch_size: int, *,
                  cache: bool, seed: int, drop_last: bool = False, store: PrefixStore | None = None,
-                 shuffle_buffer: int = 0) -> None:
+                 shuffle_buffer: int = 0, cache_bytes: int | None = None) -> None:
         self.shard, self.columns, self.encode, self.bs = shard, image_columns, encode, batch_size
         self.seed, self.cached, self.drop_last, self.store = seed, None, drop_last, store
+        self.cache_bytes = cache_bytes
+        """The most the cache keeps in this process's heap; a larger one goes to a memory-mapped
+        file on the node's local disk (None: no limit)."""
+        self.order = None
+        """The cached rows in the order of their content (their positions in the cache)."""
         self.shuffle_buffer = max(shuffle_buffer, 4 * batch_size)
         self.pass_length = 0
         """Batches in the last pass started (known once it ended)."""
@@ -78,6 +83,7 @@ class ShardBatches:
 
         parts: dict[str, list] = {}
         keys: list[bytes] = []
+        encoded = _Cache(self.cache_bytes)
         for b in self.shard.iter_batches(batch_size=64, batch_format="numpy"):
             for i in range(len(next(iter(b.values())))):
                 h = hashlib.sha1()
@@ -86,12 +92,15 @@ class ShardBatches:
                 keys.append(h.digest())
             for k, v in b.items():
                 if k in self.columns:
-                    v = self.store.encode(v, self.encode) if self.store is not None else self.encode(v).half().cpu()
-                parts.setdefault(k, []).append(v)
-        if not parts:
+                    encoded.add(k, self.store.encode(v, self.encode) if self.store is not None
+                                else self.encode(v).half().cpu())
+                else:
+                    parts.setdefault(k, []).append(v)
+        if not keys:
             raise RuntimeError("this worker's dataset shard is empty")
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        return {k: torch.cat(v)[order] if k in self.columns else np.concatenate(v)[order] for k, v in parts.items()}
+        # the rows stay where they were written; the content order is an index into them (no copy)
+        self.order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__))
+        return {**encoded.tensors(), **{k: np.concatenate(v) for k, v in parts.items()}}
 
     @property
     def steps(self) -> int | None:
@@ -118,7 +127,7 @@ class ShardBatches:
         end = len(order) - len(order) % self.bs if self.drop_last else len(order)
         self.pass_length = -(-end // self.bs)
         for s in range(skip * self.bs, end, self.bs):
-            idx = order[s:s + self.bs]
+            idx = self.order[order[s:s + self.bs]]
             yield {k: v[idx].float() if k in self.columns else v[idx.numpy()] for k, v in self.cached.items()}
 
     def stream(self, start: int = 0):
@@ -131,6 +140,68 @@ class ShardBatches:
                 return  # an empty shard
             start = max(0, start - self.pass_length)
             pass_ += 1
+
+
+class _Cache:
+    """Encoded rows, column by column, as they are added: in the heap up to ``limit`` bytes, then
+    all of them in files on the node's local disk, mapped into memory when done (the OS pages
+    them in and out: the process's own memory stays at a batch, and no copy is made to read
+    them in any order). The files are unlinked once mapped: a dead worker leaves none behind."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit, self.held, self.chunks = limit, 0, {}
+        self.folder: str | None = None
+        self.files: dict[str, list] = {}  # column -> [file, row shape, dtype, rows]
+
+    def add(self, column: str, x: torch.Tensor) -> None:
+        if self.folder is not None:
+            self._write(column, x)
+            return
+        self.chunks.setdefault(column, []).append(x)
+        self.held += x.numel() * x.element_size()
+        if self.limit is not None and self.held > self.limit:
+            import tempfile
+
+            self.folder = tempfile.mkdtemp(prefix="aver-cache-")
+            for c, xs in self.chunks.items():
+                for chunk in xs:
+                    self._write(c, chunk)
+            self.chunks = {}
+
+    def _write(self, column: str, x: torch.Tensor) -> None:
+        import os
+
+        if column not in self.files:
+            self.files[column] = [open(os.path.join(self.folder, column), "wb"), tuple(x.shape[1:]), x.dtype, 0]
+        entry = self.files[column]
+        entry[0].write(x.contiguous().numpy().tobytes())
+        entry[3] += len(x)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.folder is None:
+            return {c: torch.cat(xs) for c, xs in self.chunks.items()}
+        import os
+        import shutil
+
+        import numpy as np
+
+        out = {}
+        for column, (file, shape, dtype, rows) in self.files.items():
+            file.close()
+            kind = torch.empty(0, dtype=dtype).numpy().dtype
+            # copy-on-write mapping: writable as torch wants, never written, pages backed by the file
+            mapped = np.memmap(os.path.join(self.folder, column), dtype=kind, mode="c", shape=(rows, *shape))
+            out[column] = torch.from_numpy(mapped)
+        shutil.rmtree(self.folder)  # unlinked: the mappings keep the data until they go
+        return out
+
+
+def cache_bytes(share: float, local_workers: int) -> int:
+    """``share`` of this node's memory over the training workers on it: what one cache may hold
+    in a worker's heap."""
+    import os
+
+    return int(share * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / max(1, local_workers))
 
 
 RECALIBRATION_BATCHES = 20

@@ -20,7 +20,8 @@ from aver.data.faces import DroppedImages, Reading, affectnet_dataset, fec_datas
 from aver.io.streaming import trim_heap
 from aver.losses import FaceLossConfig, fec_triplet_loss, rkd_loss
 from aver.models import Student, Teacher, TeacherConfig, autocast, to_device
-from aver.train.batches import RECALIBRATION_BATCHES, ShardBatches, input_encoder, recalibrate_batchnorm
+from aver.train.batches import (RECALIBRATION_BATCHES, ShardBatches, cache_bytes, input_encoder,
+                                recalibrate_batchnorm)
 from aver.train.harness import (TrainConfig, begin, epochs, fit, maybe_fail, prepare_worker, report_epoch,
                                 step_progress)
 
@@ -155,10 +156,11 @@ def train_loop_per_worker(config: dict) -> None:
     loss_cfg = cfg.loss
     # the variants' frozen prefixes are equal (build_variants): one cache serves them all
     encode, store = input_encoder(cfg, core.first, freeze, type(core.first).preprocess, device)
+    budget = cache_bytes(cfg.cache_memory_share, ray.train.get_context().get_local_world_size())
 
     def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
         return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, cfg.batch_size, cache=bool(freeze),
-                            seed=seed, store=store, shuffle_buffer=cfg.shuffle_buffer)
+                            seed=seed, store=store, shuffle_buffer=cfg.shuffle_buffer, cache_bytes=budget)
 
     def frozen_eval() -> None:
         if freeze:

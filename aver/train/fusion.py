@@ -18,7 +18,7 @@ from aver.data.recola import SessionWindows, count_windows, session_windows
 from aver.io.parts import join
 from aver.metrics import ccc
 from aver.models import FusionConfig, FusionModel, to_device
-from aver.train.batches import ShardBatches
+from aver.train.batches import ShardBatches, cache_bytes
 from aver.train.harness import TrainConfig, begin, ccc_epoch, epochs, fit, prepare_worker, report_epoch, require_batches
 
 
@@ -124,7 +124,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Windows are small and reread every epoch: keep this worker's shard in memory (float16).
     windows = ShardBatches(ray.train.get_dataset_shard("train"), ("visual", "audio"), torch.as_tensor, cfg.batch_size,
-                           cache=True, seed=cfg.seed, drop_last=True)
+                           cache=True, seed=cfg.seed, drop_last=True,
+                           cache_bytes=cache_bytes(cfg.cache_memory_share, ray.train.get_context().get_local_world_size()))
     for epoch in epochs(cfg, start, optimizer):
         results = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, cfg, epoch, total=windows.steps)
         metrics = {name: {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}

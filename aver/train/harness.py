@@ -62,6 +62,10 @@ class TrainConfig:
     """Print the metrics line every N epochs (and after the last)."""
     max_failures: int = 2
     """Worker-group restarts Ray Train may make; each resumes from the last checkpoint."""
+    cache_memory_share: float = 0.25
+    """Share of a worker's memory (its node's, over the training workers on it) that one cached
+    frozen-prefix or window source may hold in the worker's heap; a larger one is kept in a
+    memory-mapped file on the node's local disk."""
     io_threads: int = 16
     """Image reads in flight per read task (an S3 GET waits 20-50 ms: one at a time, a GPU would wait)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -103,8 +107,8 @@ class TrainConfig:
             raise ValueError("lr > 0, weight_decay >= 0, cpus_per_worker > 0, max_failures >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.io_threads < 1:
-            raise ValueError("io_threads must be >= 1")
+        if self.io_threads < 1 or not 0 < self.cache_memory_share <= 1:
+            raise ValueError("io_threads must be >= 1 and cache_memory_share in (0, 1]")
         if isinstance(self.retry, dict):
             self.retry = RetryPolicy(**self.retry)
         if self.grad_comm not in GRAD_COMMS:

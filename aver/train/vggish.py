@@ -11,7 +11,7 @@ import torch
 from aver.data.recola import recola_audio_dataset
 from aver.metrics import ccc
 from aver.models import VGGishConfig, VGGishEmotion, to_device
-from aver.train.batches import ShardBatches, input_encoder
+from aver.train.batches import ShardBatches, cache_bytes, input_encoder
 from aver.train.harness import TrainConfig, begin, ccc_epoch, epochs, fit, prepare_worker, report_epoch, require_batches
 
 DIMENSIONS = ("arousal", "valence")
@@ -83,7 +83,8 @@ def train_loop_per_worker(config: dict) -> None:
     # the networks' frozen conv stacks are equal (build_variants): one cache serves both
     encode, store = input_encoder(cfg, core.first, cfg.freeze, VGGishEmotion.preprocess, device)
     data = ShardBatches(ray.train.get_dataset_shard("train"), ("mel",), encode, cfg.batch_size,
-                        cache=bool(cfg.freeze), seed=cfg.seed, drop_last=True, store=store)
+                        cache=bool(cfg.freeze), seed=cfg.seed, drop_last=True, store=store,
+                        cache_bytes=cache_bytes(cfg.cache_memory_share, ray.train.get_context().get_local_world_size()))
     dimension = cfg.named_variants()
 
     def predict(batch):

@@ -43,6 +43,29 @@ def test_every_source_feeds_every_row_in_proportion_across_epochs(ray_local, cac
     assert firsts[0] != firsts[1] != firsts[2]  # a fresh shuffle every pass
 
 
+def test_a_cache_over_its_heap_budget_is_a_mapped_file_with_the_same_batches(ray_local):
+    # Guards against: a large frozen-prefix cache held (and, permuted, copied) in the worker's heap,
+    # and a disk cache that feeds other rows than the in-memory one would.
+    def anon_kb() -> int:
+        return int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon")).split()[1])
+
+    import ray.data
+
+    rows = [{"crop_id": f"c{i:03d}", "image": np.full((64, 64, 3), i, np.uint8)} for i in range(120)]
+    source = lambda: ray.data.from_items(rows, override_num_blocks=4)  # noqa: E731
+    encode = lambda x: torch.as_tensor(x).float()  # noqa: E731 - cached as float16: 24 KiB a row
+
+    heap = ShardBatches(source(), ("image",), encode, 8, cache=True, seed=4)
+    before = anon_kb()
+    disk = ShardBatches(source(), ("image",), encode, 8, cache=True, seed=4, cache_bytes=100_000)
+    assert anon_kb() - before < 1500  # the 2.9 MB cache is not in the heap
+    maps = open("/proc/self/maps").read()
+    assert "aver-cache-" in maps and "(deleted)" in maps  # mapped from the disk, already unlinked
+    for epoch in (0, 1):
+        for a, b in zip(heap.epoch(epoch), disk.epoch(epoch), strict=True):
+            assert list(a["crop_id"]) == list(b["crop_id"]) and torch.equal(a["image"], b["image"])
+
+
 def test_a_resumed_stream_goes_on_where_the_run_stopped(ray_local):
     # A run resumed after 5 steps gives its secondary sources the batches an uninterrupted run
     # would have given from step 5 on (cached sources: exactly).

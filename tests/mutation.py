@@ -86,7 +86,8 @@ PLANTED = {
         "        self._index(keys, where)\n        self.all = self._read(np.arange(len(self.keys)))\n",
         ["tests/train/test_harness.py", "-k", "rows_asked"]),
     "an empty prefix store taken for no store": (
-        "aver/train/batches.py", "if self.store is not None else", "if self.store else",
+        "aver/train/batches.py", "self.store.encode(v, self.encode) if self.store is not None",
+        "self.store.encode(v, self.encode) if self.store",
         ["tests/train/test_vggish.py", "-k", "two_workers"]),
     "circumplex names written at their points": (
         "aver/pipelines/report.py", 'xytext=(1.04, 1 - (i + 0.5) / n), textcoords="axes fraction"',

@@ -113,6 +113,8 @@ class FaceDetector:
         device) of each frame's ``boxes``, frame by frame: uint8 ``[K,3,S,S]`` on the device."""
         import torch
 
+        from aver.models._base import resize_faces
+
         size, out = self.config.image_size, []
         wanted = [(f, b) for f, b in zip(frames, boxes) if len(b)]
         for (_, frame_boxes), image in zip(wanted, self._uploads(_as_rgb(f) for f, _ in wanted)):
@@ -186,19 +188,6 @@ def _crop_region(box, margin: float) -> tuple[int, int, int, int]:
     side = max(x2 - x1, y2 - y1) * (1.0 + margin)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     return tuple(int(round(v)) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
-
-
-def resize_faces(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``[B,3,H,W]`` uint8 -> ``[B,3,size,size]`` uint8, bilinear and antialiased when shrinking as
-    PIL's BILINEAR is (torch's uint8 kernel on the CPU matches it exactly; on a GPU it runs in
-    float, within 1 of it)."""
-    import torch
-    import torch.nn.functional as F
-
-    if images.device.type == "cpu":
-        return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def detection_view(frame: np.ndarray, config: FaceDetectorConfig) -> tuple[np.ndarray, float]:

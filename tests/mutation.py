@@ -122,7 +122,7 @@ PLANTED = {
         "return np.asarray(Image.fromarray(_as_rgb(image)[..., ::-1].copy()).crop(region)",
         ["tests/models/test_mtcnn.py", "-k", "crops"]),
     "device crops shrunk without antialiasing": (
-        "aver/faces.py", 'return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True',
+        "aver/models/_base.py", 'return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True',
         'return F.interpolate(images, size=(size, size), mode="bilinear", antialias=False',
         ["tests/models/test_mtcnn.py", "-k", "crops"]),
     "MTCNN's refine crops end their area bins a pixel short": (

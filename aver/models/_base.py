@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from aver.constants import CROP_SIZE
 from aver.io.media import resize_crops
@@ -57,15 +58,22 @@ def crops_to_batch(images, device: torch.device | str | None = None) -> torch.Te
     memory on CUDA); crops of another size are resized first."""
     if isinstance(images, torch.Tensor):
         x = images.to(device) if device is not None else images
-        if x.shape[-2:] != (CROP_SIZE, CROP_SIZE):
-            x = torch.nn.functional.interpolate(x.float(), size=(CROP_SIZE, CROP_SIZE), mode="bilinear",
-                                                antialias=True).round_().clamp_(0, 255).to(torch.uint8)
-        return x
+        return resize_faces(x, CROP_SIZE) if x.shape[-2:] != (CROP_SIZE, CROP_SIZE) else x
     x = torch.as_tensor(resize_crops(images)).permute(0, 3, 1, 2)
     device = torch.device(device) if device is not None else x.device
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+def resize_faces(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B,3,H,W]`` uint8 -> ``[B,3,size,size]`` uint8, bilinear and antialiased when shrinking as
+    PIL's BILINEAR is (torch's uint8 kernel on the CPU matches it exactly; on a GPU it runs in
+    float, within 1 of it)."""
+    if images.device.type == "cpu":
+        return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def autocast(device: torch.device, enabled: bool | None = None):

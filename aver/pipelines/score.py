@@ -37,15 +37,15 @@ from aver.constants import AUDIO_STEP_S
 from aver.data.features import (AUDIO_DIM, VISUAL_DIM, AudioTimeline, MelChunk, centred, in_span, mel_chunks,
                                 student_features, take, window_shape)
 from aver.data.recola import SessionWindows
-from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, detect_frames, frame_segments, resize_faces,
-                        track_frames, with_crops)
+from aver.faces import (Decoded, Detection, FaceDetector, FaceDetectorConfig, detect_frames, frame_segments, track_frames,
+                        with_crops)
 from aver.faults import MediaError, verdict, with_retries
 from aver.io.media import (FRAME_MAX_SIDE, MAX_DURATION_S, InputItem, VideoFrame, audio_chunks, decode_threads,
                            list_inputs)
 from aver.io.streaming import first_and_rest
 from aver.io.parts import join
 from aver.io.storage import absolute, redact
-from aver.models import IdentityNet, autocast, load_checkpoint
+from aver.models import IdentityNet, autocast, load_checkpoint, resize_faces
 from aver.models.weights import ship
 from aver.pipelines.report import SCORES_SCHEMA, SUMMARY_SCHEMA, TRACKS_SCHEMA, build_report, timeline_png
 from aver.pipelines.cluster import actor_setup, connect

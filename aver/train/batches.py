@@ -196,12 +196,15 @@ class _Cache:
         return out
 
 
-def cache_bytes(share: float, local_workers: int) -> int:
-    """``share`` of this node's memory over the training workers on it: what one cache may hold
-    in a worker's heap."""
+def cache_bytes(cfg: TrainConfig) -> int:
+    """``cfg.cache_memory_share`` of this node's memory over the training workers on it: what one
+    cache may hold in a worker's heap (called in a Ray Train worker)."""
     import os
 
-    return int(share * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / max(1, local_workers))
+    import ray.train
+
+    local = ray.train.get_context().get_local_world_size()
+    return int(cfg.cache_memory_share * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / max(1, local))
 
 
 RECALIBRATION_BATCHES = 20

@@ -156,7 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
     loss_cfg = cfg.loss
     # the variants' frozen prefixes are equal (build_variants): one cache serves them all
     encode, store = input_encoder(cfg, core.first, freeze, type(core.first).preprocess, device)
-    budget = cache_bytes(cfg.cache_memory_share, ray.train.get_context().get_local_world_size())
+    budget = cache_bytes(cfg)
 
     def source(name: str, columns: tuple[str, ...], seed: int) -> ShardBatches:
         return ShardBatches(ray.train.get_dataset_shard(name), columns, encode, cfg.batch_size, cache=bool(freeze),

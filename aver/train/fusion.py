@@ -125,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Windows are small and reread every epoch: keep this worker's shard in memory (float16).
     windows = ShardBatches(ray.train.get_dataset_shard("train"), ("visual", "audio"), torch.as_tensor, cfg.batch_size,
                            cache=True, seed=cfg.seed, drop_last=True,
-                           cache_bytes=cache_bytes(cfg.cache_memory_share, ray.train.get_context().get_local_world_size()))
+                           cache_bytes=cache_bytes(cfg))
     for epoch in epochs(cfg, start, optimizer):
         results = ccc_epoch(model, optimizer, windows.epoch(epoch), predict, cfg, epoch, total=windows.steps)
         metrics = {name: {"loss": loss, "ccc_arousal": ccc(t[:, 0], p[:, 0]), "ccc_valence": ccc(t[:, 1], p[:, 1])}

@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     encode, store = input_encoder(cfg, core.first, cfg.freeze, VGGishEmotion.preprocess, device)
     data = ShardBatches(ray.train.get_dataset_shard("train"), ("mel",), encode, cfg.batch_size,
                         cache=bool(cfg.freeze), seed=cfg.seed, drop_last=True, store=store,
-                        cache_bytes=cache_bytes(cfg.cache_memory_share, ray.train.get_context().get_local_world_size()))
+                        cache_bytes=cache_bytes(cfg))
     dimension = cfg.named_variants()
 
     def predict(batch):

@@ -9,12 +9,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aver.constants import CROP_SIZE, DISTILL_DIM
 from aver.data.manifests import Manifest, read_affectnet, read_fec
 from aver.faces import crop_face
-from aver.faults import RetryPolicy, guarded_map
-from aver.io.media import load_image
+from aver.faults import RetryPolicy, describe, guarded_map
+from aver.io.media import IMAGE_EXTENSIONS, decode_jpeg, items_in_listing, list_inputs, load_image, resize_crops
+from aver.io.parts import find_parts, join, list_names, read_part, read_slices
 from aver.io.storage import redact, url_to_fs
 
 log = logging.getLogger("aver")
@@ -118,10 +120,6 @@ def distill_targets(uri: str, wanted: set[str], storage_options: dict | None = N
     """The 80-d targets in distill's output ``uri`` (its ``targets/`` parts) of the crop ids in
     ``wanted``, read part by part, keeping only those: the driver joins them to the manifest rows,
     so each training worker receives the targets of its own rows with them, never a whole table."""
-    import pyarrow.compute as pc
-
-    from aver.io.parts import join, list_names, read_part
-
     folder = join(uri, "targets")
     names = sorted(list_names(folder, storage_options))
     if not names:
@@ -245,15 +243,129 @@ def _image_batch(batch: dict, reading: Reading) -> dict:
 
 def unlabeled_dataset(uri: str, *, reading: Reading | None = None, shuffled: bool = False,
                       targets: str | None = None):
-    """Rows ``crop_id`` (the image's item id, as distill names it) and ``image`` (resized to 140);
-    ``reading``, ``shuffled`` and ``targets`` as in :func:`affectnet_dataset`."""
-    from aver.io.media import IMAGE_EXTENSIONS, list_inputs
-
+    """Rows ``crop_id`` (as distill names it) and ``image`` (140x140x3 uint8) of the crops in ``uri``:
+    extract_faces' output (its ``faces/`` parts, read packed: see :func:`_packed_unlabeled`), or a
+    folder, glob or manifest of images (one read each, resized to 140); ``reading``, ``shuffled``
+    and ``targets`` as in :func:`affectnet_dataset`."""
     reading = reading or Reading()
     so = reading.storage_options
-    items = [i for i in list_inputs(uri, so, IMAGE_EXTENSIONS) if i.kind == "image"]
+    parts, files = find_parts(uri, so)
+    if parts:
+        return _packed_unlabeled(uri, parts, reading, shuffled, targets)
+    listed = items_in_listing(uri, files, IMAGE_EXTENSIONS) if files is not None else list_inputs(uri, so, IMAGE_EXTENSIONS)
+    items = [i for i in listed if i.kind == "image"]
     if not items:
-        raise ValueError(f"no images under {uri}")
+        raise ValueError(f"no images and no faces parts under {redact(uri)}")
     rows = [{"crop_id": i.item_id, "source": i.source} for i in items]
     return _rows(_with_targets(rows, targets, so), shuffled).map_batches(
         _image_batch, fn_kwargs={"reading": reading}, batch_size=64)
+
+
+PACKED_ROWS = 256
+"""Crops a packed read task decodes (and hands on) at a time."""
+
+
+def _packed_unlabeled(uri: str, parts: list[tuple[str, str]], reading: Reading, shuffled: bool, targets: str | None):
+    """The crops of extract_faces' faces parts: a task per part reads it slice by slice (one GET
+    opens hundreds of crops) and joins the targets of distill's part of the same name, streamed
+    beside it in the same order; the driver holds part names only, never a crop id. With
+    ``targets``, a part that distill has not done is left out (its crops could only learn RKD)."""
+    so = reading.storage_options
+    rows = [{"name": name, "part": part, "targets": ""} for name, part in parts]
+    if targets:
+        folder = join(targets, "targets")
+        done = list_names(folder, so)
+        rows = [{**r, "targets": join(folder, f"{r['name']}.parquet")} for r in rows if r["name"] in done]
+        if not rows:
+            raise FileNotFoundError(f"none of the {len(parts)} faces parts under {redact(uri)} has distillation "
+                                    f"targets under {redact(folder)}: run jobs/distill.py on {redact(uri)} first")
+    left = f"; {len(parts) - len(rows)} without targets left out" if len(rows) < len(parts) else ""
+    print(f"unlabeled {redact(uri)}: {len(rows)} faces parts, read packed{left}", flush=True)
+    return _rows(rows, shuffled).map_batches(_packed_batches, fn_kwargs={"reading": reading}, batch_size=1)
+
+
+def _packed_batches(batch: dict, reading: Reading):
+    for name, part, targets in zip(batch["name"], batch["part"], batch["targets"]):
+        try:
+            yield from _part_crops(part, targets or None, reading)
+        except Exception as e:  # noqa: BLE001 - one unreadable part costs its own crops only
+            log.warning("unlabeled: dropped the rest of %s: %s", redact(part), describe(e))
+            if reading.dropped is not None:
+                reading.dropped.add.remote("unlabeled", [f"{redact(part)} (part)"])
+
+
+def _part_crops(part: str, targets: str | None, reading: Reading):
+    """Batches of a faces part's crops (undecodable ones dropped and counted), with their targets
+    when ``targets`` names distill's part of them."""
+    so = reading.storage_options
+    joined = _TargetStream(targets, so, reading) if targets else None
+    for table in read_slices(part, ["crop_id", "crop"], PACKED_ROWS, so, reading.retry):
+        table = table.filter(pc.is_valid(table["crop"]))
+        ids = table["crop_id"].to_pylist()
+        images, keep, failed = [], np.ones(len(ids), bool), []
+        for i, (crop_id, data) in enumerate(zip(ids, table["crop"].to_pylist())):
+            try:
+                images.append(decode_jpeg(data))
+            except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
+                keep[i] = False
+                failed.append(f"{redact(part)}:{crop_id}")
+                log.warning("unlabeled: dropped %s: %s", failed[-1], type(e).__name__)
+        if failed and reading.dropped is not None:
+            reading.dropped.add.remote("unlabeled", failed)
+        out = {"crop_id": np.asarray(ids, dtype=object)[keep], "image": resize_crops(images)}
+        if joined is not None:  # every crop passes the stream (a dropped one's target too)
+            target, has = joined.take(ids)
+            out["target"], out["has_target"] = target[keep], has[keep]
+        if keep.any():
+            yield out
+    if joined is not None:
+        joined.close(part)
+
+
+class _TargetStream:
+    """distill's targets of one faces part, read beside it: distill writes a part's targets in the
+    part's order (undecodable crops left out), so each crop's target is the next unread one or
+    none; a slice at a time is held, never the part's."""
+
+    def __init__(self, uri: str, storage_options, reading: Reading) -> None:
+        self.uri = uri
+        self.slices = read_slices(uri, ["crop_id", "target"], PACKED_ROWS, storage_options, reading.retry)
+        self.ids: list[str] = []
+        self.values = np.zeros((0, DISTILL_DIM), np.float32)
+        self.at = 0
+
+    def _next(self) -> bool:
+        table = next(self.slices, None)
+        if table is None:
+            return False
+        self.ids = table["crop_id"].to_pylist()
+        self.values = table["target"].combine_chunks().flatten().to_numpy().astype(np.float32).reshape(-1, DISTILL_DIM)
+        self.at = 0
+        return True
+
+    def _peek(self) -> str | None:
+        while self.at >= len(self.ids):
+            if not self._next():
+                return None
+        return self.ids[self.at]
+
+    def take(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``[n,80]`` targets of ``ids`` (zeros where none) and whether each has one."""
+        target = np.zeros((len(ids), DISTILL_DIM), np.float32)
+        has = np.zeros(len(ids), bool)
+        for i, crop_id in enumerate(ids):
+            if self._peek() == crop_id:
+                target[i], has[i] = self.values[self.at], True
+                self.at += 1
+        return target, has
+
+    def close(self, part: str) -> None:
+        """Warns when targets are left: they did not line up with the part's crops (a part that
+        changed after distill ran), whose crops went without them."""
+        left = 0
+        while self._peek() is not None:
+            left += len(self.ids) - self.at
+            self.at = len(self.ids)
+        if left:
+            log.warning("unlabeled: %d targets in %s not in the order of %s's crops: rerun jobs/distill.py on it",
+                        left, redact(self.uri), redact(part))

@@ -557,6 +557,13 @@ def to_rgb8(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """An encoded crop (extract_faces' ``crop`` column) as HxWx3 uint8 RGB."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def resize_crops(images) -> np.ndarray:
     """uint8 RGB crops (``[B,H,W,3]`` array or a list of HxWx3) as one ``[B,140,140,3]`` array;
     crops of another size are resized (bilinear)."""

@@ -4,14 +4,19 @@ with the unit's ``status/`` part written last so that its presence means "comple
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
-from typing import Any, Iterable
+import time
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aver.io.storage import is_local, url_to_fs, write_bytes_atomic
+from aver.faults import MediaError, RetryPolicy, describe, is_transient
+from aver.io.storage import is_local, redact, url_to_fs, write_bytes_atomic
+
+log = logging.getLogger("aver")
 
 ROW_GROUP_ROWS = 1024
 """Rows per Parquet row group: a reader can take a part a slice at a time (distill reads faces
@@ -115,3 +120,67 @@ def read_folder(folder_uri: str, storage_options: dict | None = None, columns: l
     if not tables:
         raise FileNotFoundError(f"no Parquet parts in {folder_uri}")
     return pa.concat_tables(tables, promote_options="default")
+
+
+def find_parts(source: str, storage_options: dict | None = None,
+               folder: str = "faces") -> tuple[list[tuple[str, str]], list[str] | None]:
+    """The parts of a job's output ``source`` (its ``folder/`` parts, or parts right in it) as
+    ``(name, uri)``, and the recursive listing they came from (None when ``source`` is no folder),
+    which a caller that finds no parts may read as a folder of inputs: one listing either way."""
+    fs, path = url_to_fs(source, storage_options)
+    fs.invalidate_cache()
+    if not fs.isdir(path):
+        return [], None
+    protocol = source.split("://", 1)[0] + "://" if "://" in source else ""
+    root = path.rstrip("/")
+    files = fs.find(root)
+    found = {d: sorted(p for p in files if os.path.dirname(p) == d and p.endswith(".parquet")
+                       and not os.path.basename(p).startswith(".")) for d in (join(root, folder), root)}
+    parts = found[join(root, folder)] or found[root]
+    return [(os.path.basename(p)[: -len(".parquet")], protocol + p) for p in parts], files
+
+
+def read_slices(uri: str, columns: list[str], rows: int, storage_options: dict | None = None,
+                policy: RetryPolicy | None = None) -> Iterator[pa.Table]:
+    """A part's ``columns``, ``rows`` at a time, from one open file: row group by row group, pages as
+    they are needed (a part is never read whole; one written as one row group is). A transient
+    storage fault re-opens the part where it stopped (at most ``policy.attempts`` tries in all); a
+    file that is no Parquet part raises :class:`MediaError` ("corrupt")."""
+    policy = policy or RetryPolicy()
+    done, attempt = 0, 0
+    while True:
+        try:
+            for table in _slices_from(uri, columns, rows, storage_options, done):
+                done += table.num_rows
+                yield table
+            return
+        except Exception as e:  # noqa: BLE001 - only transient faults are retried
+            if not is_transient(e) or attempt == policy.attempts - 1:
+                if isinstance(e, (pa.ArrowInvalid, OSError)) and not is_transient(e):
+                    raise MediaError("corrupt", f"{redact(uri)} is not a readable part: {describe(e)}") from None
+                raise
+            log.warning("%s: %s at row %d; try %d of %d", redact(uri), describe(e), done, attempt + 2, policy.attempts)
+            time.sleep(policy.delay(attempt))
+            attempt += 1
+
+
+def _slices_from(uri: str, columns: list[str], rows: int, storage_options, start: int) -> Iterator[pa.Table]:
+    fs, path = url_to_fs(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        part = pq.ParquetFile(f, buffer_size=1 << 20)
+        groups, skip = [], start  # the row groups from the one holding row ``start``
+        for g in range(part.num_row_groups):
+            n = part.metadata.row_group(g).num_rows
+            if skip >= n and not groups:
+                skip -= n
+            else:
+                groups.append(g)
+        if not groups:
+            return
+        for batch in part.iter_batches(batch_size=rows, columns=columns, row_groups=groups):
+            table = pa.Table.from_batches([batch])
+            if skip:
+                table, skip = table.slice(min(skip, table.num_rows)), max(0, skip - table.num_rows)
+                if not table.num_rows:
+                    continue
+            yield table

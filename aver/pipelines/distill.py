@@ -9,22 +9,20 @@ or image folders (chunks of images); outputs are ``targets/<unit>.parquet`` and 
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from aver.constants import CROP_SIZE, DISTILL_DIM
 from aver.data.manifests import is_affectnet_csv, is_fec_csv, read_affectnet, read_fec
 from aver.faces import crop_face
-from aver.faults import MediaError, guarded_map, is_transient, with_retries
-from aver.io.media import IMAGE_EXTENSIONS, InputItem, items_in_listing, list_inputs, load_image, resize_crops
-from aver.io.storage import absolute, redact, split_credentials, url_to_fs
-from aver.io.streaming import first_and_rest
+from aver.faults import guarded_map, with_retries
+from aver.io.media import IMAGE_EXTENSIONS, InputItem, decode_jpeg, items_in_listing, list_inputs, load_image, resize_crops
+from aver.io.parts import find_parts, read_slices
+from aver.io.storage import absolute, redact, split_credentials
 from aver.pipelines.cluster import actor_setup, connect
 from aver.pipelines.ledger import Plan, Unit, commit, plan, status_row
 from aver.pipelines.stages import ActorPoolConfig, ModelStage, Record, Records, run_stages, summarise
@@ -97,12 +95,6 @@ def teacher_targets(out1, out2) -> torch.Tensor:
     return torch.cat([torch.nn.functional.normalize(p.float(), dim=1) for p in parts], dim=1)
 
 
-def _decode_jpeg(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
 def _crop_entries(cfg: DistillConfig, source: str, listing: list[InputItem] | None) -> tuple[str, list[dict], int]:
     """What to crop for a non-faces/ input: (prefix, entries, rejected manifest rows)."""
     so = cfg.storage_options
@@ -123,19 +115,10 @@ def _crop_entries(cfg: DistillConfig, source: str, listing: list[InputItem] | No
 def _faces_parts(source: str, cfg: DistillConfig) -> tuple[list[tuple[str, dict]], list[InputItem] | None]:
     """A folder input's faces/ parts as single units, if it has any; else the images in it (one
     recursive listing either way). Not a folder: no parts, no listing."""
-    fs, path = url_to_fs(source, cfg.storage_options)
-    fs.invalidate_cache()
-    if not fs.isdir(path):
-        return [], None
-    protocol = source.split("://", 1)[0] + "://" if "://" in source else ""
-    root = path.rstrip("/")
-    files = fs.find(root)
-    parts = {folder: sorted(p for p in files if os.path.dirname(p) == folder and p.endswith(".parquet")
-                            and not os.path.basename(p).startswith(".")) for folder in (root + "/faces", root)}
-    found = parts[root + "/faces"] or parts[root]
-    names = [os.path.basename(p)[: -len(".parquet")] for p in found]
-    return ([(n, {"item_id": n, "source": protocol + p, "kind": "faces"}) for n, p in zip(names, found)],
-            None if found else items_in_listing(source, files, IMAGE_EXTENSIONS))
+    parts, files = find_parts(source, cfg.storage_options)
+    if parts or files is None:
+        return [(name, {"item_id": name, "source": uri, "kind": "faces"}) for name, uri in parts], None
+    return [], items_in_listing(source, files, IMAGE_EXTENSIONS)
 
 
 def plan_units(cfg: DistillConfig) -> Plan:
@@ -173,22 +156,6 @@ class TargetsRecord(Record):
     """A faces part's slice: its undecodable crops, ``"<crop_id>: <why>"``."""
 
 
-def _faces_slices(uri: str, storage_options, rows: int) -> Iterator[pa.Table]:
-    """A faces part's ``crop_id`` and ``crop`` columns, ``rows`` at a time, from one open file:
-    row group by row group, pages as they are needed (a part of one row group is not read whole)."""
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f, buffer_size=1 << 20).iter_batches(batch_size=rows,
-                                                                            columns=["crop_id", "crop"]):
-                table = pa.Table.from_batches([batch])
-                yield table.filter(pc.is_valid(table["crop"]))
-    except (pa.ArrowInvalid, OSError) as e:
-        if isinstance(e, OSError) and is_transient(e):
-            raise
-        raise MediaError("corrupt", f"{redact(uri)} is not a faces part: {type(e).__name__}: {e}") from None
-
-
 def load_unit(unit: Unit, cfg: DistillConfig) -> TargetsRecord | Iterator[TargetsRecord]:
     """Load stage (CPU task): a unit's crops as ``[n,140,140,3]`` arrays with their ids. A faces part
     is read in slices of ``images_per_unit`` crops, a record each (undecodable crops skipped and
@@ -222,14 +189,14 @@ def load_unit(unit: Unit, cfg: DistillConfig) -> TargetsRecord | Iterator[Target
 
 def _part_slices(unit: Unit, cfg: DistillConfig) -> Iterator[TargetsRecord]:
     item = unit.items[0]
-    # A storage fault before the first slice is retried; one later ends the unit as failed (its rerun redoes it).
-    slices = with_retries(lambda: first_and_rest(_faces_slices(item["source"], cfg.storage_options,
-                                                                cfg.images_per_unit)), cfg.retry, item["source"])
+    # a storage fault re-opens the part where it stopped; one past the retries ends the unit as failed
+    slices = read_slices(item["source"], ["crop_id", "crop"], cfg.images_per_unit, cfg.storage_options, cfg.retry)
     for table in _at_least_one(slices):
+        table = table.filter(pc.is_valid(table["crop"]))
         ids, images, skipped = [], [], []
         for crop_id, data in zip(table["crop_id"].to_pylist(), table["crop"].to_pylist()):
             try:
-                images.append(_decode_jpeg(data))
+                images.append(decode_jpeg(data))
                 ids.append(crop_id)
             except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
                 skipped.append(f"{crop_id}: {type(e).__name__}")

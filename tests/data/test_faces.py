@@ -120,3 +120,86 @@ def test_reads_in_flight_retried_and_failures_counted(monkeypatch):
     assert counter.actor.counts() == {"unlabeled": 1}
     faces.read_crops(wanted[-2:-1], "unlabeled", reading)  # the same broken image read again: still one
     assert counter.actor.counts() == {"unlabeled": 1}
+
+
+def _packed(folder, name, n, bad=(), no_face=(), skipped_by_distill=(), targets=None, row_group=4):
+    """A faces part of ``n`` crops (``no_face`` rows without one, ``bad`` rows undecodable) and, with
+    ``targets`` (a distill output folder), distill's part of the same name: its targets in the part's
+    order, without ``skipped_by_distill`` and the faceless rows. Returns {crop_id: (pixels, target)}."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from aver.pipelines.distill import TARGETS_SCHEMA
+    from aver.pipelines.extract import FACES_SCHEMA
+
+    rng = np.random.default_rng(len(name) + n)
+    rows, want, ids, values = [], {}, [], []
+    for i in range(n):
+        crop_id = f"{name}-{i:07d}"
+        pixels = rng.integers(0, 255, (140, 140, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")  # lossless: the decoded crop is these pixels
+        crop = None if i in no_face else b"\xff\xd8 broken" if i in bad else buf.getvalue()
+        rows.append({"video_id": name, "source": "x", "crop_id": crop_id, "frame_index": i, "timestamp_s": i / 5.0,
+                     "track_id": 0, "box": [0.0, 0.0, 1.0, 1.0], "prob": 0.99, "crop": crop})
+        target = rng.standard_normal(80).astype(np.float32)
+        if crop is not None and i not in skipped_by_distill:
+            ids.append(crop_id)
+            values.append(target)
+        if crop is not None and i not in bad:
+            want[crop_id] = (pixels, target if i not in skipped_by_distill else None)
+    (folder / "faces").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=FACES_SCHEMA), folder / "faces" / f"{name}.parquet",
+                   row_group_size=row_group)
+    if targets is not None:
+        (targets / "targets").mkdir(parents=True, exist_ok=True)
+        m = np.stack(values) if values else np.zeros((0, 80), np.float32)
+        pq.write_table(pa.table({"crop_id": ids, "target": pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), 80)},
+                                schema=TARGETS_SCHEMA), targets / "targets" / f"{name}.parquet", row_group_size=3)
+    return want
+
+
+def test_packed_crops_join_distills_targets_part_by_part(tmp_path, monkeypatch):
+    # Guards against: a target joined to the wrong crop when the part and its targets are streamed
+    # side by side (faceless rows, crops distill skipped, crops this reader cannot decode, slices
+    # that end mid row group), and undecodable crops dropped without a count.
+    import numpy as np
+
+    import aver.data.faces as faces
+
+    monkeypatch.setattr(faces, "PACKED_ROWS", 5)
+    want = _packed(tmp_path / "x", "v1", 23, bad={6}, no_face={0, 9, 10}, skipped_by_distill={3, 17},
+                   targets=tmp_path / "d")
+    counter = _Counter()
+    reading = faces.Reading(dropped=counter)
+    part, targets = str(tmp_path / "x" / "faces" / "v1.parquet"), str(tmp_path / "d" / "targets" / "v1.parquet")
+    batches = list(faces._part_crops(part, targets, reading))
+    assert all(len(b["crop_id"]) <= 5 for b in batches)
+    got = {c: (b["image"][i], b["target"][i], b["has_target"][i]) for b in batches for i, c in enumerate(b["crop_id"])}
+    assert list(got) == list(want)  # every decodable crop with a face, once, in the part's order
+    for crop_id, (pixels, target) in want.items():
+        image, joined, has = got[crop_id]
+        assert np.array_equal(image, pixels)
+        assert has == (target is not None) and np.array_equal(joined, target if has else np.zeros(80, np.float32))
+    assert counter.actor.counts() == {"unlabeled": 1}
+    assert len(list(faces._part_crops(part, None, reading))[0]) == 2  # no targets: crop ids and images only
+
+
+def test_unlabeled_faces_parts_without_targets_are_left_out(tmp_path, capsys, ray_local):
+    import numpy as np
+
+    from aver.data.faces import unlabeled_dataset
+
+    a = _packed(tmp_path / "x", "a", 7, no_face={2}, targets=tmp_path / "d")
+    _packed(tmp_path / "x", "b", 5)  # not distilled yet
+    rows = unlabeled_dataset(str(tmp_path / "x"), targets=str(tmp_path / "d")).take_all()
+    assert "1 faces parts, read packed; 1 without targets left out" in capsys.readouterr().out
+    assert sorted(r["crop_id"] for r in rows) == sorted(a)
+    assert all(r["has_target"] and np.array_equal(r["target"], a[r["crop_id"]][1]) for r in rows)
+    assert unlabeled_dataset(str(tmp_path / "x" / "faces")).count() == 6 + 5  # no targets asked: every crop
+    with pytest.raises(FileNotFoundError, match="run jobs/distill.py"):
+        unlabeled_dataset(str(tmp_path / "x"), targets=str(tmp_path / "nothing"))

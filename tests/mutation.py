@@ -142,8 +142,17 @@ PLANTED = {
         "aver/data/faces.py", "faces, reading.io_threads, reading.retry,", "faces, 1, reading.retry,",
         ["tests/data/test_faces.py", "-k", "in_flight"]),
     "unreadable training images dropped without a count": (
-        "aver/data/faces.py", "    if failed and reading.dropped is not None:", "    if False:",
+        "aver/data/faces.py", "\n    if failed and reading.dropped is not None:", "\n    if False:",
         ["tests/data/test_faces.py", "-k", "in_flight"]),
+    "undecodable packed crops dropped without a count": (
+        "aver/data/faces.py", "        if failed and reading.dropped is not None:", "        if False:",
+        ["tests/data/test_faces.py", "-k", "packed"]),
+    "packed crops joined to the next target whatever its crop": (
+        "aver/data/faces.py", "            if self._peek() == crop_id:", "            if self._peek() is not None:",
+        ["tests/data/test_faces.py", "-k", "packed"]),
+    "a part re-opened after a storage fault starts over": (
+        "aver/io/parts.py", "_slices_from(uri, columns, rows, storage_options, done)",
+        "_slices_from(uri, columns, rows, storage_options, 0)", ["tests/io/test_parts.py"]),
     "a frozen-prefix cache over its budget kept in the heap": (
         "aver/train/batches.py", "        if self.limit is not None and self.held > self.limit:", "        if False:",
         ["tests/train/test_batches.py", "-k", "mapped_file"]),
@@ -157,12 +166,10 @@ PLANTED = {
         "aver/faults.py", '    if is_transient(exc):\n        return "failed"\n', "",
         ["tests/test_faults.py"]),
     "distill reads a faces part whole, then slices it": (
-        "aver/pipelines/distill.py", """            for batch in pq.ParquetFile(f, buffer_size=1 << 20).iter_batches(batch_size=rows,
-                                                                            columns=["crop_id", "crop"]):
-                table = pa.Table.from_batches([batch])""",
-        """            whole = pq.read_table(f, columns=["crop_id", "crop"])
-            for start in range(0, len(whole), rows):
-                table = whole.slice(start, rows)""",
+        "aver/io/parts.py", """        for batch in part.iter_batches(batch_size=rows, columns=columns, row_groups=groups):
+            table = pa.Table.from_batches([batch])""",
+        """        whole = part.read_row_groups(groups, columns=columns)
+        for table in (whole.slice(s, rows) for s in range(0, len(whole), rows)):""",
         ["tests/pipelines/test_distill.py", "-k", "10000"]),
     "the committed record handed on to the driver": (
         "aver/pipelines/stages.py", '    return {"summary": summaries}\n',

@@ -9,9 +9,13 @@
 (f) distill reading crops from a local S3 behind a proxy adding 20 ms to every request, over the
     bare teacher pair on the same crops in memory (I/O hidden behind the models);
 (g) planning an input of 100k files against 25k: seconds and driver peak RSS;
-(h) peak memory of a student's training worker with 200k distillation targets against 50k;
+(h) peak memory of a student's training worker with 200k distillation targets against 50k, and its
+    anonymous memory with a frozen-prefix shard 4x as large;
 (j) peak memory of score_videos (largest process, and the tree) on one video 8x as long as another;
 (k) bytes the driver receives per input, score_videos on videos 4x as long; the driver's peak RSS;
+(l) images/s the student's datasets deliver to a no-op consumer, images on a local S3 behind the
+    20 ms proxy against on local disk;
+(m) unlabeled crops/s delivered from faces parts against one S3 object per crop, behind that proxy;
 (n) one long 720p video through extract_faces' load stage (a model stage that does nothing: decode-bound),
     read as clips against read whole by one task.
 Writes the figures to --report (default docs/benchmarks.md).
@@ -125,6 +129,13 @@ class Peaks(NamedTuple):
     """RSS of the largest single process."""
     driver: float
     """RSS of the job's own process (the driver)."""
+    anon: float
+    """Sum of RssAnon: anonymous pages resident (heaps; not mapped files, not shared memory)."""
+
+
+def _rss_anon(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
 
 
 def peak_memory_of_job(args: list[str], only: str = "") -> Peaks:
@@ -134,20 +145,22 @@ def peak_memory_of_job(args: list[str], only: str = "") -> Peaks:
 
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
-    peak = [0] * 5
+    peak = [0] * 6
     while proc.poll() is None:
-        now = [0] * 5
+        now = [0] * 6
         for p in [root, *root.children(recursive=True)]:
             try:
                 if only and only not in " ".join(p.cmdline()):
                     continue
                 info = p.memory_full_info()
-            except psutil.Error:  # a process that ended between the listing and the read
+                anon = _rss_anon(p.pid)
+            except (psutil.Error, OSError, StopIteration):  # a process that ended between the listing and the read
                 continue
             now[:3] = now[0] + info.pss, now[1] + info.rss, now[2] + info.uss
             now[3] = max(now[3], info.rss)
             if p.pid == root.pid:
                 now[4] = info.rss
+            now[5] += anon
         peak = [max(a, b) for a, b in zip(peak, now)]
         time.sleep(0.1)
     if proc.returncode != 0:
@@ -246,7 +259,6 @@ def remote_distill_efficiency(work: str, n_crops: int, cpus: float, latency_s: f
     """(f) distill over crops on a local S3 behind a proxy adding ``latency_s`` to every request,
     against the bare teacher pair on the same crops in memory (needs (b)'s teachers)."""
     import fsspec
-    import pyarrow.parquet as pq
     import torch
     from PIL import Image
 
@@ -270,10 +282,7 @@ def remote_distill_efficiency(work: str, n_crops: int, cpus: float, latency_s: f
         try:
             fs = fsspec.filesystem("s3", **store["options"])
             per = 256  # extract_faces' layout: parts of a few hundred crops
-            for p in range(0, len(crops), per):
-                buf = io.BytesIO()
-                pq.write_table(_faces_part(crops[p:p + per], start=p), buf)
-                fs.pipe(f"bench/faces/faces/part{p // per:03d}.parquet", buf.getvalue())
+            _packed_faces("bench/faces", crops, per, fs=fs)
             for i, c in enumerate(crops):  # the other layout: one object per crop
                 fs.pipe(f"bench/crops/c{i:05d}.jpg", c)
             so = proxy.options(store["options"])
@@ -473,7 +482,10 @@ def _count_frames(unit, records, cfg) -> list[dict]:
 
 
 def clip_speed(work: str, cpus: float, seconds: float = 60.0, clip_s: float = 15.0) -> str:
-    """(n) one long 720p video through extract_faces' load stage with a model stage that does
+    """(l) images/s the student's datasets deliver to a no-op consumer, images on a local S3 behind the
+    20 ms proxy against on local disk;
+(m) unlabeled crops/s delivered from faces parts against one S3 object per crop, behind that proxy;
+(n) one long 720p video through extract_faces' load stage with a model stage that does
     nothing, read as clips of ``clip_s`` vs read whole by one task: wall time of each run."""
     from aver.io.media import list_inputs
     from aver.pipelines.extract import ExtractFacesConfig, load_unit, plan_units
@@ -525,42 +537,87 @@ def _count_driver_bytes_of(count_file: str, job: list[str]) -> int:
     return 0
 
 
-def student_memory(work: str, small: int = 50_000, large: int = 200_000) -> str:
-    """(h) peak memory of a student's Ray Train worker with 50k vs 200k distillation targets (the
-    demo's small corpus, one epoch on a frozen prefix; the targets folder also holds other crops')."""
-    import pyarrow as pa
-
-    from aver.data.manifests import read_affectnet, read_fec
+def _student_corpus(work: str) -> dict[str, str]:
+    """The demo's small corpus with its FEC images fetched (written once per bench run)."""
     from aver.demo.corpus import write_corpus
-    from aver.io.parts import write_table
-    from aver.pipelines.distill import TARGETS_SCHEMA
     from aver.pipelines.fetch import FetchConfig
     from aver.pipelines.fetch import run as fetch
 
     corpus = os.path.join(work, "student-corpus")
-    write_corpus(corpus, seed=5, size="small")
     fec = os.path.join(corpus, "fec", "faceexp-comparison-data-train-public.csv")
-    fetch(FetchConfig(manifest=fec, output=os.path.join(corpus, "fec"), allow_file_urls=True))
-    aff = os.path.join(corpus, "affectnet", "training.csv")
+    if not os.path.exists(fec):
+        write_corpus(corpus, seed=5, size="small")
+        fetch(FetchConfig(manifest=fec, output=os.path.join(corpus, "fec"), allow_file_urls=True))
+    return {"affectnet": os.path.join(corpus, "affectnet", "training.csv"), "fec": fec,
+            "affectnet_images": os.path.join(corpus, "affectnet", "Manually_Annotated_Images"),
+            "fec_images": os.path.join(corpus, "fec", "images"), "unlabeled": os.path.join(corpus, "unlabeled")}
+
+
+def _packed_faces(folder: str, crops: list[bytes], per: int = 256, fs=None) -> None:
+    """``crops`` as extract_faces' faces parts of ``per`` crops under ``folder``/faces/ (on ``fs``)."""
+    import pyarrow.parquet as pq
+
+    for p in range(0, len(crops), per):
+        buf = io.BytesIO()
+        pq.write_table(_faces_part(crops[p:p + per], start=p), buf)
+        path = f"{folder}/faces/part{p // per:04d}.parquet"
+        if fs is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(buf.getvalue())
+        else:
+            fs.pipe(path, buf.getvalue())
+
+
+def student_memory(work: str, small: int = 50_000, large: int = 200_000, shard: int = 2000) -> str:
+    """(h) peak memory of a student's Ray Train worker with 50k vs 200k distillation targets (the
+    demo's small corpus, one epoch on a frozen prefix; the targets folder also holds other crops'),
+    and its anonymous memory with ``shard`` vs 4x ``shard`` unlabeled crops in the frozen-prefix cache."""
+    import pyarrow as pa
+
+    from aver.data.manifests import read_affectnet, read_fec
+    from aver.io.parts import write_table
+    from aver.pipelines.distill import TARGETS_SCHEMA
+
+    data = _student_corpus(work)
+    aff, fec = data["affectnet"], data["fec"]
     ids = sorted({r["crop_id"] for r in read_affectnet(aff).records}
                  | {f["crop_id"] for r in read_fec(fec).records for f in r["faces"]})
     rng = np.random.default_rng(0)
+
+    def targets_part(path, chunk):
+        values = rng.standard_normal((len(chunk), 80)).astype(np.float32)
+        write_table(path, pa.table({"crop_id": chunk, "target": pa.FixedSizeListArray.from_arrays(
+            pa.array(values.ravel()), 80)}, schema=TARGETS_SCHEMA))
+
+    def job(output, *flags):
+        return ["jobs/train_student.py", "--affectnet", aff, "--fec", fec, "--affectnet-images",
+                data["affectnet_images"], "--output", output, "--epochs", "1", "--batch-size", "8", *flags]
+
     figures = {}
     for n in (small, large):
         targets = os.path.join(work, f"targets{n}")
         everything = ids + [f"elsewhere-{i:07d}" for i in range(n - len(ids))]
         for p in range(0, n, 10_000):  # distill writes parts of this order (one per unit)
-            chunk = everything[p:p + 10_000]
-            values = rng.standard_normal((len(chunk), 80)).astype(np.float32)
-            write_table(os.path.join(targets, "targets", f"part{p // 10_000:03d}.parquet"), pa.table(
-                {"crop_id": chunk, "target": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 80)},
-                schema=TARGETS_SCHEMA))
-        job = ["jobs/train_student.py", "--affectnet", aff, "--fec", fec, "--targets", targets, "--affectnet-images",
-               os.path.join(corpus, "affectnet", "Manually_Annotated_Images"),
-               "--output", os.path.join(work, f"student{n}"), "--epochs", "1", "--batch-size", "8",
-               "--freeze", "transition3"]
-        figures[n] = peak_memory_of_job(job, only="RayTrainWorker")
+            targets_part(os.path.join(targets, "targets", f"part{p // 10_000:03d}.parquet"), everything[p:p + 10_000])
+        figures[n] = peak_memory_of_job(job(os.path.join(work, f"student{n}"), "--targets", targets,
+                                            "--freeze", "transition3"), only="RayTrainWorker")
+    # The cache of a frozen transition1 (74 kB a crop in float16): the unlabeled crops as faces
+    # parts, distilled; a budget below both shards (at the paper's scale the default 0.25 is).
+    crops = _bench_crops(work, 256)
+    shards = {}
+    for n in (shard, 4 * shard):
+        folder = os.path.join(work, f"shard{n}")
+        _packed_faces(folder, (crops * (n // len(crops) + 1))[:n])
+        for p in range(0, n, 256):
+            targets_part(os.path.join(folder, "distill", "targets", f"part{p // 256:04d}.parquet"),
+                         [f"b-{i:07d}" for i in range(p, min(n, p + 256))])
+        shards[n] = peak_memory_of_job(job(os.path.join(work, f"student-shard{n}"), "--targets",
+                                           os.path.join(folder, "distill"), "--unlabeled", folder, "--freeze",
+                                           "transition1", "--cache-memory-share", "0.002"), only="RayTrainWorker")
     (p1, u1), (p4, u4) = (figures[small].pss, figures[small].uss), (figures[large].pss, figures[large].uss)
+    a1, a4 = shards[shard].anon, shards[4 * shard].anon
+    budget = 0.002 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
     return (f"## (h) student training worker peak memory, {small // 1000}k vs {large // 1000}k targets\n\n"
             f"train_student for one epoch on the demo's small corpus (frozen prefix), with a distill output of "
             f"{small} vs {large} targets (the corpus's crops and others'); the Ray Train worker's own memory "
@@ -568,7 +625,128 @@ def student_memory(work: str, small: int = 50_000, large: int = 200_000) -> str:
             f"pages it read, which moves between runs with how many blocks were in flight).\n\n"
             f"| targets | worker peak USS MiB | worker peak PSS MiB |\n|---|---|---|\n"
             f"| {small} | {u1:.0f} | {p1:.0f} |\n| {large} | {u4:.0f} | {p4:.0f} |\n\n"
-            f"**Ratio {u4 / u1:.2f}** of the USS peaks (target <= 1.3); {p4 / p1:.2f} of the PSS peaks.\n")
+            f"**Ratio {u4 / u1:.2f}** of the USS peaks (target <= 1.3); {p4 / p1:.2f} of the PSS peaks.\n\n"
+            f"### (h) frozen-prefix shard 4x as large\n\n"
+            f"The same student with {shard} vs {4 * shard} unlabeled crops (faces parts with their targets), "
+            f"frozen up to transition1: its cache holds 74 kB a crop ({shard * 74 / 1024:.0f} vs "
+            f"{4 * shard * 74 / 1024:.0f} MiB), over the {budget:.0f} MiB heap budget of "
+            f"`--cache-memory-share 0.002` on this machine (the default 0.25 is that regime at the paper's "
+            f"~15 GB a worker), so both live in a mapped file on local disk. The worker's peak anonymous "
+            f"memory (RssAnon):\n\n| unlabeled crops | worker peak RssAnon MiB |\n|---|---|\n"
+            f"| {shard} | {a1:.0f} |\n| {4 * shard} | {a4:.0f} |\n\n**Ratio {a4 / a1:.2f}** (target <= 1.2).\n")
+
+
+def _timed_pass(datasets: dict) -> tuple[float, int]:
+    """Seconds to iterate every dataset to its end with a consumer that does nothing, and the images
+    delivered (an FEC row holds three)."""
+    t, n = time.perf_counter(), 0
+    for name, ds in datasets.items():
+        for batch in ds.iter_batches(batch_size=64):
+            n += len(next(iter(batch.values()))) * (3 if name == "fec" else 1)
+    return time.perf_counter() - t, n
+
+
+def training_reads(work: str, latency_s: float = 0.02, copies: int = 6) -> str:
+    """(l) the student's datasets (AffectNet, FEC triplets, unlabeled images) to a no-op consumer:
+    images on a local S3 behind a proxy adding ``latency_s`` to every request, against on local
+    disk; and the reads one at a time per task, as before issue 30."""
+    import glob
+    import shutil
+
+    import fsspec
+
+    from aver.data.faces import Reading, affectnet_dataset, fec_dataset, unlabeled_dataset
+    from aver.demo.s3proxy import S3Proxy, local_s3
+
+    data = _student_corpus(work)
+    local = os.path.join(work, "reads")
+    os.makedirs(local, exist_ok=True)
+    with open(data["affectnet"]) as f:  # each row ``copies`` times: enough reads to time
+        header, *rows = f.read().splitlines()
+    with open(os.path.join(local, "training.csv"), "w") as f:
+        f.write("\n".join([header] + rows * copies) + "\n")
+    with open(data["fec"]) as f:
+        triplets = f.read().splitlines()
+    with open(os.path.join(local, "fec.csv"), "w") as f:
+        f.write("\n".join(triplets * copies) + "\n")
+    unlabeled = os.path.join(local, "unlabeled")
+    os.makedirs(unlabeled, exist_ok=True)
+    for k in range(copies):
+        for p in sorted(glob.glob(os.path.join(data["unlabeled"], "*.jpg"))):
+            shutil.copy(p, os.path.join(unlabeled, f"{k}-{os.path.basename(p)}"))
+
+    def deliver(root: str, images: dict, reading: Reading) -> tuple[float, int]:
+        aff, _ = affectnet_dataset(f"{root}/training.csv", images["affectnet"], reading=reading)
+        fec, _ = fec_dataset(f"{root}/fec.csv", images["fec"], reading=reading)
+        return _timed_pass({"affectnet": aff, "fec": fec, "unlabeled": unlabeled_dataset(f"{root}/unlabeled",
+                                                                                           reading=reading)})
+
+    figures = {}
+    disk = {"affectnet": data["affectnet_images"], "fec": data["fec_images"]}
+    deliver(local, disk, Reading())  # Ray Data's start-up, not timed
+    figures["disk"] = deliver(local, disk, Reading())
+    with local_s3("bench-reads") as store:
+        proxy = S3Proxy(store["endpoint"], latency_s=latency_s)
+        try:
+            fs = fsspec.filesystem("s3", **store["options"])
+            root = "s3://bench-reads/student"
+            files = [p for p in glob.glob(os.path.join(local, "**", "*"), recursive=True) if os.path.isfile(p)]
+            fs.put(files, [f"{root}/{os.path.relpath(p, local)}" for p in files])
+            for name, folder in disk.items():
+                files = sorted(glob.glob(os.path.join(folder, "**", "*.*"), recursive=True))
+                fs.put(files, [f"{root}/{name}-images/{os.path.relpath(p, folder)}" for p in files])
+            remote = {name: f"{root}/{name}-images" for name in disk}
+            so = proxy.options(store["options"])
+            figures["s3"] = deliver(root, remote, Reading(storage_options=so))
+            figures["s3, one read at a time"] = deliver(root, remote, Reading(storage_options=so, io_threads=1))
+        finally:
+            proxy.close()
+    rate = {k: n / s for k, (s, n) in figures.items()}
+    n = figures["disk"][1]
+    return (f"## (l) training reads from S3 with {latency_s * 1000:.0f} ms per request vs local disk\n\n"
+            f"The student's three datasets (AffectNet rows, FEC triplets: three images each, unlabeled images: "
+            f"the demo's small corpus, each row {copies} times; {n} images a pass) read to their end by a "
+            f"consumer that does nothing; 16 reads in flight per task (`--io-threads`).\n\n"
+            f"| images | images/s |\n|---|---|\n| local disk | {rate['disk']:.0f} |\n"
+            f"| local S3 (moto) behind a {latency_s * 1000:.0f} ms proxy | {rate['s3']:.0f} |\n"
+            f"| the same S3, one read at a time per task (before issue 30) | {rate['s3, one read at a time']:.0f} |"
+            f"\n\n**Ratio {rate['s3'] / rate['disk']:.2f}** (target >= 0.8); "
+            f"{rate['s3, one read at a time'] / rate['disk']:.2f} one read at a time.\n")
+
+
+def packed_reads(work: str, n_crops: int, latency_s: float = 0.02) -> str:
+    """(m) unlabeled crops delivered from faces parts vs from one S3 object per crop (needs (a)'s faces)."""
+    import fsspec
+
+    from aver.data.faces import Reading, unlabeled_dataset
+    from aver.demo.s3proxy import S3Proxy, local_s3
+
+    crops = _bench_crops(work, n_crops)
+    figures = {}
+    with local_s3("bench-packed") as store:
+        proxy = S3Proxy(store["endpoint"], latency_s=latency_s)
+        try:
+            fs = fsspec.filesystem("s3", **store["options"])
+            _packed_faces("bench-packed/parts", crops, fs=fs)
+            for i, c in enumerate(crops):
+                fs.pipe(f"bench-packed/objects/c{i:05d}.jpg", c)
+            reading = Reading(storage_options=proxy.options(store["options"]))
+            _timed_pass({"warm-up": unlabeled_dataset("s3://bench-packed/parts", reading=reading)})
+            for layout, source in (("faces parts", "s3://bench-packed/parts"),
+                                   ("one object per crop", "s3://bench-packed/objects")):
+                before = proxy.requests
+                seconds, n = _timed_pass({layout: unlabeled_dataset(source, reading=reading)})
+                figures[layout] = (n / seconds, proxy.requests - before)
+        finally:
+            proxy.close()
+    (parts, parts_req), (objects, objects_req) = figures["faces parts"], figures["one object per crop"]
+    return (f"## (m) unlabeled crops from faces parts vs one S3 object per crop\n\n"
+            f"{len(crops)} crops on a local S3 (moto) behind a {latency_s * 1000:.0f} ms proxy, read by the "
+            f"student's unlabeled dataset to a consumer that does nothing: as extract_faces writes them (faces "
+            f"parts of 256 crops, {parts_req} requests) and as single JPEG objects ({objects_req} requests), "
+            f"16 reads in flight per task either way.\n\n| layout | crops/s |\n|---|---|\n"
+            f"| faces parts | {parts:.0f} |\n| one object per crop | {objects:.0f} |\n\n"
+            f"**Ratio {parts / objects:.1f}x** (target >= 3x).\n")
 
 
 HOW = (
@@ -613,6 +791,8 @@ def main() -> int:
     lines.append(distill_efficiency(work, a.crops, cpus))
     lines.append(remote_distill_efficiency(work, a.crops, cpus))
     lines.append(clip_speed(work, cpus))
+    lines.append(training_reads(work))
+    lines.append(packed_reads(work, a.crops))
     ray.shutdown()  # (c)-(e) run the jobs as a user would, each with its own local Ray
     lines.append(extract_memory(work, cpus))
     lines.append(score_speed(work, a.score_videos, cpus))

@@ -149,20 +149,25 @@ def _with_targets(rows: list[dict], targets: str | None, storage_options) -> lis
     return [{**r, **_target(found, r["crop_id"])} for r in rows]
 
 
-def _rows(rows: list[dict], shuffled: bool):
-    """A dataset of manifest rows (sources, boxes: small), whose blocks come in a fresh random
-    order every time it is read when ``shuffled`` (training passes); images are read after this."""
+def _read(rows: list[dict], shuffled: bool, fn, batch_size: int, reading: Reading, num_cpus: float = 1.0):
+    """A dataset of manifest rows (sources, boxes: small) read by ``fn`` in tasks of ``batch_size``
+    rows (``num_cpus`` each); the rows' blocks come in a fresh random order every time it is read
+    when ``shuffled`` (training passes). A block holds at least a batch: a task of a few rows would
+    keep a few reads in flight, not ``reading.io_threads``."""
+    import math
+
     import ray.data
 
-    ds = ray.data.from_items(rows)
-    return ds.randomize_block_order() if shuffled else ds
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(200, math.ceil(len(rows) / batch_size))))
+    ds = ds.randomize_block_order() if shuffled else ds
+    return ds.map_batches(fn, fn_kwargs={"reading": reading}, batch_size=batch_size, num_cpus=num_cpus)
 
 
 def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, reading: Reading | None = None,
                       shuffled: bool = False, targets: str | None = None, num_cpus: float = 1.0):
     """Rows ``crop_id``, ``image`` (140x140x3 uint8), ``label`` (0-7); returns (dataset, rejected rows).
     ``reading``: how images are read (storage, reads in flight, retries, the drop counter).
-    ``shuffled``: the rows' blocks in a fresh order every pass (see :func:`_rows`). ``targets``: a
+    ``shuffled``: the rows' blocks in a fresh order every pass (see :func:`_read`). ``targets``: a
     distill output whose targets join the rows (``target``, ``has_target``). ``num_cpus``: per
     read-and-crop task."""
     reading = reading or Reading()
@@ -172,9 +177,7 @@ def affectnet_dataset(csv_uri: str, images_root: str | None = None, *, reading: 
                           "is images_root (--affectnet-images) the folder of Manually_Annotated_Images?", so)
     rows = [{"crop_id": r["crop_id"], "source": r["source"], "box": list(r["box"]), "label": r["label"]}
             for r in records]
-    ds = _rows(_with_targets(rows, targets, so), shuffled).map_batches(
-        _affectnet_batch, fn_kwargs={"reading": reading}, batch_size=64, num_cpus=num_cpus)
-    return ds, m.rejected
+    return _read(_with_targets(rows, targets, so), shuffled, _affectnet_batch, 64, reading, num_cpus), m.rejected
 
 
 def _fec_batch(batch: dict, reading: Reading) -> dict:
@@ -229,9 +232,7 @@ def fec_dataset(csv_uri: str, images_root: str | None = None, *, reading: Readin
             joined = [_target(found, f["crop_id"]) for f in r["faces"]]
             r["targets"] = np.stack([t["target"] for t in joined])
             r["has_targets"] = np.array([t["has_target"] for t in joined])
-    ds = _rows(rows, shuffled).map_batches(_fec_batch, fn_kwargs={"reading": reading}, batch_size=32,
-                                           num_cpus=num_cpus)
-    return ds, m.rejected
+    return _read(rows, shuffled, _fec_batch, 32, reading, num_cpus), m.rejected
 
 
 def _image_batch(batch: dict, reading: Reading) -> dict:
@@ -257,8 +258,7 @@ def unlabeled_dataset(uri: str, *, reading: Reading | None = None, shuffled: boo
     if not items:
         raise ValueError(f"no images and no faces parts under {redact(uri)}")
     rows = [{"crop_id": i.item_id, "source": i.source} for i in items]
-    return _rows(_with_targets(rows, targets, so), shuffled).map_batches(
-        _image_batch, fn_kwargs={"reading": reading}, batch_size=64)
+    return _read(_with_targets(rows, targets, so), shuffled, _image_batch, 64, reading)
 
 
 PACKED_ROWS = 256
@@ -281,7 +281,7 @@ def _packed_unlabeled(uri: str, parts: list[tuple[str, str]], reading: Reading, 
                                     f"targets under {redact(folder)}: run jobs/distill.py on {redact(uri)} first")
     left = f"; {len(parts) - len(rows)} without targets left out" if len(rows) < len(parts) else ""
     print(f"unlabeled {redact(uri)}: {len(rows)} faces parts, read packed{left}", flush=True)
-    return _rows(rows, shuffled).map_batches(_packed_batches, fn_kwargs={"reading": reading}, batch_size=1)
+    return _read(rows, shuffled, _packed_batches, 1, reading)
 
 
 def _packed_batches(batch: dict, reading: Reading):

@@ -79,6 +79,9 @@ class S3Proxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out as two writes: with Nagle's algorithm the body waits for the
+            # client's delayed ACK (40 ms on Linux), which a real store does not add
+            disable_nagle_algorithm = True
 
             def log_message(self, *args) -> None:  # quiet
                 pass
@@ -95,11 +98,8 @@ class S3Proxy:
                     if self.command != "HEAD":
                         self.wfile.write(_SLOW_DOWN)
                     return
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
+                resp, data = self._upstream(self.command, self.path, body, headers)
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
@@ -109,7 +109,29 @@ class S3Proxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                conn.close()
+
+            def _upstream(self, method: str, path: str, body: bytes, headers: dict):
+                # one kept-alive connection to the store per client connection (a connection per
+                # request costs the store a thread and a handshake each: CPU the jobs then lack)
+                for attempt in range(2):
+                    conn = getattr(self, "conn", None)
+                    if conn is None:
+                        conn = self.conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port,
+                                                                      timeout=60)
+                    try:
+                        conn.request(method, path, body=body, headers=headers)
+                        resp = conn.getresponse()
+                        return resp, resp.read()
+                    except (http.client.HTTPException, OSError):
+                        conn.close()
+                        self.conn = None
+                        if attempt:
+                            raise
+
+            def finish(self) -> None:
+                super().finish()
+                if getattr(self, "conn", None) is not None:
+                    self.conn.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 

@@ -238,10 +238,13 @@ def cluster_md_on_the_release_layout(log: str) -> None:
     for name in ("teacher128.pt", "teacher256.pt", "student.pt", "vggish_arousal.pt", "vggish_valence.pt",
                  "fusion.pt", "fusion_visual.pt", "fusion_audio.pt"):
         assert name in models, (name, models, log[-3000:])
-    # The student distilled: targets for every AffectNet row, FEC crop and unlabeled crop (each once),
+    # The student distilled: targets for every AffectNet row, FEC crop and unlabeled crop (each once;
+    # the unlabeled crops packed into faces parts, whose targets the student read part by part),
     # and each of its losses reached it (RKD from the targets, triplets, AffectNet).
     targets = read_folder("s3://aver-runs/distill/targets").to_pandas()
     assert len(targets) == AFFECTNET_ROWS + 3 * FEC_TRIPLETS + UNLABELED and targets["crop_id"].is_unique
+    assert read_folder("s3://aver-runs/unlabeled/faces")["crop"].null_count == 0
+    assert "unlabeled s3://aver-runs/unlabeled: 1 faces parts, read packed" in log
     history = json.loads(fs.cat("aver-runs/models/student.metrics.json"))
     assert all(history[-1][k] > 0 for k in ("loss_rkd", "loss_fec", "loss_affectnet")), history
     # the three fusion variants featurise the training sessions once, the next two read the cache

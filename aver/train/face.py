@@ -107,8 +107,9 @@ class StudentTrainConfig(FaceTrainConfig):
     targets: str | None = None
     """distill.py output folder (targets/ with crop_id, target[80]); None trains without distillation."""
     unlabeled: str | None = None
-    """Unlabeled face images (the PowderFaces role: a folder, glob or manifest of images), distilled
-    with the same teachers."""
+    """Unlabeled face crops (the PowderFaces role), distilled with the same teachers: extract_faces'
+    output (faces parts, read packed, targets joined part by part), or a folder, glob or manifest
+    of images."""
     imagenet: str | None = None
     """torchvision DenseNet201 ImageNet weights (registry name or URI); None = random init."""
     freeze: str | None = field(default=None, metadata={"choices": Student.stages})

@@ -289,13 +289,10 @@ def remote_distill_efficiency(work: str, n_crops: int, cpus: float, latency_s: f
     with local_s3("bench") as store:
         proxy = S3Proxy(store["endpoint"], latency_s=latency_s)
         try:
-            fs = fsspec.filesystem("s3", **store["options"])
-            per = 256  # extract_faces' layout: parts of a few hundred crops
-            _packed_faces("bench/faces", crops, per, fs=fs)
-            for i, c in enumerate(crops):  # the other layout: one object per crop
-                fs.pipe(f"bench/crops/c{i:05d}.jpg", c)
+            per = 256
+            layouts = _both_layouts(fsspec.filesystem("s3", **store["options"]), "bench", crops, per)
             so = proxy.options(store["options"])
-            for layout, source in (("faces parts", "s3://bench/faces/"), ("one object per crop", "s3://bench/crops/")):
+            for layout, source in layouts.items():
                 before, t = proxy.requests, time.perf_counter()
                 # the teachers stay local files, as in (b): what is measured is hiding the crops' latency
                 run_distill(DistillConfig(input=source, teachers=tuple(uris), output=f"s3://bench/out-{len(figures)}/",
@@ -578,6 +575,15 @@ def _packed_faces(folder: str, crops: list[bytes], per: int = 256, fs=None) -> N
             fs.pipe(path, buf.getvalue())
 
 
+def _both_layouts(fs, bucket: str, crops: list[bytes], per: int = 256) -> dict[str, str]:
+    """``crops`` on S3 as extract_faces writes them (faces parts of ``per`` crops) and as one JPEG
+    object each: {layout: URI}."""
+    _packed_faces(f"{bucket}/faces", crops, per, fs=fs)
+    for i, c in enumerate(crops):
+        fs.pipe(f"{bucket}/crops/c{i:05d}.jpg", c)
+    return {"faces parts": f"s3://{bucket}/faces/", "one object per crop": f"s3://{bucket}/crops/"}
+
+
 def _targets_part(path: str, crop_ids: list[str], rng) -> None:
     """A distill targets part of random targets for ``crop_ids``."""
     import pyarrow as pa
@@ -758,14 +764,10 @@ def packed_reads(work: str, n_crops: int, latency_s: float = 0.02) -> str:
     with local_s3("bench-packed") as store:
         proxy = S3Proxy(store["endpoint"], latency_s=latency_s)
         try:
-            fs = fsspec.filesystem("s3", **store["options"])
-            _packed_faces("bench-packed/parts", crops, fs=fs)
-            for i, c in enumerate(crops):
-                fs.pipe(f"bench-packed/objects/c{i:05d}.jpg", c)
+            layouts = _both_layouts(fsspec.filesystem("s3", **store["options"]), "bench-packed", crops)
             reading = Reading(storage_options=proxy.options(store["options"]))
-            _timed_pass({"warm-up": unlabeled_dataset("s3://bench-packed/parts", reading=reading)})
-            for layout, source in (("faces parts", "s3://bench-packed/parts"),
-                                   ("one object per crop", "s3://bench-packed/objects")):
+            _timed_pass({"warm-up": unlabeled_dataset(layouts["faces parts"], reading=reading)})
+            for layout, source in layouts.items():
                 before = proxy.requests
                 seconds, n = _timed_pass({layout: unlabeled_dataset(source, reading=reading)})
                 figures[layout] = (n / seconds, proxy.requests - before)

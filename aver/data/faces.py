@@ -152,8 +152,8 @@ def _with_targets(rows: list[dict], targets: str | None, storage_options) -> lis
 def _read(rows: list[dict], shuffled: bool, fn, batch_size: int, reading: Reading, num_cpus: float = 1.0):
     """A dataset of manifest rows (sources, boxes: small) read by ``fn`` in tasks of ``batch_size``
     rows (``num_cpus`` each); the rows' blocks come in a fresh random order every time it is read
-    when ``shuffled`` (training passes). A block holds at least a batch: a task of a few rows would
-    keep a few reads in flight, not ``reading.io_threads``."""
+    when ``shuffled`` (training passes). A block holds at least a batch: Ray Data bundles small
+    blocks into a call up to the batch, but leaves partial calls where the bundles end."""
     import math
 
     import ray.data

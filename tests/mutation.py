@@ -147,6 +147,11 @@ PLANTED = {
     "undecodable packed crops dropped without a count": (
         "aver/data/faces.py", "        if failed and reading.dropped is not None:", "        if False:",
         ["tests/data/test_faces.py", "-k", "packed"]),
+    "an unreadable packed part dropped without a count": (
+        "aver/data/faces.py", """            if reading.dropped is not None:
+                reading.dropped.add.remote("unlabeled", [f"{redact(part)} (part)"])""",
+        """            if False:
+                pass""", ["tests/data/test_faces.py", "-k", "packed"]),
     "packed crops joined to the next target whatever its crop": (
         "aver/data/faces.py", "            if self._peek() == crop_id:", "            if self._peek() is not None:",
         ["tests/data/test_faces.py", "-k", "packed"]),

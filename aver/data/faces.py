@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from aver.constants import CROP_SIZE, DISTILL_DIM
 from aver.data.manifests import Manifest, read_affectnet, read_fec
 from aver.faces import crop_face
-from aver.faults import RetryPolicy, describe, guarded_map
+from aver.faults import RetryPolicy, guarded_map, verdict
 from aver.io.media import IMAGE_EXTENSIONS, decode_jpeg, items_in_listing, list_inputs, load_image, resize_crops
 from aver.io.parts import find_parts, join, list_names, read_part, read_slices
 from aver.io.storage import redact, url_to_fs
@@ -289,7 +289,7 @@ def _packed_batches(batch: dict, reading: Reading):
         try:
             yield from _part_crops(part, targets or None, reading)
         except Exception as e:  # noqa: BLE001 - one unreadable part costs its own crops only
-            log.warning("unlabeled: dropped the rest of %s: %s", redact(part), describe(e))
+            log.warning("unlabeled: dropped the rest of %s: %s", redact(part), verdict(e, part)[1])
             if reading.dropped is not None:
                 reading.dropped.add.remote("unlabeled", [f"{redact(part)} (part)"])
 

@@ -187,6 +187,10 @@ def test_packed_crops_join_distills_targets_part_by_part(tmp_path, monkeypatch):
         assert has == (target is not None) and np.array_equal(joined, target if has else np.zeros(80, np.float32))
     assert counter.actor.counts() == {"unlabeled": 1}
     assert len(list(faces._part_crops(part, None, reading))[0]) == 2  # no targets: crop ids and images only
+    (tmp_path / "x" / "faces" / "cut.parquet").write_bytes(b"PAR1 cut short")  # one unreadable part: counted once
+    batch = {"name": ["cut", "v1"], "part": [str(tmp_path / "x" / "faces" / "cut.parquet"), part], "targets": ["", ""]}
+    assert sum(len(b["crop_id"]) for b in faces._packed_batches(batch, reading)) == len(want)  # the next part read
+    assert counter.actor.counts() == {"unlabeled": 2}
 
 
 def test_unlabeled_faces_parts_without_targets_are_left_out(tmp_path, capsys, ray_local):

@@ -15,7 +15,7 @@ from aver.constants import CROP_SIZE, DISTILL_DIM
 from aver.data.manifests import Manifest, read_affectnet, read_fec
 from aver.faces import crop_face
 from aver.faults import RetryPolicy, guarded_map, verdict
-from aver.io.media import IMAGE_EXTENSIONS, decode_jpeg, items_in_listing, list_inputs, load_image, resize_crops
+from aver.io.media import IMAGE_EXTENSIONS, decode_faces, items_in_listing, list_inputs, load_image
 from aver.io.parts import find_parts, join, list_names, read_part, read_slices
 from aver.io.storage import redact, url_to_fs
 
@@ -130,9 +130,13 @@ def distill_targets(uri: str, wanted: set[str], storage_options: dict | None = N
         table = read_part(join(folder, f"{name}.parquet"), storage_options)
         table = table.filter(pc.is_in(table["crop_id"], keys))
         if table.num_rows:
-            values = table["target"].combine_chunks().flatten().to_numpy().astype(np.float32)
-            found.update(zip(table["crop_id"].to_pylist(), values.reshape(table.num_rows, -1)))
+            found.update(zip(table["crop_id"].to_pylist(), _target_matrix(table)))
     return found
+
+
+def _target_matrix(table: pa.Table) -> np.ndarray:
+    """``[n,80]`` float32: a targets table's ``target`` column."""
+    return table["target"].combine_chunks().flatten().to_numpy().astype(np.float32).reshape(-1, DISTILL_DIM)
 
 
 def _target(targets: dict[str, np.ndarray], crop_id: str) -> dict:
@@ -300,19 +304,13 @@ def _part_crops(part: str, targets: str | None, reading: Reading):
     so = reading.storage_options
     joined = _TargetStream(targets, so, reading) if targets else None
     for table in read_slices(part, ["crop_id", "crop"], PACKED_ROWS, so, reading.retry):
-        table = table.filter(pc.is_valid(table["crop"]))
-        ids = table["crop_id"].to_pylist()
-        images, keep, failed = [], np.ones(len(ids), bool), []
-        for i, (crop_id, data) in enumerate(zip(ids, table["crop"].to_pylist())):
-            try:
-                images.append(decode_jpeg(data))
-            except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
-                keep[i] = False
-                failed.append(f"{redact(part)}:{crop_id}")
-                log.warning("unlabeled: dropped %s: %s", failed[-1], type(e).__name__)
+        ids, images, keep, bad = decode_faces(table)
+        failed = [f"{redact(part)}:{crop_id}" for crop_id, _ in bad]
+        for name, (_, why) in zip(failed, bad):
+            log.warning("unlabeled: dropped %s: %s", name, why)
         if failed and reading.dropped is not None:
             reading.dropped.add.remote("unlabeled", failed)
-        out = {"crop_id": np.asarray(ids, dtype=object)[keep], "image": resize_crops(images)}
+        out = {"crop_id": np.asarray(ids, dtype=object)[keep], "image": images}
         if joined is not None:  # every crop passes the stream (a dropped one's target too)
             target, has = joined.take(ids)
             out["target"], out["has_target"] = target[keep], has[keep]
@@ -339,7 +337,7 @@ class _TargetStream:
         if table is None:
             return False
         self.ids = table["crop_id"].to_pylist()
-        self.values = table["target"].combine_chunks().flatten().to_numpy().astype(np.float32).reshape(-1, DISTILL_DIM)
+        self.values = _target_matrix(table)
         self.at = 0
         return True
 

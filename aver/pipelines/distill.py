@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from aver.constants import CROP_SIZE, DISTILL_DIM
 from aver.data.manifests import is_affectnet_csv, is_fec_csv, read_affectnet, read_fec
 from aver.faces import crop_face
 from aver.faults import guarded_map, with_retries
-from aver.io.media import IMAGE_EXTENSIONS, InputItem, decode_jpeg, items_in_listing, list_inputs, load_image, resize_crops
+from aver.io.media import IMAGE_EXTENSIONS, InputItem, decode_faces, items_in_listing, list_inputs, load_image, resize_crops
 from aver.io.parts import find_parts, read_slices
 from aver.io.storage import absolute, redact, split_credentials
 from aver.pipelines.cluster import actor_setup, connect
@@ -192,16 +191,10 @@ def _part_slices(unit: Unit, cfg: DistillConfig) -> Iterator[TargetsRecord]:
     # a storage fault re-opens the part where it stopped; one past the retries ends the unit as failed
     slices = read_slices(item["source"], ["crop_id", "crop"], cfg.images_per_unit, cfg.storage_options, cfg.retry)
     for table in _at_least_one(slices):
-        table = table.filter(pc.is_valid(table["crop"]))
-        ids, images, skipped = [], [], []
-        for crop_id, data in zip(table["crop_id"].to_pylist(), table["crop"].to_pylist()):
-            try:
-                images.append(decode_jpeg(data))
-                ids.append(crop_id)
-            except Exception as e:  # noqa: BLE001 - one bad crop costs itself only
-                skipped.append(f"{crop_id}: {type(e).__name__}")
+        ids, images, decoded, failed = decode_faces(table)
         del table
-        yield TargetsRecord(unit=unit, ids=ids, images=resize_crops(images), skipped=skipped)
+        yield TargetsRecord(unit=unit, ids=[i for i, ok in zip(ids, decoded) if ok], images=images,
+                            skipped=[f"{crop_id}: {why}" for crop_id, why in failed])
 
 
 def _at_least_one(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:

@@ -233,8 +233,9 @@ def _faces_part(crops: list[bytes], start: int = 0):
     return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
 
 
-def distill_efficiency(work: str, n_crops: int, cpus: float) -> str:
-    """(b) the distill job against a bare forward of both teachers, crops per second (needs (a)'s faces)."""
+def distill_efficiency(work: str, n_crops: int, cpus: float) -> tuple[str, float]:
+    """(b) the distill job against a bare forward of both teachers, crops per second (needs (a)'s
+    faces); returns the report and the bare rate, which (f) compares with too."""
     import torch
     from PIL import Image
 
@@ -261,56 +262,40 @@ def distill_efficiency(work: str, n_crops: int, cpus: float) -> str:
     pipe = len(crops) / (time.perf_counter() - t)
     return (f"## (b) distill vs bare teacher forward\n\n{len(crops)} crops, both teachers, fp32 on CPU.\n\n"
             f"| | crops/s |\n|---|---|\n| bare forward, one process | {bare:.1f} |\n"
-            f"| distill job (1 actor, all CPUs) | {pipe:.1f} |\n\n**Ratio {pipe / bare:.2f}** (target >= 0.8).\n")
+            f"| distill job (1 actor, all CPUs) | {pipe:.1f} |\n\n**Ratio {pipe / bare:.2f}** (target >= 0.8).\n"), bare
 
 
-def remote_distill_efficiency(work: str, n_crops: int, cpus: float, latency_s: float = 0.02) -> str:
+def remote_distill_efficiency(work: str, n_crops: int, cpus: float, bare: float, latency_s: float = 0.02) -> str:
     """(f) distill over crops on a local S3 behind a proxy adding ``latency_s`` to every request,
-    against the bare teacher pair on the same crops in memory (needs (b)'s teachers)."""
+    against (b)'s bare teacher pair (``bare`` crops/s) on the same crops (needs (b)'s teachers)."""
     import fsspec
-    import torch
-    from PIL import Image
 
     from aver.demo.s3proxy import S3Proxy, local_s3
-    from aver.models import Teacher, load_checkpoint
-    from aver.pipelines.distill import DistillConfig, teacher_targets
+    from aver.pipelines.distill import DistillConfig
     from aver.pipelines.distill import run as run_distill
 
     crops = _bench_crops(work, n_crops)
     uris = [os.path.join(work, f"t{i}.pt") for i in range(2)]
-    teachers = [load_checkpoint(u)[0].eval() for u in uris]
-    images = [np.asarray(Image.open(io.BytesIO(c)).convert("RGB")) for c in crops]
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for s in range(0, len(images), 64):
-            teacher_targets(*(m(Teacher.preprocess(images[s:s + 64])) for m in teachers))
-    bare = len(crops) / (time.perf_counter() - t)
-    figures = {}
+    per = 256
     with local_s3("bench") as store:
         proxy = S3Proxy(store["endpoint"], latency_s=latency_s)
         try:
-            per = 256
-            layouts = _both_layouts(fsspec.filesystem("s3", **store["options"]), "bench", crops, per)
-            so = proxy.options(store["options"])
-            for layout, source in layouts.items():
-                before, t = proxy.requests, time.perf_counter()
-                # the teachers stay local files, as in (b): what is measured is hiding the crops' latency
-                run_distill(DistillConfig(input=source, teachers=tuple(uris), output=f"s3://bench/out-{len(figures)}/",
-                                          storage_options=so, batch_size=64, images_per_unit=per, **_one_actor(cpus)))
-                figures[layout] = (len(crops) / (time.perf_counter() - t), proxy.requests - before)
+            _packed_faces("bench/crops", crops, per, fs=fsspec.filesystem("s3", **store["options"]))
+            t = time.perf_counter()
+            # the teachers stay local files, as in (b): what is measured is hiding the crops' latency
+            run_distill(DistillConfig(input="s3://bench/crops/", teachers=tuple(uris), output="s3://bench/out/",
+                                      storage_options=proxy.options(store["options"]), batch_size=64,
+                                      images_per_unit=per, **_one_actor(cpus)))
+            rate, requests = len(crops) / (time.perf_counter() - t), proxy.requests
         finally:
             proxy.close()
-    (parts, parts_req), (objects, objects_req) = figures["faces parts"], figures["one object per crop"]
     return (f"## (f) distill from S3 with {latency_s * 1000:.0f} ms per request vs bare teacher forward\n\n"
             f"{len(crops)} crops on a local S3 (moto) behind a proxy adding {latency_s * 1000:.0f} ms to every "
-            f"request; both teachers (local files, as in (b)), fp32 on CPU. The crops as extract_faces writes them "
-            f"(faces parts of 256 crops: {parts_req} requests), and as single JPEG objects ({objects_req} requests, "
-            f"one GET each: on this 2-CPU machine moto and the proxy spend CPU on every request that the teachers "
-            f"then lack).\n\n"
-            f"| | crops/s |\n|---|---|\n| bare forward, crops in memory | {bare:.1f} |\n"
-            f"| distill job, faces parts on S3 | {parts:.1f} |\n| distill job, one S3 object per crop | {objects:.1f} |"
-            f"\n\n**Ratio {parts / bare:.2f}** for faces parts (target >= 0.8); {objects / bare:.2f} for one object "
-            f"per crop.\n")
+            f"request, as extract_faces writes them (faces parts of {per} crops; {requests} requests in all, "
+            f"outputs included); both teachers (local files, as in (b)), fp32 on CPU; against (b)'s bare forward "
+            f"of the same crops. (m) compares the faces parts with one S3 object per crop.\n\n"
+            f"| | crops/s |\n|---|---|\n| bare forward, one process ((b)) | {bare:.1f} |\n"
+            f"| distill job, faces parts on S3 | {rate:.1f} |\n\n**Ratio {rate / bare:.2f}** (target >= 0.8).\n")
 
 
 _PLAN = """
@@ -405,7 +390,7 @@ def score_memory(work: str, cpus: float) -> str:
             "2 vs 8 videos (720p, 10 s, with audio).\n\n" + _memory_table("archive", m1, m4))
 
 
-def long_video_memory(work: str, cpus: float, seconds: float = 15.0, times: int = 8) -> str:
+def long_video_memory(work: str, cpus: float, seconds: float = 10.0, times: int = 8) -> str:
     """(j) score_videos on one long talking-head video against one ``times`` shorter (low resolution):
     peak memory of the largest single process, and of the tree."""
     runs = {}
@@ -812,30 +797,41 @@ def main() -> int:
 
     from aver.pipelines.cluster import keep_task_workers
 
+    began = time.perf_counter()
     work = tempfile.mkdtemp(prefix="aver-bench-")
     corpus = os.path.join(work, "videos")
     _corpus(corpus, a.videos, seconds=8.0)
     cpus = float(os.cpu_count() or 1)
-    lines = [f"# Benchmarks\n\nMeasured by `make bench` on {os.cpu_count()} CPUs, "
-             f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'no GPU'}; "
-             f"{time.strftime('%Y-%m-%d')}.\n"]
+    lines = []
+    took: list[str] = []
+
+    def measure(label: str, figure, *args):
+        t = time.perf_counter()
+        out = figure(*args)
+        took.append(f"{label} {time.perf_counter() - t:.0f} s")
+        print(f"bench: ({label}) took {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        return out
+
     keep_task_workers()  # (a), (b) and (f) run in this process, on the local Ray a job would start
     ray.init(include_dashboard=False, log_to_driver=False)
-    lines.append(extract_speed(work, corpus, a.videos, cpus))
-    lines.append(distill_efficiency(work, a.crops, cpus))
-    lines.append(remote_distill_efficiency(work, a.crops, cpus))
-    lines.append(clip_speed(work, cpus))
-    lines.append(training_reads(work))
-    lines.append(packed_reads(work, a.crops))
+    lines.append(measure("a", extract_speed, work, corpus, a.videos, cpus))
+    text, bare = measure("b", distill_efficiency, work, a.crops, cpus)
+    lines.append(text)
+    lines.append(measure("f", remote_distill_efficiency, work, a.crops, cpus, bare))
+    lines.append(measure("n", clip_speed, work, cpus))
+    lines.append(measure("l", training_reads, work))
+    lines.append(measure("m", packed_reads, work, a.crops))
     ray.shutdown()  # (c)-(e) run the jobs as a user would, each with its own local Ray
-    lines.append(extract_memory(work, cpus))
-    lines.append(score_speed(work, a.score_videos, cpus))
-    lines.append(score_memory(work, cpus))
-    lines.append(planning_scale(work))
-    lines.append(student_memory(work))
-    lines.append(prefix_shard_memory(work))
-    lines.append(long_video_memory(work, cpus))
-    lines.append(driver_bytes(work, cpus))
+    for label, figure, args in (("c", extract_memory, (work, cpus)), ("d", score_speed, (work, a.score_videos, cpus)),
+                                ("e", score_memory, (work, cpus)), ("g", planning_scale, (work,)),
+                                ("h", student_memory, (work,)), ("h, shard", prefix_shard_memory, (work,)),
+                                ("j", long_video_memory, (work, cpus)), ("k", driver_bytes, (work, cpus))):
+        lines.append(measure(label, figure, *args))
+    minutes = (time.perf_counter() - began) / 60
+    lines.insert(0, f"# Benchmarks\n\nMeasured by `make bench` on {os.cpu_count()} CPUs, "
+                    f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'no GPU'}; "
+                    f"{time.strftime('%Y-%m-%d')}: {minutes:.1f} minutes in all (the corpus of (a) included; "
+                    f"{', '.join(took)}).\n")
     from bench_gpu import gpu_section  # jobs/, beside this file
 
     lines.append(gpu_section(a.report))  # `make bench-gpu`'s figures, kept as they were

@@ -381,13 +381,13 @@ def score_speed(work: str, n_videos: int, cpus: float) -> str:
 def score_memory(work: str, cpus: float) -> str:
     """(e) score_videos peak RSS on a 4x larger archive over a 1x one."""
     s1, s4 = os.path.join(work, "talk1"), os.path.join(work, "talk4")
-    _talking_corpus(s1, 2, seconds=10.0)
-    _talking_corpus(s4, 8, seconds=10.0)
+    _talking_corpus(s1, 2, seconds=8.0)
+    _talking_corpus(s4, 8, seconds=8.0)
     job = _score_job(work, cpus)
     m1 = peak_memory_of_job(job + ["--input", s1, "--output", os.path.join(work, "so1")])
     m4 = peak_memory_of_job(job + ["--input", s4, "--output", os.path.join(work, "so4")])
     return ("## (e) score_videos peak memory, 1x vs 4x archive\n\nDriver plus local Ray processes, "
-            "2 vs 8 videos (720p, 10 s, with audio).\n\n" + _memory_table("archive", m1, m4))
+            "2 vs 8 videos (720p, 8 s, with audio).\n\n" + _memory_table("archive", m1, m4))
 
 
 def long_video_memory(work: str, cpus: float, seconds: float = 10.0, times: int = 8) -> str:
@@ -409,7 +409,7 @@ def long_video_memory(work: str, cpus: float, seconds: float = 10.0, times: int 
             f"{b.pss / a.pss:.2f} of the tree.\n")
 
 
-def driver_bytes(work: str, cpus: float, seconds: float = 10.0, n_videos: int = 2) -> str:
+def driver_bytes(work: str, cpus: float, seconds: float = 5.0, n_videos: int = 2) -> str:
     """(k) bytes the driver receives per input, score_videos on videos 4x as long; its peak RSS."""
     runs = {}
     for n in (1, 4):
@@ -665,7 +665,7 @@ def _timed_pass(datasets: dict) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
-def training_reads(work: str, latency_s: float = 0.02, copies: int = 6) -> str:
+def training_reads(work: str, latency_s: float = 0.02, copies: int = 4) -> str:
     """(l) the student's datasets (AffectNet, FEC triplets, unlabeled images) to a no-op consumer:
     images on a local S3 behind a proxy adding ``latency_s`` to every request, against on local
     disk; and the reads one at a time per task, as before issue 30."""
@@ -783,10 +783,10 @@ HOW = (
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", default=os.path.join(ROOT, "docs", "benchmarks.md"), help="Markdown file to write")
-    p.add_argument("--videos", type=int, default=48, help="720p videos of 8 s in the speed corpus (default 48);"
+    p.add_argument("--videos", type=int, default=36, help="720p videos of 8 s in the speed corpus (default 36);"
                    " large enough that Ray's and the actor's start-up (~8 s) is amortised as on a real corpus")
-    p.add_argument("--score-videos", type=int, default=6, help="20 s talking videos in the score_videos run (default 6)")
-    p.add_argument("--crops", type=int, default=1024, help="crops in the distill comparison (default 1024)")
+    p.add_argument("--score-videos", type=int, default=4, help="20 s talking videos in the score_videos run (default 4)")
+    p.add_argument("--crops", type=int, default=768, help="crops in the distill comparisons and (m) (default 768)")
     p.add_argument("--count-driver-bytes", metavar="FILE", help=argparse.SUPPRESS)  # (k)'s driver, then the job
     a, job = p.parse_known_args()
     if a.count_driver_bytes:

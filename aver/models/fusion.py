@@ -41,11 +41,15 @@ class FusionConfig:
 
 class _PreTransform(nn.Module):
     # Fig. 3: every 3rd step, Conv1d k=1, k=3, MaxPool1d(2,2), k=5, ReLUs; the final adaptive
-    # pool makes the output exactly `steps` long whatever the window length.
-    def __init__(self, cin: int, channels: int, steps: int, stride: int) -> None:
+    # pool makes the output exactly `steps` long whatever the window length. `standardise`: each
+    # input feature scaled to unit variance first (running statistics, no affine): the student's
+    # embedding carries valence in low-variance directions that an unscaled projection all but
+    # ignores (docs/decisions.md, "The face carries valence").
+    def __init__(self, cin: int, channels: int, steps: int, stride: int, standardise: bool = False) -> None:
         super().__init__()
         self.stride = stride
         self.body = nn.Sequential(
+            *([nn.BatchNorm1d(cin, affine=False)] if standardise else []),
             nn.Conv1d(cin, 2 * channels, 1), nn.ReLU(inplace=True),
             nn.Conv1d(2 * channels, 2 * channels, 3, padding=1), nn.ReLU(inplace=True),
             nn.MaxPool1d(2, 2, ceil_mode=True),
@@ -73,7 +77,8 @@ class FusionModel(nn.Module):
         super().__init__()
         self.config = c = take_config(FusionConfig, args, kwargs)
         m = c.modalities
-        self.visual_transform = _PreTransform(c.visual_dim, c.channels, c.steps, c.stride) if "visual" in m else None
+        self.visual_transform = _PreTransform(c.visual_dim, c.channels, c.steps, c.stride, standardise=True) \
+            if "visual" in m else None
         self.audio_transform = _PreTransform(c.audio_dim, c.channels, c.steps, c.stride) if "audio" in m else None
         self.lstm = nn.LSTM(c.channels * len(m), c.hidden, num_layers=c.layers, batch_first=True)
         self.head = nn.Linear(c.hidden, 2)

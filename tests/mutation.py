@@ -236,6 +236,12 @@ PLANTED = {
     "the audio clip's ending replaces the video's": (
         "aver/pipelines/score.py", "    if r.unit.clip is not None and r.unit.clip.range is None:",
         "    if False:", ["tests/pipelines/test_clips.py", "-k", "whole"]),
+    "fusion projects the student's embedding unscaled": (
+        "aver/models/fusion.py", "c.stride, standardise=True)", "c.stride, standardise=False)",
+        ["tests/models/test_fusion.py", "-k", "standardised"]),
+    "demo sessions drawn on a background of the skin's own shade": (
+        "aver/demo/corpus.py", "apart_from_skin(Identity.random(rng))", "Identity.random(rng)",
+        ["tests/demo/test_corpus.py", "-k", "apart"]),
 }
 
 # module -> the tests that guard it (for the generic pass)

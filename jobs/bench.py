@@ -390,7 +390,7 @@ def score_memory(work: str, cpus: float) -> str:
             "2 vs 8 videos (720p, 8 s, with audio).\n\n" + _memory_table("archive", m1, m4))
 
 
-def long_video_memory(work: str, cpus: float, seconds: float = 10.0, times: int = 8) -> str:
+def long_video_memory(work: str, cpus: float, seconds: float = 15.0, times: int = 8) -> str:
     """(j) score_videos on one long talking-head video against one ``times`` shorter (low resolution):
     peak memory of the largest single process, and of the tree."""
     runs = {}

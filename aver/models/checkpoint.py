@@ -56,7 +56,11 @@ def load_checkpoint(uri: str, *, storage_options: dict | None = None) -> tuple[n
         raise ValueError(f"{redact(uri)}: unknown architecture {payload['architecture']!r}")
     with skip_init():
         model = cls(cls.config_class(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])  # strict: every parameter and buffer is overwritten
+    try:
+        model.load_state_dict(payload["state_dict"])  # strict: every parameter and buffer is overwritten
+    except RuntimeError as e:  # e.g. a fusion model saved before its visual input was standardised
+        raise ValueError(f"{redact(uri)}: this {payload['architecture']} was saved by an aver whose layers "
+                         f"differ from this one's; train it again with this version ({str(e).splitlines()[0]})") from None
     return model.eval(), payload.get("meta", {})
 
 

@@ -68,3 +68,12 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"a": torch.zeros(1)}, plain)
     with pytest.raises(ValueError, match="not an aver checkpoint"):
         load_checkpoint(str(plain))
+    # a checkpoint of an older layout (a fusion model from before its visual input was standardised:
+    # no running statistics, its convolutions one index lower) says so and what to do
+    save_checkpoint(FusionModel(32, 16), str(tmp_path / "fusion.pt"))
+    payload = torch.load(tmp_path / "fusion.pt", weights_only=True)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if "running" not in k
+                             and "num_batches" not in k}
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="saved by an aver whose layers differ.*train it again"):
+        load_checkpoint(str(tmp_path / "old.pt"))

@@ -808,8 +808,9 @@ def main() -> int:
     def measure(label: str, figure, *args):
         t = time.perf_counter()
         out = figure(*args)
-        took.append(f"{label} {time.perf_counter() - t:.0f} s")
-        print(f"bench: ({label}) took {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        seconds = f"{time.perf_counter() - t:.0f} s"
+        took.append(f"{label} {seconds}")
+        print(f"bench: ({label}) took {seconds}", file=sys.stderr, flush=True)
         return out
 
     keep_task_workers()  # (a), (b) and (f) run in this process, on the local Ray a job would start

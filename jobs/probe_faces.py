@@ -44,7 +44,7 @@ def ridge(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, penalty: float) -> n
 
 def best_ccc(x, y, x_test, y_test) -> tuple[float, float]:
     """(CCC, penalty) of the best of a few ridge penalties: the probe's ceiling, not a tuned model."""
-    return max((float(ccc(torch.as_tensor(y_test), torch.as_tensor(ridge(x, y, x_test, p)))), p)
+    return max((float(ccc(y_test, ridge(x, y, x_test, p))), p)
                for p in (0.01, 0.1, 1.0, 10.0))
 
 

@@ -21,8 +21,8 @@ def test_ridge_is_sklearns_on_standardised_features_and_recovers_a_linear_map():
     mu, sd = x.mean(0), x.std(0) + 1e-6
     want = Ridge(alpha=0.1 * len(x)).fit((x - mu) / sd, y).predict((x_test - mu) / sd)
     assert np.allclose(ridge(x, y, x_test, 0.1), want, atol=1e-6)
-    assert np.allclose(ridge(x, y, x_test, 1e-9), x_test @ np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0][:12]
-                       + np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0][12], atol=1e-4)
+    coef = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0]  # least squares with an intercept
+    assert np.allclose(ridge(x, y, x_test, 1e-9), x_test @ coef[:12] + coef[12], atol=1e-4)
 
 
 def test_nearest_class_of_each_prototype_is_its_class():

@@ -9,6 +9,19 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def job_module(name: str):
+    """``jobs/<name>.py`` imported as module ``name`` (the scripts are not a package; each is loaded
+    once per process, so a test can use its functions and dataclasses)."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "jobs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def run_job(args: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python jobs/...`` as a user would (embedded local Ray in its own process)."""
     full_env = dict(os.environ, RAY_num_cpus="2", PYTHONPATH=ROOT, **(env or {}))

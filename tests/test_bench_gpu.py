@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.ray_helpers import ROOT
+from tests.ray_helpers import ROOT, job_module
 
 # What the GPU machine lacks and no wheel brings along: any import of these fails.
 ABSENT = ("ray", "s3fs", "moto", "boto3", "botocore", "aiobotocore")
@@ -42,11 +42,7 @@ def test_bench_gpu_prints_every_figure_without_ray_or_s3fs(tmp_path):
 
 
 def test_bench_keeps_the_gpu_figures_a_gpu_run_wrote(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "jobs"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.pop(0)
+    bench_gpu = job_module("bench_gpu")
     report = tmp_path / "benchmarks.md"
     report.write_text("# Benchmarks\n\n## (a) x\n\nfigures\n\n" + bench_gpu.gpu_section(str(report)) + "\n## How\n\nhow\n")
     assert "Still to be measured" in bench_gpu.gpu_section(str(report))

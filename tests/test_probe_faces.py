@@ -1,14 +1,10 @@
 """jobs/probe_faces.py's read-outs against independent formulas (its figures are in docs/decisions.md)."""
 
-import os
-import sys
-
 import numpy as np
 
-from tests.ray_helpers import ROOT
+from tests.ray_helpers import job_module
 
-sys.path.insert(0, os.path.join(ROOT, "jobs"))
-from probe_faces import nearest_class, ridge  # noqa: E402
+nearest_class, ridge = job_module("probe_faces").nearest_class, job_module("probe_faces").ridge
 
 
 def test_ridge_is_sklearns_on_standardised_features_and_recovers_a_linear_map():

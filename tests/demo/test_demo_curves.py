@@ -1,19 +1,9 @@
-import importlib.util
 import json
 import os
-import sys
 
 from PIL import Image
 
-from tests.ray_helpers import ROOT
-
-
-def _demo_module():
-    spec = importlib.util.spec_from_file_location("demo_job", os.path.join(ROOT, "jobs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["demo_job"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.ray_helpers import job_module
 
 
 def test_the_demo_leaves_a_picture_of_every_run_linked_from_its_metrics_table(tmp_path):
@@ -21,7 +11,7 @@ def test_the_demo_leaves_a_picture_of_every_run_linked_from_its_metrics_table(tm
     # that links them twice.
     from aver.pipelines.report import curves_png
 
-    demo = _demo_module()
+    demo = job_module("demo")
     d = demo.Demo(str(tmp_path), 0, "small", 1.0)
     os.makedirs(d.path("models"))
     os.makedirs(d.path("eval"))

@@ -496,7 +496,11 @@ def model_pool(cfg: ActorPoolConfig, n_units: int):
     from ray.data import ActorPoolStrategy
 
     most = min(cfg.actors, n_units) if cfg.actors else max(1, n_units)
-    return ActorPoolStrategy(min_size=1, max_size=most)
+    # A CPU actor runs its calls one after another with its arguments already in the node's store:
+    # a second call sent ahead (Ray Data's default) only holds its records; a GPU actor keeps it, to
+    # fetch the next call's records while the GPU computes.
+    ahead = 1 if cfg.gpus_per_actor == 0 else None
+    return ActorPoolStrategy(min_size=1, max_size=most, max_tasks_in_flight_per_actor=ahead)
 
 
 def run_stages(units: list[Unit], cfg: ActorPoolConfig, *, load: Callable[[Unit, Any], Record | Iterator[Record]],

@@ -63,6 +63,12 @@ PLANTED = {
         "aver/pipelines/evaluate.py", 'triplet_accuracy(e[f"{name}.i"], e[f"{name}.j"], e[f"{name}.k"])',
         'triplet_accuracy(e[f"{name}.i"], e[f"{name}.k"], e[f"{name}.j"])',
         ["tests/pipelines/test_evaluate.py", "-k", "known_answers"]),
+    "CPU model actors sent two calls ahead": (
+        "aver/pipelines/stages.py", "ahead = 1 if cfg.gpus_per_actor == 0 else None", "ahead = None",
+        ["tests/pipelines/test_stages.py", "-k", "one_call_at_a_time"]),
+    "GPU model actors sent one call at a time": (
+        "aver/pipelines/stages.py", "ahead = 1 if cfg.gpus_per_actor == 0 else None", "ahead = 1",
+        ["tests/pipelines/test_stages.py", "-k", "one_call_at_a_time"]),
     "a module-level ray.init() in aver/pipelines/stages.py": (
         "aver/pipelines/stages.py", 'from aver.pipelines.ledger import CLIPS, STAGING, Clip, Unit, plan_clips, status_row\n',
         'from aver.pipelines.ledger import CLIPS, STAGING, Clip, Unit, plan_clips, status_row\nimport ray\n'

@@ -23,6 +23,15 @@ def test_model_pool_grows_with_the_cluster_and_is_capped_by_actors():
     assert model_pool(ActorPoolConfig(actors=3), n_units=2).max_size == 2  # never more actors than units
 
 
+def test_a_cpu_actor_is_sent_one_call_at_a_time_a_gpu_actor_the_next_one_ahead():
+    # Guards against: a CPU actor holding a second call's records (720p frames) that it cannot start
+    # before the first ends (bench (e): the 4x archive's peak grew with them); a GPU actor starved
+    # between calls while it fetches the next one.
+    assert model_pool(ActorPoolConfig(), n_units=10).max_tasks_in_flight_per_actor == 1
+    gpu = model_pool(ActorPoolConfig(gpus_per_actor=0.5), n_units=10).max_tasks_in_flight_per_actor
+    assert gpu is None or gpu >= 2  # None: Ray Data's default, two per actor call slot
+
+
 def test_a_unit_that_breaks_a_shared_model_batch_fails_alone():
     # Guards against: one bad unit failing every unit gathered into the same model call.
     from aver.pipelines.stages import ModelStage, pack, unpack

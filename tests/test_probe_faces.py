@@ -4,7 +4,8 @@ import numpy as np
 
 from tests.ray_helpers import job_module
 
-nearest_class, ridge = job_module("probe_faces").nearest_class, job_module("probe_faces").ridge
+_probe = job_module("probe_faces")
+nearest_class, ridge = _probe.nearest_class, _probe.ridge
 
 
 def test_ridge_is_sklearns_on_standardised_features_and_recovers_a_linear_map():

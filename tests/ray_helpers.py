@@ -18,7 +18,11 @@ def job_module(name: str):
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "jobs", f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while it runs
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]  # as an import that fails: the next test sees the error again
+            raise
     return sys.modules[name]
 
 

@@ -518,7 +518,8 @@ def clip_speed(work: str, cpus: float, seconds: float = 480.0, clip_s: float = 6
         units, finalize = plan_long_inputs(plan_units(list_inputs(folder), cfg).units, cfg, clip_s=clip,
                                            fps=cfg.fps, max_duration_s=cfg.max_duration_s, audio=False)
         frames = [s.counts for s in run_stages(units, cfg, load=load_unit, model=_no_model(), commit=_count_frames,
-                                               id_column="video_id", finalize=finalize)]
+                                               id_column="video_id", finalize=finalize,
+                                               records_per_call=cfg.records_per_call)]  # as extract_faces calls it
         took[name] = (time.perf_counter() - t, len(units), frames)
     (whole, _, _), (clipped, n_clips, _) = took["whole"], took["clips"]
     return (f"## (n) one long video read as clips\n\nOne 1280x720 recording of {seconds:.0f} s at 25 fps "
@@ -526,7 +527,8 @@ def clip_speed(work: str, cpus: float, seconds: float = 480.0, clip_s: float = 6
             f"view, cut histogram) with a model stage that does nothing (a {LOOP_S:.0f}-s piece played over, its "
             f"packets copied: decoding costs what a recording's does); read whole by one task, or as "
             f"{n_clips} clips of {clip_s:.0f} s on {int(cpus)} CPUs (load tasks of half a CPU, each decoding with one "
-            f"FFmpeg thread: two 1-CPU load tasks and the model actor's share do not fit on 2 CPUs).\n\n"
+            f"FFmpeg thread: two 1-CPU load tasks and the model actor's share do not fit on 2 CPUs); segments of "
+            f"{cfg.detector.batch_size} frames, {cfg.records_per_call} to a model call, as extract_faces sends them.\n\n"
             f"| | wall s |\n|---|---|\n| one unit | {whole:.1f} |\n| {n_clips} clips | {clipped:.1f} |\n\n"
             f"**Ratio {clipped / whole:.2f}** of the wall time (target <= 0.65).\n")
 

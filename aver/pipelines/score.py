@@ -222,8 +222,11 @@ def _audio_part(unit: Unit, item: InputItem, cfg: ScoreVideosConfig, last: Score
         last.audio_error = e
 
 
-MEL_CHUNK = 4096
-"""Log-mel frames per audio record (164 s): VGGish memory stays bounded however long the recording."""
+MEL_CHUNK = 1024
+"""Log-mel frames per audio record (41 s): what VGGish holds at once, bounded however long the
+recording. A VGGish pass over a chunk holds ~70 MB per 1000 frames (CPU), so 4096 frames (164 s) held
+~275 MB in the actor where 1024 hold ~80 MB, for ~9% more VGGish work (the 64 frames of context on
+each side of a chunk), small beside the student's on every face (docs/decisions.md, "Long media")."""
 
 
 class VideoScorer(ModelStage):

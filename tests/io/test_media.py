@@ -134,6 +134,26 @@ def test_list_inputs_folder_glob_manifest(tmp_path):
         list_inputs(str(tmp_path / "nope"))
 
 
+def test_a_local_folder_lists_the_inputs_fsspec_finds_with_their_ids(tmp_path):
+    # The local walk that replaced fsspec's find (bench (g)'s memory) lists the same inputs, so the
+    # ids a rerun matches against the output stay the same: nested, hidden and linked entries alike.
+    import fsspec
+
+    from aver.io.media import items_in_listing
+
+    for rel in ("a.mp4", "sub/b.png", "sub/deep/c.wav", ".hidden/d.mp4", "sub/.e.mp4", "other/f.mkv"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "linked.mp4").symlink_to(tmp_path / "a.mp4")  # a linked file is an input
+    (tmp_path / "folder.mp4").symlink_to(tmp_path / "other", target_is_directory=True)  # listed, not entered
+    found = [(i.source, i.item_id, i.kind) for i in list_inputs(str(tmp_path))]
+    fsspec_found = [(i.source, i.item_id, i.kind)
+                    for i in items_in_listing(str(tmp_path), fsspec.filesystem("file").find(str(tmp_path)))]
+    assert found == fsspec_found
+    assert sorted(s.rsplit("/", 1)[-1] for s, _, _ in found) == \
+        ["a.mp4", "b.png", "c.wav", "d.mp4", "f.mkv", "folder.mp4", "linked.mp4"]
+
+
 def test_a_glob_is_one_listing(tmp_path, monkeypatch):
     # Guards against: a call per match (fs.glob asks isdir of each; quadratic on s3fs's cache).
     from fsspec.implementations.local import LocalFileSystem

@@ -249,11 +249,11 @@ PLANTED = {
         "aver/demo/corpus.py", "apart_from_skin(Identity.random(rng))", "Identity.random(rng)",
         ["tests/demo/test_corpus.py", "-k", "apart"]),
     "a local folder's walk enters linked folders": (
-        "aver/io/media.py", "    for root, folders, files in os.walk(path):",
+        "aver/io/storage.py", "    for root, folders, files in os.walk(path):",
         "    for root, folders, files in os.walk(path, followlinks=True):",
         ["tests/io/test_media.py", "-k", "local_folder"]),
     "a local folder's walk drops the links to folders that find lists": (
-        "aver/io/media.py", "        found += [os.path.join(root, d) for d in folders if os.path.islink(os.path.join(root, d))]\n",
+        "aver/io/storage.py", "        found += [os.path.join(root, d) for d in folders if os.path.islink(os.path.join(root, d))]\n",
         "", ["tests/io/test_media.py", "-k", "local_folder"]),
 }
 

@@ -17,7 +17,7 @@ from aver.faces import crop_face
 from aver.faults import RetryPolicy, guarded_map, verdict
 from aver.io.media import IMAGE_EXTENSIONS, decode_faces, items_in_listing, list_inputs, load_image
 from aver.io.parts import find_parts, join, list_names, read_part, read_slices
-from aver.io.storage import redact, url_to_fs
+from aver.io.storage import find_files, redact, url_to_fs
 
 log = logging.getLogger("aver")
 
@@ -89,7 +89,7 @@ def with_images(m: Manifest, sources, what: str, hint: str, storage_options=None
     none usable is an error that says what is missing and what to run."""
     fs, root = url_to_fs(m.images_root, storage_options)
     fs.invalidate_cache()
-    found = {p[len(root.rstrip("/")) + 1:] for p in fs.find(root)} if fs.isdir(root) else set()
+    found = {p[len(root.rstrip("/")) + 1:] for p in find_files(fs, root)} if fs.isdir(root) else set()
     prefix = m.images_root.rstrip("/") + "/"
     kept = [r for r in m.records if all(not s.startswith(prefix) or s[len(prefix):] in found for s in sources(r))]
     total = len(m.records) + len(m.rejected)

@@ -17,7 +17,7 @@ import numpy as np
 
 from aver.constants import CROP_SIZE
 from aver.faults import MediaError, is_transient
-from aver.io.storage import has_userinfo, redact, url_to_fs
+from aver.io.storage import find_files, has_userinfo, redact, url_to_fs
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp")
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
@@ -167,29 +167,13 @@ def list_inputs(uri: str, storage_options: dict | None = None,
         refusals = {s: why for s, why in entries if why and s not in allowed}
         extensions = ()  # a manifest names its files: take them all, decoding decides
     elif fs.isdir(path):
-        return items_in_listing(uri, _find(fs, path), extensions)
+        return items_in_listing(uri, find_files(fs, path), extensions)
     elif fs.exists(path):
         sources = [uri]
         extensions = ()
     else:
         raise FileNotFoundError(f"input not found: {redact(uri)}")
     return _items(sources, extensions, refusals)
-
-
-def _find(fs, path: str) -> list[str]:
-    """Every file under the folder ``path``, as ``fs.find`` lists them. A local folder is walked
-    instead: fsspec's local ``find`` makes an info dict per file first, ~700 bytes a file held at the
-    listing's peak (at 100k files, 72 of the planning driver's 158 MB: bench (g)). As ``find``, it
-    does not descend into a linked folder but lists the link."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    if not isinstance(fs, LocalFileSystem):
-        return fs.find(path)
-    found = []
-    for root, folders, files in os.walk(path):
-        found += [os.path.join(root, f) for f in files]
-        found += [os.path.join(root, d) for d in folders if os.path.islink(os.path.join(root, d))]
-    return found
 
 
 def items_in_listing(uri: str, paths: list[str], extensions: tuple[str, ...] = MEDIA_EXTENSIONS) -> list[InputItem]:

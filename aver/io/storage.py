@@ -148,3 +148,20 @@ def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = url_to_fs(uri, storage_options)
     fs.invalidate_cache()  # s3fs caches listings; a stale "missing" would redo finished work
     return fs.exists(path)
+
+
+def find_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Every file under the folder ``path``, as ``fs.find`` lists them. A local folder is walked
+    instead: fsspec's local ``find`` makes an info dict per file first, ~700 bytes a file held at the
+    listing's peak (at 100k files, 72 of the planning driver's 158 MB: bench (g)). As ``find``, it
+    does not descend into a linked folder but lists the link. Stores keep ``find``: one paginated
+    recursive listing, where a walk would be a request per folder."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        return fs.find(path)
+    found = []
+    for root, folders, files in os.walk(path):
+        found += [os.path.join(root, f) for f in files]
+        found += [os.path.join(root, d) for d in folders if os.path.islink(os.path.join(root, d))]
+    return found

@@ -324,13 +324,13 @@ def planning_scale(work: str, small: int = 25_000, large: int = 100_000) -> str:
             if i % 100 == 0:
                 os.makedirs(sub, exist_ok=True)
             open(os.path.join(sub, f"img{i:06d}.jpg"), "wb").close()
-        runs = []
-        # the fastest of three: under a second each, a single run's time moved by +-30%
-        for how in ("untraced",) * 3 + ("traced",):
+        def plan(how: str) -> tuple[int, float, float, int]:
             out = subprocess.run([sys.executable, "-c", _PLAN, folder, os.path.join(work, f"plan-out{n}"), how],
                                  cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
-            runs.append((int(out[0]), float(out[1]), float(out[2]), int(out[3])))
-        figures[n] = (runs[0][0], min(r[1] for r in runs[:3]), min(r[2] for r in runs[:3]), runs[3][3])
+            return int(out[0]), float(out[1]), float(out[2]), int(out[3])
+
+        runs = [plan("untraced") for _ in range(3)]  # the fastest of three: a single sub-second run moved +-30%
+        figures[n] = (runs[0][0], min(r[1] for r in runs), min(r[2] for r in runs), plan("traced")[3])
     (u1, t1, r1, _), (u4, t4, r4, traced) = figures[small], figures[large]
     per_item = traced / large
     return (f"## (g) planning {large // 1000}k vs {small // 1000}k inputs\n\n"

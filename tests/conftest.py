@@ -12,6 +12,11 @@ from aver.demo.s3proxy import local_s3
 # actor process per run; nothing is preempted here). Jobs run by users keep Ray's defaults.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Each Ray node's log monitor globs its log folder for new files every 0.1 s until the folder holds
+# 1000 of them, then every 0.5 s: the suite's clusters, whose folders fill with the logs of hundreds
+# of short-lived workers, take the 0.5 s from the start (62 CPU-s of log monitors in one run).
+# Lines of files already found are still read every 0.1 s.
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # OpenMP's threads wait asleep, not spinning: the suite runs two test processes and their Ray
 # workers on 2 CPUs, and torch's idle OpenMP threads spinning between parallel regions took the CPU
 # from every other process (two 2-thread DenseNet forwards side by side: 8 CPU-s spinning, 2.3

@@ -28,7 +28,7 @@ TINY = {
     "train_teacher.py": "--epochs 1 --batch-size 8 --num-workers 1 --freeze trunk",
     "train_student.py": "--epochs 1 --batch-size 8 --num-workers 1 --freeze transition3",
     "train_vggish.py": "--epochs 1 --batch-size 8 --num-workers 1 --segment-frames 96 --hop-frames 20",
-    "train_fusion.py": "--epochs 1 --batch-size 8 --num-workers 1 --window-s 4.8",
+    "train_fusion.py": "--epochs 1 --batch-size 8 --num-workers 1 --window-s 4.8 --featurizers 1",
     "evaluate.py": "--window-s 4.8 --featurizer-cpus 1 --cpus-per-task 0.5",
     "distill.py": "--cpus-per-actor 1 --batch-size 64",
     "extract_faces.py": "--cpus-per-actor 1",

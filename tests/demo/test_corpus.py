@@ -8,7 +8,7 @@ import pytest
 
 from aver.data.manifests import read_affectnet, read_arff, read_fec, read_recola
 from aver.io.media import VideoReader, read_audio
-from aver.demo.corpus import PROTOTYPES, Identity, draw_face, expression_from_affect, sample_expression, write_corpus
+from aver.demo.corpus import PROTOTYPES, Identity, draw_face, expression_from_affect, sample_expression
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +22,25 @@ def _digest(path):
 
 
 def test_corpus_is_deterministic_for_a_seed(corpus, tmp_path):
+    # Each item draws from its own random stream (seed, kind, index), so drawing some items again,
+    # alone and in another process than the corpus's pool, must give the suite's corpus byte for byte.
+    from aver.demo.corpus import SIZES, _affectnet_part, _fec_part, _recola_session
+
     again = tmp_path / "again"
-    write_corpus(str(again), seed=7, size="small")
-    for rel in ("affectnet/training.csv", "recola/ratings_gold_standard/valence/train_1.arff",
-                "affectnet/Manually_Annotated_Images/tra000/training_00005.jpg"):
-        assert _digest(corpus / rel) == _digest(again / rel)
-    fec = lambda root: (root / "fec/faceexp-comparison-data-train-public.csv").read_text().replace(str(root), "")  # noqa: E731
-    assert fec(corpus) == fec(again)
+    for sub in ("fec/source", "recola/recordings_audio", "recola/recordings_video",
+                "recola/ratings_gold_standard/arousal", "recola/ratings_gold_standard/valence"):
+        os.makedirs(again / sub)
+    rows = _affectnet_part(str(again), 7, "training", range(3, 6))
+    assert [",".join(map(str, r)) for r in rows] == \
+        (corpus / "affectnet/training.csv").read_text().splitlines()[4:7]
+    _recola_session(str(again), 7, "train", 1, SIZES["small"].session_s)
+    for rel in ("affectnet/Manually_Annotated_Images/tra000/training_00005.jpg",
+                "recola/ratings_gold_standard/valence/train_1.arff", "recola/recordings_audio/train_1.wav",
+                "recola/recordings_video/train_1.mp4"):
+        assert _digest(corpus / rel) == _digest(again / rel), rel
+    fec = (corpus / "fec/faceexp-comparison-data-train-public.csv").read_text().replace(str(corpus), "")
+    assert "\n".join(_fec_part(str(again), 7, "train", range(2))).replace(str(again), "") == \
+        "\n".join(fec.splitlines()[:2])
 
 
 def test_affectnet_layout(corpus):

@@ -171,7 +171,7 @@ def _readme_workspace(ws, small_corpus, fec_server, random_models) -> None:
     _fec_over_http(small_corpus, ws / "fec", fec_server)
     _weights(ws / "weights", ("20180402-114759-vggface2.pt", "densenet201-c1103571.pth", "vggish-10086976.pth"))
     _videos(ws / "videos")
-    face_video(ws / "archive" / "interview.mp4", seconds=2.0)  # speech and a face; docs/cluster.md's is 12 s
+    face_video(ws / "archive" / "interview.mp4", seconds=2.0)  # a face and a tone; docs/cluster.md's is the 12-s interview
     (ws / "outputs" / "demo").mkdir(parents=True)
     (ws / "outputs" / "demo" / "models").symlink_to(random_models)
     fs = fsspec.filesystem("s3")

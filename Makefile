@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# aver's bytecode is written first: where PYTHONDONTWRITEBYTECODE is set (this machine, CI), every
+# process the suite starts (~500: Ray workers, actors, jobs) would otherwise compile aver again.
 test: setup
+	$(PY) -m compileall -q aver tests > /dev/null
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: setup

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-gpu gpu-wheels mutate clean
+.PHONY: setup bytecode test demo bench bench-gpu gpu-wheels mutate clean
 
 setup: $(STAMP)
 
@@ -14,16 +14,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# aver's bytecode is written first: where PYTHONDONTWRITEBYTECODE is set (this machine, CI), every
-# process the suite starts (~500: Ray workers, actors, jobs) would otherwise compile aver again.
-test: setup
-	$(PY) -m compileall -q aver tests > /dev/null
+# aver's bytecode, written even where PYTHONDONTWRITEBYTECODE is set (this machine, CI): without it
+# every process a run starts (~500 in the suite: Ray workers, actors, jobs) compiles aver again.
+bytecode: setup
+	$(PY) -m compileall -q aver tests
+
+test: bytecode
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-demo: setup
+demo: bytecode
 	$(PY) jobs/demo.py --output outputs/demo
 
-bench: setup
+bench: bytecode
 	$(PY) jobs/bench.py
 
 # The GPU figures, on the stage code without Ray (jobs/bench_gpu.py). Here (no CUDA): small sizes on

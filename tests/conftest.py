@@ -183,6 +183,10 @@ def ray_head(s3):
                              f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
                              "--include-dashboard=true"], env, timeout=180)
+            if start.returncode != 0 and "timed out during startup" in start.stdout + start.stderr:
+                ready = start  # not in the GCS within Ray's fixed 30 s (tests/ray_helpers.start_ray_node)
+                stop_ray_cluster(temp_dir, also=f"--port={client}")
+                continue
             assert start.returncode == 0, start.stderr[-3000:]
             address = f"http://127.0.0.1:{dash}"
             wait_for_jobs_api(address, env)

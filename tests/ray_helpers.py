@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,12 +146,21 @@ def stop_ray_cluster(temp_dir: str, also: str | None = None) -> None:
 
 def start_ray_node(args: list[str], temp_dir: str, env: dict) -> None:
     """``ray start ARGS`` with its own temp dir and every port of its own: several nodes on one
-    machine, and any Ray an earlier test left running, hold the defaults."""
+    machine, and any Ray an earlier test left running, hold the defaults.
+
+    `ray start` gives a node 30 s (fixed in Ray's node.py, no setting) to show up in the GCS; on a
+    machine busy with the rest of the suite a raylet once took longer. That node is ended (its
+    processes name ``temp_dir``) and started again, at most twice more."""
     from aver.demo.s3proxy import free_port
 
-    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-    r = ray_cli(["start", *args, *ports, f"--temp-dir={temp_dir}"], env, timeout=180)
+    for attempt in range(3):
+        ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+        r = ray_cli(["start", *args, *ports, f"--temp-dir={temp_dir}"], env, timeout=180)
+        if r.returncode == 0 or "timed out during startup" not in r.stdout + r.stderr or attempt == 2:
+            break
+        stop_ray_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
 

@@ -72,14 +72,27 @@ def ray_local():
     from aver.pipelines.cluster import keep_task_workers
 
     keep_task_workers()  # the local Ray a job starts
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for it
+            # its node not in the GCS within Ray's fixed 30 s (tests/ray_helpers.start_ray_node)
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            _end_local_ray()
     yield
+    _end_local_ray()
+
+
+def _end_local_ray() -> None:
+    import psutil
+    import ray
+
     ours = _ray_processes()
     ray.shutdown()
     # A Ray Train controller still winding down when its raylet goes was seen to outlive it (an
     # orphan of init): end what is left of this Ray, and only of it.
-    import psutil
-
     _, alive = psutil.wait_procs(ours, timeout=5)
     for p in alive:
         try:

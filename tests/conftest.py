@@ -70,6 +70,7 @@ def ray_local():
     import ray
 
     from aver.pipelines.cluster import keep_task_workers
+    from tests.ray_helpers import STARTUP_TIMED_OUT
 
     keep_task_workers()  # the local Ray a job starts
     for attempt in range(3):
@@ -77,8 +78,7 @@ def ray_local():
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             break
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for it
-            # its node not in the GCS within Ray's fixed 30 s (tests/ray_helpers.start_ray_node)
-            if "timed out during startup" not in str(e) or attempt == 2:
+            if STARTUP_TIMED_OUT not in str(e) or attempt == 2:
                 raise
             _end_local_ray()
     yield
@@ -171,7 +171,7 @@ def ray_head(s3):
     embedded Ray cannot tell which cluster to ask (its monitor thread stops; docs/decisions.md)."""
     import socket
 
-    from tests.ray_helpers import ROOT, ray_cli, stop_ray_cluster, submit_job, wait_for_jobs_api
+    from tests.ray_helpers import ROOT, STARTUP_TIMED_OUT, ray_cli, stop_ray_cluster, submit_job, wait_for_jobs_api
 
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
@@ -196,8 +196,8 @@ def ray_head(s3):
                              f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
                              "--include-dashboard=true"], env, timeout=180)
-            if start.returncode != 0 and "timed out during startup" in start.stdout + start.stderr:
-                ready = start  # not in the GCS within Ray's fixed 30 s (tests/ray_helpers.start_ray_node)
+            if start.returncode != 0 and STARTUP_TIMED_OUT in start.stdout + start.stderr:
+                ready = start  # what the else reports if no start succeeds
                 stop_ray_cluster(temp_dir, also=f"--port={client}")
                 continue
             assert start.returncode == 0, start.stderr[-3000:]

@@ -144,20 +144,24 @@ def stop_ray_cluster(temp_dir: str, also: str | None = None) -> None:
             pass
 
 
+STARTUP_TIMED_OUT = "timed out during startup"
+"""What `ray start` and `ray.init` say when their node was not in the GCS within 30 s (fixed in Ray's
+node.py, no setting): on a machine busy with the rest of the suite a raylet once took longer. The
+suite ends such a node and starts it again, at most twice more (start_ray_node, conftest's
+ray_head and ray_local)."""
+
+
 def start_ray_node(args: list[str], temp_dir: str, env: dict) -> None:
     """``ray start ARGS`` with its own temp dir and every port of its own: several nodes on one
-    machine, and any Ray an earlier test left running, hold the defaults.
-
-    `ray start` gives a node 30 s (fixed in Ray's node.py, no setting) to show up in the GCS; on a
-    machine busy with the rest of the suite a raylet once took longer. That node is ended (its
-    processes name ``temp_dir``) and started again, at most twice more."""
+    machine, and any Ray an earlier test left running, hold the defaults. A node that missed Ray's
+    start-up wait (STARTUP_TIMED_OUT) is ended (its processes name ``temp_dir``) and started again."""
     from aver.demo.s3proxy import free_port
 
     for attempt in range(3):
         ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                  f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
         r = ray_cli(["start", *args, *ports, f"--temp-dir={temp_dir}"], env, timeout=180)
-        if r.returncode == 0 or "timed out during startup" not in r.stdout + r.stderr or attempt == 2:
+        if r.returncode == 0 or STARTUP_TIMED_OUT not in r.stdout + r.stderr or attempt == 2:
             break
         stop_ray_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
